@@ -554,8 +554,10 @@ def grouped_mm_fallback(a, b, offs):
 
 def grouped_mm(a, b, offs):
     """Rows of a (M, K) in contiguous groups ending at offs (G,), times b (G, K, N) -> (M, N)."""
-    if hasattr(F, "grouped_mm") and (a.device.type == "cpu" or (a.dtype == torch.bfloat16 and a.is_cuda
-                                                                and torch.cuda.get_device_capability(a.device)[0] >= 8)):
+    supported = a.device.type == "cpu" or (a.dtype == torch.bfloat16 and torch.cuda.get_device_capability(a.device)[0] >= 8)
+    # the kernels need 16-byte aligned strides: widths a multiple of 8 (bf16) or 4 (fp32)
+    aligned = all(s == 1 or s * t.element_size() % 16 == 0 for t in (a, b) for s in t.stride())
+    if hasattr(F, "grouped_mm") and supported and aligned:
         return F.grouped_mm(a, b, offs=offs)
     return grouped_mm_fallback(a, b, offs)
 

@@ -1,0 +1,284 @@
+"""The model, the MoE layer, Muon and the schedule, checked against definitions."""
+
+import dataclasses
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import llm
+
+
+def tiny(**kw):
+    base = dict(d_model=32, n_heads=4, n_layers=2, d_ff=48, max_seq_len=16, vocab_size=50, num_experts=4,
+                expert_top_k=2, moe_layers="all", dropout=0.0, noise_std=0.0)
+    base.update(kw)
+    return llm.Config(**base).validate()
+
+
+@pytest.mark.parametrize("moe_layers", ["none", "alternate", "all"])
+@pytest.mark.parametrize("ffn", ["silu", "swiglu"])
+def test_forward_gives_logits_per_position_and_scalar_aux_losses(moe_layers, ffn):
+    torch.manual_seed(0)
+    model = llm.Transformer(tiny(moe_layers=moe_layers, ffn=ffn, n_kv_heads=2))
+    logits, lb, z = model(torch.randint(0, 50, (3, 16)))
+    assert logits.shape == (3, 16, 50)
+    assert lb.shape == z.shape == ()
+    assert (lb == 0).item() == (moe_layers == "none")
+
+
+@pytest.mark.parametrize("moe_layers", ["none", "all"])
+def test_changing_a_later_token_leaves_earlier_logits_unchanged(moe_layers):
+    torch.manual_seed(0)
+    model = llm.Transformer(tiny(moe_layers=moe_layers)).eval()
+    idx = torch.randint(0, 50, (2, 16))
+    changed = idx.clone()
+    changed[:, 10] = (idx[:, 10] + 1) % 50
+    a, b = model(idx)[0], model(changed)[0]
+    torch.testing.assert_close(a[:, :10], b[:, :10])
+    assert not torch.allclose(a[:, 10:], b[:, 10:])
+
+
+def test_rope_rotates_over_the_sequence_axis_so_scores_depend_on_relative_position():
+    """Same input at every position: q_i . k_j must vary with i - j and only with i - j.
+    Rotating over the heads axis (torchtune's layout misread) makes scores constant in i, j."""
+    torch.manual_seed(0)
+    attn = llm.Attention(tiny())
+    x = torch.randn(1, 1, 32).expand(1, 16, 32)
+    q, k, _ = attn.rotated_qkv(x)
+    scores = q[0, 0] @ k[0, 0].T  # (T, T)
+    torch.testing.assert_close(torch.diagonal(scores, 0), torch.full((16,), scores[0, 0].item()), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(torch.diagonal(scores, -3), torch.full((13,), scores[3, 0].item()), rtol=1e-4, atol=1e-4)
+    assert not torch.isclose(scores[3, 0], scores[0, 0], atol=1e-3)
+
+
+def naive_moe(layer, x):
+    """The definition: each token, each of its chosen experts, one at a time."""
+    N = x.shape[0] * x.shape[1]
+    flat = x.reshape(N, -1)
+    gates, experts, *_ = layer.route(flat)
+    out = []
+    for n in range(N):
+        y = 0
+        for j in range(layer.k):
+            e = experts[n, j]
+            h = llm.ffn_activation(flat[n] @ layer.w_up[e].T, layer.kind)
+            y = y + gates[n, j] * (h @ layer.w_down[e].T)
+        out.append(y)
+    return torch.stack(out).view_as(x)
+
+
+@pytest.mark.parametrize("ffn", ["silu", "swiglu"])
+@pytest.mark.parametrize("top_k", [1, 2, 3])
+def test_moe_output_and_gradients_equal_a_naive_per_token_loop(ffn, top_k):
+    torch.manual_seed(0)
+    # top-1 with renormalised gates has gate 1 and no router gradient; keep the router in the check
+    layer = llm.MoE(tiny(ffn=ffn, expert_top_k=top_k, norm_topk_prob=top_k > 1))
+    for p in layer.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    x = torch.randn(2, 7, 32, requires_grad=True)
+    fast, _, _ = layer(x)
+    grads_fast = torch.autograd.grad(fast.pow(2).sum(), [x, *layer.parameters()])
+    slow = naive_moe(layer, x)
+    grads_slow = torch.autograd.grad(slow.pow(2).sum(), [x, *layer.parameters()])
+    torch.testing.assert_close(fast, slow, rtol=1e-4, atol=1e-5)
+    for gf, gs in zip(grads_fast, grads_slow):
+        torch.testing.assert_close(gf, gs, rtol=1e-4, atol=1e-4)
+
+
+def test_grouped_matmul_fallback_equals_grouped_mm_including_empty_groups():
+    torch.manual_seed(0)
+    a, b = torch.randn(10, 8), torch.randn(4, 8, 4)
+    offs = torch.tensor([3, 3, 8, 10], dtype=torch.int32)  # expert 1 receives no token
+    expected = torch.cat([a[0:3] @ b[0], a[3:8] @ b[2], a[8:10] @ b[3]])
+    torch.testing.assert_close(llm.grouped_mm_fallback(a, b, offs), expected)
+    torch.testing.assert_close(llm.grouped_mm(a, b, offs), expected)
+    a, b = torch.randn(10, 6), torch.randn(4, 6, 5)  # unaligned widths take the fallback
+    expected = torch.cat([a[0:3] @ b[0], a[3:8] @ b[2], a[8:10] @ b[3]])
+    torch.testing.assert_close(llm.grouped_mm(a, b, offs), expected)
+
+
+def test_load_balancing_loss_is_one_for_a_uniform_router_and_larger_when_skewed():
+    layer = llm.MoE(tiny(num_experts=8, expert_top_k=2))
+    x = torch.randn(256, 32)
+    torch.nn.init.zeros_(layer.router.weight)  # every expert equally likely
+    _, _, _, lb, _ = layer.route(x)
+    assert lb.item() == pytest.approx(1.0, abs=1e-6)
+    with torch.no_grad():  # expert 0 favoured for every token
+        layer.router.weight.normal_(std=0.01)
+        layer.router.weight[0] = 0
+        x = x.abs()
+        layer.router.weight[0, :] = 1.0
+    _, experts, _, lb, _ = layer.route(x)
+    assert (experts == 0).any(dim=1).all()
+    assert lb.item() > 1.5
+
+
+def test_router_noise_changes_selection_only_in_training_and_loss_uses_clean_probabilities():
+    layer = llm.MoE(tiny(noise_std=5.0))
+    x = torch.randn(64, 32)
+    layer.eval()
+    g1, e1, _, lb1, _ = layer.route(x)
+    g2, e2, _, lb2, _ = layer.route(x)
+    assert torch.equal(e1, e2)
+    layer.train()
+    _, e3, _, _, _ = layer.route(x)
+    assert not torch.equal(e1, e3)
+
+
+def test_moe_layer_makes_no_host_device_sync_and_no_python_loop_over_experts(monkeypatch):
+    """.item()/.tolist()/nonzero would sync on CUDA; calling them is refused here."""
+    layer = llm.MoE(tiny())
+    x = torch.randn(2, 16, 32)
+    for name in ("item", "tolist", "nonzero", "__bool__", "__int__"):
+        monkeypatch.setattr(torch.Tensor, name, lambda *a, **k: (_ for _ in ()).throw(AssertionError(f"sync: {name}")))
+    y, lb, z = layer(x)
+    assert y.shape == x.shape
+
+
+def test_muon_orthogonalises_each_expert_of_a_stack_on_its_own():
+    torch.manual_seed(0)
+    g = torch.randn(4, 24, 16)
+    g[0] *= 1000.0  # one expert's gradient dwarfs the others
+    batched = llm.newton_schulz(g)
+    for e in range(4):
+        torch.testing.assert_close(batched[e], llm.newton_schulz(g[e]), rtol=1e-4, atol=1e-5)
+        s = torch.linalg.svdvals(batched[e])
+        assert s.min() > 0.5 and s.max() < 1.3, s  # near-orthogonal: singular values near 1
+    # a joint orthogonalisation of the stack would have shrunk the small experts to ~0
+    p = torch.nn.Parameter(torch.zeros(4, 24, 16))
+    p.grad = g
+    llm.Muon([p], lr=0.1, momentum=0.0, nesterov=False).step()
+    norms = p.detach().flatten(1).norm(dim=1)
+    assert norms.max() / norms.min() < 1.5
+
+
+def test_optimizers_split_params_muon_for_hidden_matrices_adamw_for_embedding_norms_router():
+    model = llm.Transformer(tiny(moe_layers="alternate"))
+    muon, adamw = llm.make_optimizers(model, model.cfg)
+    muon_ids = {id(p) for g in muon.param_groups for p in g["params"]}
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert {names[i] for i in muon_ids} >= {"blocks.1.ffn.w_up", "blocks.1.ffn.w_down", "blocks.0.attn.qkv.weight"}
+    assert not any("embed" in names[i] or "router" in names[i] or "norm" in names[i] for i in muon_ids)
+    assert len(muon_ids) + sum(len(g["params"]) for g in adamw.param_groups) == len(list(model.parameters()))
+
+
+def test_parameter_accounting_matches_the_built_model():
+    for kw in [dict(moe_layers="none"), dict(moe_layers="alternate", n_layers=4), dict(ffn="swiglu", n_kv_heads=2)]:
+        cfg = tiny(**kw)
+        model = llm.Transformer(cfg)
+        c = llm.count_params(cfg)
+        assert c["total"] == sum(p.numel() for p in model.parameters())
+        expert = sum(p.numel() for n, p in model.named_parameters() if ".w_" in n)
+        assert c["expert"] == expert
+        assert c["active"] == c["total"] - expert + expert * cfg.expert_top_k // cfg.num_experts
+
+
+def test_active_parameters_count_the_chosen_experts():
+    """The tutorial's '47% active' counted no expert; a top-2 of 8 MoE uses a quarter of them."""
+    cfg = llm.Config(vocab_size=1000)
+    c, d = llm.count_params(cfg), llm.count_params(dataclasses.replace(cfg, moe_layers="none"))
+    ffn = 2 * cfg.d_model * cfg.d_ff
+    assert c["active"] - d["active"] == 3 * (ffn + cfg.d_model * cfg.num_experts)  # 3 MoE layers, 2 experts each
+    assert c["total"] - c["active"] == 3 * 6 * ffn
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(moe_layers="all", expert_top_k=1), dict(ffn="swiglu", num_experts=16)])
+def test_dense_matched_has_the_moe_active_non_embedding_params_within_one_percent(kw):
+    cfg = llm.Config(vocab_size=1000, **kw)
+    matched = llm.dense_matched(cfg)
+    assert matched.moe_layer_ids() == []
+    a, b = llm.count_params(cfg)["active_non_embedding"], llm.count_params(matched)["active_non_embedding"]
+    assert abs(a - b) <= 0.01 * a
+
+
+def test_flops_per_token_are_six_times_active_matmul_weights_plus_attention():
+    cfg = tiny(moe_layers="none")
+    c = llm.count_params(cfg)
+    matmul = 2 * (4 * 32 * 32 + 2 * 32 * 48) + 50 * 32
+    assert c["flops_per_token"] == int(6 * matmul + 12 * 2 * 32 * (16 + 1) / 2)
+
+
+def test_moe_layer_spec_selects_blocks():
+    cfg = llm.Config(n_layers=6)
+    assert dataclasses.replace(cfg, moe_layers="alternate").moe_layer_ids() == [1, 3, 5]
+    assert dataclasses.replace(cfg, moe_layers="last_half").moe_layer_ids() == [3, 4, 5]
+    assert dataclasses.replace(cfg, moe_layers="1,4").moe_layer_ids() == [1, 4]
+    assert dataclasses.replace(cfg, moe_layers="none").moe_layer_ids() == []
+    with pytest.raises(llm.UsageError):
+        dataclasses.replace(cfg, moe_layers="0,6").moe_layer_ids()
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "wsd"])
+def test_schedule_warms_up_then_decays_to_min_lr_in_optimizer_steps(schedule):
+    cfg = llm.Config(max_steps=200, warmup_frac=0.1, min_lr_frac=0.1, schedule=schedule, decay_frac=0.2)
+    f = [llm.lr_factor(s, cfg) for s in range(200)]
+    assert f[0] == pytest.approx(1 / 20) and f[19] == pytest.approx(1.0)
+    assert all(a <= b for a, b in zip(f[:20], f[1:21]))
+    assert f[-1] == pytest.approx(0.1, abs=0.01)
+    if schedule == "wsd":
+        assert f[100] == 1.0 and f[159] == 1.0 and f[170] < 1.0
+
+
+def synthetic_data(n_train=6000, n_val=800, vocab=64, seed=0):
+    rng = np.random.default_rng(seed)
+    # a learnable stream: each token mostly follows from the previous one
+    def stream(n):
+        out = [0]
+        for _ in range(n - 1):
+            out.append((out[-1] * 7 + 3) % vocab if rng.random() < 0.8 else int(rng.integers(vocab)))
+        return np.array(out, dtype=np.uint16)
+    return llm.Data(train=stream(n_train), val=stream(n_val), vocab_size=vocab, source="synthetic", tokenizer="none")
+
+
+def cpu_runtime():
+    return llm.Runtime(device=torch.device("cpu"), dtype=torch.float32, compile=False)
+
+
+def test_k_accumulated_micro_batches_equal_one_big_batch():
+    data = synthetic_data()
+    cfg = tiny(moe_layers="none", vocab_size=64, max_steps=6, eval_every=6, eval_batches=2, log_every=3)
+    one = llm.train_model("one", dataclasses.replace(cfg, batch_size=8), data, cpu_runtime())
+    acc = llm.train_model("acc", dataclasses.replace(cfg, batch_size=2, gradient_accumulation_steps=4), data,
+                          cpu_runtime())
+    assert one["val_loss"] == pytest.approx(acc["val_loss"], rel=1e-5)
+    assert one["train_loss"] == pytest.approx(acc["train_loss"], rel=1e-5)
+    other = llm.train_model("other", dataclasses.replace(cfg, batch_size=4), data, cpu_runtime())
+    assert other["val_loss"] != pytest.approx(one["val_loss"], rel=1e-5)  # the comparison can tell
+
+
+def test_every_model_sees_the_same_batches_and_training_is_deterministic():
+    data = synthetic_data()
+    cfg = tiny(vocab_size=64, max_steps=5, eval_every=5, eval_batches=2, batch_size=4, log_every=5)
+    seen = []
+    orig = llm.TrainWindows.batch
+
+    def spy(self, first, count):
+        x, y = orig(self, first, count)
+        seen.append(x.clone())
+        return x, y
+
+    llm.TrainWindows.batch = spy
+    try:
+        a = llm.train_model("moe", cfg, data, cpu_runtime())
+        n = len(seen)
+        llm.train_model("dense", dataclasses.replace(cfg, moe_layers="none"), data, cpu_runtime())
+        b = llm.train_model("moe", cfg, data, cpu_runtime())
+    finally:
+        llm.TrainWindows.batch = orig
+    assert all(torch.equal(s, t) for s, t in zip(seen[:n], seen[n : 2 * n]))
+    assert a["val_loss"] == b["val_loss"]
+
+
+def test_training_lowers_the_held_out_loss():
+    data = synthetic_data()
+    cfg = tiny(vocab_size=64, max_steps=40, eval_every=20, eval_batches=4, batch_size=8, muon_lr=0.02,
+               adamw_lr=0.01, log_every=10)
+    records = []
+    result = llm.train_model("moe", cfg, data, cpu_runtime(), records.append)
+    evals = [r for r in records if r["kind"] == "eval"]
+    assert result["val_loss"] < math.log(64) - 0.5
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"] + 1e-6
+    assert all(r["lb_loss"] >= 0.99 for r in records if r["kind"] == "train")
