@@ -21,11 +21,13 @@ import dataclasses
 import datetime
 import glob
 import hashlib
+import inspect
 import json
 import logging
 import math
 import os
 import platform
+import re
 import shutil
 import sys
 import tempfile
@@ -60,19 +62,19 @@ class UsageError(Exception):
 @dataclass
 class Config:
     # model (defaults: the original experiment)
-    d_model: int = 384
-    n_heads: int = 8
+    d_model: int = 384  # residual stream width
+    n_heads: int = 8  # attention heads
     n_kv_heads: int = 0  # 0 means n_heads; fewer gives grouped-query attention
-    n_layers: int = 6
+    n_layers: int = 6  # transformer blocks
     d_ff: int = 1536  # hidden width of a dense FFN and of each expert
     ffn: str = "silu"  # silu: Linear-SiLU-Linear as in the original; swiglu: gated, 3 matrices
     dropout: float = 0.1  # on each residual branch
-    rope_base: float = 10000.0
+    rope_base: float = 10000.0  # RoPE frequency base
     vocab_size: int = 0  # 0: taken from the tokenizer
 
     # mixture of experts
-    num_experts: int = 8
-    expert_top_k: int = 2
+    num_experts: int = 8  # experts per MoE layer
+    expert_top_k: int = 2  # experts each token is sent to
     moe_layers: str = "alternate"  # all | alternate (odd blocks) | last_half | none | list "1,3,5"
     load_balancing_weight: float = 0.01  # Switch loss, num_experts * sum_i f_i * P_i (1.0 = balanced)
     z_loss_weight: float = 0.001  # ST-MoE router z-loss: keeps router logits small, bf16-safe
@@ -86,7 +88,7 @@ class Config:
     max_tokens: int = 27_000_000  # tokens kept, at most; the default run sees its data ~1.4 times
     val_fraction: float = 0.05  # share of documents held out for validation
     bpe_vocab_size: int = 8192  # vocabulary of the BPE trained locally for the embedded corpus
-    max_seq_len: int = 512
+    max_seq_len: int = 512  # tokens per training window
     hub_timeout: float = 3.0  # seconds to wait for the Hugging Face Hub before falling back
 
     # training
@@ -94,7 +96,7 @@ class Config:
     gradient_accumulation_steps: int = 1  # micro-batches per optimizer step
     max_steps: int = 3000  # optimizer steps (the original counted micro-batches)
     muon_lr: float = 0.01  # hidden weight matrices, expert stacks included
-    muon_momentum: float = 0.95
+    muon_momentum: float = 0.95  # Nesterov momentum of Muon
     adamw_lr: float = 0.001  # embeddings, norms, routers
     weight_decay: float = 0.1
     grad_clip: float = 1.0  # max global gradient norm; 0 disables
@@ -102,7 +104,7 @@ class Config:
     warmup_frac: float = 0.05  # share of steps spent warming up
     decay_frac: float = 0.2  # wsd: share of steps spent decaying at the end
     min_lr_frac: float = 0.1  # final learning rate as a share of the peak
-    seed: int = 42
+    seed: int = 42  # model init, data split and batch order
     dtype: str = "auto"  # auto (bf16 on CUDA, fp16 where bf16 is missing, fp32 on CPU) | bf16 | fp16 | fp32
     compile: str = "auto"  # auto (on with CUDA) | on | off
 
@@ -171,7 +173,7 @@ class Config:
 # The presets change only what they list; "seed" is the dataclass itself.
 PRESETS = {
     "seed": {},
-    "cpu": dict(d_model=128, n_heads=4, n_layers=4, d_ff=512, max_seq_len=128, batch_size=16, max_steps=300,
+    "cpu": dict(d_model=128, n_heads=4, n_layers=4, d_ff=512, max_seq_len=128, batch_size=16, max_steps=200,
                 bpe_vocab_size=4096, eval_every=100, eval_batches=8, muon_lr=0.02, adamw_lr=0.003,
                 dropout=0.0),
     "smoke": dict(d_model=64, n_heads=4, n_layers=2, d_ff=128, max_seq_len=64, batch_size=8, max_steps=30,
@@ -371,6 +373,8 @@ def load_cache(path):
     try:
         with open(meta_path) as f:
             meta = json.load(f)
+        if not isinstance(meta, dict):
+            return None, "meta.json is not an object"
         arrays = {}
         for split in ("train", "val"):
             a = np.load(os.path.join(path, f"{split}.npy"), mmap_mode="r", allow_pickle=False)
@@ -379,7 +383,7 @@ def load_cache(path):
             arrays[split] = np.asarray(a)
         if max(int(arrays["train"].max()), int(arrays["val"].max())) >= meta["vocab_size"]:
             return None, "token ids exceed the vocabulary"
-    except (OSError, ValueError, KeyError, json.JSONDecodeError) as e:
+    except (OSError, EOFError, ValueError, KeyError, TypeError) as e:  # np.load raises EOFError on an empty file
         return None, f"unreadable ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
     return (arrays, meta), "ok"
 
@@ -542,6 +546,10 @@ class FeedForward(nn.Module):
         return self.down(ffn_activation(self.up(x), self.kind))
 
 
+# decided once, outside any compiled region: grouped GEMM kernels need SM80+ (and bf16) on CUDA
+CUDA_GROUPED_MM = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 8
+
+
 def grouped_mm_fallback(a, b, offs):
     """F.grouped_mm's result without it (old torch, fp32/fp16 on CUDA): every row times every
     group's matrix, then each row keeps its own group's. num_groups times the FLOPs, but exact,
@@ -554,7 +562,7 @@ def grouped_mm_fallback(a, b, offs):
 
 def grouped_mm(a, b, offs):
     """Rows of a (M, K) in contiguous groups ending at offs (G,), times b (G, K, N) -> (M, N)."""
-    supported = a.device.type == "cpu" or (a.dtype == torch.bfloat16 and torch.cuda.get_device_capability(a.device)[0] >= 8)
+    supported = a.device.type == "cpu" or (a.dtype == torch.bfloat16 and CUDA_GROUPED_MM)
     # the kernels need 16-byte aligned strides: widths a multiple of 8 (bf16) or 4 (fp32)
     aligned = all(s == 1 or s * t.element_size() % 16 == 0 for t in (a, b) for s in t.stride())
     if hasattr(F, "grouped_mm") and supported and aligned:
@@ -812,8 +820,7 @@ def make_runtime(cfg):
         local = int(os.environ.get("LOCAL_RANK", "0"))
         device = torch.device("cuda", local)
         torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        torch.set_float32_matmul_precision("high")  # TF32 for whatever runs outside autocast
     else:
         device = torch.device("cpu")
     if world > 1 and not dist.is_initialized():
@@ -1015,11 +1022,21 @@ def plot_curves(records, path):
     os.replace(tmp, path)
 
 
+def cpu_name():
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
 def environment(rt):
     with open(os.path.abspath(__file__), "rb") as f:
         code_hash = hashlib.sha256(f.read()).hexdigest()
     return dict(torch=torch.__version__, python=platform.python_version(), platform=platform.platform(),
-                device=torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else platform.processor() or "cpu",
+                device=torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else cpu_name(),
+                cpu_threads=torch.get_num_threads(),
                 dtype=str(rt.dtype).replace("torch.", ""), compile=rt.compile, world_size=rt.world,
                 llm_py_sha256=code_hash, command=" ".join([os.path.basename(sys.argv[0])] + sys.argv[1:]),
                 date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
@@ -1044,6 +1061,9 @@ def run_comparison(cfg, names, out_dir, cache_dir="data_cache"):
         f"(vocab {data.vocab_size})")
     say(f"device: {rt.device.type}, {str(rt.dtype).replace('torch.', '')}, compile {'on' if rt.compile else 'off'}"
         f"{f', {rt.world} processes' if rt.world > 1 else ''}")
+    epochs = cfg.max_steps * cfg.gradient_accumulation_steps * cfg.batch_size * rt.world * cfg.max_seq_len / len(data.train)
+    if epochs > 1.5:
+        say(f"note: each model will see its training tokens {epochs:.1f} times; expect train loss below val loss")
     configs = model_configs(cfg, names)
     for name, c in configs:
         say(describe(name, c))
@@ -1100,18 +1120,22 @@ def parse_bool(s):
 
 
 def build_parser():
-    p = Parser(prog="llm.py", description=__doc__.split("\n\n")[0],
-               formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
+    presets = "; ".join(f"{k}: {', '.join(f'{n}={v}' for n, v in o.items()) or 'the dataclass defaults'}"
+                        for k, o in PRESETS.items())
+    p = Parser(prog="llm.py", description=__doc__.split("\n\n")[0], allow_abbrev=False,
+               epilog=f"presets ({presets})")
     p.add_argument("--preset", choices=sorted(PRESETS), help="named overrides; default: seed with CUDA, cpu without")
     p.add_argument("--models", default=",".join(MODELS), help=f"comma-separated subset of {', '.join(MODELS)}, in run order")
     p.add_argument("--out_dir", default=None, help="where results go; default runs/<timestamp>")
     p.add_argument("--cache_dir", default="data_cache", help="token cache")
     g = p.add_argument_group("config fields (defaults: the dataclass, before the preset)")
     defaults = Config()
+    # the comment beside each field in Config is its help text: one place to document a knob
+    comments = dict(re.findall(r"^    (\w+): \w+ = [^#\n]*#\s*(.*)$", inspect.getsource(Config), re.M))
     for f in fields(Config):
         kind = {int: int, float: float, bool: parse_bool, str: str}[type(getattr(defaults, f.name))]
         g.add_argument(f"--{f.name}", type=kind, default=None, metavar=kind.__name__.upper().replace("PARSE_", ""),
-                       help=f"(default {getattr(defaults, f.name)!r})")
+                       help=f"{comments.get(f.name, '')} (default {getattr(defaults, f.name)!r})".lstrip())
     return p
 
 

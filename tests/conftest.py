@@ -13,7 +13,7 @@ sys.path.insert(0, ROOT)
 
 @pytest.fixture(scope="session")
 def corpus_dir(tmp_path_factory):
-    """Twenty small documents of random words: any 8-token sequence occurs in one place only."""
+    """Twenty small documents of random words: any 8-word sequence occurs in one place only."""
     d = tmp_path_factory.mktemp("corpus")
     rng = np.random.default_rng(0)
     words = ["".join(rng.choice(list("abcdefghijklmnopqrstuvwxyz"), size=rng.integers(2, 8))) for _ in range(3000)]
