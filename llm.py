@@ -174,7 +174,7 @@ class Config:
 PRESETS = {
     "seed": {},
     "cpu": dict(d_model=128, n_heads=4, n_layers=4, d_ff=512, max_seq_len=128, batch_size=16, max_steps=200,
-                bpe_vocab_size=4096, eval_every=100, eval_batches=8, muon_lr=0.02, adamw_lr=0.003,
+                bpe_vocab_size=4096, eval_every=50, eval_batches=8, muon_lr=0.02, adamw_lr=0.003,
                 dropout=0.0),
     "smoke": dict(d_model=64, n_heads=4, n_layers=2, d_ff=128, max_seq_len=64, batch_size=8, max_steps=30,
                   num_experts=4, moe_layers="all", bpe_vocab_size=512, max_tokens=300_000, num_documents=200,
@@ -1031,14 +1031,16 @@ def cpu_name():
     return platform.processor() or platform.machine()
 
 
+with open(os.path.abspath(__file__), "rb") as _f:
+    CODE_SHA256 = hashlib.sha256(_f.read()).hexdigest()  # of the code that is running, read at import
+
+
 def environment(rt):
-    with open(os.path.abspath(__file__), "rb") as f:
-        code_hash = hashlib.sha256(f.read()).hexdigest()
     return dict(torch=torch.__version__, python=platform.python_version(), platform=platform.platform(),
                 device=torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else cpu_name(),
                 cpu_threads=torch.get_num_threads(),
                 dtype=str(rt.dtype).replace("torch.", ""), compile=rt.compile, world_size=rt.world,
-                llm_py_sha256=code_hash, command=" ".join([os.path.basename(sys.argv[0])] + sys.argv[1:]),
+                llm_py_sha256=CODE_SHA256, command=" ".join([os.path.basename(sys.argv[0])] + sys.argv[1:]),
                 date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
 
 
