@@ -79,7 +79,13 @@ class Config:
     load_balancing_weight: float = 0.01  # Switch loss, num_experts * sum_i f_i * P_i (1.0 = balanced)
     z_loss_weight: float = 0.001  # ST-MoE router z-loss: keeps router logits small, bf16-safe
     noise_std: float = 0.1  # std of Gaussian noise on router logits while training (selection only)
-    norm_topk_prob: bool = True  # renormalise the top-k gate weights to sum to 1
+    norm_topk_prob: bool = True  # renormalise the top-k gate weights to sum to 1 (top_k > 1)
+    routing: str = "topk"  # topk: token choice, dropless | switch: top-1 with capacity | expert_choice: experts pick tokens (batch-level, not causal)
+    capacity_factor: float = 1.25  # switch, expert_choice: slots per expert as a multiple of its fair share
+    n_shared_experts: int = 0  # always-active experts beside the routed ones (DeepSeekMoE)
+    expert_d_ff: int = 0  # width of each expert; 0 means d_ff (narrow experts + larger top_k: fine-grained)
+    balance: str = "aux_loss"  # aux_loss: the Switch loss | aux_free: per-expert selection bias (DeepSeek-V3)
+    bias_update_rate: float = 0.001  # aux_free: bias step per optimizer step, times the sign of the load error
 
     # data
     data: str = "auto"  # auto | smollm | shakespeare | hf:NAME[:CONFIG] | path or glob of text files
@@ -117,6 +123,13 @@ class Config:
     def kv_heads(self):
         return self.n_kv_heads or self.n_heads
 
+    @property
+    def experts_per_token(self):
+        """Routed experts a token uses on average: top_k, 1 for switch, capacity_factor * top_k for
+        expert choice (its E * C slots over N tokens)."""
+        return {"topk": self.expert_top_k, "switch": 1,
+                "expert_choice": self.capacity_factor * self.expert_top_k}[self.routing]
+
     def moe_layer_ids(self):
         """Indices of the blocks whose FFN is a mixture of experts."""
         n, spec = self.n_layers, self.moe_layers.strip().lower()
@@ -143,7 +156,7 @@ class Config:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise UsageError(f"{name} must be positive; got {getattr(self, name)}")
-        non_negative = ["n_kv_heads", "vocab_size", "dropout", "load_balancing_weight", "z_loss_weight", "noise_std",
+        non_negative = ["n_kv_heads", "vocab_size", "n_shared_experts", "expert_d_ff", "bias_update_rate", "dropout", "load_balancing_weight", "z_loss_weight", "noise_std",
                         "muon_lr", "adamw_lr", "weight_decay", "grad_clip", "warmup_frac", "decay_frac", "min_lr_frac",
                         "hub_timeout"]
         for name in non_negative:
@@ -161,7 +174,10 @@ class Config:
             raise UsageError(f"val_fraction must lie strictly between 0 and 1; got {self.val_fraction}")
         if self.dropout >= 1 or self.min_lr_frac > 1 or self.warmup_frac + self.decay_frac > 1:
             raise UsageError("dropout must be < 1, min_lr_frac <= 1 and warmup_frac + decay_frac <= 1")
-        choices = {"ffn": ("silu", "swiglu"), "schedule": ("cosine", "wsd"),
+        if self.capacity_factor <= 0:
+            raise UsageError(f"capacity_factor must be positive; got {self.capacity_factor}")
+        choices = {"ffn": ("silu", "swiglu"), "schedule": ("cosine", "wsd"), "routing": ("topk", "switch", "expert_choice"),
+                   "balance": ("aux_loss", "aux_free"),
                    "dtype": ("auto", "bf16", "fp16", "fp32"), "compile": ("auto", "on", "off")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -562,7 +578,9 @@ def grouped_mm_fallback(a, b, offs):
 
 def grouped_mm(a, b, offs):
     """Rows of a (M, K) in contiguous groups ending at offs (G,), times b (G, K, N) -> (M, N)."""
-    supported = a.device.type == "cpu" or (a.dtype == torch.bfloat16 and CUDA_GROUPED_MM)
+    # CPU runs fp32 and bf16 eagerly, but the op's compile-time shape function accepts bf16 only
+    supported = a.dtype == torch.bfloat16 and (a.device.type == "cpu" or CUDA_GROUPED_MM)
+    supported |= a.device.type == "cpu" and not torch.compiler.is_compiling()
     # the kernels need 16-byte aligned strides: widths a multiple of 8 (bf16) or 4 (fp32)
     aligned = all(s == 1 or s * t.element_size() % 16 == 0 for t in (a, b) for s in t.stride())
     if hasattr(F, "grouped_mm") and supported and aligned:
@@ -571,58 +589,148 @@ def grouped_mm(a, b, offs):
 
 
 class MoE(nn.Module):
-    """Dropless token-choice mixture of experts.
+    """A mixture-of-experts FFN: a router, stacked expert weights, optional shared experts.
 
-    Each token picks its top-k experts; the token copies are sorted by expert so every expert's
-    rows are contiguous, and one grouped matmul per projection runs all experts at once. The
-    split between experts changes every step, but no shape does, so nothing syncs with the host
-    and torch.compile does not recompile.
+    routing "topk" (token choice, dropless): each token picks its top-k experts; the token copies
+    are sorted by expert so every expert's rows are contiguous, and one grouped matmul per
+    projection runs all experts at once. The split between experts changes every step but no
+    shape does, so nothing syncs with the host and torch.compile does not recompile.
+
+    routing "switch" (top-1 with capacity) and "expert_choice" have a fixed number of slots per
+    expert, so they dispatch into an (E, C, D) buffer and use one batched matmul. Switch fills an
+    expert's slots in order of arrival (flattened batch, then position) and the overflow skips the
+    layer: the residual stream carries it. Expert choice lets each expert take its C best tokens
+    from the whole batch, so a token's routing depends on other tokens, later ones included: it
+    is not causal, and its evaluation numbers say so (batch_level_routing).
     """
 
     def __init__(self, cfg):
         super().__init__()
-        self.E, self.k, self.kind = cfg.num_experts, cfg.expert_top_k, cfg.ffn
-        self.noise_std, self.norm_topk_prob = cfg.noise_std, cfg.norm_topk_prob
-        up_rows = cfg.d_ff * (2 if cfg.ffn == "swiglu" else 1)
+        self.E, self.kind, self.routing = cfg.num_experts, cfg.ffn, cfg.routing
+        self.k = 1 if cfg.routing == "switch" else cfg.expert_top_k
+        self.capacity_factor, self.noise_std, self.norm_topk_prob = cfg.capacity_factor, cfg.noise_std, cfg.norm_topk_prob
+        self.aux_free = cfg.balance == "aux_free"
+        e_ff = cfg.expert_d_ff or cfg.d_ff
         self.router = nn.Linear(cfg.d_model, cfg.num_experts, bias=False)
         # stacked like nn.Linear weights, (E, out, in), so each expert is one matrix for Muon
-        self.w_up = nn.Parameter(torch.empty(cfg.num_experts, up_rows, cfg.d_model))
-        self.w_down = nn.Parameter(torch.empty(cfg.num_experts, cfg.d_model, cfg.d_ff))
+        self.w_up = nn.Parameter(torch.empty(cfg.num_experts, e_ff * (2 if cfg.ffn == "swiglu" else 1), cfg.d_model))
+        self.w_down = nn.Parameter(torch.empty(cfg.num_experts, cfg.d_model, e_ff))
+        self.shared = FeedForward(cfg, cfg.n_shared_experts * e_ff) if cfg.n_shared_experts else None
+        # aux_free: added to the scores for selection only, never to the gate weights
+        self.register_buffer("expert_bias", torch.zeros(cfg.num_experts))
+        self.register_buffer("load", torch.zeros(cfg.num_experts), persistent=False)  # copies since the last bias update
+        self.stats = None  # set by evaluate(): per-expert counts and routing sums accumulate here
 
-    def route(self, x):  # x (N, D) -> gates (N, k), experts (N, k), lb loss, z loss
+    def capacity(self, n_tokens):
+        """Slots per expert: switch ceil(cf * N / E); expert choice ceil(cf * N * k / E)."""
+        return max(1, min(n_tokens, math.ceil(self.capacity_factor * n_tokens * self.k / self.E)))
+
+    def scores(self, x):  # x (N, D) -> router logits, clean probs, probs used for selection (N, E)
         with torch.autocast(x.device.type, enabled=False):  # routing decisions in fp32
-            logits = F.linear(x.float(), self.router.weight.float())  # (N, E)
+            logits = F.linear(x.float(), self.router.weight.float())
         probs = logits.softmax(dim=-1)
         if self.training and self.noise_std > 0:  # noise explores, but the balance loss sees clean probs
-            sel_probs = (logits + torch.randn_like(logits) * self.noise_std).softmax(dim=-1)
-        else:
-            sel_probs = probs
-        gates, experts = sel_probs.topk(self.k, dim=-1)  # (N, k)
-        if self.norm_topk_prob:
+            return logits, probs, (logits + torch.randn_like(logits) * self.noise_std).softmax(dim=-1)
+        return logits, probs, probs
+
+    def route(self, x):  # token choice: x (N, D) -> gates (N, k), experts (N, k), counts (E,), lb loss, z loss
+        logits, probs, sel = self.scores(x)
+        _, experts = (sel + self.expert_bias).topk(self.k, dim=-1)
+        gates = sel.gather(-1, experts)  # from unbiased scores
+        if self.k > 1 and self.norm_topk_prob:  # (top-1 keeps p: renormalised it is 1 and the router learns nothing)
             gates = gates / gates.sum(dim=-1, keepdim=True)
         counts = torch.zeros(self.E, device=x.device).scatter_add_(0, experts.flatten(),
                                                                   torch.ones(experts.numel(), device=x.device))
-        f = counts / experts.numel()  # share of token copies per expert
-        lb = self.E * (f * probs.mean(dim=0)).sum()  # 1.0 when balanced
-        z = torch.logsumexp(logits, dim=-1).square().mean()
-        return gates, experts, counts, lb, z
+        return gates, experts, counts, self.balance_loss(counts, probs), self.z_loss(logits)
 
-    def forward(self, x):  # (B, T, D)
-        B, T, D = x.shape
-        x = x.reshape(-1, D)  # (N, D)
-        gates, experts, counts, lb, z = self.route(x)
+    def balance_loss(self, counts, probs):  # Switch: E * sum_i f_i P_i, 1.0 when balanced
+        return self.E * (counts / counts.sum() * probs.mean(dim=0)).sum()
+
+    @staticmethod
+    def z_loss(logits):
+        return torch.logsumexp(logits, dim=-1).square().mean()
+
+    def experts_bmm(self, xd, dtype):  # (E, C, D) -> (E, C, D): every expert on its own slots
+        h = torch.bmm(xd.to(dtype), self.w_up.to(dtype).transpose(-2, -1))  # (E, C, up_rows)
+        return torch.bmm(ffn_activation(h, self.kind), self.w_down.to(dtype).transpose(-2, -1))
+
+    def dropless(self, x, experts, gates, counts, dtype):
         order = experts.flatten().argsort(stable=True)  # (N*k,) copies sorted by expert
         offs = counts.cumsum(0).to(torch.int32)  # (E,) end row of each expert's group
         xs = x[order // self.k]  # (N*k, D)
-        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
         h = grouped_mm(xs.to(dtype), self.w_up.to(dtype).transpose(-2, -1), offs)  # (N*k, up_rows)
-        h = ffn_activation(h, self.kind)  # (N*k, d_ff)
-        ys = grouped_mm(h, self.w_down.to(dtype).transpose(-2, -1), offs)  # (N*k, D)
+        ys = grouped_mm(ffn_activation(h, self.kind), self.w_down.to(dtype).transpose(-2, -1), offs)  # (N*k, D)
         ys = ys * gates.flatten()[order, None].to(ys.dtype)
         inverse = torch.empty_like(order)
         inverse[order] = torch.arange(order.numel(), device=order.device)
-        y = ys[inverse].view(-1, self.k, D).sum(dim=1)  # (N, D): copies back to their tokens
+        return ys[inverse].view(-1, self.k, x.shape[1]).sum(dim=1)  # (N, D): copies back to their tokens
+
+    def switch(self, x, expert, gate, counts, dtype):  # expert, gate (N,)
+        N, D = x.shape
+        C = self.capacity(N)
+        order = expert.argsort(stable=True)  # stable: arrival order within each expert
+        starts = (counts.cumsum(0) - counts).long()  # (E,) first sorted row of each expert
+        rank = torch.empty_like(order)
+        rank[order] = torch.arange(N, device=x.device) - starts[expert[order]]  # place in its expert's queue
+        keep = rank < C
+        slot = torch.where(keep, expert * C + rank, self.E * C)  # overflow lands in a scratch row
+        xd = x.new_zeros(self.E * C + 1, D).index_put((slot,), x)[:-1]  # (E*C, D)
+        yd = self.experts_bmm(xd.view(self.E, C, D), dtype).reshape(-1, D)
+        yd = torch.cat([yd, yd.new_zeros(1, D)])
+        return yd[slot] * (gate * keep)[:, None].to(yd.dtype), (~keep).sum()
+
+    def expert_choice(self, x, sel, dtype):
+        N, D = x.shape
+        C = self.capacity(N)
+        _, token = (sel + self.expert_bias).t().topk(C, dim=-1)  # (E, C): each expert's best tokens
+        gates = sel.t().gather(1, token)  # (E, C)
+        yd = self.experts_bmm(x[token.flatten()].view(self.E, C, D), dtype) * gates[..., None].to(dtype)
+        y = torch.zeros(N, D, device=x.device, dtype=yd.dtype).index_add_(0, token.flatten(), yd.reshape(-1, D))
+        chosen = torch.zeros(N, device=x.device).index_add_(0, token.flatten(), torch.ones(token.numel(), device=x.device))
+        return y, torch.full((self.E,), float(C), device=x.device), (chosen == 0).sum()
+
+    def forward(self, x):  # (B, T, D) -> (B, T, D), lb loss, z loss
+        B, T, D = x.shape
+        x = x.reshape(-1, D)  # (N, D)
+        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        if self.routing == "expert_choice":
+            logits, probs, sel = self.scores(x)
+            y, counts, dropped = self.expert_choice(x, sel, dtype)
+            lb, z = self.balance_loss(counts, probs), self.z_loss(logits)
+        else:
+            gates, experts, counts, lb, z = self.route(x)
+            if self.routing == "switch":
+                y, dropped = self.switch(x, experts[:, 0], gates[:, 0], counts, dtype)
+            else:
+                y, dropped = self.dropless(x, experts, gates, counts, dtype), counts.new_zeros(())
+        if self.shared is not None:
+            y = y + self.shared(x)
+        if self.training and self.aux_free:
+            self.load += counts.detach()
+        if self.stats is not None:  # evaluation only
+            logits, probs, _ = self.scores(x)
+            entropy = -(probs * probs.clamp_min(1e-12).log()).sum()
+            z_sum = torch.logsumexp(logits, dim=-1).square().sum()
+            self.stats += torch.cat([counts, torch.stack([counts.new_tensor(x.shape[0]), entropy, z_sum, dropped.float()])])
         return y.view(B, T, D), lb, z
+
+    @torch.no_grad()
+    def update_bias(self, rate, world=1):
+        """aux_free: nudge each expert's selection bias toward its fair share of the load."""
+        if world > 1:
+            dist.all_reduce(self.load)
+        self.expert_bias += rate * torch.sign(self.load.mean() - self.load)
+        self.load.zero_()
+
+
+def expert_stats(stats, E):
+    """Summary of one MoE layer's routing from the sums MoE.forward accumulates in evaluation."""
+    counts, (tokens, entropy, z_sum, dropped) = stats[:E], stats[E:].tolist()
+    f = counts / counts.sum()
+    return dict(load=[round(v, 5) for v in f.tolist()], load_cv=(f.std(unbiased=False) / f.mean()).item(),
+                max_load=(f.max() * E).item(), min_load=(f.min() * E).item(),
+                router_entropy=entropy / tokens / math.log(E), dropped_fraction=dropped / tokens, router_z=z_sum / tokens,
+                dead_experts=[i for i, v in enumerate(f.tolist()) if v * E < 0.1])
 
 
 class Block(nn.Module):
@@ -685,24 +793,25 @@ def count_params(cfg, vocab_size=None):
     V, d, L, T = vocab_size or cfg.vocab_size, cfg.d_model, cfg.n_layers, cfg.max_seq_len
     hd = d // cfg.n_heads
     attn = d * (cfg.n_heads + 2 * cfg.kv_heads) * hd + cfg.n_heads * hd * d
-    ffn = (3 if cfg.ffn == "swiglu" else 2) * d * cfg.d_ff
+    mult = 3 if cfg.ffn == "swiglu" else 2
+    ffn, expert = mult * d * cfg.d_ff, mult * d * (cfg.expert_d_ff or cfg.d_ff)
     n_moe = len(cfg.moe_layer_ids())
     embed, norms = V * d, (2 * L + 1) * d
-    router = d * cfg.num_experts
-    total_ffn = (L - n_moe) * ffn + n_moe * (cfg.num_experts * ffn + router)
-    active_ffn = (L - n_moe) * ffn + n_moe * (cfg.expert_top_k * ffn + router)
+    always = d * cfg.num_experts + cfg.n_shared_experts * expert  # router and shared experts
+    total_ffn = (L - n_moe) * ffn + n_moe * (cfg.num_experts * expert + always)
+    active_ffn = (L - n_moe) * ffn + n_moe * (cfg.experts_per_token * expert + always)
     total = embed + norms + L * attn + total_ffn
-    active = embed + norms + L * attn + active_ffn
+    active = round(embed + norms + L * attn + active_ffn)
     matmul_active = L * attn + active_ffn + V * d
     flops = 6 * matmul_active + 12 * L * d * (T + 1) / 2
     return dict(total=total, active=active, non_embedding=total - embed, active_non_embedding=active - embed,
-                expert=n_moe * cfg.num_experts * ffn, flops_per_token=int(flops))
+                expert=n_moe * cfg.num_experts * expert, flops_per_token=round(flops))
 
 
 def dense_matched(cfg):
     """A dense config whose active non-embedding parameters equal the MoE config's within 1%."""
     target = count_params(cfg, 1)["active_non_embedding"]
-    dense = dataclasses.replace(cfg, moe_layers="none")
+    dense = dataclasses.replace(cfg, moe_layers="none", routing="topk", n_shared_experts=0, expert_d_ff=0)
     base = count_params(dataclasses.replace(dense, d_ff=0), 1)["active_non_embedding"]
     per_unit = (3 if cfg.ffn == "swiglu" else 2) * cfg.d_model * cfg.n_layers
     d_ff = max(1, round((target - base) / per_unit))
@@ -838,9 +947,13 @@ def make_runtime(cfg):
 
 @torch.no_grad()
 def evaluate(model, windows, rt, batch_size):
-    """Mean token loss, accuracy and perplexity over windows (x, y), sharded over ranks."""
+    """Mean token loss, accuracy and perplexity over windows (x, y), sharded over ranks, and the
+    routing statistics of each MoE layer (expert_stats)."""
     was_training = model.training
     model.eval()
+    moes = [m for m in model.modules() if isinstance(m, MoE)]
+    for m in moes:
+        m.stats = torch.zeros(m.E + 4, device=rt.device)
     x_all, y_all = windows
     mine = range(rt.rank, len(x_all), rt.world)
     sums = torch.zeros(3, device=rt.device, dtype=torch.float64)  # loss sum, correct, tokens
@@ -853,11 +966,17 @@ def evaluate(model, windows, rt, batch_size):
         sums[0] += F.cross_entropy(logits, y.flatten(), reduction="sum")
         sums[1] += (logits.argmax(-1) == y.flatten()).sum()
         sums[2] += y.numel()
+    experts = []
+    for m in moes:
+        if rt.world > 1:
+            dist.all_reduce(m.stats)
+        experts.append(expert_stats(m.stats, m.E))
+        m.stats = None
     if rt.world > 1:
         dist.all_reduce(sums)
     model.train(was_training)
     loss, acc = (sums[0] / sums[2]).item(), (sums[1] / sums[2]).item()
-    return dict(loss=loss, accuracy=acc, perplexity=math.exp(min(loss, 50)))
+    return dict(loss=loss, accuracy=acc, perplexity=math.exp(min(loss, 50)), experts=experts)
 
 
 def train_model(name, cfg, data, rt, log_metrics=lambda rec: None):
@@ -869,7 +988,9 @@ def train_model(name, cfg, data, rt, log_metrics=lambda rec: None):
     if rt.compile:
         model = torch.compile(model)
     if rt.world > 1:
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
+        # no buffer broadcast: each rank accumulates its own expert load until update_bias all-reduces it
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None,
+                                                    broadcast_buffers=False)
     optimizers = make_optimizers(core, cfg)
     schedulers = [torch.optim.lr_scheduler.LambdaLR(o, lambda s: lr_factor(s, cfg)) for o in optimizers]
     scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.dtype == torch.float16)
@@ -881,6 +1002,8 @@ def train_model(name, cfg, data, rt, log_metrics=lambda rec: None):
     accum, global_batch = cfg.gradient_accumulation_steps, cfg.batch_size * rt.world
     tokens_per_step = global_batch * accum * cfg.max_seq_len
     n_moe = max(1, len(cfg.moe_layer_ids()))
+    moes = [m for m in core.modules() if isinstance(m, MoE)]
+    lb_weight = 0.0 if cfg.balance == "aux_free" else cfg.load_balancing_weight  # aux_free balances by bias
 
     if rt.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(rt.device)
@@ -896,7 +1019,7 @@ def train_model(name, cfg, data, rt, log_metrics=lambda rec: None):
             with (contextlib.nullcontext() if sync else model.no_sync()), rt.autocast():
                 logits, lb, z = model(x)
                 ce = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
-                loss = ce + cfg.load_balancing_weight * lb + cfg.z_loss_weight * z
+                loss = ce + lb_weight * lb + cfg.z_loss_weight * z
                 scaler.scale(loss / accum).backward()
             running += torch.stack([ce.detach(), lb.detach(), z.detach()]) / accum
         if cfg.grad_clip > 0:
@@ -906,6 +1029,9 @@ def train_model(name, cfg, data, rt, log_metrics=lambda rec: None):
         for o in optimizers:
             scaler.step(o)
         scaler.update()
+        if cfg.balance == "aux_free":
+            for m in moes:
+                m.update_bias(cfg.bias_update_rate, rt.world)
         for o, s in zip(optimizers, schedulers):
             o.zero_grad(set_to_none=True)
             s.step()
@@ -933,12 +1059,19 @@ def train_model(name, cfg, data, rt, log_metrics=lambda rec: None):
                          rt, cfg.batch_size)
             rec = dict(model=name, kind="eval", step=done, tokens=done * tokens_per_step, final=final,
                        val_loss=v["loss"], val_accuracy=v["accuracy"], val_perplexity=v["perplexity"],
-                       train_loss=t["loss"])
+                       train_loss=t["loss"], experts=v["experts"],
+                       batch_level_routing=bool(moes) and cfg.routing == "expert_choice")
             history.append(rec)
             log_metrics(rec)
             if rt.master:
+                routing = ""
+                if moes:
+                    cv = sum(e["load_cv"] for e in v["experts"]) / len(moes)
+                    dropped = sum(e["dropped_fraction"] for e in v["experts"]) / len(moes)
+                    routing = f" | load CV {cv:.3f}" + (f" dropped {dropped:.3f}" if cfg.routing != "topk" else "")
+                    routing += " (batch-level routing)" if rec["batch_level_routing"] else ""
                 tqdm.write(f"{name} step {done}: val loss {v['loss']:.4f} ppl {v['perplexity']:.2f} "
-                           f"acc {v['accuracy']:.4f} | train loss {t['loss']:.4f}")
+                           f"acc {v['accuracy']:.4f} | train loss {t['loss']:.4f}{routing}")
             t_eval += time.perf_counter() - t0
     bar.close()
     wall = time.perf_counter() - t_start
@@ -950,10 +1083,12 @@ def train_model(name, cfg, data, rt, log_metrics=lambda rec: None):
                 non_embedding_params=counts["non_embedding"], flops_per_token=counts["flops_per_token"],
                 val_loss=final["val_loss"], val_accuracy=final["val_accuracy"],
                 val_perplexity=final["val_perplexity"], train_loss=final["train_loss"],
+                experts=final["experts"], batch_level_routing=final["batch_level_routing"],
+                load_cv=sum(e["load_cv"] for e in final["experts"]) / len(moes) if moes else None,
                 epochs=cfg.max_steps * accum * global_batch / stream.n, tokens=cfg.max_steps * tokens_per_step,
                 tokens_per_s=tps, train_time_s=train_time, wall_time_s=wall,
                 peak_memory_bytes=torch.cuda.max_memory_allocated(rt.device) if rt.device.type == "cuda" else None,
-                config=dataclasses.asdict(cfg))
+                config=dataclasses.asdict(cfg), config_moe_layer_ids=cfg.moe_layer_ids())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -970,7 +1105,13 @@ def model_configs(cfg, names):
 
 def describe(name, cfg):
     c = count_params(cfg)
-    moe = f", {cfg.num_experts} experts top-{cfg.expert_top_k} in layers {cfg.moe_layer_ids()}" if cfg.moe_layer_ids() else ""
+    moe = ""
+    if cfg.moe_layer_ids():
+        route = {"topk": f"top-{cfg.expert_top_k}", "switch": f"switch top-1, capacity {cfg.capacity_factor}",
+                 "expert_choice": f"expert choice, {cfg.expert_top_k} x {cfg.capacity_factor} per token"}[cfg.routing]
+        moe = (f", {cfg.num_experts} experts of d_ff {cfg.expert_d_ff or cfg.d_ff} ({route}"
+               f"{f', {cfg.n_shared_experts} shared' if cfg.n_shared_experts else ''}"
+               f"{', aux-loss-free balance' if cfg.balance == 'aux_free' else ''}) in layers {cfg.moe_layer_ids()}")
     return (f"{name}: d_ff {cfg.d_ff}{moe}; params total {c['total'] / 1e6:.2f}M, active {c['active'] / 1e6:.2f}M, "
             f"non-embedding {c['non_embedding'] / 1e6:.2f}M (active {c['active_non_embedding'] / 1e6:.2f}M), "
             f"{c['flops_per_token'] / 1e6:.1f} MFLOPs/token (training)")
@@ -985,6 +1126,7 @@ def format_table(rows):
             ("active", lambda r: fmt_count(r["active_params"])), ("FLOPs/tok", lambda r: fmt_count(r["flops_per_token"])),
             ("val loss", lambda r: f"{r['val_loss']:.4f}"), ("val ppl", lambda r: f"{r['val_perplexity']:.2f}"),
             ("val acc", lambda r: f"{r['val_accuracy']:.4f}"), ("train loss", lambda r: f"{r['train_loss']:.4f}"),
+            ("load CV", lambda r: "-" if r.get("load_cv") is None else f"{r['load_cv']:.3f}"),
             ("epochs", lambda r: f"{r['epochs']:.2f}"), ("tok/s", lambda r: f"{r['tokens_per_s']:,.0f}"),
             ("time", lambda r: f"{r['wall_time_s']:.1f}s"),
             ("peak mem", lambda r: "-" if r["peak_memory_bytes"] is None else f"{r['peak_memory_bytes'] / 2**30:.2f}GiB"),
@@ -993,6 +1135,12 @@ def format_table(rows):
     widths = [max(len(row[i]) for row in cells) for i in range(len(cols))]
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))) for row in cells]
     lines.insert(1, "-" * len(lines[0]))
+    for r in rows:
+        if r.get("experts"):
+            dead = [f"layer {i}: {e['dead_experts']}" for i, e in zip(r["config_moe_layer_ids"], r["experts"]) if e["dead_experts"]]
+            lines.append(f"{r['name']}: " + ("dead experts (under 1/10 of their fair share) in " + "; ".join(dead) if dead
+                                             else "no dead expert (each got at least 1/10 of its fair share)")
+                         + (", batch-level routing in evaluation (expert choice sees later tokens)" if r["batch_level_routing"] else ""))
     for moe in (r for r in rows if r["config"]["moe_layers"] != "none"):
         for base in (r for r in rows if r["config"]["moe_layers"] == "none"):
             diff = moe["val_loss"] - base["val_loss"]
