@@ -526,6 +526,21 @@ def ffn_activation(h, kind):
     return F.silu(h)
 
 
+class KVCache(nn.Module):
+    """Keys and values of the positions decoded so far, preallocated to max_seq_len."""
+
+    def __init__(self, batch, n_kv, max_len, head_dim, device, dtype):
+        super().__init__()
+        self.register_buffer("k", torch.zeros(batch, n_kv, max_len, head_dim, device=device, dtype=dtype))
+        self.register_buffer("v", torch.zeros(batch, n_kv, max_len, head_dim, device=device, dtype=dtype))
+
+    def update(self, pos, k, v):  # k, v (B, KV, T, hd) at positions pos.. -> all keys and values so far
+        T = k.shape[2]
+        self.k[:, :, pos : pos + T] = k
+        self.v[:, :, pos : pos + T] = v
+        return self.k[:, :, : pos + T], self.v[:, :, : pos + T]
+
+
 class Attention(nn.Module):
     def __init__(self, cfg):
         super().__init__()
@@ -535,18 +550,27 @@ class Attention(nn.Module):
         self.rope = RotaryPositionalEmbeddings(self.head_dim, cfg.max_seq_len, cfg.rope_base)
         self.dropout = cfg.dropout
 
-    def rotated_qkv(self, x):  # (B, T, D) -> q (B, H, T, hd), k and v (B, KV, T, hd)
+    def rotated_qkv(self, x, pos=0):  # (B, T, D) at positions pos.. -> q (B, H, T, hd), k and v (B, KV, T, hd)
         B, T, _ = x.shape
         q, k, v = self.qkv(x).split([self.n_heads * self.head_dim, self.n_kv * self.head_dim,
                                      self.n_kv * self.head_dim], dim=-1)
+        input_pos = None if pos == 0 else torch.arange(pos, pos + T, device=x.device).expand(B, T)
         # torchtune's RoPE wants (B, T, heads, head_dim); on (B, heads, T, .) it silently rotates by head
-        q = self.rope(q.view(B, T, self.n_heads, self.head_dim)).transpose(1, 2)
-        k = self.rope(k.view(B, T, self.n_kv, self.head_dim)).transpose(1, 2)
+        q = self.rope(q.view(B, T, self.n_heads, self.head_dim), input_pos=input_pos).transpose(1, 2)
+        k = self.rope(k.view(B, T, self.n_kv, self.head_dim), input_pos=input_pos).transpose(1, 2)
         return q, k, v.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
 
-    def forward(self, x):  # (B, T, D)
-        q, k, v = self.rotated_qkv(x)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0,
+    def forward(self, x, cache=None, pos=0):  # (B, T, D); with a cache, x holds positions pos..pos+T-1
+        q, k, v = self.rotated_qkv(x, pos)
+        mask, causal = None, True
+        if cache is not None:
+            k, v = cache.update(pos, k, v)  # (B, KV, pos + T, hd)
+            T = q.shape[2]
+            causal = False
+            if T > 1:  # query i sees keys up to pos + i
+                mask = torch.ones(T, pos + T, dtype=torch.bool, device=x.device).tril(diagonal=pos)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                           dropout_p=self.dropout if self.training else 0.0,
                                            enable_gqa=self.n_kv != self.n_heads)  # (B, H, T, hd)
         return self.proj(y.transpose(1, 2).flatten(2))  # (B, T, D)
 
@@ -742,8 +766,8 @@ class Block(nn.Module):
         self.ffn = MoE(cfg) if moe else FeedForward(cfg, cfg.d_ff)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x):  # (B, T, D) -> (B, T, D), lb, z
-        x = x + self.drop(self.attn(self.norm1(x)))
+    def forward(self, x, cache=None, pos=0):  # (B, T, D) -> (B, T, D), lb, z
+        x = x + self.drop(self.attn(self.norm1(x), cache, pos))
         if self.is_moe:
             h, lb, z = self.ffn(self.norm2(x))
         else:
@@ -771,11 +795,13 @@ class Transformer(nn.Module):
                 std = 0.02 / math.sqrt(2 * self.cfg.n_layers) if name.endswith(("proj.weight", "down.weight", "w_down")) else 0.02
                 nn.init.normal_(p, std=std)
 
-    def forward(self, idx):  # idx (B, T) -> logits (B, T, V), load-balancing loss, z loss (summed over MoE layers)
+    def forward(self, idx, caches=None, pos=0):
+        """idx (B, T) -> logits (B, T, V), load-balancing loss, z loss (summed over MoE layers).
+        With caches (one KVCache per block), idx holds positions pos.. of an incremental decode."""
         x = self.embed(idx) * math.sqrt(self.cfg.d_model)  # (B, T, D)
         lb = z = x.new_zeros((), dtype=torch.float32)
-        for block in self.blocks:
-            x, block_lb, block_z = block(x)
+        for i, block in enumerate(self.blocks):
+            x, block_lb, block_z = block(x, None if caches is None else caches[i], pos)
             if block_lb is not None:
                 lb, z = lb + block_lb, z + block_z
         logits = F.linear(self.norm(x), self.embed.weight)  # tied head
@@ -854,19 +880,25 @@ class Muon(torch.optim.Optimizer):
                                       weight_decay=weight_decay))
 
     @torch.no_grad()
-    def step(self, closure=None):
+    def step(self, closure=None, ok=None):
+        """ok: optional 0-dim bool tensor; False leaves parameters and momentum untouched, decided
+        on the device so that skipping a non-finite step needs no host sync."""
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is None:
                     continue
                 buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
-                buf.lerp_(p.grad, 1 - group["momentum"])
-                g = p.grad.lerp(buf, group["momentum"]) if group["nesterov"] else buf
+                grad, lr, beta = p.grad, group["lr"], 1 - group["momentum"]
+                if ok is not None:
+                    grad = torch.where(ok, grad, 0.0)  # a NaN must not reach the momentum, even times 0
+                    lr, beta = ok * lr, ok * beta
+                buf.lerp_(grad, beta)
+                g = grad.lerp(buf, group["momentum"]) if group["nesterov"] else buf
                 update = newton_schulz(g, group["ns_steps"])
                 # rows/cols scaling keeps the update's RMS comparable across shapes
                 scale = max(1.0, p.size(-2) / p.size(-1)) ** 0.5
-                p.mul_(1 - group["lr"] * group["weight_decay"])
-                p.add_(update, alpha=-group["lr"] * scale)
+                p.mul_(1 - lr * group["weight_decay"])
+                p.sub_(update * (lr * scale))
 
 
 def make_optimizers(model, cfg):
@@ -879,8 +911,9 @@ def make_optimizers(model, cfg):
             decay.append(p)
         else:
             no_decay.append(p)
+    # fused: one kernel, and it can skip a step on the device (found_inf) without a host sync
     adamw = torch.optim.AdamW([dict(params=decay, weight_decay=cfg.weight_decay), dict(params=no_decay, weight_decay=0.0)],
-                              lr=cfg.adamw_lr, betas=(0.9, 0.95), fused=next(model.parameters()).is_cuda)
+                              lr=cfg.adamw_lr, betas=(0.9, 0.95), fused=True)
     return [Muon(muon, lr=cfg.muon_lr, momentum=cfg.muon_momentum, weight_decay=cfg.weight_decay), adamw]
 
 
@@ -1256,6 +1289,17 @@ def run_comparison(cfg, names, out_dir, cache_dir="data_cache"):
 # CLI
 
 
+STATS_HELP = """expert statistics, per MoE layer at each evaluation (metrics.jsonl, results.json "experts"):
+  load              share of token copies each expert received (fair share: 1/num_experts)
+  load_cv           std/mean of load: 0 is perfect balance; the table's "load CV" averages layers
+  max_load/min_load busiest and idlest expert's load as a multiple of its fair share
+  router_entropy    mean per-token entropy of the router's probabilities / log(num_experts):
+                    1 = undecided (uniform), 0 = certain
+  dropped_fraction  tokens no expert processed (switch: over capacity; expert choice: unpicked)
+  router_z          mean squared log-sum-exp of the router logits (what z_loss_weight penalises)
+  dead expert       one with under 1/10 of its fair share; the table names them per layer"""
+
+
 class Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, exit 2, no usage dump
         self.exit(2, f"{self.prog}: error: {message}\n")
@@ -1273,7 +1317,8 @@ def build_parser():
     presets = "; ".join(f"{k}: {', '.join(f'{n}={v}' for n, v in o.items()) or 'the dataclass defaults'}"
                         for k, o in PRESETS.items())
     p = Parser(prog="llm.py", description=__doc__.split("\n\n")[0], allow_abbrev=False,
-               epilog=f"presets ({presets})")
+               formatter_class=argparse.RawDescriptionHelpFormatter,
+               epilog=f"presets: {presets}\n\n{STATS_HELP}")
     p.add_argument("--preset", choices=sorted(PRESETS), help="named overrides; default: seed with CUDA, cpu without")
     p.add_argument("--models", default=",".join(MODELS), help=f"comma-separated subset of {', '.join(MODELS)}, in run order")
     p.add_argument("--out_dir", default=None, help="where results go; default runs/<timestamp>")
