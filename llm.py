@@ -29,8 +29,11 @@ import os
 import platform
 import re
 import shutil
+import signal
 import sys
 import tempfile
+import textwrap
+import threading
 import time
 from dataclasses import dataclass, field, fields
 from typing import Optional
@@ -116,8 +119,11 @@ class Config:
 
     # evaluation and logging
     eval_every: int = 500  # optimizer steps between evaluations (and one at the end)
+    patience: int = 0  # stop a model after this many evaluations without a better val loss; 0: never
     eval_batches: int = 50  # batches per periodic evaluation; the final one covers the whole val set
     log_every: int = 10  # steps between loss syncs to the host (each one is a device sync)
+    ckpt_every: int = 500  # optimizer steps between checkpoints (and one at the end); 0: only at the end
+    max_bad_steps: int = 10  # non-finite steps in a row (each one skipped) before a run gives up
 
     @property
     def kv_heads(self):
@@ -152,11 +158,11 @@ class Config:
     def validate(self):
         positive = ["d_model", "n_heads", "n_layers", "d_ff", "num_experts", "expert_top_k", "num_documents",
                     "max_tokens", "bpe_vocab_size", "max_seq_len", "batch_size", "gradient_accumulation_steps",
-                    "max_steps", "eval_every", "eval_batches", "log_every"]
+                    "max_steps", "eval_every", "eval_batches", "log_every", "max_bad_steps"]
         for name in positive:
             if getattr(self, name) <= 0:
                 raise UsageError(f"{name} must be positive; got {getattr(self, name)}")
-        non_negative = ["n_kv_heads", "vocab_size", "n_shared_experts", "expert_d_ff", "bias_update_rate", "dropout", "load_balancing_weight", "z_loss_weight", "noise_std",
+        non_negative = ["patience", "ckpt_every", "n_kv_heads", "vocab_size", "n_shared_experts", "expert_d_ff", "bias_update_rate", "dropout", "load_balancing_weight", "z_loss_weight", "noise_std",
                         "muon_lr", "adamw_lr", "weight_decay", "grad_clip", "warmup_frac", "decay_frac", "min_lr_frac",
                         "hub_timeout"]
         for name in non_negative:
@@ -186,15 +192,24 @@ class Config:
         return self
 
 
+def parse_bool(s):
+    if s.lower() in ("1", "true", "yes", "on"):
+        return True
+    if s.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
+
+
 # The presets change only what they list; "seed" is the dataclass itself.
 PRESETS = {
     "seed": {},
     "cpu": dict(d_model=128, n_heads=4, n_layers=4, d_ff=512, max_seq_len=128, batch_size=16, max_steps=200,
-                bpe_vocab_size=4096, eval_every=50, eval_batches=8, muon_lr=0.02, adamw_lr=0.003,
+                bpe_vocab_size=4096, eval_every=50, eval_batches=8, ckpt_every=100, muon_lr=0.02, adamw_lr=0.003,
                 dropout=0.0),
     "smoke": dict(d_model=64, n_heads=4, n_layers=2, d_ff=128, max_seq_len=64, batch_size=8, max_steps=30,
                   num_experts=4, moe_layers="all", bpe_vocab_size=512, max_tokens=300_000, num_documents=200,
-                  eval_every=15, eval_batches=4, log_every=5, muon_lr=0.02, adamw_lr=0.003, dropout=0.0),
+                  eval_every=15, eval_batches=4, log_every=5, ckpt_every=15, muon_lr=0.02, adamw_lr=0.003,
+                  dropout=0.0),
 }
 
 
@@ -644,6 +659,7 @@ class MoE(nn.Module):
         self.register_buffer("expert_bias", torch.zeros(cfg.num_experts))
         self.register_buffer("load", torch.zeros(cfg.num_experts), persistent=False)  # copies since the last bias update
         self.stats = None  # set by evaluate(): per-expert counts and routing sums accumulate here
+        self.capture = None  # set by expert_analysis(): a list that receives each token's experts (N, E)
 
     def capacity(self, n_tokens):
         """Slots per expert: switch ceil(cf * N / E); expert choice ceil(cf * N * k / E)."""
@@ -721,8 +737,15 @@ class MoE(nn.Module):
             logits, probs, sel = self.scores(x)
             y, counts, dropped = self.expert_choice(x, sel, dtype)
             lb, z = self.balance_loss(counts, probs), self.z_loss(logits)
+            if self.capture is not None:
+                token = (sel + self.expert_bias).t().topk(self.capacity(x.shape[0]), dim=-1).indices  # (E, C)
+                chosen = torch.zeros(x.shape[0], self.E, device=x.device)
+                chosen[token, torch.arange(self.E, device=x.device)[:, None]] = 1.0
+                self.capture.append(chosen)
         else:
             gates, experts, counts, lb, z = self.route(x)
+            if self.capture is not None:
+                self.capture.append(F.one_hot(experts, self.E).sum(dim=1).float())
             if self.routing == "switch":
                 y, dropped = self.switch(x, experts[:, 0], gates[:, 0], counts, dtype)
             else:
@@ -1012,10 +1035,130 @@ def evaluate(model, windows, rt, batch_size):
     return dict(loss=loss, accuracy=acc, perplexity=math.exp(min(loss, 50)), experts=experts)
 
 
-def train_model(name, cfg, data, rt, log_metrics=lambda rec: None):
-    """Train one model; returns its result row (also evaluated on held-out and training text)."""
+class TrainingError(Exception):
+    """Training cannot go on (too many non-finite steps): reported as one line, exit status 1."""
+
+
+class Interrupted(Exception):
+    """Ctrl-C: a checkpoint was saved at a step boundary; exit status 130."""
+
+
+class StopFlag:
+    """Set by the first Ctrl-C; the training loop checks it between optimizer steps."""
+    requested = False
+
+
+def file_sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def fsync_path(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+CKPT_KEEP = 2  # the newest and the one before it, in case the newest is damaged
+
+
+def save_checkpoint(ckpt_dir, model, optimizers, schedulers, scaler, state):
+    """ckpt_dir/step-NNNNNNN/: weights (safetensors), optimizer, scheduler and RNG state (torch.save of
+    tensors and plain containers, loaded with weights_only=True), progress (JSON) and a manifest of
+    sha256 sums. Written into a temporary directory, fsynced, then renamed: a crash at any moment
+    leaves the previous checkpoint whole."""
+    from safetensors.torch import save_file
+    os.makedirs(ckpt_dir, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=ckpt_dir, prefix=".tmp-")
+    try:
+        # the output head is the embedding itself (F.linear on embed.weight), so no tensor is shared
+        save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()},
+                  os.path.join(tmp, "model.safetensors"))
+        torch.save(dict(optimizers=[o.state_dict() for o in optimizers], schedulers=[s.state_dict() for s in schedulers],
+                        scaler=scaler.state_dict(), rng=torch.get_rng_state(),
+                        cuda_rng=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []),
+                   os.path.join(tmp, "optim.pt"))
+        with open(os.path.join(tmp, "state.json"), "w") as f:
+            json.dump(state, f)
+        files = ("model.safetensors", "optim.pt", "state.json")
+        for name in files:
+            fsync_path(os.path.join(tmp, name))
+        manifest = {name: dict(sha256=file_sha256(os.path.join(tmp, name)), bytes=os.path.getsize(os.path.join(tmp, name)))
+                    for name in files}
+        atomic_write(os.path.join(tmp, "manifest.json"), json.dumps(manifest).encode())
+        final = os.path.join(ckpt_dir, f"step-{state['step']:07d}")
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        fsync_path(ckpt_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for old in sorted(glob.glob(os.path.join(ckpt_dir, "step-*")))[:-CKPT_KEEP]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def verify_checkpoint(path):
+    """None if every file matches the manifest, else what is wrong."""
+    try:
+        with open(os.path.join(path, "manifest.json")) as f:
+            manifest = json.load(f)
+        for name, want in manifest.items():
+            p = os.path.join(path, name)
+            if os.path.getsize(p) != want["bytes"]:
+                return f"{name} has {os.path.getsize(p)} bytes, the manifest says {want['bytes']}"
+            if file_sha256(p) != want["sha256"]:
+                return f"{name} does not match its checksum"
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return str(e).splitlines()[0] if str(e) else type(e).__name__
+    return None
+
+
+def latest_checkpoint(ckpt_dir, log=print):
+    """The newest intact checkpoint directory and its progress, or (None, None)."""
+    for path in sorted(glob.glob(os.path.join(ckpt_dir, "step-*")), reverse=True):
+        problem = verify_checkpoint(path)
+        if problem is None:
+            with open(os.path.join(path, "state.json")) as f:
+                return path, json.load(f)
+        log(f"checkpoint {path} is damaged ({problem}); trying the previous one")
+    return None, None
+
+
+def load_weights(path, model):
+    from safetensors.torch import load_file
+    model.load_state_dict(load_file(os.path.join(path, "model.safetensors"), device=str(next(model.parameters()).device)))
+
+
+def restore_checkpoint(path, model, optimizers, schedulers, scaler):
+    load_weights(path, model)
+    st = torch.load(os.path.join(path, "optim.pt"), map_location="cpu", weights_only=True)
+    for o, sd in zip(optimizers, st["optimizers"]):
+        o.load_state_dict(sd)
+    for s, sd in zip(schedulers, st["schedulers"]):
+        s.load_state_dict(sd)
+    scaler.load_state_dict(st["scaler"])
+    torch.set_rng_state(st["rng"])
+    if st["cuda_rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda_rng"])
+
+
+def train_model(name, cfg, data, rt, log_metrics=lambda rec: None, ckpt_dir=None, resume_from=None, init=None,
+                stop=StopFlag()):
+    """Train one model; returns its result row (also evaluated on held-out and training text).
+
+    ckpt_dir: where checkpoints go (every ckpt_every steps and at the end); resume_from: a checkpoint
+    to continue from exactly; init: a function that sets the fresh model's weights (upcycling).
+    """
     torch.manual_seed(cfg.seed)
     model = Transformer(cfg).to(rt.device)
+    if init is not None:
+        init(model)
     counts = count_params(cfg)
     core = model
     if rt.compile:
@@ -1025,26 +1168,75 @@ def train_model(name, cfg, data, rt, log_metrics=lambda rec: None):
         model = nn.parallel.DistributedDataParallel(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None,
                                                     broadcast_buffers=False)
     optimizers = make_optimizers(core, cfg)
+    muon, adamw = optimizers
     schedulers = [torch.optim.lr_scheduler.LambdaLR(o, lambda s: lr_factor(s, cfg)) for o in optimizers]
     scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.dtype == torch.float16)
     stream = TrainWindows(data.train, cfg.max_seq_len, cfg.seed, rt.device)
     val = eval_windows(data.val, cfg.max_seq_len)
     n_eval = cfg.eval_batches * cfg.batch_size * rt.world
     val_sample = (val[0][:n_eval], val[1][:n_eval])
-    train_sample = eval_windows(data.train, cfg.max_seq_len, limit=len(val[0]), seed=cfg.seed + 1)
+    train_full = eval_windows(data.train, cfg.max_seq_len, limit=len(val[0]), seed=cfg.seed + 1)
+    train_sample = (train_full[0][:n_eval], train_full[1][:n_eval])
     accum, global_batch = cfg.gradient_accumulation_steps, cfg.batch_size * rt.world
     tokens_per_step = global_batch * accum * cfg.max_seq_len
-    n_moe = max(1, len(cfg.moe_layer_ids()))
     moes = [m for m in core.modules() if isinstance(m, MoE)]
+    n_moe = max(1, len(moes))
     lb_weight = 0.0 if cfg.balance == "aux_free" else cfg.load_balancing_weight  # aux_free balances by bias
+
+    # progress that a checkpoint carries besides the tensors
+    prog = dict(step=0, history=[], skipped_steps=0, best_val=None, evals_since_best=0, stopped_early=False,
+                running=[0.0, 0.0, 0.0], wall_s=0.0, eval_s=0.0)  # times: of the segments before a resume
+    if resume_from is not None:
+        restore_checkpoint(resume_from, core, optimizers, schedulers, scaler)
+        with open(os.path.join(resume_from, "state.json")) as f:
+            prog.update(json.load(f)["progress"])
+        if rt.master:
+            print(f"{name}: resumed from {resume_from} (step {prog['step']})")
+    running = torch.tensor(prog["running"], device=rt.device)  # ce, lb, z summed since the last log
+    skipped = torch.zeros((), dtype=torch.long, device=rt.device)  # non-finite steps since the last log
+    streak = torch.zeros((), dtype=torch.long, device=rt.device)  # current run of them
+    worst = torch.zeros((), dtype=torch.long, device=rt.device)  # longest run since the last log
+
+    def checkpoint(step):
+        if ckpt_dir is None:
+            return None
+        prog.update(step=step, running=running.tolist())
+        saved = dict(prog, wall_s=prog["wall_s"] + time.perf_counter() - t_start, eval_s=prog["eval_s"] + t_eval)
+        if rt.master:
+            save_checkpoint(ckpt_dir, core, optimizers, schedulers, scaler,
+                            dict(name=name, step=step, progress=saved, config=dataclasses.asdict(cfg)))
+        if rt.world > 1:
+            dist.barrier()
+        return os.path.join(ckpt_dir, f"step-{step:07d}")
+
+    def evaluate_now(step, final):
+        v = evaluate(core, val if final else val_sample, rt, cfg.batch_size)
+        t = evaluate(core, train_full if final else train_sample, rt, cfg.batch_size)
+        rec = dict(model=name, kind="eval", step=step, tokens=step * tokens_per_step, final=final,
+                   val_loss=v["loss"], val_accuracy=v["accuracy"], val_perplexity=v["perplexity"],
+                   train_loss=t["loss"], experts=v["experts"], batch_level_routing=bool(moes) and cfg.routing == "expert_choice")
+        prog["history"].append(rec)
+        log_metrics(rec)
+        if rt.master:
+            routing = ""
+            if moes:
+                cv = sum(e["load_cv"] for e in v["experts"]) / len(moes)
+                dropped = sum(e["dropped_fraction"] for e in v["experts"]) / len(moes)
+                routing = f" | load CV {cv:.3f}" + (f" dropped {dropped:.3f}" if cfg.routing != "topk" else "")
+                routing += " (batch-level routing)" if rec["batch_level_routing"] else ""
+            tqdm.write(f"{name} step {step}: val loss {v['loss']:.4f} ppl {v['perplexity']:.2f} "
+                       f"acc {v['accuracy']:.4f} | train loss {t['loss']:.4f}{routing}")
+        return rec
 
     if rt.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(rt.device)
-    bar = tqdm(range(cfg.max_steps), desc=name, disable=not rt.master, dynamic_ncols=True, leave=True)
+    start = prog["step"]
+    bar = tqdm(range(start, cfg.max_steps), desc=name, disable=not rt.master, dynamic_ncols=True, leave=True,
+               initial=start, total=cfg.max_steps)
     t_start = time.perf_counter()
     t_eval = 0.0  # evaluation time, excluded from throughput
     t_first = None  # end of the first step: throughput excludes compilation
-    history, running = [], torch.zeros(3, device=rt.device)  # ce, lb, z summed since the last log
+    done = start
     for step in bar:
         for micro in range(accum):
             x, y = stream.batch((step * accum + micro) * global_batch + rt.rank * cfg.batch_size, cfg.batch_size)
@@ -1055,13 +1247,23 @@ def train_model(name, cfg, data, rt, log_metrics=lambda rec: None):
                 loss = ce + lb_weight * lb + cfg.z_loss_weight * z
                 scaler.scale(loss / accum).backward()
             running += torch.stack([ce.detach(), lb.detach(), z.detach()]) / accum
-        if cfg.grad_clip > 0:
+        if scaler.is_enabled():
             for o in optimizers:
                 scaler.unscale_(o)
-            torch.nn.utils.clip_grad_norm_(core.parameters(), cfg.grad_clip)
-        for o in optimizers:
-            scaler.step(o)
-        scaler.update()
+        # the norm doubles as the finiteness check; a non-finite step is skipped on the device
+        norm = torch.nn.utils.clip_grad_norm_(core.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        ok = torch.isfinite(norm)
+        if scaler.is_enabled():  # fp16: the scaler skips inf/NaN steps itself (and syncs to do so)
+            for o in optimizers:
+                scaler.step(o)
+            scaler.update()
+        else:
+            muon.step(ok=ok)
+            adamw.found_inf = (~ok).float()  # read by the fused kernel: no host sync
+            adamw.step()
+            skipped += ~ok
+            streak = (streak + 1) * ~ok
+            worst = torch.maximum(worst, streak)
         if cfg.balance == "aux_free":
             for m in moes:
                 m.update_bias(cfg.bias_update_rate, rt.world)
@@ -1076,52 +1278,68 @@ def train_model(name, cfg, data, rt, log_metrics=lambda rec: None):
         if done % cfg.log_every == 0 or done == cfg.max_steps:
             n = cfg.log_every if done % cfg.log_every == 0 else done % cfg.log_every
             ce_, lb_, z_ = (running / n).tolist()  # the one host sync per log interval
-            running.zero_()
+            n_skipped, n_worst = int(skipped), int(worst)
+            running.zero_(), skipped.zero_(), worst.zero_()
+            prog["skipped_steps"] += n_skipped
             elapsed = time.perf_counter() - t_first - t_eval
-            tps = (done - 1) * tokens_per_step / elapsed if done > 1 and elapsed > 0 else float("nan")
-            lr = optimizers[0].param_groups[0]["lr"]
+            tps = (done - 1 - start) * tokens_per_step / elapsed if done > start + 1 and elapsed > 0 else float("nan")
+            lr = muon.param_groups[0]["lr"]
             rec = dict(model=name, kind="train", step=done, tokens=done * tokens_per_step, loss=ce_,
-                       lb_loss=lb_ / n_moe, z_loss=z_ / n_moe, lr=lr, tokens_per_s=tps)
+                       lb_loss=lb_ / n_moe, z_loss=z_ / n_moe, lr=lr, tokens_per_s=tps,
+                       skipped_steps=prog["skipped_steps"])
             log_metrics(rec)
-            bar.set_postfix_str(f"loss {ce_:.3f} aux {lb_ / n_moe:.3f} lr {lr:.2e} tok/s {tps:,.0f}")
-        if done % cfg.eval_every == 0 or done == cfg.max_steps:
+            bar.set_postfix_str(f"loss {ce_:.3f} aux {lb_ / n_moe:.3f} lr {lr:.2e} tok/s {tps:,.0f}"
+                                + (f" skipped {prog['skipped_steps']}" if prog["skipped_steps"] else ""))
+            if max(n_worst, int(streak)) >= cfg.max_bad_steps:
+                last = latest_checkpoint(ckpt_dir, log=lambda *a: None)[0] if ckpt_dir else None
+                raise TrainingError(f"{name}: {max(n_worst, int(streak))} optimizer steps in a row had a non-finite "
+                                    f"loss or gradient (max_bad_steps {cfg.max_bad_steps}), stopped at step {done}; "
+                                    f"last good checkpoint: {last or 'none'}; try a lower learning rate")
+        if done % cfg.eval_every == 0 and done < cfg.max_steps:
             t0 = time.perf_counter()
-            final = done == cfg.max_steps
-            v = evaluate(core, val if final else val_sample, rt, cfg.batch_size)
-            t = evaluate(core, train_sample if final else (train_sample[0][:n_eval], train_sample[1][:n_eval]),
-                         rt, cfg.batch_size)
-            rec = dict(model=name, kind="eval", step=done, tokens=done * tokens_per_step, final=final,
-                       val_loss=v["loss"], val_accuracy=v["accuracy"], val_perplexity=v["perplexity"],
-                       train_loss=t["loss"], experts=v["experts"],
-                       batch_level_routing=bool(moes) and cfg.routing == "expert_choice")
-            history.append(rec)
-            log_metrics(rec)
-            if rt.master:
-                routing = ""
-                if moes:
-                    cv = sum(e["load_cv"] for e in v["experts"]) / len(moes)
-                    dropped = sum(e["dropped_fraction"] for e in v["experts"]) / len(moes)
-                    routing = f" | load CV {cv:.3f}" + (f" dropped {dropped:.3f}" if cfg.routing != "topk" else "")
-                    routing += " (batch-level routing)" if rec["batch_level_routing"] else ""
-                tqdm.write(f"{name} step {done}: val loss {v['loss']:.4f} ppl {v['perplexity']:.2f} "
-                           f"acc {v['accuracy']:.4f} | train loss {t['loss']:.4f}{routing}")
+            rec = evaluate_now(done, final=False)
+            if prog["best_val"] is None or rec["val_loss"] < prog["best_val"]:
+                prog["best_val"], prog["evals_since_best"] = rec["val_loss"], 0
+            else:
+                prog["evals_since_best"] += 1
             t_eval += time.perf_counter() - t0
+            if cfg.patience and prog["evals_since_best"] >= cfg.patience:
+                prog["stopped_early"] = True
+                if rt.master:
+                    tqdm.write(f"{name}: no val loss improvement in {cfg.patience} evaluations; stopping at step {done}")
+        stop_now = stop.requested
+        if rt.world > 1:  # every rank must agree to stop at the same step
+            flag = torch.tensor(float(stop_now), device=rt.device)
+            dist.all_reduce(flag)
+            stop_now = bool(flag.item())
+        if stop_now:
+            bar.close()
+            raise Interrupted(checkpoint(done))
+        if prog["stopped_early"]:
+            break
+        if ckpt_dir and cfg.ckpt_every and done % cfg.ckpt_every == 0 and done < cfg.max_steps:
+            checkpoint(done)
     bar.close()
-    wall = time.perf_counter() - t_start
-    train_time = wall - t_eval
-    measured = (cfg.max_steps - 1) * tokens_per_step
-    tps = measured / (time.perf_counter() - t_first - t_eval) if cfg.max_steps > 1 else float("nan")
-    final = history[-1]
+    t0 = time.perf_counter()
+    final = evaluate_now(done, final=True)
+    t_eval += time.perf_counter() - t0
+    checkpoint(done)
+    wall = prog["wall_s"] + time.perf_counter() - t_start  # all segments of a resumed run
+    t_eval_all = prog["eval_s"] + t_eval
+    steps_timed = done - 1 - start
+    tps = steps_timed * tokens_per_step / (time.perf_counter() - t_first - t_eval) if steps_timed > 0 else float("nan")
     return dict(name=name, total_params=counts["total"], active_params=counts["active"],
                 non_embedding_params=counts["non_embedding"], flops_per_token=counts["flops_per_token"],
                 val_loss=final["val_loss"], val_accuracy=final["val_accuracy"],
                 val_perplexity=final["val_perplexity"], train_loss=final["train_loss"],
                 experts=final["experts"], batch_level_routing=final["batch_level_routing"],
                 load_cv=sum(e["load_cv"] for e in final["experts"]) / len(moes) if moes else None,
-                epochs=cfg.max_steps * accum * global_batch / stream.n, tokens=cfg.max_steps * tokens_per_step,
-                tokens_per_s=tps, train_time_s=train_time, wall_time_s=wall,
+                steps=done, stopped_early=prog["stopped_early"], skipped_steps=prog["skipped_steps"],
+                epochs=done * accum * global_batch / stream.n, tokens=done * tokens_per_step,
+                tokens_per_s=tps, train_time_s=wall - t_eval_all, wall_time_s=wall,
                 peak_memory_bytes=torch.cuda.max_memory_allocated(rt.device) if rt.device.type == "cuda" else None,
                 config=dataclasses.asdict(cfg), config_moe_layer_ids=cfg.moe_layer_ids())
+
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1134,6 +1352,49 @@ def model_configs(cfg, names):
     """The configs compared: the MoE, the original dense model, and dense at the MoE's active size."""
     made = {"moe": cfg, "dense": dataclasses.replace(cfg, moe_layers="none"), "dense-matched": dense_matched(cfg)}
     return [(n, made[n]) for n in names]
+
+
+def parse_sweep(specs):
+    """["num_experts=4,8", "expert_top_k=1,2"] -> the grid as a list of {field: value} dicts."""
+    types = {f.name: type(getattr(Config(), f.name)) for f in fields(Config)}
+    axes = []
+    for spec in specs:
+        name, _, values = spec.partition("=")
+        if name not in types or not values:
+            raise UsageError(f"--sweep {spec}: expected FIELD=V1,V2 with FIELD a config field")
+        conv = parse_bool if types[name] is bool else types[name]
+        try:
+            axes.append([(name, conv(v)) for v in values.split(",") if v.strip()])
+        except (ValueError, argparse.ArgumentTypeError):
+            raise UsageError(f"--sweep {spec}: values must be {types[name].__name__}")
+    if not axes:
+        return []
+    grid = [{}]
+    for axis in axes:
+        grid = [dict(point, **{n: v}) for point in grid for n, v in axis]
+    return grid
+
+
+def plan_jobs(cfg, names, seeds, grid):
+    """Every (run id, model name, config) to train, in order: per seed, the models; a sweep trains the
+    baselines once per seed and the MoE once per grid point."""
+    jobs = []
+    for seed in seeds:
+        base = dataclasses.replace(cfg, seed=seed)
+        suffix = f"-s{seed}" if len(seeds) > 1 else ""
+        for name, c in model_configs(base, names):
+            if name == "moe" and grid:
+                for point in grid:
+                    label = "moe[" + ",".join(f"{k}={v}" for k, v in point.items()) + "]"
+                    moe = dataclasses.replace(c, **point).validate()
+                    jobs.append(dict(id=label + suffix, name=label, seed=seed, cfg=moe, point=point))
+            else:
+                jobs.append(dict(id=name + suffix, name=name, seed=seed, cfg=c, point=None))
+    return jobs
+
+
+def safe_name(run_id):
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in run_id)
 
 
 def describe(name, cfg):
@@ -1154,53 +1415,139 @@ def fmt_count(n):
     return "-" if n is None else f"{n / 1e9:.2f}G" if n >= 1e9 else f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}K"
 
 
+def welch(a, b):
+    """Mean of a - mean of b, its 95% interval and the two-sided p-value of Welch's t-test."""
+    from scipy import stats
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    diff = a.mean() - b.mean()
+    if len(a) < 2 or len(b) < 2:
+        return dict(diff=diff, ci95=None, p_value=None, n=[len(a), len(b)])
+    va, vb = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
+    se = math.sqrt(va + vb)
+    if se == 0:
+        return dict(diff=diff, ci95=[diff, diff], p_value=1.0 if diff == 0 else 0.0, n=[len(a), len(b)])
+    dof = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1))
+    half = stats.t.ppf(0.975, dof) * se
+    p = stats.ttest_ind(a, b, equal_var=False).pvalue
+    return dict(diff=diff, ci95=[diff - half, diff + half], p_value=float(p), n=[len(a), len(b)])
+
+
+def summarize(rows):
+    """Rows grouped by model name (over seeds): means, standard deviations, and every MoE against
+    every dense baseline."""
+    groups = {}
+    for r in rows:
+        groups.setdefault(r["name"], []).append(r)
+    keys = ("val_loss", "val_perplexity", "val_accuracy", "train_loss", "tokens_per_s", "wall_time_s", "epochs")
+    summary = []
+    for name, rs in groups.items():
+        s = dict(name=name, seeds=[r["seed"] for r in rs], total_params=rs[0]["total_params"],
+                 active_params=rs[0]["active_params"], flops_per_token=rs[0]["flops_per_token"],
+                 moe=rs[0]["config"]["moe_layers"] != "none", point=rs[0].get("point"))
+        for k in keys:
+            v = np.array([r[k] for r in rs], dtype=float)
+            s[k], s[k + "_std"] = float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0
+        for k in ("load_cv", "peak_memory_bytes", "gpu_utilization_pct"):
+            v = [r.get(k) for r in rs if r.get(k) is not None]
+            s[k] = float(np.mean(v)) if v else None
+        summary.append(s)
+    comparisons = []
+    for moe in (s for s in summary if s["moe"]):
+        for base in (s for s in summary if not s["moe"]):
+            w = welch([r["val_loss"] for r in groups[moe["name"]]], [r["val_loss"] for r in groups[base["name"]]])
+            comparisons.append(dict(moe=moe["name"], baseline=base["name"], **w,
+                                    active_ratio=moe["active_params"] / base["active_params"],
+                                    time_ratio=moe["wall_time_s"] / base["wall_time_s"]))
+    return summary, comparisons
+
+
 def format_table(rows):
-    cols = [("model", lambda r: r["name"]), ("params", lambda r: fmt_count(r["total_params"])),
-            ("active", lambda r: fmt_count(r["active_params"])), ("FLOPs/tok", lambda r: fmt_count(r["flops_per_token"])),
-            ("val loss", lambda r: f"{r['val_loss']:.4f}"), ("val ppl", lambda r: f"{r['val_perplexity']:.2f}"),
-            ("val acc", lambda r: f"{r['val_accuracy']:.4f}"), ("train loss", lambda r: f"{r['train_loss']:.4f}"),
-            ("load CV", lambda r: "-" if r.get("load_cv") is None else f"{r['load_cv']:.3f}"),
-            ("epochs", lambda r: f"{r['epochs']:.2f}"), ("tok/s", lambda r: f"{r['tokens_per_s']:,.0f}"),
-            ("time", lambda r: f"{r['wall_time_s']:.1f}s"),
-            ("peak mem", lambda r: "-" if r["peak_memory_bytes"] is None else f"{r['peak_memory_bytes'] / 2**30:.2f}GiB"),
-            ("GPU util", lambda r: "-" if r.get("gpu_utilization_pct") is None else f"{r['gpu_utilization_pct']:.0f}%")]
-    cells = [[h for h, _ in cols]] + [[f(r) for _, f in cols] for r in rows]
+    """The comparison table: one line per model (mean +- std over seeds), then the MoE runs' routing
+    notes and one line per MoE-vs-baseline pair."""
+    summary, comparisons = summarize(rows)
+    multi = any(len(s["seeds"]) > 1 for s in summary)
+
+    def pm(s, k, fmt):
+        return format(s[k], fmt) + (f" +- {format(s[k + '_std'], fmt)}" if multi else "")
+
+    cols = [("model", lambda s: s["name"]), ("params", lambda s: fmt_count(s["total_params"])),
+            ("active", lambda s: fmt_count(s["active_params"])), ("FLOPs/tok", lambda s: fmt_count(s["flops_per_token"])),
+            ("val loss", lambda s: pm(s, "val_loss", ".4f")), ("val ppl", lambda s: pm(s, "val_perplexity", ".2f")),
+            ("val acc", lambda s: pm(s, "val_accuracy", ".4f")), ("train loss", lambda s: pm(s, "train_loss", ".4f")),
+            ("load CV", lambda s: "-" if s["load_cv"] is None else f"{s['load_cv']:.3f}"),
+            ("epochs", lambda s: f"{s['epochs']:.2f}"), ("tok/s", lambda s: f"{s['tokens_per_s']:,.0f}"),
+            ("time", lambda s: f"{s['wall_time_s']:.1f}s"),
+            ("peak mem", lambda s: "-" if s["peak_memory_bytes"] is None else f"{s['peak_memory_bytes'] / 2**30:.2f}GiB"),
+            ("GPU util", lambda s: "-" if s["gpu_utilization_pct"] is None else f"{s['gpu_utilization_pct']:.0f}%")]
+    cells = [[h for h, _ in cols]] + [[f(s) for _, f in cols] for s in summary]
     widths = [max(len(row[i]) for row in cells) for i in range(len(cols))]
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))) for row in cells]
     lines.insert(1, "-" * len(lines[0]))
+    if multi:
+        lines.insert(0, f"mean +- std over seeds {summary[0]['seeds']}")
     for r in rows:
         if r.get("experts"):
             dead = [f"layer {i}: {e['dead_experts']}" for i, e in zip(r["config_moe_layer_ids"], r["experts"]) if e["dead_experts"]]
-            lines.append(f"{r['name']}: " + ("dead experts (under 1/10 of their fair share) in " + "; ".join(dead) if dead
-                                             else "no dead expert (each got at least 1/10 of its fair share)")
+            lines.append(f"{r['id']}: " + ("dead experts (under 1/10 of their fair share) in " + "; ".join(dead) if dead
+                                           else "no dead expert (each got at least 1/10 of its fair share)")
                          + (", batch-level routing in evaluation (expert choice sees later tokens)" if r["batch_level_routing"] else ""))
-    for moe in (r for r in rows if r["config"]["moe_layers"] != "none"):
-        for base in (r for r in rows if r["config"]["moe_layers"] == "none"):
-            diff = moe["val_loss"] - base["val_loss"]
-            lines.append(f"{moe['name']} vs {base['name']}: val loss {diff:+.4f} "
-                         f"({'MoE lower' if diff < 0 else 'MoE higher' if diff > 0 else 'equal'}), "
-                         f"active params x{moe['active_params'] / base['active_params']:.2f}, "
-                         f"time x{moe['wall_time_s'] / base['wall_time_s']:.2f}")
+        if r.get("stopped_early") or r.get("skipped_steps") or r.get("upcycled_from"):
+            lines.append(f"{r['id']}: " + ", ".join(
+                ([f"stopped early at step {r['steps']} (patience)"] if r.get("stopped_early") else [])
+                + ([f"{r['skipped_steps']} non-finite steps skipped"] if r.get("skipped_steps") else [])
+                + ([f"upcycled from {r['upcycled_from']}"] if r.get("upcycled_from") else [])))
+    for c in comparisons:
+        d = c["diff"]
+        stats_ = (f", 95% CI [{c['ci95'][0]:+.4f}, {c['ci95'][1]:+.4f}], Welch p = {c['p_value']:.3g}"
+                  if c["ci95"] is not None else "")
+        lines.append(f"{c['moe']} vs {c['baseline']}: val loss {d:+.4f}{stats_} "
+                     f"({'MoE lower' if d < 0 else 'MoE higher' if d > 0 else 'equal'}), "
+                     f"active params x{c['active_ratio']:.2f}, time x{c['time_ratio']:.2f}")
     return "\n".join(lines)
 
 
-def plot_curves(records, path):
+def save_figure(fig, path):
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=120)
+    os.replace(tmp, path)
+
+
+def pyplot():
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    return plt
+
+
+def plot_curves(records, path):
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name in dict.fromkeys(r["model"] for r in records):
-        pts = [(r["tokens"], r["val_loss"]) for r in records if r["model"] == name and r["kind"] == "eval"]
-        ax.plot(*zip(*pts), marker="o", label=name)
+    for run in dict.fromkeys(r["model"] for r in records):
+        pts = [(r["tokens"], r["val_loss"]) for r in records if r["model"] == run and r["kind"] == "eval"]
+        if pts:
+            ax.plot(*zip(*pts), marker="o", label=run)
     ax.set_xlabel("training tokens seen")
     ax.set_ylabel("validation loss (held-out documents)")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=120)
+    save_figure(fig, path)
     plt.close(fig)
-    os.replace(tmp, path)
+
+
+def plot_sweep(summary, path):
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for s in summary:
+        ax.errorbar(s["active_params"], s["val_loss"], yerr=s["val_loss_std"], marker="o" if s["moe"] else "s",
+                    linestyle="none", capsize=3, color="C0" if s["moe"] else "C3")
+        ax.annotate(s["name"], (s["active_params"], s["val_loss"]), fontsize=7, xytext=(4, 4), textcoords="offset points")
+    ax.set_xlabel("active parameters per token")
+    ax.set_ylabel("validation loss")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    save_figure(fig, path)
+    plt.close(fig)
 
 
 def cpu_name():
@@ -1225,19 +1572,72 @@ def environment(rt):
                 date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
 
 
-def run_comparison(cfg, names, out_dir, cache_dir="data_cache"):
+def upcycler(run_dir, cfg, data, log=print):
+    """Sparse upcycling: a function that copies a trained dense model of run_dir into a fresh MoE
+    model: shared weights as they are, each dense FFN into every expert of its layer, and a
+    small-init router so the experts start equal and specialise as they train."""
+    try:
+        with open(os.path.join(run_dir, "run.json")) as f:
+            src = json.load(f)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"--upcycle_from {run_dir}: no readable run.json ({str(e).splitlines()[0]})")
+    job = next((j for j in src.get("jobs", []) if j["name"] == "dense"), None)
+    if job is None or job["status"] != "done":
+        raise UsageError(f"--upcycle_from {run_dir}: it holds no finished dense model")
+    dense_cfg = Config(**job["config"])
+    same = ("d_model", "n_heads", "n_kv_heads", "n_layers", "ffn", "vocab_size")
+    bad = [k for k in same if getattr(dense_cfg, k) != getattr(cfg, k)]
+    if (cfg.expert_d_ff or cfg.d_ff) != dense_cfg.d_ff:
+        bad.append("expert width (expert_d_ff or d_ff) vs the dense d_ff")
+    if src["dataset"]["cache"] != data.cache_dir:
+        bad.append("data and tokenizer")
+    if bad:
+        raise UsageError(f"--upcycle_from {run_dir}: its dense model differs in {', '.join(bad)}")
+    path, _ = latest_checkpoint(os.path.join(run_dir, "ckpt", safe_name(job["id"])), log=log)
+    if path is None:
+        raise UsageError(f"--upcycle_from {run_dir}: no intact checkpoint of its dense model")
+    from safetensors.torch import load_file
+    dense = load_file(os.path.join(path, "model.safetensors"))
+
+    @torch.no_grad()
+    def init(model):
+        for name, p in model.state_dict().items():
+            if name in dense and dense[name].shape == p.shape:
+                p.copy_(dense[name])
+        for i in cfg.moe_layer_ids():
+            moe = model.blocks[i].ffn
+            moe.w_up.copy_(dense[f"blocks.{i}.ffn.up.weight"].expand_as(moe.w_up))
+            moe.w_down.copy_(dense[f"blocks.{i}.ffn.down.weight"].expand_as(moe.w_down))
+            nn.init.normal_(moe.router.weight, std=1e-3)
+    log(f"moe: upcycled from the dense model in {path}")
+    return init, path
+
+
+def write_run_state(out_dir, state):
+    atomic_write(os.path.join(out_dir, "run.json"), json.dumps(state, indent=1).encode())
+
+
+def run_comparison(cfg, names, out_dir, cache_dir="data_cache", seeds=None, sweep=(), upcycle_from=None,
+                   resume=False, argv=()):
+    """Train every planned model (resuming finished and interrupted ones), print the table, write
+    results.json, metrics.jsonl, loss_curves.png (and sweep.json, sweep.png for a sweep)."""
     rt = make_runtime(cfg)
     say = print if rt.master else (lambda *a, **k: None)
-    torch.manual_seed(cfg.seed)
-    np.random.seed(cfg.seed)
+    seeds = seeds or [cfg.seed]
+    grid = parse_sweep(sweep)
     if rt.world > 1 and not rt.master:
         dist.barrier()  # rank 0 builds the token cache first; the others then read it
     data = prepare_data(cfg, cache_dir, log=say)
     if rt.world > 1 and rt.master:
         dist.barrier()
-    cfg = dataclasses.replace(cfg, vocab_size=cfg.vocab_size or data.vocab_size, data=data.source)
+    cfg = dataclasses.replace(cfg, vocab_size=cfg.vocab_size or data.vocab_size,
+                              data=data.source if cfg.data == "auto" else cfg.data)
     if cfg.vocab_size < data.vocab_size:
         raise UsageError(f"vocab_size ({cfg.vocab_size}) is smaller than the tokenizer's ({data.vocab_size})")
+    jobs = plan_jobs(cfg, names, seeds, grid)
+    init, upcycled = (None, None)
+    if upcycle_from and any(j["cfg"].moe_layer_ids() for j in jobs):
+        init, upcycled = upcycler(upcycle_from, cfg, data, log=say)
     m = data.meta
     say(f"data: {data.source}, {m['documents']} documents ({m['val_documents']} held out), "
         f"train {len(data.train):,} tokens, val {len(data.val):,} tokens, tokenizer {data.tokenizer} "
@@ -1247,14 +1647,38 @@ def run_comparison(cfg, names, out_dir, cache_dir="data_cache"):
     epochs = cfg.max_steps * cfg.gradient_accumulation_steps * cfg.batch_size * rt.world * cfg.max_seq_len / len(data.train)
     if epochs > 1.5:
         say(f"note: each model will see its training tokens {epochs:.1f} times; expect train loss below val loss")
-    configs = model_configs(cfg, names)
-    for name, c in configs:
-        say(describe(name, c))
+    for j in jobs:
+        if j["seed"] == seeds[0]:
+            say(describe(j["name"], j["cfg"]))
 
-    if rt.master:
-        os.makedirs(out_dir, exist_ok=True)
+    dataset = dict(source=data.source, tokenizer=data.tokenizer, vocab_size=data.vocab_size,
+                   train_tokens=len(data.train), val_tokens=len(data.val), documents=m["documents"],
+                   val_documents=m["val_documents"], cache=data.cache_dir)
+    state_path = os.path.join(out_dir, "run.json")
+    if resume:
+        with open(state_path) as f:
+            state = json.load(f)
+        if state.get("llm_py_sha256") != CODE_SHA256:
+            say("note: llm.py changed since this run started; a resumed model is exact only with the same code")
+    else:
+        state = dict(argv=list(argv), base_config=dataclasses.asdict(cfg), models=list(names), seeds=seeds,
+                     sweep=list(sweep), upcycle_from=upcycle_from, cache_dir=cache_dir, llm_py_sha256=CODE_SHA256,
+                     jobs=[])
+    state["dataset"] = dataset
+    done = {j["id"]: j for j in state["jobs"] if j["status"] == "done"}
+    state["jobs"] = [dict(id=j["id"], name=j["name"], seed=j["seed"], point=j["point"], config=dataclasses.asdict(j["cfg"]),
+                          status="done" if j["id"] in done else "pending", row=done.get(j["id"], {}).get("row"))
+                     for j in jobs]
     metrics_path = os.path.join(out_dir, "metrics.jsonl")
     records = []
+    if resume and os.path.exists(metrics_path):
+        with open(metrics_path) as f:
+            records = [json.loads(line) for line in f if line.strip()]
+    if rt.master:
+        os.makedirs(out_dir, exist_ok=True)
+        if data.tokenizer == "bpe":  # generation needs it after the cache is gone
+            shutil.copyfile(os.path.join(data.cache_dir, "tokenizer.json"), os.path.join(out_dir, "tokenizer.json"))
+        write_run_state(out_dir, state)
 
     def log_metrics(rec):
         records.append(rec)
@@ -1262,27 +1686,288 @@ def run_comparison(cfg, names, out_dir, cache_dir="data_cache"):
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(rec) + "\n")
 
-    rows = []
-    for name, c in configs:
-        say(f"\n=== {name} ===")
-        with GPUMonitor(rt.device.index or 0) as mon:
-            row = train_model(name, c, data, rt, log_metrics)
-        gpu = mon.summary()
-        row["gpu_utilization_pct"] = gpu.get("mean_utilization_pct")
-        rows.append(row)
+    stop = StopFlag()
+    previous = signal.getsignal(signal.SIGINT)
 
-    results = dict(dataset=dict(source=data.source, tokenizer=data.tokenizer, vocab_size=data.vocab_size,
-                                train_tokens=len(data.train), val_tokens=len(data.val), documents=m["documents"],
-                                val_documents=m["val_documents"], cache=data.cache_dir),
-                   config=dataclasses.asdict(cfg), models=rows, environment=environment(rt))
+    def on_sigint(signum, frame):
+        if stop.requested:
+            raise KeyboardInterrupt
+        stop.requested = True
+        say("\ninterrupt: saving a checkpoint after this step (Ctrl-C again to abort without one)")
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, on_sigint)
+    rows = []
+    try:
+        for job, entry in zip(jobs, state["jobs"]):
+            if entry["status"] == "done":
+                say(f"\n=== {job['id']} === finished earlier: val loss {entry['row']['val_loss']:.4f}")
+                rows.append(entry["row"])
+                continue
+            ckpt_dir = os.path.join(out_dir, "ckpt", safe_name(job["id"]))
+            resume_from = None
+            if resume:
+                resume_from, ck = latest_checkpoint(ckpt_dir, log=say)
+                # metrics logged after that checkpoint will be logged again: drop them
+                keep = [r for r in records if r["model"] != job["id"] or (ck and r["step"] <= ck["step"])]
+                if len(keep) != len(records) and rt.master:
+                    atomic_write(metrics_path, "".join(json.dumps(r) + "\n" for r in keep).encode())
+                records[:] = keep
+            say(f"\n=== {job['id']} ===")
+            upcycle = init if job["cfg"].moe_layer_ids() else None
+            with GPUMonitor(rt.device.index or 0) as mon:
+                row = train_model(job["id"], job["cfg"], data, rt, log_metrics, ckpt_dir=ckpt_dir,
+                                  resume_from=resume_from, init=upcycle, stop=stop)
+            row.update(id=job["id"], name=job["name"], seed=job["seed"], point=job["point"],
+                       gpu_utilization_pct=mon.summary().get("mean_utilization_pct"),
+                       upcycled_from=upcycled if upcycle else None)
+            rows.append(row)
+            entry.update(status="done", row=row)
+            if rt.master:
+                write_run_state(out_dir, state)
+    except Interrupted as e:
+        if rt.world > 1:
+            dist.destroy_process_group()
+        say(f"checkpoint saved: {e.args[0]}\nresume with: python llm.py --resume {out_dir}")
+        raise
+    finally:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, previous)
+
+    summary, comparisons = summarize(rows)
+    results = dict(dataset=dataset, config=dataclasses.asdict(cfg), seeds=seeds, models=rows, summary=summary,
+                   comparisons=comparisons, environment=environment(rt))
     if rt.master:
         say("\n" + format_table(rows))
         atomic_write(os.path.join(out_dir, "results.json"), json.dumps(results, indent=1).encode())
         plot_curves(records, os.path.join(out_dir, "loss_curves.png"))
-        say(f"\nresults: {out_dir}/results.json, metrics.jsonl, loss_curves.png")
+        written = "results.json, metrics.jsonl, loss_curves.png"
+        if grid:
+            ranked = sorted(summary, key=lambda s: s["val_loss"])
+            atomic_write(os.path.join(out_dir, "sweep.json"),
+                         json.dumps(dict(sweep=list(sweep), grid=grid, ranked=ranked, comparisons=comparisons), indent=1).encode())
+            plot_sweep(summary, os.path.join(out_dir, "sweep.png"))
+            say("\nsweep, best first:\n" + "\n".join(
+                f"  {s['name']:<40} val loss {s['val_loss']:.4f}  active {fmt_count(s['active_params'])}  "
+                f"total {fmt_count(s['total_params'])}" for s in ranked))
+            written += ", sweep.json, sweep.png"
+        say(f"\nresults in {out_dir}: {written}")
     if rt.world > 1:
         dist.destroy_process_group()
     return results
+
+
+# ----------------------------------------------------------------------------------------------
+# Using trained models: generation, expert analysis, model size
+
+
+def load_run(run_dir):
+    try:
+        with open(os.path.join(run_dir, "run.json")) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"--run {run_dir}: not a run directory ({str(e).splitlines()[0]})")
+
+
+def load_trained(run_dir, model, device, log=print):
+    """A finished or checkpointed model of a run, by run id (moe, moe-s43) or name (first seed)."""
+    state = load_run(run_dir)
+    job = next((j for j in state["jobs"] if j["id"] == model), None) or next(
+        (j for j in state["jobs"] if j["name"] == model), None)
+    if job is None:
+        raise UsageError(f"--model {model}: not in {run_dir}; it holds {', '.join(j['id'] for j in state['jobs'])}")
+    path, _ = latest_checkpoint(os.path.join(run_dir, "ckpt", safe_name(job["id"])), log=log)
+    if path is None:
+        raise UsageError(f"--model {model}: {run_dir} has no intact checkpoint of it")
+    cfg = Config(**job["config"])
+    net = Transformer(cfg).to(device).eval()
+    load_weights(path, net)
+    return net, cfg, state, path
+
+
+def load_tokenizer(run_dir, state):
+    path = os.path.join(run_dir, "tokenizer.json")
+    if os.path.exists(path):
+        from tokenizers import Tokenizer
+        return wrap_tokenizer(tok_object=Tokenizer.from_file(path))
+    return wrap_tokenizer(name=state["dataset"]["tokenizer"])
+
+
+def sample_next(logits, temperature, top_k, top_p, generator):  # (B, V) -> (B,)
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k:
+        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        drop = cum - sorted_logits.softmax(dim=-1) >= top_p  # keep the smallest set reaching top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator)[:, 0]
+
+
+@torch.no_grad()
+def generate(model, idx, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, generator=None, use_cache=True):
+    """idx (B, T) -> (B, T + max_new_tokens). With the cache, each new token is one forward of one
+    position (the MoE layers route that token alone); without it, the whole prefix each time."""
+    cfg = model.cfg
+    B, T = idx.shape
+    if T + max_new_tokens > cfg.max_seq_len:
+        raise UsageError(f"prompt ({T} tokens) + max_new_tokens ({max_new_tokens}) exceed max_seq_len ({cfg.max_seq_len})")
+    p = next(model.parameters())
+    caches = [KVCache(B, cfg.kv_heads, T + max_new_tokens, cfg.d_model // cfg.n_heads, p.device, p.dtype)
+              for _ in model.blocks] if use_cache else None
+    logits = model(idx, caches, 0)[0][:, -1]
+    for i in range(max_new_tokens):
+        nxt = sample_next(logits, temperature, top_k, top_p, generator)
+        idx = torch.cat([idx, nxt[:, None]], dim=1)
+        if i + 1 < max_new_tokens:
+            logits = (model(nxt[:, None], caches, idx.shape[1] - 1) if use_cache else model(idx))[0][:, -1]
+    return idx
+
+
+def generate_main(argv):
+    p = Parser(prog="llm.py generate", description="Sample text from a trained model of a run.")
+    p.add_argument("--run", required=True, help="a run directory (out_dir of a comparison)")
+    p.add_argument("--model", default="moe", help="run id or model name, e.g. moe, dense, moe-s43")
+    p.add_argument("--prompt", default="", help="text to continue (empty: start from the end-of-text token)")
+    p.add_argument("--max_new_tokens", type=int, default=100)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 is greedy")
+    p.add_argument("--top_k", type=int, default=50, help="0 disables")
+    p.add_argument("--top_p", type=float, default=0.95, help="nucleus sampling; 1 disables")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--no_cache", action="store_true", help="recompute the whole prefix for each token")
+    a = p.parse_args(argv)
+    if a.max_new_tokens <= 0 or a.temperature < 0 or a.top_k < 0 or not 0 < a.top_p <= 1:
+        raise UsageError("max_new_tokens must be positive, temperature and top_k not negative, top_p in (0, 1]")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model, cfg, state, path = load_trained(a.run, a.model, device)
+    tok = load_tokenizer(a.run, state)
+    ids = tok(a.prompt, add_special_tokens=False)["input_ids"] or [tok.eos_token_id]
+    idx = torch.tensor([ids], device=device)
+    gen = torch.Generator(device=device).manual_seed(a.seed)
+    t0 = time.perf_counter()
+    out = generate(model, idx, a.max_new_tokens, a.temperature, a.top_k, a.top_p, gen, use_cache=not a.no_cache)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    dt = time.perf_counter() - t0
+    print(tok.decode(out[0].tolist(), skip_special_tokens=True))
+    print(f"\n{a.max_new_tokens} tokens in {dt:.2f}s ({a.max_new_tokens / dt:.1f} tokens/s, "
+          f"{'KV cache' if not a.no_cache else 'no cache'}, {path})", file=sys.stderr)
+    return 0
+
+
+@torch.no_grad()
+def expert_analysis(model, windows, batch_size, vocab_size, min_count=20, top=10):
+    """Per MoE layer: each expert's load and the tokens it prefers: those whose occurrences it
+    receives most often (share of the token's occurrences routed to it, tokens seen min_count times
+    or more), with the lift over the expert's average share."""
+    moes = [(i, b.ffn) for i, b in enumerate(model.blocks) if b.is_moe]
+    device = next(model.parameters()).device
+    routed = {i: torch.zeros(vocab_size, m.E, device=device) for i, m in moes}
+    seen = torch.zeros(vocab_size, device=device)
+    x_all, _ = windows
+    for i0 in range(0, len(x_all), batch_size):
+        x = x_all[i0 : i0 + batch_size].to(device)
+        for _, m in moes:
+            m.capture = []
+        model(x)
+        flat = x.flatten()
+        seen.index_add_(0, flat, torch.ones_like(flat, dtype=torch.float))
+        for i, m in moes:
+            routed[i].index_add_(0, flat, m.capture[0])
+            m.capture = None
+    layers = []
+    for i, m in moes:
+        r = routed[i]  # (V, E) copies of each token sent to each expert
+        load = r.sum(0) / r.sum()
+        avg_share = r.sum(0) / seen.sum()  # copies per token, each expert
+        frequent = seen >= min_count
+        experts = []
+        for e in range(m.E):
+            share = torch.where(frequent, r[:, e] / seen.clamp_min(1), torch.zeros_like(seen))
+            best = share.topk(min(top, int(frequent.sum()))).indices.tolist() if frequent.any() else []
+            experts.append(dict(expert=e, load=load[e].item(), tokens=[
+                dict(id=t, routed=int(r[t, e]), seen=int(seen[t]), share=share[t].item(),
+                     lift=(share[t] / avg_share[e]).item() if avg_share[e] > 0 else None) for t in best]))
+        layers.append(dict(layer=i, load=load.tolist(), experts=experts))
+    return layers
+
+
+def experts_main(argv):
+    p = Parser(prog="llm.py experts", description="Which tokens each expert prefers, on held-out text.")
+    p.add_argument("--run", required=True, help="a run directory")
+    p.add_argument("--model", default="moe", help="run id or model name")
+    p.add_argument("--max_windows", type=int, default=256, help="validation windows to route")
+    p.add_argument("--min_count", type=int, default=20, help="ignore tokens seen fewer times")
+    p.add_argument("--top", type=int, default=8, help="tokens listed per expert")
+    p.add_argument("--cache_dir", default=None, help="token cache (default: the run's)")
+    a = p.parse_args(argv)
+    if min(a.max_windows, a.min_count, a.top) <= 0:
+        raise UsageError("max_windows, min_count and top must be positive")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model, cfg, state, path = load_trained(a.run, a.model, device)
+    if not cfg.moe_layer_ids():
+        raise UsageError(f"--model {a.model}: a dense model has no experts")
+    data = prepare_data(cfg, a.cache_dir or state["cache_dir"], log=print)
+    tok = load_tokenizer(a.run, state)
+    windows = eval_windows(data.val, cfg.max_seq_len, limit=a.max_windows)
+    layers = expert_analysis(model, windows, cfg.batch_size, cfg.vocab_size, a.min_count, a.top)
+    for layer in layers:
+        print(f"layer {layer['layer']}: load " + " ".join(f"{v:.3f}" for v in layer["load"]))
+        for e in layer["experts"]:
+            for t in e["tokens"]:
+                t["text"] = tok.decode([t["id"]])
+            print(f"  expert {e['expert']} ({e['load']:.3f}): " + ", ".join(
+                f"{t['text']!r} {t['routed']}/{t['seen']}" for t in e["tokens"]))
+    out = dict(run=a.run, model=a.model, checkpoint=path, windows=len(windows[0]), min_count=a.min_count, layers=layers)
+    atomic_write(os.path.join(a.run, "experts.json"), json.dumps(out, indent=1).encode())
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(1 + 0.5 * cfg.num_experts, 1 + 0.5 * len(layers)))
+    im = ax.imshow(np.array([l["load"] for l in layers]), aspect="auto", cmap="viridis")
+    ax.set_xlabel("expert")
+    ax.set_ylabel("MoE layer")
+    ax.set_yticks(range(len(layers)), [str(l["layer"]) for l in layers])
+    fig.colorbar(im, label="share of token copies")
+    fig.tight_layout()
+    save_figure(fig, os.path.join(a.run, "experts_heatmap.png"))
+    plt.close(fig)
+    print(f"\nwrote {a.run}/experts.json and experts_heatmap.png")
+    return 0
+
+
+def model_size(cfg):
+    """Parameters, FLOPs and training memory of a config, without building the model: fp32 weights
+    and gradients, Muon's one momentum buffer per hidden matrix, AdamW's two moments per other
+    parameter (embedding, norms, routers). Activations are not included."""
+    c = count_params(cfg)
+    n_moe = len(cfg.moe_layer_ids())
+    adamw = cfg.vocab_size * cfg.d_model + (2 * cfg.n_layers + 1) * cfg.d_model + n_moe * cfg.d_model * cfg.num_experts
+    muon = c["total"] - adamw
+    return dict(c, muon_params=muon, adamw_params=adamw, weight_bytes=4 * c["total"], grad_bytes=4 * c["total"],
+                optimizer_bytes=4 * muon + 8 * adamw)
+
+
+def size_main(argv):
+    p = build_parser(prog="llm.py size", description="Parameters, FLOPs per token and training memory of a "
+                     "config, computed without building the model.", harness=False)
+    a = p.parse_args(argv)
+    cfg = config_from_args(a)
+    if not cfg.vocab_size:
+        cfg = dataclasses.replace(cfg, vocab_size=49152)
+        print("vocab_size 49152 assumed (the SmolLM tokenizer's); set --vocab_size for another")
+    s = model_size(cfg)
+    print(describe("model", cfg))
+    for k in ("total", "active", "non_embedding", "active_non_embedding", "expert", "muon_params", "adamw_params"):
+        print(f"  {k:<22} {s[k]:>14,}")
+    print(f"  {'flops_per_token':<22} {s['flops_per_token']:>14,}")
+    for k in ("weight_bytes", "grad_bytes", "optimizer_bytes"):
+        print(f"  {k:<22} {s[k] / 2**20:>12,.1f} MiB")
+    total = s["weight_bytes"] + s["grad_bytes"] + s["optimizer_bytes"]
+    print(f"  {'training state':<22} {total / 2**20:>12,.1f} MiB (fp32, without activations)")
+    return 0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1305,24 +1990,25 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def parse_bool(s):
-    if s.lower() in ("1", "true", "yes", "on"):
-        return True
-    if s.lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
-
-
-def build_parser():
+def build_parser(prog="llm.py", description=None, harness=True):
     presets = "; ".join(f"{k}: {', '.join(f'{n}={v}' for n, v in o.items()) or 'the dataclass defaults'}"
                         for k, o in PRESETS.items())
-    p = Parser(prog="llm.py", description=__doc__.split("\n\n")[0], allow_abbrev=False,
+    p = Parser(prog=prog, description=description or __doc__.split("\n\n")[0], allow_abbrev=False,
                formatter_class=argparse.RawDescriptionHelpFormatter,
-               epilog=f"presets: {presets}\n\n{STATS_HELP}")
+               epilog="\n".join(textwrap.wrap(f"presets: {presets}", 100)) + (f"\n\n{STATS_HELP}" if harness else ""))
     p.add_argument("--preset", choices=sorted(PRESETS), help="named overrides; default: seed with CUDA, cpu without")
-    p.add_argument("--models", default=",".join(MODELS), help=f"comma-separated subset of {', '.join(MODELS)}, in run order")
-    p.add_argument("--out_dir", default=None, help="where results go; default runs/<timestamp>")
-    p.add_argument("--cache_dir", default="data_cache", help="token cache")
+    if harness:
+        p.add_argument("--models", default=",".join(MODELS), help=f"comma-separated subset of {', '.join(MODELS)}, in run order")
+        p.add_argument("--out_dir", default=None, help="where results go; default runs/<timestamp>")
+        p.add_argument("--cache_dir", default="data_cache", help="token cache")
+        p.add_argument("--seeds", default=None, help="comma-separated seeds: every model once per seed, "
+                       "mean +- std and Welch tests in the table (the data split stays that of --seed)")
+        p.add_argument("--sweep", nargs="+", default=[], metavar="FIELD=V1,V2",
+                       help="a grid of MoE configs, each against the same baselines")
+        p.add_argument("--upcycle_from", default=None, metavar="RUN_DIR",
+                       help="start the MoE from the trained dense model of RUN_DIR (sparse upcycling)")
+        p.add_argument("--resume", default=None, metavar="RUN_DIR",
+                       help="continue an interrupted comparison (no other options)")
     g = p.add_argument_group("config fields (defaults: the dataclass, before the preset)")
     defaults = Config()
     # the comment beside each field in Config is its help text: one place to document a knob
@@ -1334,34 +2020,77 @@ def build_parser():
     return p
 
 
-def parse_config(argv):
-    """argv -> (Config, model names, options); raises UsageError for anything wrong."""
-    args = build_parser().parse_args(argv)
+def config_from_args(args):
+    """The preset (seed with CUDA, cpu without), then the fields given on the command line."""
     preset = args.preset or ("seed" if torch.cuda.is_available() else "cpu")
     cfg = Config(**PRESETS[preset])
     overrides = {f.name: getattr(args, f.name) for f in fields(Config) if getattr(args, f.name) is not None}
-    cfg = dataclasses.replace(cfg, **overrides).validate()
+    return dataclasses.replace(cfg, **overrides).validate()
+
+
+def parse_config(argv):
+    """argv -> (Config, model names, preset, parsed args); raises UsageError for anything wrong."""
+    args = build_parser().parse_args(argv)
+    preset = args.preset or ("seed" if torch.cuda.is_available() else "cpu")
+    cfg = config_from_args(args)
     names = [n.strip() for n in args.models.split(",") if n.strip()]
     unknown = [n for n in names if n not in MODELS]
     if unknown or not names:
         raise UsageError(f"--models: unknown model {', '.join(unknown) or '(none given)'}; choose from {', '.join(MODELS)}")
-    if "moe" in names or "dense-matched" in names:
-        if not cfg.moe_layer_ids():
-            raise UsageError("moe_layers is none: the moe and dense-matched models need MoE layers")
+    if len(set(names)) != len(names):
+        raise UsageError(f"--models: a model is named twice in {args.models!r}")
+    if ("moe" in names or "dense-matched" in names) and not cfg.moe_layer_ids():
+        raise UsageError("moe_layers is none: the moe and dense-matched models need MoE layers")
+    try:
+        args.seeds = [int(s) for s in args.seeds.split(",") if s.strip()] if args.seeds else [cfg.seed]
+    except ValueError:
+        raise UsageError(f"--seeds: expected comma-separated integers, got {args.seeds!r}")
+    if len(set(args.seeds)) != len(args.seeds) or not args.seeds:
+        raise UsageError("--seeds: expected distinct seeds")
+    if args.sweep:
+        if "moe" not in names:
+            raise UsageError("--sweep varies the moe model: include moe in --models")
+        for point in parse_sweep(args.sweep):
+            dataclasses.replace(cfg, **point).validate()
+    if args.upcycle_from and not os.path.isdir(args.upcycle_from):
+        raise UsageError(f"--upcycle_from {args.upcycle_from}: no such directory")
     return cfg, names, preset, args
 
 
+SUBCOMMANDS = {"generate": generate_main, "experts": experts_main, "size": size_main}
+
+
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        cfg, names, preset, args = parse_config(sys.argv[1:] if argv is None else argv)
+        if argv and argv[0] in SUBCOMMANDS:
+            return SUBCOMMANDS[argv[0]](argv[1:])
+        if argv and argv[0] == "--resume":
+            if len(argv) != 2:
+                raise UsageError("--resume RUN_DIR takes no other options: the run keeps its own")
+            state = load_run(argv[1])
+            base = {k: v for k, v in state["base_config"].items() if k in {f.name for f in fields(Config)}}
+            cfg = Config(**base).validate()
+            return run_comparison(cfg, state["models"], argv[1], state["cache_dir"], state["seeds"], state["sweep"],
+                                  state["upcycle_from"], resume=True, argv=state["argv"]) and 0
+        cfg, names, preset, args = parse_config(argv)
+        if args.resume:
+            raise UsageError("--resume RUN_DIR takes no other options: the run keeps its own")
         if args.preset is None and preset == "cpu":
             print("preset cpu: no CUDA device, so a reduced comparison (a few minutes on 2 cores); "
                   "the full experiment is --preset seed")
         out_dir = args.out_dir or os.path.join("runs", datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
-        run_comparison(cfg, names, out_dir, args.cache_dir)
+        if os.path.exists(os.path.join(out_dir, "run.json")):
+            raise UsageError(f"--out_dir {out_dir} holds a run already; continue it with --resume {out_dir}")
+        run_comparison(cfg, names, out_dir, args.cache_dir, args.seeds, args.sweep, args.upcycle_from, argv=argv)
     except UsageError as e:
         print(f"llm.py: error: {e}", file=sys.stderr)
         return 2
+    except TrainingError as e:
+        print(f"llm.py: {e}", file=sys.stderr)
+        return 1
+    except Interrupted:
+        return 130
     return 0
 
 
