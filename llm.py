@@ -10,9 +10,15 @@ the MoE's active compute.
     python llm.py --preset smoke           # a few seconds per model; what the tests run
     python llm.py --models moe,dense-matched --num_experts 16 --expert_top_k 2
     torchrun --nproc_per_node 8 llm.py     # DistributedDataParallel, one data shard per rank
+    python llm.py --resume runs/<timestamp>                       # continue an interrupted comparison
+    python llm.py --seeds 42,43,44                                # mean +- std and Welch tests
+    python llm.py --models moe --sweep num_experts=4,8,16 expert_top_k=1,2
+    python llm.py generate --run runs/<timestamp> --model moe --prompt "ROMEO:"
+    python llm.py experts --run runs/<timestamp>                  # what each expert prefers
+    python llm.py size --preset seed                              # params, FLOPs, memory of a config
 
 Every field of Config is a flag (`--d_model 512`); `python llm.py --help` lists them. Results go
-to runs/<timestamp>/: results.json, metrics.jsonl and loss_curves.png.
+to runs/<timestamp>/: results.json, metrics.jsonl, loss_curves.png, checkpoints in ckpt/.
 """
 
 import argparse
@@ -36,7 +42,6 @@ import textwrap
 import threading
 import time
 from dataclasses import dataclass, field, fields
-from typing import Optional
 
 import numpy as np
 import torch

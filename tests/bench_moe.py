@@ -28,6 +28,7 @@ The last line printed is one line of JSON with every number.
 
 import argparse
 import datetime
+import inspect
 import json
 import math
 import os
@@ -57,6 +58,7 @@ except Exception as e:  # noqa: BLE001  (an old or missing transformers: the HF 
     HF_VERSION, HF_MISSING = getattr(sys.modules.get("transformers"), "__version__", "not installed"), f"{type(e).__name__}: {e}"
 
 HF_IMPLS = ("eager", "batched_mm", "grouped_mm")
+DEVICE_SKIP = "ok" in inspect.signature(llm.Muon.step).parameters  # llm.train_model's sync-free step skipping
 INIT_STD = 0.02
 CHECK_TOKENS = 64  # tokens per sequence in the correctness checks
 
@@ -416,13 +418,8 @@ def layer_section(args, device, dtype, amp, log):
     torch.manual_seed(0)
     x = torch.randn(B, T, D, device=device, requires_grad=True)  # unit RMS, like the normed residual stream
     g = torch.randn(B, T, D, device=device)
-    compiled = {}
-
     def compile_(module, fullgraph):
-        if not args.compile:
-            return module
-        compiled[id(module)] = True
-        return torch.compile(module, fullgraph=fullgraph)
+        return torch.compile(module, fullgraph=fullgraph) if args.compile else module
 
     cands = []
 
@@ -514,10 +511,18 @@ def train_section(args, device, dtype, amp, log):
                     ce = F.cross_entropy(logits.float().flatten(0, 1), tgt.flatten())
                     loss = ce + lb_weight * lb + cfg.z_loss_weight * z
                 loss.backward()
-                if cfg.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                for o in optimizers:
-                    o.step()
+                # as llm.train_model (bf16/fp32): the clipped norm doubles as the finiteness check, and a
+                # non-finite step is skipped on the device (Muon's ok, fused AdamW's found_inf)
+                norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+                muon, adamw = optimizers
+                if DEVICE_SKIP:
+                    ok = torch.isfinite(norm)
+                    muon.step(ok=ok)
+                    adamw.found_inf = (~ok).float()
+                    adamw.step()
+                else:  # an llm.py whose Muon cannot skip on the device
+                    muon.step()
+                    adamw.step()
                 for o in optimizers:
                     o.zero_grad(set_to_none=True)
             c.step = step
@@ -528,7 +533,8 @@ def train_section(args, device, dtype, amp, log):
     log(f"training step: batch {B} x {T}, vocab {base.vocab_size}, d_model {base.d_model}, {base.n_layers} layers, "
         f"MoE layers {m['moe_layers']} ({base.num_experts} experts of d_ff {base.d_ff}, top-{base.expert_top_k}); "
         f"dense-matched d_ff {info['dense-matched']['d_ff']}; active params {m['active_params']:,} vs "
-        f"{info['dense-matched']['active_params']:,}; forward+backward+clip+Muon+AdamW")
+        f"{info['dense-matched']['active_params']:,}; forward+backward+clip+Muon+AdamW as llm.train_model"
+        + ("" if DEVICE_SKIP else " (no on-device step skipping in this llm.py)"))
     log("timing the training steps ...")
     measure(cands, args, device, log)
     dense = cands[1]
@@ -563,7 +569,7 @@ def table(title, cands, ratio_name, log):
 def targets(layer, train, correct):
     """The targets as checks, computed from the measured ratios (None: cannot be computed)."""
     by = {c.key: c for c in layer + train}
-    ours, dense = by["ours"], by["dense_ffn"]
+    ours = by["ours"]
     hf = [c for c in layer if c.key.startswith("hf_") and c.ok]
     fastest = min(hf, key=lambda c: c.ms) if hf else None
     out = []
@@ -607,8 +613,8 @@ def main(argv=None):
     args.dtype = args.dtype or ("bf16" if args.device == "cuda" else "fp32")
     if args.device == "cuda" and args.dtype == "bf16" and not torch.cuda.is_bf16_supported():
         p.error("--dtype bf16: this GPU does not support bf16")
-    args.repeats = args.repeats or (7 if args.device == "cuda" else 5)
-    args.iters = args.iters or (20 if args.device == "cuda" else 5)
+    args.repeats = (7 if args.device == "cuda" else 5) if args.repeats is None else args.repeats
+    args.iters = (20 if args.device == "cuda" else 5) if args.iters is None else args.iters
     for name in ("repeats", "iters", "warmup"):
         if getattr(args, name) < 1:
             p.error(f"--{name} must be at least 1")

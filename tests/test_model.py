@@ -6,7 +6,6 @@ import math
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 import llm
 
@@ -282,3 +281,17 @@ def test_training_lowers_the_held_out_loss():
     assert result["val_loss"] < math.log(64) - 0.5
     assert evals[-1]["val_loss"] < evals[0]["val_loss"] + 1e-6
     assert all(r["lb_loss"] >= 0.99 for r in records if r["kind"] == "train")
+
+
+def test_whole_model_compiles_as_one_graph_under_bf16_autocast_without_recompiling():
+    """What torch.compile meets on CUDA: autocast to bf16, a new token split every step."""
+    torch._dynamo.reset()
+    model = llm.Transformer(tiny(vocab_size=64, moe_layers="alternate", n_layers=2)).train()
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for seed in range(3):
+            torch.manual_seed(seed)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                logits, lb, z = compiled(torch.randint(0, 64, (2, 16)))
+            (logits.float().mean() + lb + z).backward()
+    assert all(p.grad is not None for p in model.parameters())
