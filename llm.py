@@ -1195,6 +1195,8 @@ def train_model(name, cfg, data, rt, log_metrics=lambda rec: None, ckpt_dir=None
         restore_checkpoint(resume_from, core, optimizers, schedulers, scaler)
         with open(os.path.join(resume_from, "state.json")) as f:
             prog.update(json.load(f)["progress"])
+        if prog.get("row"):  # its final checkpoint: the model had finished, only run.json missed it
+            return prog["row"]
         if rt.master:
             print(f"{name}: resumed from {resume_from} (step {prog['step']})")
     running = torch.tensor(prog["running"], device=rt.device)  # ce, lb, z summed since the last log
@@ -1328,12 +1330,11 @@ def train_model(name, cfg, data, rt, log_metrics=lambda rec: None, ckpt_dir=None
     t0 = time.perf_counter()
     final = evaluate_now(done, final=True)
     t_eval += time.perf_counter() - t0
-    checkpoint(done)
     wall = prog["wall_s"] + time.perf_counter() - t_start  # all segments of a resumed run
     t_eval_all = prog["eval_s"] + t_eval
     steps_timed = done - 1 - start
     tps = steps_timed * tokens_per_step / (time.perf_counter() - t_first - t_eval) if steps_timed > 0 else float("nan")
-    return dict(name=name, total_params=counts["total"], active_params=counts["active"],
+    row = dict(name=name, total_params=counts["total"], active_params=counts["active"],
                 non_embedding_params=counts["non_embedding"], flops_per_token=counts["flops_per_token"],
                 val_loss=final["val_loss"], val_accuracy=final["val_accuracy"],
                 val_perplexity=final["val_perplexity"], train_loss=final["train_loss"],
@@ -1344,6 +1345,9 @@ def train_model(name, cfg, data, rt, log_metrics=lambda rec: None, ckpt_dir=None
                 tokens_per_s=tps, train_time_s=wall - t_eval_all, wall_time_s=wall,
                 peak_memory_bytes=torch.cuda.max_memory_allocated(rt.device) if rt.device.type == "cuda" else None,
                 config=dataclasses.asdict(cfg), config_moe_layer_ids=cfg.moe_layer_ids())
+    prog["row"] = row  # the final checkpoint carries the result, so a resume never re-evaluates
+    checkpoint(done)
+    return row
 
 
 
@@ -1577,8 +1581,9 @@ def environment(rt):
                 date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
 
 
-def upcycler(run_dir, cfg, data, log=print):
-    """Sparse upcycling: a function that copies a trained dense model of run_dir into a fresh MoE
+def upcycler(run_dir, data, log=print):
+    """Sparse upcycling from the trained dense model of run_dir: returns make_init(cfg), which checks
+    that a MoE config fits that model and gives the function that copies it into a fresh MoE
     model: shared weights as they are, each dense FFN into every expert of its layer, and a
     small-init router so the experts start equal and specialise as they train."""
     try:
@@ -1590,32 +1595,35 @@ def upcycler(run_dir, cfg, data, log=print):
     if job is None or job["status"] != "done":
         raise UsageError(f"--upcycle_from {run_dir}: it holds no finished dense model")
     dense_cfg = Config(**job["config"])
-    same = ("d_model", "n_heads", "n_kv_heads", "n_layers", "ffn", "vocab_size")
-    bad = [k for k in same if getattr(dense_cfg, k) != getattr(cfg, k)]
-    if (cfg.expert_d_ff or cfg.d_ff) != dense_cfg.d_ff:
-        bad.append("expert width (expert_d_ff or d_ff) vs the dense d_ff")
-    if src["dataset"]["cache"] != data.cache_dir:
-        bad.append("data and tokenizer")
-    if bad:
-        raise UsageError(f"--upcycle_from {run_dir}: its dense model differs in {', '.join(bad)}")
     path, _ = latest_checkpoint(os.path.join(run_dir, "ckpt", safe_name(job["id"])), log=log)
     if path is None:
         raise UsageError(f"--upcycle_from {run_dir}: no intact checkpoint of its dense model")
     from safetensors.torch import load_file
     dense = load_file(os.path.join(path, "model.safetensors"))
 
-    @torch.no_grad()
-    def init(model):
-        for name, p in model.state_dict().items():
-            if name in dense and dense[name].shape == p.shape:
-                p.copy_(dense[name])
-        for i in cfg.moe_layer_ids():
-            moe = model.blocks[i].ffn
-            moe.w_up.copy_(dense[f"blocks.{i}.ffn.up.weight"].expand_as(moe.w_up))
-            moe.w_down.copy_(dense[f"blocks.{i}.ffn.down.weight"].expand_as(moe.w_down))
-            nn.init.normal_(moe.router.weight, std=1e-3)
-    log(f"moe: upcycled from the dense model in {path}")
-    return init, path
+    def make_init(cfg):
+        same = ("d_model", "n_heads", "n_kv_heads", "n_layers", "ffn", "vocab_size")
+        bad = [k for k in same if getattr(dense_cfg, k) != getattr(cfg, k)]
+        if (cfg.expert_d_ff or cfg.d_ff) != dense_cfg.d_ff:
+            bad.append("expert width (expert_d_ff or d_ff) vs the dense d_ff")
+        if src["dataset"]["cache"] != data.cache_dir:
+            bad.append("data and tokenizer")
+        if bad:
+            raise UsageError(f"--upcycle_from {run_dir}: its dense model differs in {', '.join(bad)}")
+
+        @torch.no_grad()
+        def init(model):
+            for name, p in model.state_dict().items():
+                if name in dense and dense[name].shape == p.shape:
+                    p.copy_(dense[name])
+            for i in cfg.moe_layer_ids():
+                moe = model.blocks[i].ffn
+                moe.w_up.copy_(dense[f"blocks.{i}.ffn.up.weight"].expand_as(moe.w_up))
+                moe.w_down.copy_(dense[f"blocks.{i}.ffn.down.weight"].expand_as(moe.w_down))
+                nn.init.normal_(moe.router.weight, std=1e-3)
+        return init
+
+    return make_init, path
 
 
 def write_run_state(out_dir, state):
@@ -1640,9 +1648,11 @@ def run_comparison(cfg, names, out_dir, cache_dir="data_cache", seeds=None, swee
     if cfg.vocab_size < data.vocab_size:
         raise UsageError(f"vocab_size ({cfg.vocab_size}) is smaller than the tokenizer's ({data.vocab_size})")
     jobs = plan_jobs(cfg, names, seeds, grid)
-    init, upcycled = (None, None)
+    inits, upcycled = {}, None  # job id -> the function that upcycles its fresh MoE model
     if upcycle_from and any(j["cfg"].moe_layer_ids() for j in jobs):
-        init, upcycled = upcycler(upcycle_from, cfg, data, log=say)
+        make_init, upcycled = upcycler(upcycle_from, data, log=say)
+        inits = {j["id"]: make_init(j["cfg"]) for j in jobs if j["cfg"].moe_layer_ids()}  # all checked up front
+        say(f"moe: upcycled from the dense model in {upcycled}")
     m = data.meta
     say(f"data: {data.source}, {m['documents']} documents ({m['val_documents']} held out), "
         f"train {len(data.train):,} tokens, val {len(data.val):,} tokens, tokenizer {data.tokenizer} "
@@ -1719,7 +1729,7 @@ def run_comparison(cfg, names, out_dir, cache_dir="data_cache", seeds=None, swee
                     atomic_write(metrics_path, "".join(json.dumps(r) + "\n" for r in keep).encode())
                 records[:] = keep
             say(f"\n=== {job['id']} ===")
-            upcycle = init if job["cfg"].moe_layer_ids() else None
+            upcycle = inits.get(job["id"])
             with GPUMonitor(rt.device.index or 0) as mon:
                 row = train_model(job["id"], job["cfg"], data, rt, log_metrics, ckpt_dir=ckpt_dir,
                                   resume_from=resume_from, init=upcycle, stop=stop)
@@ -1816,7 +1826,9 @@ def sample_next(logits, temperature, top_k, top_p, generator):  # (B, V) -> (B,)
 @torch.no_grad()
 def generate(model, idx, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, generator=None, use_cache=True):
     """idx (B, T) -> (B, T + max_new_tokens). With the cache, each new token is one forward of one
-    position (the MoE layers route that token alone); without it, the whole prefix each time."""
+    position (the MoE layers route that token alone); without it, the whole prefix each time. The
+    two agree exactly for token-choice routing; capacity routing (switch, expert choice) decides
+    by the whole batch, so there the cached decode routes each token as if it came alone."""
     cfg = model.cfg
     B, T = idx.shape
     if T + max_new_tokens > cfg.max_seq_len:

@@ -1,0 +1,651 @@
+"""The research workflow around a comparison: checkpoints and exact resume (SIGKILL, Ctrl-C, damaged
+files), non-finite steps, patience, seeds with Welch statistics, sweeps, upcycling, and the
+generate / experts / size subcommands.
+
+Everything runs offline on CPU on the `corpus_dir` fixture with the smoke preset and a handful of
+steps. One token cache and one finished run are shared by the module; every other run writes under
+tmp_path. Real processes are used only where a signal must reach one (SIGKILL, SIGINT).
+"""
+
+import dataclasses
+import glob
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import llm
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PNG = b"\x89PNG\r\n\x1a\n"
+PROCESS_TIMEOUT = 240  # seconds; generous, the machine may be shared
+
+
+def run_main(argv):
+    try:
+        return llm.main([str(a) for a in argv])
+    except SystemExit as e:  # argparse's own errors
+        return e.code
+
+
+def quiet(*args, **kwargs):
+    pass
+
+
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def read_metrics(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def error_lines(err):
+    """The lines of stderr that are not progress bars or the GPU monitor's notice."""
+    lines = [l.strip() for l in err.replace("\r", "\n").splitlines()]
+    return [l for l in lines if l.startswith("llm.py")]
+
+
+def tiny(**kw):
+    base = dict(d_model=32, n_heads=4, n_layers=2, d_ff=48, max_seq_len=32, vocab_size=64, num_experts=4,
+                expert_top_k=2, moe_layers="all", dropout=0.0, noise_std=0.0)
+    base.update(kw)
+    return llm.Config(**base).validate()
+
+
+def synthetic_data(n_train=6000, n_val=800, vocab=64, seed=0):
+    """As in test_model.py: a learnable stream, each token mostly following from the previous one."""
+    rng = np.random.default_rng(seed)
+
+    def stream(n):
+        out = [0]
+        for _ in range(n - 1):
+            out.append((out[-1] * 7 + 3) % vocab if rng.random() < 0.8 else int(rng.integers(vocab)))
+        return np.array(out, dtype=np.uint16)
+
+    return llm.Data(train=stream(n_train), val=stream(n_val), vocab_size=vocab, source="synthetic", tokenizer="none")
+
+
+def cpu_runtime():
+    return llm.Runtime(device=torch.device("cpu"), dtype=torch.float32, compile=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# Shared fixtures: one token cache, one finished smoke run (dense and moe)
+
+
+@pytest.fixture(scope="module")
+def data_glob(corpus_dir):
+    return str(corpus_dir / "*.txt")
+
+
+@pytest.fixture(scope="module")
+def cache_root(data_glob, tmp_path_factory):
+    """The corpus tokenized once, before any process could race to build it."""
+    root = str(tmp_path_factory.mktemp("workflow-cache"))
+    cfg, *_ = llm.parse_config(["--preset", "smoke", "--data", data_glob])
+    llm.prepare_data(cfg, root, log=quiet)
+    return root
+
+
+@pytest.fixture(scope="module")
+def smoke(data_glob, cache_root):
+    """The arguments every harness run here starts with."""
+    return ["--preset", "smoke", "--data", data_glob, "--cache_dir", cache_root]
+
+
+@pytest.fixture(scope="module")
+def finished_run(smoke, tmp_path_factory):
+    """A finished smoke comparison of dense and moe (read-only for the tests, except the files
+    `experts` adds)."""
+    out = str(tmp_path_factory.mktemp("finished") / "run")
+    assert run_main(smoke + ["--models", "dense,moe", "--max_steps", 10, "--eval_every", 10, "--out_dir", out]) == 0
+    return out
+
+
+def smoke_process(args, out_dir, log_dir, name):
+    """llm.py in a real process, its output going to files (a full pipe would stall it)."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    stdout = open(os.path.join(log_dir, f"{name}.out"), "w")
+    stderr = open(os.path.join(log_dir, f"{name}.err"), "w")
+    proc = subprocess.Popen([sys.executable, "llm.py"] + [str(a) for a in args] + ["--out_dir", out_dir], cwd=ROOT,
+                            stdout=stdout, stderr=stderr, env=env)
+    proc.logs = (stdout, stderr)
+    return proc
+
+
+def logs_of(proc):
+    for f in proc.logs:
+        f.close()
+    return tuple(open(f.name).read() for f in proc.logs)
+
+
+def wait_for_files(pattern, proc, timeout=PROCESS_TIMEOUT):
+    """Poll every 0.05 s until `pattern` matches a file, while the process still runs."""
+    deadline = time.monotonic() + timeout
+    while not glob.glob(pattern):
+        if proc.poll() is not None:
+            out, err = logs_of(proc)
+            pytest.fail(f"the process ended (status {proc.returncode}) before {pattern} appeared:\n{out[-3000:]}\n{err[-3000:]}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            proc.wait()
+            pytest.fail(f"no {pattern} within {timeout} s")
+        time.sleep(0.05)
+
+
+# ----------------------------------------------------------------------------------------------
+# 1-3. Checkpoints: exact resume after SIGKILL, Ctrl-C, damaged files
+
+
+def test_resume_after_sigkill_equals_an_uninterrupted_run(smoke, tmp_path):
+    args = smoke + ["--models", "dense,moe", "--max_steps", 200, "--ckpt_every", 10, "--eval_every", 50]
+    a, b = str(tmp_path / "A"), str(tmp_path / "B")
+    proc = smoke_process(args, a, str(tmp_path), "killed")
+    wait_for_files(os.path.join(a, "ckpt", "moe", "step-*"), proc)  # dense done, moe part-way
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    logs_of(proc)
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    assert not os.path.exists(os.path.join(a, "results.json"))
+
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    resumed = subprocess.run([sys.executable, "llm.py", "--resume", a], cwd=ROOT, capture_output=True, text=True,
+                             env=env, timeout=PROCESS_TIMEOUT)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert "=== dense === finished earlier" in resumed.stdout
+    assert "dense step" not in resumed.stdout  # the finished model was neither trained nor evaluated again
+    assert "moe: resumed from " in resumed.stdout and "(step 0)" not in resumed.stdout
+
+    assert run_main(args + ["--out_dir", b]) == 0  # the same comparison, uninterrupted
+    ra, rb = read_json(os.path.join(a, "results.json")), read_json(os.path.join(b, "results.json"))
+    assert [m["name"] for m in ra["models"]] == [m["name"] for m in rb["models"]] == ["dense", "moe"]
+    for ma, mb in zip(ra["models"], rb["models"]):
+        assert ma["val_loss"] == mb["val_loss"], ma["name"]
+        assert ma["train_loss"] == mb["train_loss"], ma["name"]
+        assert ma["steps"] == mb["steps"] == 200
+
+    ka, kb = read_metrics(a), read_metrics(b)
+    keys = [(r["model"], r["kind"], r["step"]) for r in ka]
+    assert len(keys) == len(set(keys)), "a record was logged twice across the resume"
+    assert keys == [(r["model"], r["kind"], r["step"]) for r in kb]
+    loss = lambda r: r["loss"] if r["kind"] == "train" else r["val_loss"]
+    assert [loss(r) for r in ka] == [loss(r) for r in kb]  # every logged loss, before and after the resume
+
+
+def test_ctrl_c_saves_a_checkpoint_prints_the_resume_command_and_exits_130(smoke, tmp_path):
+    out = str(tmp_path / "run")
+    proc = smoke_process(smoke + ["--models", "dense", "--max_steps", 400, "--ckpt_every", 10, "--eval_every", 100],
+                         out, str(tmp_path), "interrupted")
+    wait_for_files(os.path.join(out, "ckpt", "dense", "step-*"), proc)
+    proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=120)
+    stdout, stderr = logs_of(proc)
+    assert proc.returncode == 130, stdout[-2000:] + stderr[-2000:]
+    assert f"resume with: python llm.py --resume {out}" in stdout
+    assert "Traceback" not in stderr
+    saved = stdout.split("checkpoint saved: ")[1].splitlines()[0]
+    assert os.path.dirname(saved) == os.path.join(out, "ckpt", "dense")
+    assert llm.verify_checkpoint(saved) is None
+    state = read_json(os.path.join(saved, "state.json"))
+    assert 0 < state["step"] < 400
+    assert not os.path.exists(os.path.join(out, "results.json"))
+
+
+def test_a_damaged_checkpoint_is_refused_with_a_message_and_the_previous_one_is_used(tmp_path):
+    from safetensors.torch import load_file
+    data, ckpt = synthetic_data(), str(tmp_path / "ckpt")
+    cfg = tiny(max_steps=6, ckpt_every=2, eval_every=6, eval_batches=2, batch_size=4, log_every=2)
+    whole = llm.train_model("m", cfg, data, cpu_runtime(), ckpt_dir=ckpt)  # checkpoints at 2, 4 and 6
+    assert sorted(os.listdir(ckpt)) == ["step-0000004", "step-0000006"]  # the two newest, no temporary left
+
+    # the files need no pickle: safetensors for the weights, torch.load(weights_only=True) for the rest
+    newest, previous = (os.path.join(ckpt, d) for d in ("step-0000006", "step-0000004"))
+    weights = load_file(os.path.join(newest, "model.safetensors"))
+    assert set(weights) == set(llm.Transformer(cfg).state_dict())
+    optim = torch.load(os.path.join(newest, "optim.pt"), map_location="cpu", weights_only=True)
+    assert set(optim) >= {"optimizers", "schedulers", "rng"} and len(optim["optimizers"]) == 2
+
+    path = os.path.join(newest, "model.safetensors")
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)
+    messages = []
+    found, state = llm.latest_checkpoint(ckpt, log=messages.append)
+    assert found == previous and state["step"] == 4
+    assert len(messages) == 1 and "damaged" in messages[0] and "step-0000006" in messages[0]
+
+    # the previous checkpoint continues the run exactly
+    again = llm.train_model("m", cfg, data, cpu_runtime(), resume_from=found)
+    assert again["val_loss"] == whole["val_loss"] and again["train_loss"] == whole["train_loss"]
+
+    # a flipped byte (same size) is caught by the checksum: nothing intact is left
+    path = os.path.join(previous, "optim.pt")
+    raw = bytearray(open(path, "rb").read())
+    raw[len(raw) // 2] ^= 0xFF
+    open(path, "wb").write(bytes(raw))
+    messages = []
+    assert llm.latest_checkpoint(ckpt, log=messages.append) == (None, None)
+    assert len(messages) == 2 and all("damaged" in m for m in messages)
+
+
+# ----------------------------------------------------------------------------------------------
+# 4-6. Using trained models: KV cache, generate, experts
+
+
+KV_CONFIGS = {
+    "dense": dict(moe_layers="none"),
+    "moe": dict(),
+    "moe-gqa": dict(n_heads=4, n_kv_heads=2, moe_layers="alternate", n_layers=3),
+    "moe-mqa-swiglu": dict(n_kv_heads=1, ffn="swiglu", n_shared_experts=1),
+    # capacity routing drops tokens depending on the rest of the batch (documented), so decoding one
+    # token at a time equals the full forward only where nothing overflows
+    "switch-no-overflow": dict(routing="switch", capacity_factor=4.0),  # capacity = every token
+}
+
+
+@pytest.mark.parametrize("name", list(KV_CONFIGS))
+def test_kv_cache_greedy_decoding_equals_full_recomputation(name):
+    torch.manual_seed(0)
+    cfg = tiny(**KV_CONFIGS[name])
+    model = llm.Transformer(cfg).eval()
+    with torch.no_grad():  # weights large enough that attention and routing are far from uniform
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(std=0.2)
+    idx = torch.randint(0, cfg.vocab_size, (2, 24))
+
+    hd = cfg.d_model // cfg.n_heads
+    caches = [llm.KVCache(2, cfg.kv_heads, 24, hd, torch.device("cpu"), torch.float32) for _ in model.blocks]
+    with torch.no_grad():
+        full = model(idx)[0]  # (B, T, V)
+        parts = [model(idx[:, :8], caches, 0)[0], model(idx[:, 8:12], caches, 8)[0]]  # a prompt, then a chunk
+        parts += [model(idx[:, t : t + 1], caches, t)[0] for t in range(12, 24)]  # then one token at a time
+    torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=1e-5, rtol=1e-5)
+
+    for prompt in (idx[:1, :3], idx[:, :5]):
+        cached = llm.generate(model, prompt, 20, temperature=0, use_cache=True)
+        recomputed = llm.generate(model, prompt, 20, temperature=0, use_cache=False)
+        assert cached.shape == (prompt.shape[0], prompt.shape[1] + 20)
+        assert torch.equal(cached, recomputed)
+
+
+def test_generate_cli_prints_text_and_tokens_per_second(finished_run, capsys):
+    prompt = "ab cd ef"
+    argv = ["generate", "--run", finished_run, "--model", "moe", "--prompt", prompt, "--max_new_tokens", 12,
+            "--temperature", 0]
+    assert run_main(argv) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith(prompt) and len(out.strip()) > len(prompt)
+    assert "12 tokens in" in err and "tokens/s" in err and "KV cache" in err
+    assert run_main(argv) == 0  # greedy: the same text again
+    assert capsys.readouterr().out == out
+    assert run_main(argv + ["--no_cache"]) == 0  # and the same without the cache
+    out2, err2 = capsys.readouterr()
+    assert out2 == out and "no cache" in err2
+    assert run_main(["generate", "--run", finished_run, "--model", "dense", "--max_new_tokens", 4, "--temperature", 0]) == 0
+    capsys.readouterr()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "gpt5"], "--model gpt5: not in"),
+    (["--max_new_tokens", "0"], "max_new_tokens must be positive"),
+    (["--prompt", "ab " * 80, "--max_new_tokens", "8"], "exceed max_seq_len (64)"),
+])
+def test_bad_generate_arguments_exit_2_with_one_line(finished_run, args, message, capsys):
+    assert run_main(["generate", "--run", finished_run] + args) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1 and "Traceback" not in err
+
+
+def test_generate_without_a_run_directory_exits_2_with_one_line(tmp_path, capsys):
+    assert run_main(["generate", "--run", tmp_path / "nowhere"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "not a run directory" in err and len(err.splitlines()) == 1
+
+
+def test_experts_cli_writes_json_and_heatmap(finished_run, capsys):
+    assert run_main(["experts", "--run", finished_run, "--min_count", 2]) == 0
+    capsys.readouterr()
+    report = read_json(os.path.join(finished_run, "experts.json"))
+    job = next(j for j in read_json(os.path.join(finished_run, "run.json"))["jobs"] if j["name"] == "moe")
+    cfg = llm.Config(**job["config"])
+    assert [l["layer"] for l in report["layers"]] == cfg.moe_layer_ids() == [0, 1]
+    assert report["min_count"] == 2 and report["windows"] > 0
+    for layer in report["layers"]:
+        assert len(layer["load"]) == cfg.num_experts == len(layer["experts"])
+        assert sum(layer["load"]) == pytest.approx(1.0, abs=1e-5)
+        assert any(e["tokens"] for e in layer["experts"])
+        for e in layer["experts"]:
+            assert e["load"] == pytest.approx(layer["load"][e["expert"]])
+            for t in e["tokens"]:
+                assert 0 <= t["routed"] <= t["seen"] and t["seen"] >= 2
+                assert 0 <= t["share"] <= 1 and t["share"] == pytest.approx(t["routed"] / t["seen"])
+    with open(os.path.join(finished_run, "experts_heatmap.png"), "rb") as f:
+        assert f.read(8) == PNG
+
+
+def test_experts_of_a_dense_model_exit_2(finished_run, capsys):
+    assert run_main(["experts", "--run", finished_run, "--model", "dense"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "a dense model has no experts" in err and len(err.splitlines()) == 1
+
+
+# ----------------------------------------------------------------------------------------------
+# 7-8. Size calculator and Welch statistics
+
+
+SIZE_CONFIGS = {
+    "dense": dict(moe_layers="none"),
+    "moe-alternate": dict(moe_layers="alternate", n_layers=4),
+    "swiglu-shared-narrow": dict(ffn="swiglu", n_shared_experts=2, expert_d_ff=24, num_experts=6, expert_top_k=3),
+    "gqa": dict(n_kv_heads=2, moe_layers="1"),
+}
+
+
+@pytest.mark.parametrize("name", list(SIZE_CONFIGS))
+def test_size_calculator_agrees_with_the_built_model(name):
+    torch.manual_seed(0)
+    cfg = tiny(**SIZE_CONFIGS[name])
+    size = llm.model_size(cfg)
+    model = llm.Transformer(cfg)
+    muon, adamw = llm.make_optimizers(model, cfg)
+    numel = lambda opt: sum(p.numel() for g in opt.param_groups for p in g["params"])
+    assert size["total"] == sum(p.numel() for p in model.parameters())
+    assert size["muon_params"] == numel(muon) and size["adamw_params"] == numel(adamw)
+    assert size["weight_bytes"] == sum(p.numel() * p.element_size() for p in model.parameters())
+
+    logits, lb, z = model(torch.randint(0, cfg.vocab_size, (2, 16)))
+    (logits.square().mean() + lb + z).backward()
+    assert size["grad_bytes"] == sum(p.grad.numel() * p.grad.element_size() for p in model.parameters())
+    muon.step()
+    adamw.step()
+    state = sum(v.numel() * v.element_size() for opt in (muon, adamw) for st in opt.state.values()
+                for k, v in st.items() if k != "step" and torch.is_tensor(v))
+    assert size["optimizer_bytes"] == state
+
+
+def test_size_cli_prints_totals_and_rejects_a_bad_config(capsys):
+    assert run_main(["size", "--preset", "seed"]) == 0
+    out = capsys.readouterr().out
+    expected = llm.model_size(dataclasses.replace(llm.Config(), vocab_size=49152))
+    for key in ("total", "active", "muon_params", "adamw_params", "flops_per_token"):
+        line = next(l for l in out.splitlines() if l.split()[:1] == [key])
+        assert line.split()[1] == f"{expected[key]:,}"
+    assert "training state" in out and "MiB" in out
+    assert run_main(["size", "--d_model", 30, "--n_heads", 4]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "llm.py: error: d_model (30) must be divisible by n_heads (4)"
+
+
+def test_welch_statistics_match_a_hand_computation():
+    from scipy import stats
+    a, b = [3.1, 2.9, 3.4, 3.0], [2.7, 2.95, 2.6, 2.8, 2.5]
+    ma, mb = sum(a) / len(a), sum(b) / len(b)
+    va = sum((x - ma) ** 2 for x in a) / (len(a) - 1) / len(a)
+    vb = sum((x - mb) ** 2 for x in b) / (len(b) - 1) / len(b)
+    se = math.sqrt(va + vb)
+    df = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1))
+    t = (ma - mb) / se
+    half = stats.t.ppf(0.975, df) * se
+    w = llm.welch(a, b)
+    assert w["diff"] == pytest.approx(ma - mb, rel=1e-12)
+    assert w["ci95"] == pytest.approx([ma - mb - half, ma - mb + half], rel=1e-9)
+    assert w["p_value"] == pytest.approx(2 * stats.t.sf(abs(t), df), rel=1e-9)
+    assert w["n"] == [4, 5]
+    assert llm.welch(b, a)["p_value"] == pytest.approx(w["p_value"], rel=1e-9)  # two-sided
+    one = llm.welch([3.0], b)
+    assert one["ci95"] is None and one["p_value"] is None and one["diff"] == pytest.approx(3.0 - mb)
+
+
+# ----------------------------------------------------------------------------------------------
+# 9-12. Seeds, sweeps, upcycling, patience
+
+
+def test_seeds_train_every_model_per_seed_and_report_mean_std_and_welch(smoke, tmp_path, capsys):
+    out = str(tmp_path / "run")
+    assert run_main(smoke + ["--models", "dense,moe", "--seeds", "1,2", "--max_steps", 4, "--eval_every", 4,
+                             "--out_dir", out]) == 0
+    printed = capsys.readouterr().out
+    results = read_json(os.path.join(out, "results.json"))
+    rows = results["models"]
+    assert [r["id"] for r in rows] == ["dense-s1", "moe-s1", "dense-s2", "moe-s2"]
+    assert [r["seed"] for r in rows] == [1, 1, 2, 2] and results["seeds"] == [1, 2]
+    assert [r["config"]["seed"] for r in rows] == [1, 1, 2, 2]
+    assert rows[0]["val_loss"] != rows[2]["val_loss"]  # the seed changes the run
+    summary = {s["name"]: s for s in results["summary"]}
+    assert set(summary) == {"dense", "moe"}
+    for name, s in summary.items():
+        losses = [r["val_loss"] for r in rows if r["name"] == name]
+        assert s["seeds"] == [1, 2]
+        assert s["val_loss"] == pytest.approx(np.mean(losses))
+        assert s["val_loss_std"] == pytest.approx(np.std(losses, ddof=1))
+    (c,) = results["comparisons"]
+    assert (c["moe"], c["baseline"]) == ("moe", "dense")
+    assert c["diff"] == pytest.approx(summary["moe"]["val_loss"] - summary["dense"]["val_loss"])
+    assert len(c["ci95"]) == 2 and c["ci95"][0] <= c["diff"] <= c["ci95"][1] and 0 <= c["p_value"] <= 1
+    assert "+-" in printed and "Welch p" in printed and "mean +- std over seeds [1, 2]" in printed
+
+
+def test_sweep_writes_sweep_json_and_plot_and_a_sorted_summary(smoke, tmp_path, capsys):
+    out = str(tmp_path / "run")
+    assert run_main(smoke + ["--models", "dense,moe", "--sweep", "num_experts=2,4", "expert_top_k=1,2",
+                             "--max_steps", 4, "--eval_every", 4, "--out_dir", out]) == 0
+    printed = capsys.readouterr().out
+    sweep = read_json(os.path.join(out, "sweep.json"))
+    assert sweep["grid"] == [dict(num_experts=e, expert_top_k=k) for e in (2, 4) for k in (1, 2)]
+    losses = [s["val_loss"] for s in sweep["ranked"]]
+    assert losses == sorted(losses)
+    labels = {f"moe[num_experts={e},expert_top_k={k}]" for e in (2, 4) for k in (1, 2)}
+    assert {s["name"] for s in sweep["ranked"]} == labels | {"dense"}
+    rows = read_json(os.path.join(out, "results.json"))["models"]
+    assert [r["name"] for r in rows].count("dense") == 1  # the baseline is trained once
+    for r in rows:
+        if r["point"]:
+            assert {k: r["config"][k] for k in r["point"]} == r["point"]
+    assert len({r["config"]["num_experts"] for r in rows if r["point"]}) == 2
+    with open(os.path.join(out, "sweep.png"), "rb") as f:
+        assert f.read(8) == PNG
+    assert "sweep, best first:" in printed
+
+
+@pytest.mark.parametrize("sweep, message", [
+    (["nope=1"], "--sweep nope=1: expected FIELD=V1,V2"),
+    (["num_experts=x"], "--sweep num_experts=x: values must be int"),
+    (["expert_top_k=9"], "expert_top_k (9) must not exceed num_experts (4)"),
+])
+def test_a_bad_sweep_exits_2_with_one_line(smoke, tmp_path, sweep, message, capsys):
+    out = tmp_path / "run"
+    assert run_main(smoke + ["--models", "dense,moe", "--sweep"] + sweep + ["--out_dir", out]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+    assert not out.exists()
+
+
+def test_upcycled_moe_starts_as_the_dense_model(finished_run, smoke, data_glob, cache_root, tmp_path, capsys):
+    cfg, *_ = llm.parse_config(["--preset", "smoke", "--data", data_glob])
+    assert cfg.moe_layer_ids() == [0, 1] and cfg.expert_top_k == 2 and cfg.norm_topk_prob
+    data = llm.prepare_data(cfg, cache_root, log=quiet)
+    cfg = dataclasses.replace(cfg, vocab_size=data.vocab_size)
+    make_init, path = llm.upcycler(finished_run, data, log=quiet)
+    init = make_init(cfg)
+    dense, _, _, dense_path = llm.load_trained(finished_run, "dense", torch.device("cpu"), log=quiet)
+    assert path == dense_path
+
+    torch.manual_seed(123)
+    moe = llm.Transformer(cfg)
+    init(moe)
+    moe.eval()
+    x, _ = llm.eval_windows(data.val, cfg.max_seq_len, limit=3)
+    with torch.no_grad():
+        want, got = dense(x)[0], moe(x)[0]
+        fresh = llm.Transformer(cfg).eval()(x)[0]
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(fresh, want, atol=1e-2)  # the check can tell a model that is not upcycled
+
+    out = str(tmp_path / "up")
+    assert run_main(smoke + ["--models", "moe", "--upcycle_from", finished_run, "--max_steps", 4, "--eval_every", 4,
+                             "--out_dir", out]) == 0
+    (row,) = read_json(os.path.join(out, "results.json"))["models"]
+    assert row["upcycled_from"] == dense_path
+    assert "upcycled from" in capsys.readouterr().out
+
+    bad = tmp_path / "bad"
+    assert run_main(smoke + ["--models", "moe", "--upcycle_from", finished_run, "--d_model", 32, "--out_dir", bad]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "differs in d_model" in err and len(err.splitlines()) == 1
+    assert not bad.exists()
+
+
+def test_upcycling_a_sweep_upcycles_each_grid_point_by_its_own_moe_layers(finished_run, smoke, tmp_path, capsys):
+    """Each grid point is its own MoE config: the upcycling must follow the point's MoE layers, not
+    the base config's (here the base has MoE in every layer, the first point only in layer 1)."""
+    out = str(tmp_path / "up-sweep")
+    code = run_main(smoke + ["--models", "moe", "--upcycle_from", finished_run, "--sweep", "moe_layers=1,all",
+                             "--max_steps", 2, "--eval_every", 2, "--out_dir", out])
+    capsys.readouterr()
+    assert code == 0
+    rows = read_json(os.path.join(out, "results.json"))["models"]
+    assert [r["config"]["moe_layers"] for r in rows] == ["1", "all"]
+    assert all(r["upcycled_from"] for r in rows)
+
+
+def test_patience_stops_a_model_early(smoke, tmp_path, capsys):
+    out = str(tmp_path / "run")
+    # nothing can improve at learning rate 0: the second evaluation is no better than the first
+    assert run_main(smoke + ["--models", "dense", "--patience", 1, "--muon_lr", 0, "--adamw_lr", 0, "--eval_every", 2,
+                             "--max_steps", 20, "--out_dir", out]) == 0
+    printed = capsys.readouterr().out
+    (row,) = read_json(os.path.join(out, "results.json"))["models"]
+    assert row["stopped_early"] is True and row["steps"] == 4 < 20
+    evals = [r["step"] for r in read_metrics(out) if r["kind"] == "eval"]
+    assert evals == [2, 4, 4]  # two periodic evaluations, then the final one where it stopped
+    assert "dense: stopped early at step 4 (patience)" in printed
+
+
+# ----------------------------------------------------------------------------------------------
+# 13. Non-finite steps
+
+
+def nan_cross_entropy(monkeypatch, bad, on_call=lambda n: None):
+    """Make training-step losses NaN on the calls (1-based) for which bad(n) is true; evaluation
+    (no grad) is untouched. on_call(n) runs before each training call."""
+    original = llm.F.cross_entropy
+    calls = [0]
+
+    def patched(*args, **kwargs):
+        ce = original(*args, **kwargs)
+        if not torch.is_grad_enabled():
+            return ce
+        calls[0] += 1
+        on_call(calls[0])
+        return ce * float("nan") if bad(calls[0]) else ce
+
+    monkeypatch.setattr(llm.F, "cross_entropy", patched)
+    return calls
+
+
+def test_non_finite_steps_are_skipped_and_counted_and_too_many_in_a_row_stop_the_run(monkeypatch):
+    built = []  # (model, optimizers) of each train_model call
+    make_optimizers = llm.make_optimizers
+
+    def capture(model, cfg):
+        opts = make_optimizers(model, cfg)
+        built.append((model, opts))
+        return opts
+
+    monkeypatch.setattr(llm, "make_optimizers", capture)
+    snapshots = {}
+
+    def snapshot(n):  # the weights and all optimizer state going into training step n (1-based)
+        model, opts = built[-1]
+        tensors = {f"w.{k}": v.clone() for k, v in model.state_dict().items()}
+        index = {p: i for i, p in enumerate(model.parameters())}
+        for j, opt in enumerate(opts):
+            for p, st in opt.state.items():
+                for k, v in st.items():
+                    tensors[f"opt{j}.{index[p]}.{k}"] = v.clone() if torch.is_tensor(v) else torch.tensor(v)
+        snapshots[n] = tensors
+
+    def same(s, t):
+        return s.keys() == t.keys() and all(torch.equal(s[k], t[k]) for k in s)
+
+    nan_cross_entropy(monkeypatch, bad=lambda n: n in (3, 4), on_call=snapshot)
+    data = synthetic_data()
+    cfg = tiny(max_steps=10, log_every=5, eval_every=10, eval_batches=2, batch_size=4, max_bad_steps=3)
+    records = []
+    row = llm.train_model("m", cfg, data, cpu_runtime(), records.append)
+    assert same(snapshots[3], snapshots[4]) and same(snapshots[4], snapshots[5])  # steps 3 and 4 skipped
+    assert not same(snapshots[5], snapshots[6]) and not same(snapshots[2], snapshots[3])  # the others not
+    assert row["skipped_steps"] == 2 and row["steps"] == 10 and math.isfinite(row["val_loss"])
+    assert [(r["step"], r["skipped_steps"]) for r in records if r["kind"] == "train"] == [(5, 2), (10, 2)]
+
+    monkeypatch.undo()
+    nan_cross_entropy(monkeypatch, bad=lambda n: True)
+    with pytest.raises(llm.TrainingError, match=r"max_bad_steps 3\)") as e:
+        llm.train_model("m", dataclasses.replace(cfg, log_every=2), data, cpu_runtime())
+    assert "last good checkpoint: none" in str(e.value)
+
+
+def test_a_run_that_only_gets_non_finite_steps_exits_1_with_one_line(smoke, tmp_path, monkeypatch, capsys):
+    nan_cross_entropy(monkeypatch, bad=lambda n: True)
+    out = tmp_path / "run"
+    assert run_main(smoke + ["--models", "dense", "--max_bad_steps", 3, "--log_every", 2, "--max_steps", 20,
+                             "--out_dir", out]) == 1
+    err = capsys.readouterr().err
+    (line,) = error_lines(err)
+    assert line.startswith("llm.py: dense: ") and "(max_bad_steps 3)" in line and "Traceback" not in err
+    assert not (out / "results.json").exists()
+
+
+def test_resuming_a_model_killed_after_its_final_checkpoint_logs_its_final_evaluation_once(finished_run, tmp_path,
+                                                                                          capsys):
+    """A kill between the moe's final checkpoint and run.json marking it done (simulated by marking
+    it pending again): the resume restores that checkpoint and evaluates once more, so the final
+    evaluation record must replace the logged one, not repeat it."""
+    import shutil
+    run = str(tmp_path / "run")
+    shutil.copytree(finished_run, run)
+    state = read_json(os.path.join(run, "run.json"))
+    for job in state["jobs"]:
+        if job["name"] == "moe":
+            job.update(status="pending", row=None)
+    llm.write_run_state(run, state)
+    os.remove(os.path.join(run, "results.json"))
+    assert run_main(["--resume", run]) == 0
+    capsys.readouterr()
+    before = read_json(os.path.join(finished_run, "results.json"))["models"]
+    after = read_json(os.path.join(run, "results.json"))["models"]
+    assert [(m["name"], m["val_loss"], m["train_loss"]) for m in after] == \
+        [(m["name"], m["val_loss"], m["train_loss"]) for m in before]
+    keys = [(r["model"], r["kind"], r["step"]) for r in read_metrics(run)]
+    assert sorted(k for k in set(keys) if keys.count(k) > 1) == []
+
+
+# ----------------------------------------------------------------------------------------------
+# 14. What --resume and --out_dir refuse
+
+
+def test_resume_takes_no_other_options_and_needs_a_run_directory(finished_run, tmp_path, capsys):
+    for argv in (["--resume", finished_run, "--max_steps", 5], ["--max_steps", 5, "--resume", finished_run],
+                 ["--resume", tmp_path]):
+        assert run_main(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and err.startswith("llm.py: error: --")
+    assert "not a run directory" in err
+
+
+def test_a_new_run_into_a_directory_holding_one_exits_2_and_leaves_it_alone(finished_run, smoke, capsys):
+    before = open(os.path.join(finished_run, "run.json"), "rb").read()
+    assert run_main(smoke + ["--models", "dense", "--out_dir", finished_run]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"--out_dir {finished_run} holds a run already; continue it with --resume {finished_run}" in err
+    assert open(os.path.join(finished_run, "run.json"), "rb").read() == before
