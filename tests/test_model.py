@@ -3,18 +3,11 @@
 import dataclasses
 import math
 
-import numpy as np
 import pytest
 import torch
 
 import llm
-
-
-def tiny(**kw):
-    base = dict(d_model=32, n_heads=4, n_layers=2, d_ff=48, max_seq_len=16, vocab_size=50, num_experts=4,
-                expert_top_k=2, moe_layers="all", dropout=0.0, noise_std=0.0)
-    base.update(kw)
-    return llm.Config(**base).validate()
+from helpers import cpu_runtime, synthetic_data, tiny
 
 
 @pytest.mark.parametrize("moe_layers", ["none", "alternate", "all"])
@@ -51,40 +44,6 @@ def test_rope_rotates_over_the_sequence_axis_so_scores_depend_on_relative_positi
     torch.testing.assert_close(torch.diagonal(scores, 0), torch.full((16,), scores[0, 0].item()), rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(torch.diagonal(scores, -3), torch.full((13,), scores[3, 0].item()), rtol=1e-4, atol=1e-4)
     assert not torch.isclose(scores[3, 0], scores[0, 0], atol=1e-3)
-
-
-def naive_moe(layer, x):
-    """The definition: each token, each of its chosen experts, one at a time."""
-    N = x.shape[0] * x.shape[1]
-    flat = x.reshape(N, -1)
-    gates, experts, *_ = layer.route(flat)
-    out = []
-    for n in range(N):
-        y = 0
-        for j in range(layer.k):
-            e = experts[n, j]
-            h = llm.ffn_activation(flat[n] @ layer.w_up[e].T, layer.kind)
-            y = y + gates[n, j] * (h @ layer.w_down[e].T)
-        out.append(y)
-    return torch.stack(out).view_as(x)
-
-
-@pytest.mark.parametrize("ffn", ["silu", "swiglu"])
-@pytest.mark.parametrize("top_k", [1, 2, 3])
-def test_moe_output_and_gradients_equal_a_naive_per_token_loop(ffn, top_k):
-    torch.manual_seed(0)
-    # top-1 with renormalised gates has gate 1 and no router gradient; keep the router in the check
-    layer = llm.MoE(tiny(ffn=ffn, expert_top_k=top_k, norm_topk_prob=top_k > 1))
-    for p in layer.parameters():
-        torch.nn.init.normal_(p, std=0.3)
-    x = torch.randn(2, 7, 32, requires_grad=True)
-    fast, _, _ = layer(x)
-    grads_fast = torch.autograd.grad(fast.pow(2).sum(), [x, *layer.parameters()])
-    slow = naive_moe(layer, x)
-    grads_slow = torch.autograd.grad(slow.pow(2).sum(), [x, *layer.parameters()])
-    torch.testing.assert_close(fast, slow, rtol=1e-4, atol=1e-5)
-    for gf, gs in zip(grads_fast, grads_slow):
-        torch.testing.assert_close(gf, gs, rtol=1e-4, atol=1e-4)
 
 
 def test_grouped_matmul_fallback_equals_grouped_mm_including_empty_groups():
@@ -219,21 +178,6 @@ def test_schedule_warms_up_then_decays_to_min_lr_in_optimizer_steps(schedule):
     assert f[-1] == pytest.approx(0.1, abs=0.01)
     if schedule == "wsd":
         assert f[100] == 1.0 and f[159] == 1.0 and f[170] < 1.0
-
-
-def synthetic_data(n_train=6000, n_val=800, vocab=64, seed=0):
-    rng = np.random.default_rng(seed)
-    # a learnable stream: each token mostly follows from the previous one
-    def stream(n):
-        out = [0]
-        for _ in range(n - 1):
-            out.append((out[-1] * 7 + 3) % vocab if rng.random() < 0.8 else int(rng.integers(vocab)))
-        return np.array(out, dtype=np.uint16)
-    return llm.Data(train=stream(n_train), val=stream(n_val), vocab_size=vocab, source="synthetic", tokenizer="none")
-
-
-def cpu_runtime():
-    return llm.Runtime(device=torch.device("cpu"), dtype=torch.float32, compile=False)
 
 
 def test_k_accumulated_micro_batches_equal_one_big_batch():

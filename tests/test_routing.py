@@ -9,13 +9,11 @@ import pytest
 import torch
 
 import llm
+from helpers import synthetic_data, tiny
 
 
 def cfg(**kw):
-    base = dict(d_model=32, n_heads=4, n_layers=2, d_ff=48, max_seq_len=16, vocab_size=50, num_experts=4,
-                expert_top_k=2, moe_layers="all", dropout=0.0, noise_std=0.0)
-    base.update(kw)
-    return llm.Config(**base).validate()
+    return tiny(**kw)
 
 
 def layer_for(**kw):
@@ -72,6 +70,9 @@ def naive_topk(layer, x):
     ("expert_choice", naive_expert_choice, dict(capacity_factor=1.0)),
     ("expert_choice", naive_expert_choice, dict(capacity_factor=0.5, expert_top_k=1, ffn="swiglu")),
     ("topk", naive_topk, dict(expert_d_ff=16, num_experts=8, expert_top_k=4)),
+    # top-1 with renormalised gates has gate 1 and no router gradient; keep the router in the check
+    *[("topk", naive_topk, dict(ffn=ffn, expert_top_k=k, norm_topk_prob=k > 1))
+      for ffn in ("silu", "swiglu") for k in (1, 2, 3)],
 ])
 def test_each_routing_mode_matches_a_naive_per_token_reference_in_outputs_and_gradients(routing, naive, kw):
     layer = layer_for(routing=routing, **kw)
@@ -156,7 +157,7 @@ def test_aux_free_bias_moves_load_toward_balance_and_never_changes_gate_weights(
 
 
 def test_aux_free_training_skips_the_balance_loss_and_updates_the_bias():
-    data = __import__("test_model").synthetic_data()
+    data = synthetic_data()
     c = cfg(vocab_size=64, balance="aux_free", bias_update_rate=0.01, load_balancing_weight=1e6, max_steps=4,
             eval_every=4, eval_batches=1, batch_size=4, log_every=2)
     rt = llm.Runtime(device=torch.device("cpu"), dtype=torch.float32, compile=False)

@@ -22,6 +22,8 @@ import pytest
 import torch
 
 import llm
+import helpers
+from helpers import cpu_runtime, synthetic_data
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -56,27 +58,7 @@ def error_lines(err):
 
 
 def tiny(**kw):
-    base = dict(d_model=32, n_heads=4, n_layers=2, d_ff=48, max_seq_len=32, vocab_size=64, num_experts=4,
-                expert_top_k=2, moe_layers="all", dropout=0.0, noise_std=0.0)
-    base.update(kw)
-    return llm.Config(**base).validate()
-
-
-def synthetic_data(n_train=6000, n_val=800, vocab=64, seed=0):
-    """As in test_model.py: a learnable stream, each token mostly following from the previous one."""
-    rng = np.random.default_rng(seed)
-
-    def stream(n):
-        out = [0]
-        for _ in range(n - 1):
-            out.append((out[-1] * 7 + 3) % vocab if rng.random() < 0.8 else int(rng.integers(vocab)))
-        return np.array(out, dtype=np.uint16)
-
-    return llm.Data(train=stream(n_train), val=stream(n_val), vocab_size=vocab, source="synthetic", tokenizer="none")
-
-
-def cpu_runtime():
-    return llm.Runtime(device=torch.device("cpu"), dtype=torch.float32, compile=False)
+    return helpers.tiny(**dict(dict(max_seq_len=32, vocab_size=64), **kw))
 
 
 # ----------------------------------------------------------------------------------------------
