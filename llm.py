@@ -1154,12 +1154,13 @@ def restore_checkpoint(path, model, optimizers, schedulers, scaler):
 
 
 def train_model(name, cfg, data, rt, log_metrics=lambda rec: None, ckpt_dir=None, resume_from=None, init=None,
-                stop=StopFlag()):
+                stop=None):
     """Train one model; returns its result row (also evaluated on held-out and training text).
 
     ckpt_dir: where checkpoints go (every ckpt_every steps and at the end); resume_from: a checkpoint
     to continue from exactly; init: a function that sets the fresh model's weights (upcycling).
     """
+    stop = stop or StopFlag()
     torch.manual_seed(cfg.seed)
     model = Transformer(cfg).to(rt.device)
     if init is not None:
@@ -1315,10 +1316,12 @@ def train_model(name, cfg, data, rt, log_metrics=lambda rec: None, ckpt_dir=None
                 if rt.master:
                     tqdm.write(f"{name}: no val loss improvement in {cfg.patience} evaluations; stopping at step {done}")
         stop_now = stop.requested
-        if rt.world > 1:  # every rank must agree to stop at the same step
-            flag = torch.tensor(float(stop_now), device=rt.device)
-            dist.all_reduce(flag)
-            stop_now = bool(flag.item())
+        if rt.world > 1:  # every rank must agree to stop at the same step: asked at log steps only (a sync)
+            stop_now = False
+            if done % cfg.log_every == 0:
+                flag = torch.tensor(float(stop.requested), device=rt.device)
+                dist.all_reduce(flag)
+                stop_now = bool(flag.item())
         if stop_now:
             bar.close()
             raise Interrupted(checkpoint(done))
