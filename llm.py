@@ -334,7 +334,10 @@ def read_documents(cfg, source):
         return read_hf_documents(name, conf or None, cfg.num_documents)
     import datasets
     files = embedded_files() if source == "shakespeare" else local_files(cfg.data)
-    ds = datasets.load_dataset("text", data_files=files[: cfg.num_documents], sample_by="document", split="train")
+    try:
+        ds = datasets.load_dataset("text", data_files=files[: cfg.num_documents], sample_by="document", split="train")
+    except Exception as e:  # an unreadable or non-UTF-8 file
+        raise UsageError(f"--data {cfg.data}: could not read the text files ({str(e).splitlines()[0] if str(e) else type(e).__name__})")
     docs = [t for t in ds["text"] if t.strip()]
     if not docs:
         raise UsageError(f"--data {cfg.data}: the files hold no text")
@@ -1779,12 +1782,16 @@ def run_comparison(cfg, names, out_dir, cache_dir="data_cache", seeds=None, swee
 # Using trained models: generation, expert analysis, model size
 
 
-def load_run(run_dir):
+def load_run(run_dir, flag="--run"):
     try:
         with open(os.path.join(run_dir, "run.json")) as f:
-            return json.load(f)
+            state = json.load(f)
     except (OSError, ValueError) as e:
-        raise UsageError(f"--run {run_dir}: not a run directory ({str(e).splitlines()[0]})")
+        raise UsageError(f"{flag} {run_dir}: not a run directory ({str(e).splitlines()[0]})")
+    keys = ("jobs", "base_config", "models", "seeds", "sweep", "upcycle_from", "cache_dir")
+    if not isinstance(state, dict) or any(k not in state for k in keys):
+        raise UsageError(f"{flag} {run_dir}: its run.json is not a run state written by llm.py")
+    return state
 
 
 def load_trained(run_dir, model, device, log=print):
@@ -2088,7 +2095,7 @@ def main(argv=None):
         if argv and argv[0] == "--resume":
             if len(argv) != 2:
                 raise UsageError("--resume RUN_DIR takes no other options: the run keeps its own")
-            state = load_run(argv[1])
+            state = load_run(argv[1], "--resume")
             base = {k: v for k, v in state["base_config"].items() if k in {f.name for f in fields(Config)}}
             cfg = Config(**base).validate()
             return run_comparison(cfg, state["models"], argv[1], state["cache_dir"], state["seeds"], state["sweep"],

@@ -101,3 +101,20 @@ def test_smoke_run_writes_results_metrics_and_plot_and_its_loss_falls(tmp_path, 
     assert "moe vs dense-matched: val loss" in printed
     for header in ("val loss", "active", "FLOPs/tok", "epochs", "tok/s", "peak mem", "GPU util"):
         assert header in printed
+
+
+def test_an_unreadable_text_file_exits_2_with_one_line(tmp_path, capsys):
+    (tmp_path / "bin.txt").write_bytes(bytes(range(256)) * 20)  # not UTF-8
+    code = run_main(["--preset", "smoke", "--data", str(tmp_path / "*.txt"), "--out_dir", str(tmp_path / "out"),
+                     "--cache_dir", str(tmp_path / "cache")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err[-1].startswith("llm.py: error: --data") and "could not read the text files" in err[-1]
+    assert "Traceback" not in "\n".join(err) and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("content", ["[]", '{"jobs": []}', "not json"])
+def test_resume_of_a_damaged_run_state_exits_2_with_one_line(content, tmp_path, capsys):
+    (tmp_path / "run.json").write_text(content)
+    assert run_main(["--resume", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(tmp_path) in err
