@@ -98,7 +98,7 @@ class Config:
     # data
     data: str = "auto"  # auto | smollm | shakespeare | hf:NAME[:CONFIG] | path or glob of text files
     tokenizer: str = "auto"  # auto | bpe | a Hugging Face tokenizer name or path
-    num_documents: int = 40000  # documents read from the source, at most
+    num_documents: int = 60000  # documents read from the source, at most
     max_tokens: int = 27_000_000  # tokens kept, at most; the default run sees its data ~1.4 times
     val_fraction: float = 0.05  # share of documents held out for validation
     bpe_vocab_size: int = 8192  # vocabulary of the BPE trained locally for the embedded corpus
@@ -507,21 +507,28 @@ class TrainWindows:
         self.seq_len, self.seed, self.device = seq_len, seed, device
         self.tokens = torch.from_numpy(tokens.astype(np.int64)).to(device)  # (N,)
         self.n = (len(tokens) - seq_len) // seq_len  # windows per epoch, whatever the offset
+        self.span = torch.arange(seq_len + 1, device=device)
         self._epochs = {}
 
-    def _starts(self, epoch):
+    def _starts(self, epoch):  # (n,) window starts of an epoch, on the device: one copy per epoch
         if epoch not in self._epochs:
             rng = np.random.default_rng([self.seed, epoch])
             offset = int(rng.integers(0, self.seq_len))
-            self._epochs = {epoch: offset + rng.permutation(self.n) * self.seq_len}  # keep one epoch
+            starts = torch.from_numpy(offset + rng.permutation(self.n) * self.seq_len).to(self.device)
+            self._epochs = {e: v for e, v in self._epochs.items() if e == epoch - 1}  # keep the previous one
+            self._epochs[epoch] = starts
         return self._epochs[epoch]
 
     def batch(self, first, count):
-        """Samples first .. first+count-1 as (x, y), each (count, seq_len)."""
-        j = np.arange(first, first + count)
-        starts = np.concatenate([self._starts(int(e))[j[j // self.n == e] % self.n] for e in np.unique(j // self.n)])
-        idx = torch.from_numpy(starts).to(self.device)[:, None] + torch.arange(self.seq_len + 1, device=self.device)
-        w = self.tokens[idx]  # (count, seq_len + 1)
+        """Samples first .. first+count-1 as (x, y), each (count, seq_len): device indexing only."""
+        parts, j = [], first
+        while j < first + count:  # a batch spans two epochs at most (unless an epoch is tiny)
+            e, k = divmod(j, self.n)
+            take = min(first + count - j, self.n - k)
+            parts.append(self._starts(e)[k : k + take])
+            j += take
+        starts = parts[0] if len(parts) == 1 else torch.cat(parts)
+        w = self.tokens[starts[:, None] + self.span]  # (count, seq_len + 1)
         return w[:, :-1], w[:, 1:]
 
 
