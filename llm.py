@@ -2125,6 +2125,9 @@ def main(argv=None):
         return 1
     except Interrupted:
         return 130
+    except KeyboardInterrupt:  # a second Ctrl-C, or one before training started: nothing to save
+        print("\nllm.py: interrupted", file=sys.stderr)
+        return 130
     return 0
 
 

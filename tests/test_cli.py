@@ -118,3 +118,13 @@ def test_resume_of_a_damaged_run_state_exits_2_with_one_line(content, tmp_path, 
     assert run_main(["--resume", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and str(tmp_path) in err
+
+
+def test_ctrl_c_before_training_exits_130_without_a_traceback(tmp_path, capsys, monkeypatch):
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(llm, "prepare_data", interrupted)
+    assert run_main(["--preset", "smoke", "--out_dir", str(tmp_path / "o")]) == 130
+    assert capsys.readouterr().err.strip() == "llm.py: interrupted"
+    assert not (tmp_path / "o").exists()
