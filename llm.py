@@ -1862,37 +1862,6 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, ge
     return idx
 
 
-def generate_main(argv):
-    p = Parser(prog="llm.py generate", description="Sample text from a trained model of a run.")
-    p.add_argument("--run", required=True, help="a run directory (out_dir of a comparison)")
-    p.add_argument("--model", default="moe", help="run id or model name, e.g. moe, dense, moe-s43")
-    p.add_argument("--prompt", default="", help="text to continue (empty: start from the end-of-text token)")
-    p.add_argument("--max_new_tokens", type=int, default=100)
-    p.add_argument("--temperature", type=float, default=0.8, help="0 is greedy")
-    p.add_argument("--top_k", type=int, default=50, help="0 disables")
-    p.add_argument("--top_p", type=float, default=0.95, help="nucleus sampling; 1 disables")
-    p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--no_cache", action="store_true", help="recompute the whole prefix for each token")
-    a = p.parse_args(argv)
-    if a.max_new_tokens <= 0 or a.temperature < 0 or a.top_k < 0 or not 0 < a.top_p <= 1:
-        raise UsageError("max_new_tokens must be positive, temperature and top_k not negative, top_p in (0, 1]")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model, cfg, state, path = load_trained(a.run, a.model, device)
-    tok = load_tokenizer(a.run, state)
-    ids = tok(a.prompt, add_special_tokens=False)["input_ids"] or [tok.eos_token_id]
-    idx = torch.tensor([ids], device=device)
-    gen = torch.Generator(device=device).manual_seed(a.seed)
-    t0 = time.perf_counter()
-    out = generate(model, idx, a.max_new_tokens, a.temperature, a.top_k, a.top_p, gen, use_cache=not a.no_cache)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    dt = time.perf_counter() - t0
-    print(tok.decode(out[0].tolist(), skip_special_tokens=True))
-    print(f"\n{a.max_new_tokens} tokens in {dt:.2f}s ({a.max_new_tokens / dt:.1f} tokens/s, "
-          f"{'KV cache' if not a.no_cache else 'no cache'}, {path})", file=sys.stderr)
-    return 0
-
-
 @torch.no_grad()
 def expert_analysis(model, windows, batch_size, vocab_size, min_count=20, top=10):
     """Per MoE layer: each expert's load and the tokens it prefers: those whose occurrences it
@@ -1930,48 +1899,6 @@ def expert_analysis(model, windows, batch_size, vocab_size, min_count=20, top=10
     return layers
 
 
-def experts_main(argv):
-    p = Parser(prog="llm.py experts", description="Which tokens each expert prefers, on held-out text.")
-    p.add_argument("--run", required=True, help="a run directory")
-    p.add_argument("--model", default="moe", help="run id or model name")
-    p.add_argument("--max_windows", type=int, default=256, help="validation windows to route")
-    p.add_argument("--min_count", type=int, default=20, help="ignore tokens seen fewer times")
-    p.add_argument("--top", type=int, default=8, help="tokens listed per expert")
-    p.add_argument("--cache_dir", default=None, help="token cache (default: the run's)")
-    a = p.parse_args(argv)
-    if min(a.max_windows, a.min_count, a.top) <= 0:
-        raise UsageError("max_windows, min_count and top must be positive")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model, cfg, state, path = load_trained(a.run, a.model, device)
-    if not cfg.moe_layer_ids():
-        raise UsageError(f"--model {a.model}: a dense model has no experts")
-    data = prepare_data(cfg, a.cache_dir or state["cache_dir"], log=print)
-    tok = load_tokenizer(a.run, state)
-    windows = eval_windows(data.val, cfg.max_seq_len, limit=a.max_windows)
-    layers = expert_analysis(model, windows, cfg.batch_size, cfg.vocab_size, a.min_count, a.top)
-    for layer in layers:
-        print(f"layer {layer['layer']}: load " + " ".join(f"{v:.3f}" for v in layer["load"]))
-        for e in layer["experts"]:
-            for t in e["tokens"]:
-                t["text"] = tok.decode([t["id"]])
-            print(f"  expert {e['expert']} ({e['load']:.3f}): " + ", ".join(
-                f"{t['text']!r} {t['routed']}/{t['seen']}" for t in e["tokens"]))
-    out = dict(run=a.run, model=a.model, checkpoint=path, windows=len(windows[0]), min_count=a.min_count, layers=layers)
-    atomic_write(os.path.join(a.run, "experts.json"), json.dumps(out, indent=1).encode())
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(1 + 0.5 * cfg.num_experts, 1 + 0.5 * len(layers)))
-    im = ax.imshow(np.array([l["load"] for l in layers]), aspect="auto", cmap="viridis")
-    ax.set_xlabel("expert")
-    ax.set_ylabel("MoE layer")
-    ax.set_yticks(range(len(layers)), [str(l["layer"]) for l in layers])
-    fig.colorbar(im, label="share of token copies")
-    fig.tight_layout()
-    save_figure(fig, os.path.join(a.run, "experts_heatmap.png"))
-    plt.close(fig)
-    print(f"\nwrote {a.run}/experts.json and experts_heatmap.png")
-    return 0
-
-
 def model_size(cfg):
     """Parameters, FLOPs and training memory of a config, without building the model: fp32 weights
     and gradients, Muon's one momentum buffer per hidden matrix, AdamW's two moments per other
@@ -1982,26 +1909,6 @@ def model_size(cfg):
     muon = c["total"] - adamw
     return dict(c, muon_params=muon, adamw_params=adamw, weight_bytes=4 * c["total"], grad_bytes=4 * c["total"],
                 optimizer_bytes=4 * muon + 8 * adamw)
-
-
-def size_main(argv):
-    p = build_parser(prog="llm.py size", description="Parameters, FLOPs per token and training memory of a "
-                     "config, computed without building the model.", harness=False)
-    a = p.parse_args(argv)
-    cfg = config_from_args(a)
-    if not cfg.vocab_size:
-        cfg = dataclasses.replace(cfg, vocab_size=49152)
-        print("vocab_size 49152 assumed (the SmolLM tokenizer's); set --vocab_size for another")
-    s = model_size(cfg)
-    print(describe("model", cfg))
-    for k in ("total", "active", "non_embedding", "active_non_embedding", "expert", "muon_params", "adamw_params"):
-        print(f"  {k:<22} {s[k]:>14,}")
-    print(f"  {'flops_per_token':<22} {s['flops_per_token']:>14,}")
-    for k in ("weight_bytes", "grad_bytes", "optimizer_bytes"):
-        print(f"  {k:<22} {s[k] / 2**20:>12,.1f} MiB")
-    total = s["weight_bytes"] + s["grad_bytes"] + s["optimizer_bytes"]
-    print(f"  {'training state':<22} {total / 2**20:>12,.1f} MiB (fp32, without activations)")
-    return 0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -2089,6 +1996,99 @@ def parse_config(argv):
     if args.upcycle_from and not os.path.isdir(args.upcycle_from):
         raise UsageError(f"--upcycle_from {args.upcycle_from}: no such directory")
     return cfg, names, preset, args
+
+
+def generate_main(argv):
+    p = Parser(prog="llm.py generate", description="Sample text from a trained model of a run.")
+    p.add_argument("--run", required=True, help="a run directory (out_dir of a comparison)")
+    p.add_argument("--model", default="moe", help="run id or model name, e.g. moe, dense, moe-s43")
+    p.add_argument("--prompt", default="", help="text to continue (empty: start from the end-of-text token)")
+    p.add_argument("--max_new_tokens", type=int, default=100)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 is greedy")
+    p.add_argument("--top_k", type=int, default=50, help="0 disables")
+    p.add_argument("--top_p", type=float, default=0.95, help="nucleus sampling; 1 disables")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--no_cache", action="store_true", help="recompute the whole prefix for each token")
+    a = p.parse_args(argv)
+    if a.max_new_tokens <= 0 or a.temperature < 0 or a.top_k < 0 or not 0 < a.top_p <= 1:
+        raise UsageError("max_new_tokens must be positive, temperature and top_k not negative, top_p in (0, 1]")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model, cfg, state, path = load_trained(a.run, a.model, device)
+    tok = load_tokenizer(a.run, state)
+    ids = tok(a.prompt, add_special_tokens=False)["input_ids"] or [tok.eos_token_id]
+    idx = torch.tensor([ids], device=device)
+    gen = torch.Generator(device=device).manual_seed(a.seed)
+    t0 = time.perf_counter()
+    out = generate(model, idx, a.max_new_tokens, a.temperature, a.top_k, a.top_p, gen, use_cache=not a.no_cache)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    dt = time.perf_counter() - t0
+    print(tok.decode(out[0].tolist(), skip_special_tokens=True))
+    print(f"\n{a.max_new_tokens} tokens in {dt:.2f}s ({a.max_new_tokens / dt:.1f} tokens/s, "
+          f"{'KV cache' if not a.no_cache else 'no cache'}, {path})", file=sys.stderr)
+    return 0
+
+
+def experts_main(argv):
+    p = Parser(prog="llm.py experts", description="Which tokens each expert prefers, on held-out text.")
+    p.add_argument("--run", required=True, help="a run directory")
+    p.add_argument("--model", default="moe", help="run id or model name")
+    p.add_argument("--max_windows", type=int, default=256, help="validation windows to route")
+    p.add_argument("--min_count", type=int, default=20, help="ignore tokens seen fewer times")
+    p.add_argument("--top", type=int, default=8, help="tokens listed per expert")
+    p.add_argument("--cache_dir", default=None, help="token cache (default: the run's)")
+    a = p.parse_args(argv)
+    if min(a.max_windows, a.min_count, a.top) <= 0:
+        raise UsageError("max_windows, min_count and top must be positive")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model, cfg, state, path = load_trained(a.run, a.model, device)
+    if not cfg.moe_layer_ids():
+        raise UsageError(f"--model {a.model}: a dense model has no experts")
+    data = prepare_data(cfg, a.cache_dir or state["cache_dir"], log=print)
+    tok = load_tokenizer(a.run, state)
+    windows = eval_windows(data.val, cfg.max_seq_len, limit=a.max_windows)
+    layers = expert_analysis(model, windows, cfg.batch_size, cfg.vocab_size, a.min_count, a.top)
+    for layer in layers:
+        print(f"layer {layer['layer']}: load " + " ".join(f"{v:.3f}" for v in layer["load"]))
+        for e in layer["experts"]:
+            for t in e["tokens"]:
+                t["text"] = tok.decode([t["id"]])
+            print(f"  expert {e['expert']} ({e['load']:.3f}): " + ", ".join(
+                f"{t['text']!r} {t['routed']}/{t['seen']}" for t in e["tokens"]))
+    out = dict(run=a.run, model=a.model, checkpoint=path, windows=len(windows[0]), min_count=a.min_count, layers=layers)
+    atomic_write(os.path.join(a.run, "experts.json"), json.dumps(out, indent=1).encode())
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(1 + 0.5 * cfg.num_experts, 1 + 0.5 * len(layers)))
+    im = ax.imshow(np.array([l["load"] for l in layers]), aspect="auto", cmap="viridis")
+    ax.set_xlabel("expert")
+    ax.set_ylabel("MoE layer")
+    ax.set_yticks(range(len(layers)), [str(l["layer"]) for l in layers])
+    fig.colorbar(im, label="share of token copies")
+    fig.tight_layout()
+    save_figure(fig, os.path.join(a.run, "experts_heatmap.png"))
+    plt.close(fig)
+    print(f"\nwrote {a.run}/experts.json and experts_heatmap.png")
+    return 0
+
+
+def size_main(argv):
+    p = build_parser(prog="llm.py size", description="Parameters, FLOPs per token and training memory of a "
+                     "config, computed without building the model.", harness=False)
+    a = p.parse_args(argv)
+    cfg = config_from_args(a)
+    if not cfg.vocab_size:
+        cfg = dataclasses.replace(cfg, vocab_size=49152)
+        print("vocab_size 49152 assumed (the SmolLM tokenizer's); set --vocab_size for another")
+    s = model_size(cfg)
+    print(describe("model", cfg))
+    for k in ("total", "active", "non_embedding", "active_non_embedding", "expert", "muon_params", "adamw_params"):
+        print(f"  {k:<22} {s[k]:>14,}")
+    print(f"  {'flops_per_token':<22} {s['flops_per_token']:>14,}")
+    for k in ("weight_bytes", "grad_bytes", "optimizer_bytes"):
+        print(f"  {k:<22} {s[k] / 2**20:>12,.1f} MiB")
+    total = s["weight_bytes"] + s["grad_bytes"] + s["optimizer_bytes"]
+    print(f"  {'training state':<22} {total / 2**20:>12,.1f} MiB (fp32, without activations)")
+    return 0
 
 
 SUBCOMMANDS = {"generate": generate_main, "experts": experts_main, "size": size_main}
