@@ -689,13 +689,15 @@ class MoE(nn.Module):
         return logits, probs, probs
 
     def route(self, x):  # token choice: x (N, D) -> gates (N, k), experts (N, k), counts (E,), lb loss, z loss
-        logits, probs, sel = self.scores(x)
+        return self.select(*self.scores(x))
+
+    def select(self, logits, probs, sel):  # token choice from the router's scores (N, E)
         _, experts = (sel + self.expert_bias).topk(self.k, dim=-1)
         gates = sel.gather(-1, experts)  # from unbiased scores
         if self.k > 1 and self.norm_topk_prob:  # (top-1 keeps p: renormalised it is 1 and the router learns nothing)
             gates = gates / gates.sum(dim=-1, keepdim=True)
-        counts = torch.zeros(self.E, device=x.device).scatter_add_(0, experts.flatten(),
-                                                                  torch.ones(experts.numel(), device=x.device))
+        counts = torch.zeros(self.E, device=sel.device).scatter_add_(0, experts.flatten(),
+                                                                    torch.ones(experts.numel(), device=sel.device))
         return gates, experts, counts, self.balance_loss(counts, probs), self.z_loss(logits)
 
     def balance_loss(self, counts, probs):  # Switch: E * sum_i f_i P_i, 1.0 when balanced
@@ -742,23 +744,22 @@ class MoE(nn.Module):
         yd = self.experts_bmm(x[token.flatten()].view(self.E, C, D), dtype) * gates[..., None].to(dtype)
         y = torch.zeros(N, D, device=x.device, dtype=yd.dtype).index_add_(0, token.flatten(), yd.reshape(-1, D))
         chosen = torch.zeros(N, device=x.device).index_add_(0, token.flatten(), torch.ones(token.numel(), device=x.device))
-        return y, torch.full((self.E,), float(C), device=x.device), (chosen == 0).sum()
+        return y, torch.full((self.E,), float(C), device=x.device), (chosen == 0).sum(), token
 
     def forward(self, x):  # (B, T, D) -> (B, T, D), lb loss, z loss
         B, T, D = x.shape
         x = x.reshape(-1, D)  # (N, D)
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        logits, probs, sel = self.scores(x)
         if self.routing == "expert_choice":
-            logits, probs, sel = self.scores(x)
-            y, counts, dropped = self.expert_choice(x, sel, dtype)
+            y, counts, dropped, token = self.expert_choice(x, sel, dtype)  # token (E, C)
             lb, z = self.balance_loss(counts, probs), self.z_loss(logits)
             if self.capture is not None:
-                token = (sel + self.expert_bias).t().topk(self.capacity(x.shape[0]), dim=-1).indices  # (E, C)
                 chosen = torch.zeros(x.shape[0], self.E, device=x.device)
                 chosen[token, torch.arange(self.E, device=x.device)[:, None]] = 1.0
                 self.capture.append(chosen)
         else:
-            gates, experts, counts, lb, z = self.route(x)
+            gates, experts, counts, lb, z = self.select(logits, probs, sel)
             if self.capture is not None:
                 self.capture.append(F.one_hot(experts, self.E).sum(dim=1).float())
             if self.routing == "switch":
@@ -770,7 +771,6 @@ class MoE(nn.Module):
         if self.training and self.aux_free:
             self.load += counts.detach()
         if self.stats is not None:  # evaluation only
-            logits, probs, _ = self.scores(x)
             entropy = -(probs * probs.clamp_min(1e-12).log()).sum()
             z_sum = torch.logsumexp(logits, dim=-1).square().sum()
             self.stats += torch.cat([counts, torch.stack([counts.new_tensor(x.shape[0]), entropy, z_sum, dropped.float()])])
