@@ -239,3 +239,36 @@ def test_whole_model_compiles_as_one_graph_under_bf16_autocast_without_recompili
                 logits, lb, z = compiled(torch.randint(0, 64, (2, 16)))
             (logits.float().mean() + lb + z).backward()
     assert all(p.grad is not None for p in model.parameters())
+
+
+def reference_muon_step(params, bufs, lr, momentum, weight_decay, ok=True):
+    """Muon one parameter at a time, as its definition reads (Nesterov momentum)."""
+    for p, buf in zip(params, bufs):
+        if not ok:
+            continue
+        buf.lerp_(p.grad, 1 - momentum)
+        update = llm.newton_schulz(p.grad.lerp(buf, momentum))
+        p.mul_(1 - lr * weight_decay)
+        p.sub_(update * lr * max(1.0, p.size(-2) / p.size(-1)) ** 0.5)
+
+
+def test_muon_steps_same_shape_matrices_together_exactly_as_one_at_a_time():
+    """qkv-like, square, an expert stack sharing a shape with a plain matrix, and a tall one; one
+    step is skipped on the device (ok False with NaN gradients) and must change nothing."""
+    torch.manual_seed(0)
+    shapes = [(24, 16), (16, 16), (3, 24, 16), (40, 16), (16, 16)]
+    ours = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
+    ref = [p.detach().clone() for p in ours]
+    bufs = [torch.zeros_like(p) for p in ref]
+    opt = llm.Muon(ours, lr=0.05, momentum=0.9, weight_decay=0.1)
+    for step in range(4):
+        skip = step == 2
+        grads = [torch.randn(s) if not skip else torch.full(s, float("nan")) for s in shapes]
+        for p, r, g in zip(ours, ref, grads):
+            p.grad, r.grad = g.clone(), g.clone()
+        opt.step(ok=torch.tensor(not skip))
+        with torch.no_grad():
+            reference_muon_step(ref, bufs, 0.05, 0.9, 0.1, ok=not skip)
+        for p, r, b in zip(ours, ref, bufs):
+            torch.testing.assert_close(p.detach(), r, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(opt.state[p]["momentum_buffer"], b, rtol=1e-5, atol=1e-6)
