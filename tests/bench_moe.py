@@ -25,8 +25,8 @@ events; CPU runs fp32 by default. On CUDA each layer candidate that makes no hos
 captured once in a CUDA graph and its replays timed the same way ("GPU ms"): that is the device
 time alone, without the host's per-op dispatch, which at these sizes can exceed the kernels' time
 (in a whole model the host runs ahead of the GPU, so the GPU time is what a layer costs there when
-the GPU is the bottleneck). Candidates that sync (the mask loop, HF eager) cannot be captured. Before timing, our layer is checked against the mask loop with
-the same weights (outputs and gradients), so a fast but wrong layer cannot win; a mismatch exits 1.
+the GPU is the bottleneck). Candidates that sync (the mask loop, HF eager) cannot be captured.
+Before timing, our layer is checked against the mask loop with the same weights (outputs and gradients), so a fast but wrong layer cannot win; a mismatch exits 1.
 The last line printed is one line of JSON with every number.
 """
 
@@ -47,9 +47,10 @@ sys.path.insert(0, ROOT)
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 import llm  # noqa: E402  (before transformers: llm quiets torchao's import-time logging, which transformers triggers)
+sys.path.insert(0, os.path.join(ROOT, "tests"))
+from helpers import OpRecorder  # noqa: E402  (the test suite's)
 
 try:
     import transformers
@@ -132,25 +133,6 @@ def hf_function(block):
     return "MixtralExperts.forward (original loop)" if fn is original else fn.__name__
 
 
-class OpRecorder(TorchDispatchMode):
-    """Names of the ops that actually run (forward and backward)."""
-
-    def __init__(self):
-        super().__init__()
-        self.ops = set()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = str(func.overloadpacket)
-        self.ops.add(name[len("aten."):] if name.startswith("aten.") else name)
-        return func(*args, **(kwargs or {}))
-
-
-def recorded_ops(fn):
-    with OpRecorder() as rec:
-        fn()
-    return rec.ops
-
-
 def matmul_path(ops):
     """Which matmul path ran, from the recorded ops (for llm.MoE, bmm means llm.grouped_mm_fallback)."""
     if "_grouped_mm" in ops:
@@ -183,6 +165,7 @@ class Candidate:
         self.key, self.label, self.flops = key, label, flops
         self.step, self.status, self.note = None, "ok", ""
         self.samples = []  # ms per call, one per repeat
+        self.ratio = self.graph_ratio = None  # against the section's reference, set after timing
         self.graphable = False  # makes no host sync: can be captured in a CUDA graph
         self.graph, self.graph_status, self.graph_samples = None, "not captured", []  # replays, ms per call
 
@@ -724,7 +707,7 @@ def main(argv=None):
 
     def rows(cands):
         return {c.key: dict(label=c.label, ms=c.ms, spread=c.spread, ratio=c.ratio, samples_ms=c.samples,
-                            status=c.status, note=c.note, gpu_ms=c.graph_ms, gpu_ratio=getattr(c, "graph_ratio", None),
+                            status=c.status, note=c.note, gpu_ms=c.graph_ms, gpu_ratio=c.graph_ratio,
                             gpu_samples_ms=c.graph_samples, graph_status=c.graph_status) for c in cands}
     record = dict(bench="bench_moe", date=date, device=device.type, device_name=device_name, torch=torch.__version__,
                   transformers=HF_VERSION, dtype=args.dtype, args=vars(args), wall_s=round(wall, 1),

@@ -2,6 +2,7 @@
 
 import numpy as np
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import llm
 
@@ -29,3 +30,19 @@ def synthetic_data(n_train=6000, n_val=800, vocab=64, seed=0):
 
 def cpu_runtime():
     return llm.Runtime(device=torch.device("cpu"), dtype=torch.float32, compile=False)
+
+
+class OpRecorder(TorchDispatchMode):
+    """The ops that actually run (forward and backward): names without "aten.", and each call's
+    name with the dtypes of its tensor arguments."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops, self.calls = set(), []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func.overloadpacket)
+        name = name[len("aten."):] if name.startswith("aten.") else name
+        self.ops.add(name)
+        self.calls.append((name, [a.dtype for a in args if isinstance(a, torch.Tensor)]))
+        return func(*args, **(kwargs or {}))

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import llm
-from helpers import cpu_runtime, synthetic_data, tiny
+from helpers import OpRecorder, cpu_runtime, synthetic_data, tiny
 
 
 @pytest.mark.parametrize("moe_layers", ["none", "alternate", "all"])
@@ -99,26 +99,14 @@ def test_moe_layer_makes_no_host_device_sync_and_no_python_loop_over_experts(mon
 def test_dropless_dispatch_sorts_16_bit_expert_ids_and_its_gradient_gathers_without_scatter_adds():
     """The token copies move by a permutation both ways: no int64 sort and no index_put/index_add
     (an atomic scatter, which eager mode also sorts) in forward or backward."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Ops(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.seen = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            dtypes = [a.dtype for a in args if isinstance(a, torch.Tensor)]
-            self.seen.append((str(func.overloadpacket), dtypes))
-            return func(*args, **(kwargs or {}))
-
     layer = llm.MoE(tiny())
     x = torch.randn(2, 16, 32, requires_grad=True)
-    with Ops() as ops:
+    with OpRecorder() as rec:
         y, lb, z = layer(x)
         (y.square().sum() + lb + z).backward()
-    sorts = [d for name, d in ops.seen if "sort" in name]
+    sorts = [d for name, d in rec.calls if "sort" in name]
     assert sorts and all(d == [torch.int16] for d in sorts), sorts
-    assert not [name for name, _ in ops.seen if "index_put" in name or "index_add" in name]
+    assert not [name for name in rec.ops if "index_put" in name or "index_add" in name]
 
 
 def test_muon_orthogonalises_each_expert_of_a_stack_on_its_own():
