@@ -642,6 +642,20 @@ def grouped_mm(a, b, offs):
     return grouped_mm_fallback(a, b, offs)
 
 
+def top_k(scores, k):  # (N, E) -> (N, k) indices of the k largest scores, largest first
+    """torch.topk, except under torch.compile: there k rounds of argmax, which inductor fuses with
+    the router's softmax into one kernel, where topk would be two more kernels (a sort) taking a
+    third of the router's GPU time. Eager keeps topk: one op is cheaper for the host."""
+    if not torch.compiler.is_compiling():
+        return scores.topk(k, dim=-1).indices
+    cols = torch.arange(scores.shape[-1], device=scores.device)
+    picks = []
+    for _ in range(k):
+        picks.append(scores.argmax(dim=-1))  # (N,)
+        scores = scores.masked_fill(cols == picks[-1][:, None], float("-inf"))
+    return torch.stack(picks, dim=-1)
+
+
 class PermuteRows(torch.autograd.Function):
     """out[i] = src[idx[i] // k], where idx is a permutation of src's rows repeated k times and inv
     its inverse. The gradient gathers with inv (and sums the k copies) instead of scattering with
@@ -710,12 +724,12 @@ class MoE(nn.Module):
         return self.select(*self.scores(x))
 
     def select(self, logits, probs, sel):  # token choice from the router's scores (N, E)
-        _, experts = (sel + self.expert_bias).topk(self.k, dim=-1)
+        experts = top_k(sel + self.expert_bias, self.k)  # (N, k)
         gates = sel.gather(-1, experts)  # from unbiased scores
         if self.k > 1 and self.norm_topk_prob:  # (top-1 keeps p: renormalised it is 1 and the router learns nothing)
             gates = gates / gates.sum(dim=-1, keepdim=True)
-        counts = torch.zeros(self.E, device=sel.device).scatter_add_(0, experts.flatten(),
-                                                                    torch.ones(experts.numel(), device=sel.device))
+        # a comparison and a sum, not a scatter_add: compiled, it joins the router's kernel
+        counts = (experts.flatten()[:, None] == torch.arange(self.E, device=sel.device)).sum(0).float()  # (E,)
         return gates, experts, counts, self.balance_loss(counts, probs), self.z_loss(logits)
 
     def balance_loss(self, counts, probs):  # Switch: E * sum_i f_i P_i, 1.0 when balanced
@@ -729,6 +743,10 @@ class MoE(nn.Module):
         h = torch.bmm(xd.to(dtype), self.w_up.to(dtype).transpose(-2, -1))  # (E, C, up_rows)
         return torch.bmm(ffn_activation(h, self.kind), self.w_down.to(dtype).transpose(-2, -1))
 
+    def experts_grouped(self, xs, offs, dtype):  # (M, D) rows grouped by expert, groups ending at offs (E,) -> (M, D)
+        h = grouped_mm(xs, self.w_up.to(dtype).transpose(-2, -1), offs)  # (M, up_rows)
+        return grouped_mm(ffn_activation(h, self.kind), self.w_down.to(dtype).transpose(-2, -1), offs)
+
     def dropless(self, x, experts, gates, counts, dtype):
         flat = experts.flatten()  # (N*k,) copy j of token n is row n*k + j
         # expert ids fit in 16 bits: a radix sort on them makes 2 passes instead of int64's 8
@@ -736,8 +754,7 @@ class MoE(nn.Module):
         pos = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))  # its inverse
         offs = counts.cumsum(0).to(torch.int32)  # (E,) end row of each expert's group
         xs = PermuteRows.apply(x.to(dtype), order, pos, self.k)  # (N*k, D) grouped by expert
-        h = grouped_mm(xs, self.w_up.to(dtype).transpose(-2, -1), offs)  # (N*k, up_rows)
-        ys = grouped_mm(ffn_activation(h, self.kind), self.w_down.to(dtype).transpose(-2, -1), offs)  # (N*k, D)
+        ys = self.experts_grouped(xs, offs, dtype)  # (N*k, D)
         ys = PermuteRows.apply(ys, pos, order, 1).view(-1, self.k, x.shape[1])  # (N, k, D): back in token order
         return (ys * gates[..., None].to(ys.dtype)).sum(dim=1)  # (N, D)
 
@@ -852,16 +869,19 @@ class Transformer(nn.Module):
                 std = 0.02 / math.sqrt(2 * self.cfg.n_layers) if name.endswith(("proj.weight", "down.weight", "w_down")) else 0.02
                 nn.init.normal_(p, std=std)
 
-    def forward(self, idx, caches=None, pos=0):
+    def forward(self, idx, caches=None, pos=0, targets=None):
         """idx (B, T) -> logits (B, T, V), load-balancing loss, z loss (summed over MoE layers).
-        With caches (one KVCache per block), idx holds positions pos.. of an incremental decode."""
+        With caches (one KVCache per block), idx holds positions pos.. of an incremental decode.
+        With targets (B, T), the mean cross entropy comes first instead of the logits."""
         x = self.embed(idx) * math.sqrt(self.cfg.d_model)  # (B, T, D)
         lb = z = x.new_zeros((), dtype=torch.float32)
         for i, block in enumerate(self.blocks):
             x, block_lb, block_z = block(x, None if caches is None else caches[i], pos)
             if block_lb is not None:
                 lb, z = lb + block_lb, z + block_z
-        logits = F.linear(self.norm(x), self.embed.weight)  # tied head
+        logits = F.linear(self.norm(x), self.embed.weight)  # (B, T, V), tied head
+        if targets is not None:  # inside the model, torch.compile fuses the fp32 softmax: no fp32 logits in memory
+            return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten()), lb, z
         return logits, lb, z
 
 
@@ -1290,8 +1310,7 @@ def train_model(name, cfg, data, rt, log_metrics=lambda rec: None, ckpt_dir=None
             x, y = stream.batch((step * accum + micro) * global_batch + rt.rank * cfg.batch_size, cfg.batch_size)
             sync = micro == accum - 1 or rt.world == 1
             with (contextlib.nullcontext() if sync else model.no_sync()), rt.autocast():
-                logits, lb, z = model(x)
-                ce = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+                ce, lb, z = model(x, targets=y)
                 loss = ce + lb_weight * lb + cfg.z_loss_weight * z
                 scaler.scale(loss / accum).backward()
             running += torch.stack([ce.detach(), lb.detach(), z.detach()]) / accum

@@ -64,6 +64,7 @@ except Exception as e:  # noqa: BLE001  (an old or missing transformers: the HF 
 
 HF_IMPLS = ("eager", "batched_mm", "grouped_mm")
 DEVICE_SKIP = "ok" in inspect.signature(llm.Muon.step).parameters  # llm.train_model's sync-free step skipping
+MODEL_LOSS = "targets" in inspect.signature(llm.Transformer.forward).parameters  # the loss computed in the model
 INIT_STD = 0.02
 CHECK_TOKENS = 64  # tokens per sequence in the correctness checks
 
@@ -105,6 +106,22 @@ class MaskLoopMoE(nn.Module):
         for i, expert in enumerate(self.experts):
             expert[0].weight.copy_(moe.w_up[i])
             expert[2].weight.copy_(moe.w_down[i])
+
+
+class ExpertsAlone(nn.Module):
+    """The floor under a dropless grouped-GEMM layer: llm.MoE's expert matmuls and activation
+    (llm.MoE.experts_grouped, weight casts included) on token copies already grouped by expert in
+    an even split: no router, sort or permutation. Its ratio to the dense FFN is the cost of the
+    grouped GEMM kernels alone, a bound the whole layer cannot beat."""
+
+    def __init__(self, moe, rows):
+        super().__init__()
+        self.moe = moe
+        self.register_buffer("offs", torch.tensor([(e + 1) * rows // moe.E for e in range(moe.E)], dtype=torch.int32))
+
+    def forward(self, xs):  # (N*k, D) -> (N*k, D)
+        dtype = torch.get_autocast_dtype(xs.device.type) if torch.is_autocast_enabled(xs.device.type) else xs.dtype
+        return self.moe.experts_grouped(xs.to(dtype), self.offs, dtype)
 
 
 def init_weights(module):
@@ -448,12 +465,12 @@ def layer_section(args, device, dtype, amp, log):
 
     cands = []
 
-    def add(key, label, build, aux=False, fullgraph=False, note="", graphable=False):
+    def add(key, label, build, aux=False, fullgraph=False, note="", graphable=False, inputs=(x, g)):
         c = Candidate(key, label, flops=3 * fwd_flops)
         c.note, c.graphable = note, graphable
         try:
             module = build().to(device).train()
-            c.step = layer_step(compile_(module, fullgraph), x, g, amp, aux=aux)
+            c.step = layer_step(compile_(module, fullgraph), *inputs, amp, aux=aux)
         except Exception as e:  # noqa: BLE001
             c.fail(short_error(e))
         cands.append(c)
@@ -466,6 +483,10 @@ def layer_section(args, device, dtype, amp, log):
         ours_note += " (eager check; compiled fp32 on CPU uses llm.grouped_mm_fallback, E x the FLOPs)"
     add("ours", "ours: llm.MoE (topk, dropless)", lambda: init_weights(llm.MoE(cfg)), aux=True, fullgraph=True, graphable=True,
         note=ours_note)
+    copies = (torch.randn(N * k, D, device=device, requires_grad=True), torch.randn(N * k, D, device=device))
+    add("experts_alone", "floor: ours' experts alone", lambda: ExpertsAlone(init_weights(llm.MoE(cfg)), N * k),
+        fullgraph=True, graphable=True, inputs=copies,
+        note="grouped matmuls + activation on pre-grouped copies, even split; no router, sort, permutation")
     add("mask_loop", "mask loop (tutorial)", lambda: init_weights(MaskLoopMoE(D, Fw, E, k)))
     for impl in HF_IMPLS:
         key, label = f"hf_{impl}", f"HF Mixtral {impl}"
@@ -534,8 +555,11 @@ def train_section(args, device, dtype, amp, log):
 
             def step(model=model, run=run, optimizers=optimizers, cfg=cfg, lb_weight=lb_weight):
                 with amp():
-                    logits, lb, z = run(idx)
-                    ce = F.cross_entropy(logits.float().flatten(0, 1), tgt.flatten())
+                    if MODEL_LOSS:  # as llm.train_model: the loss inside the (compiled) model
+                        ce, lb, z = run(idx, targets=tgt)
+                    else:
+                        logits, lb, z = run(idx)
+                        ce = F.cross_entropy(logits.float().flatten(0, 1), tgt.flatten())
                     loss = ce + lb_weight * lb + cfg.z_loss_weight * z
                 loss.backward()
                 # as llm.train_model (bf16/fp32): the clipped norm doubles as the finiteness check, and a
@@ -702,6 +726,11 @@ def main(argv=None):
         verdict = "n/a " if ok is None else ("PASS" if ok else "FAIL")
         log(f"  {verdict}  {text}: {fmt(value, '.3f')} (limit {limit:.2f})"
             + (" [ours differs from the mask loop]" if not correct and key.startswith("moe_layer") else ""))
+    floor = next(c for c in layer if c.key == "experts_alone")
+    if floor.ok:  # what the kernels allow: the layer ratio cannot go below the ratio of its expert matmuls
+        log(f"  floor: ours' expert matmuls alone take {fmt(floor.ratio, '.3f')}x the dense FFN"
+            + (f" ({fmt(floor.graph_ratio, '.3f')}x on GPU time)" if floor.graph_ratio is not None else "")
+            + "; the layer's routing, sort and permutations come on top")
     wall = time.perf_counter() - t_start
     log(f"total time {wall:.1f}s")
 
@@ -712,7 +741,7 @@ def main(argv=None):
     record = dict(bench="bench_moe", date=date, device=device.type, device_name=device_name, torch=torch.__version__,
                   transformers=HF_VERSION, dtype=args.dtype, args=vars(args), wall_s=round(wall, 1),
                   layer=dict(**layer_info, candidates=rows(layer)), train=dict(**train_info, candidates=rows(train)),
-                  ratios=dict(moe_layer_vs_dense_ffn=layer[1].ratio,
+                  ratios=dict(moe_layer_vs_dense_ffn=layer[1].ratio, experts_alone_vs_dense_ffn=floor.ratio,
                               train_moe_vs_dense_matched=train[0].ratio),
                   targets={key: dict(value=value, limit=limit, passed=ok, defined_for="H100") for key, text, value, limit, ok in results},
                   correctness=checks)

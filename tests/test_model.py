@@ -285,3 +285,14 @@ def test_muon_steps_same_shape_matrices_together_exactly_as_one_at_a_time():
         for p, r, b in zip(ours, ref, bufs):
             torch.testing.assert_close(p.detach(), r, rtol=1e-5, atol=1e-6)
             torch.testing.assert_close(opt.state[p]["momentum_buffer"], b, rtol=1e-5, atol=1e-6)
+
+
+def test_the_loss_computed_inside_the_model_is_the_cross_entropy_of_its_logits():
+    cfg = tiny(vocab_size=50)
+    torch.manual_seed(0)
+    model = llm.Transformer(cfg).eval()  # no router noise: both calls route alike
+    idx, targets = torch.randint(0, 50, (3, 16)), torch.randint(0, 50, (3, 16))
+    logits, lb, z = model(idx)
+    ce, lb2, z2 = model(idx, targets=targets)
+    assert torch.allclose(ce, torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten()))
+    assert torch.equal(lb, lb2) and torch.equal(z, z2)

@@ -216,6 +216,19 @@ def test_fine_grained_experts_have_the_active_compute_of_the_coarse_ones():
     assert a["total"] == pytest.approx(b["total"], rel=0.01)
 
 
+@pytest.mark.parametrize("k", [1, 2, 5])
+def test_compiled_top_k_picks_the_experts_torch_topk_picks_in_the_same_order(k):
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    scores = torch.randn(64, 8)
+    scores[3] = 0.125  # a tie (e.g. a zero router): still k distinct experts
+    compiled = torch.compile(llm.top_k, backend="aot_eager", fullgraph=True)(scores, k)
+    rest = torch.arange(64) != 3
+    assert torch.equal(compiled[rest], scores.topk(k, dim=-1).indices[rest])
+    assert compiled[3].tolist() == list(range(k))
+    assert torch.equal(llm.top_k(scores, k), scores.topk(k, dim=-1).indices)  # eager is topk itself
+
+
 @pytest.mark.parametrize("kw, dtype", [(dict(), torch.bfloat16), (dict(), torch.float32),
                                        (dict(routing="switch"), torch.float32),
                                        (dict(routing="expert_choice"), torch.float32),
