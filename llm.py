@@ -121,6 +121,7 @@ class Config:
     seed: int = 42  # model init, data split and batch order
     dtype: str = "auto"  # auto (bf16 on CUDA, fp16 where bf16 is missing, fp32 on CPU) | bf16 | fp16 | fp32
     compile: str = "auto"  # auto (on with CUDA) | on | off
+    cuda_graphs: bool = True  # compiled, one GPU, no accumulation: replay forward+backward as CUDA graphs; else the host's launches bound the step
 
     # evaluation and logging
     eval_every: int = 500  # optimizer steps between evaluations (and one at the end)
@@ -936,17 +937,18 @@ def newton_schulz(G, steps=5, eps=1e-7):
     own orthogonalised update, as if each were a separate parameter.
     """
     a, b, c = 3.4445, -4.7750, 2.0315
-    X = G.to(torch.bfloat16 if G.is_cuda else torch.float32)
+    X = G.to(torch.bfloat16 if G.is_cuda else torch.float32).reshape(-1, *G.shape[-2:])  # (M, out, in)
     tall = X.size(-2) > X.size(-1)
     if tall:
         X = X.mT
     X = X / (X.norm(dim=(-2, -1), keepdim=True) + eps)
     for _ in range(steps):
-        A = X @ X.mT
-        X = a * X + (b * A + c * A @ A) @ X
+        A = X @ X.mT  # (M, r, r), r the smaller side
+        # baddbmm: the scaled sums happen in the matmuls' epilogue, not as separate passes over X
+        X = torch.baddbmm(X, torch.baddbmm(A, A, A, beta=b, alpha=c), X, beta=a)  # a X + (b A + c A A) X
     if tall:
         X = X.mT
-    return X.to(G.dtype)
+    return X.reshape(G.shape).to(G.dtype)
 
 
 class Muon(torch.optim.Optimizer):
@@ -1064,6 +1066,13 @@ def make_runtime(cfg):
         dtype = torch.float32
     compile_ = cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda")
     return Runtime(device=device, dtype=dtype, compile=compile_, rank=rank, world=world)
+
+
+def uses_cuda_graphs(cfg, rt):
+    """CUDA graphs need one process (DDP's gradient hooks run between the graphs) and one
+    micro-batch per step (a graph's gradients are overwritten by its next replay)."""
+    return (rt.compile and cfg.cuda_graphs and rt.device.type == "cuda" and rt.world == 1
+            and cfg.gradient_accumulation_steps == 1)
 
 
 @torch.no_grad()
@@ -1227,8 +1236,9 @@ def train_model(name, cfg, data, rt, log_metrics=lambda rec: None, ckpt_dir=None
         init(model)
     counts = count_params(cfg)
     core = model
+    graphs = uses_cuda_graphs(cfg, rt)
     if rt.compile:
-        model = torch.compile(model)
+        model = torch.compile(model, mode="reduce-overhead" if graphs else None)
     if rt.world > 1:
         # no buffer broadcast: each rank accumulates its own expert load until update_bias all-reduces it
         model = nn.parallel.DistributedDataParallel(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None,
@@ -1309,6 +1319,8 @@ def train_model(name, cfg, data, rt, log_metrics=lambda rec: None, ckpt_dir=None
         for micro in range(accum):
             x, y = stream.batch((step * accum + micro) * global_batch + rt.rank * cfg.batch_size, cfg.batch_size)
             sync = micro == accum - 1 or rt.world == 1
+            if graphs:  # the previous step's outputs are dead: its graph's memory may be reused
+                torch.compiler.cudagraph_mark_step_begin()
             with (contextlib.nullcontext() if sync else model.no_sync()), rt.autocast():
                 ce, lb, z = model(x, targets=y)
                 loss = ce + lb_weight * lb + cfg.z_loss_weight * z
@@ -1634,11 +1646,12 @@ with open(os.path.abspath(__file__), "rb") as _f:
     CODE_SHA256 = hashlib.sha256(_f.read()).hexdigest()  # of the code that is running, read at import
 
 
-def environment(rt):
+def environment(rt, cfg):
     return dict(torch=torch.__version__, python=platform.python_version(), platform=platform.platform(),
                 device=torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else cpu_name(),
                 cpu_threads=torch.get_num_threads(),
-                dtype=str(rt.dtype).replace("torch.", ""), compile=rt.compile, world_size=rt.world,
+                dtype=str(rt.dtype).replace("torch.", ""), compile=rt.compile, cuda_graphs=uses_cuda_graphs(cfg, rt),
+                world_size=rt.world,
                 llm_py_sha256=CODE_SHA256, command=" ".join([os.path.basename(sys.argv[0])] + sys.argv[1:]),
                 date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
 
@@ -1720,6 +1733,7 @@ def run_comparison(cfg, names, out_dir, cache_dir="data_cache", seeds=None, swee
         f"train {len(data.train):,} tokens, val {len(data.val):,} tokens, tokenizer {data.tokenizer} "
         f"(vocab {data.vocab_size})")
     say(f"device: {rt.device.type}, {str(rt.dtype).replace('torch.', '')}, compile {'on' if rt.compile else 'off'}"
+        f"{' (CUDA graphs)' if uses_cuda_graphs(cfg, rt) else ''}"
         f"{f', {rt.world} processes' if rt.world > 1 else ''}")
     epochs = cfg.max_steps * cfg.gradient_accumulation_steps * cfg.batch_size * rt.world * cfg.max_seq_len / len(data.train)
     if epochs > 1.5:
@@ -1813,7 +1827,7 @@ def run_comparison(cfg, names, out_dir, cache_dir="data_cache", seeds=None, swee
 
     summary, comparisons = summarize(rows)
     results = dict(dataset=dataset, config=dataclasses.asdict(cfg), seeds=seeds, models=rows, summary=summary,
-                   comparisons=comparisons, environment=environment(rt))
+                   comparisons=comparisons, environment=environment(rt, cfg))
     if rt.master:
         say("\n" + format_table(rows))
         atomic_write(os.path.join(out_dir, "results.json"), json.dumps(results, indent=1).encode())

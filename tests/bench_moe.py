@@ -64,6 +64,7 @@ except Exception as e:  # noqa: BLE001  (an old or missing transformers: the HF 
 
 HF_IMPLS = ("eager", "batched_mm", "grouped_mm")
 DEVICE_SKIP = "ok" in inspect.signature(llm.Muon.step).parameters  # llm.train_model's sync-free step skipping
+GRAPHS = hasattr(llm, "uses_cuda_graphs")  # llm.train_model's CUDA graphs
 MODEL_LOSS = "targets" in inspect.signature(llm.Transformer.forward).parameters  # the loss computed in the model
 INIT_STD = 0.02
 CHECK_TOKENS = 64  # tokens per sequence in the correctness checks
@@ -550,10 +551,14 @@ def train_section(args, device, dtype, amp, log):
             torch.manual_seed(0)
             model = llm.Transformer(cfg).to(device).train()  # its own init (std 0.02, scaled output projections)
             optimizers = llm.make_optimizers(model, cfg)
-            run = torch.compile(model) if args.compile else model
+            # as llm.train_model: compiled on one GPU, the forward and backward replay as CUDA graphs
+            graphs = args.compile and device.type == "cuda" and cfg.cuda_graphs if GRAPHS else False
+            run = torch.compile(model, mode="reduce-overhead" if graphs else None) if args.compile else model
             lb_weight = 0.0 if cfg.balance == "aux_free" else cfg.load_balancing_weight
 
-            def step(model=model, run=run, optimizers=optimizers, cfg=cfg, lb_weight=lb_weight):
+            def step(model=model, run=run, optimizers=optimizers, cfg=cfg, lb_weight=lb_weight, graphs=graphs):
+                if graphs:
+                    torch.compiler.cudagraph_mark_step_begin()
                 with amp():
                     if MODEL_LOSS:  # as llm.train_model: the loss inside the (compiled) model
                         ce, lb, z = run(idx, targets=tgt)

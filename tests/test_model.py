@@ -296,3 +296,14 @@ def test_the_loss_computed_inside_the_model_is_the_cross_entropy_of_its_logits()
     ce, lb2, z2 = model(idx, targets=targets)
     assert torch.allclose(ce, torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten()))
     assert torch.equal(lb, lb2) and torch.equal(z, z2)
+
+
+def test_cuda_graphs_are_used_only_compiled_on_one_cuda_device_without_accumulation():
+    cfg = tiny()
+    gpu = llm.Runtime(device=torch.device("cuda", 0), dtype=torch.bfloat16, compile=True)
+    assert llm.uses_cuda_graphs(cfg, gpu)
+    assert not llm.uses_cuda_graphs(dataclasses.replace(cfg, cuda_graphs=False), gpu)
+    assert not llm.uses_cuda_graphs(dataclasses.replace(cfg, gradient_accumulation_steps=2), gpu)
+    assert not llm.uses_cuda_graphs(cfg, dataclasses.replace(gpu, world=2))
+    assert not llm.uses_cuda_graphs(cfg, dataclasses.replace(gpu, compile=False))
+    assert not llm.uses_cuda_graphs(cfg, dataclasses.replace(gpu, device=torch.device("cpu")))
