@@ -11,12 +11,15 @@ A script, not a test: pytest does not collect it (its name does not start with t
 Section 1, one layer, forward + backward at equal matmul FLOPs per token:
   dense FFN      llm.FeedForward(cfg, top_k * d_ff): the compute-matched dense FFN, the reference
   ours           llm.MoE(cfg): token choice, dropless, one grouped matmul per projection
+  floor          ours' expert matmuls and activation alone, on copies already grouped by expert:
+                 what the grouped GEMM kernels cost before any routing (a bound on ours)
   mask loop      the original tutorial's per-expert boolean-mask loop (reimplemented here only)
   HF Mixtral     transformers' MixtralSparseMoeBlock with each experts implementation (eager,
                  batched_mm, grouped_mm); SwiGLU experts of intermediate size I = 2/3 d_ff have the
                  matmul FLOPs of a SiLU MLP of width d_ff
 Section 2, one training step (forward, backward, gradient clipping, Muon + AdamW steps) of the
-"moe" config against its "dense-matched" config (llm.dense_matched).
+"moe" config against its "dense-matched" config (llm.dense_matched), as llm.train_model runs it
+(--compile on CUDA: torch.compile with CUDA graphs).
 
 Timing: every candidate is warmed up, then each repeat times `iters` calls of every candidate in
 turn (the order rotates between repeats, so a noisy neighbour hits all of them alike); the table
