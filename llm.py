@@ -645,8 +645,9 @@ def grouped_mm(a, b, offs):
 
 def top_k(scores, k):  # (N, E) -> (N, k) indices of the k largest scores, largest first
     """torch.topk, except under torch.compile: there k rounds of argmax, which inductor fuses with
-    the router's softmax into one kernel, where topk would be two more kernels (a sort) taking a
-    third of the router's GPU time. Eager keeps topk: one op is cheaper for the host."""
+    the router's softmax into one kernel, where topk is two more kernels (a sort); on an H100 at the
+    seed shapes that took a compiled layer's forward+backward from 0.85 to 0.81 ms. Eager keeps
+    topk: one op is cheaper for the host. Compiled, ties go to the lower expert id."""
     if not torch.compiler.is_compiling():
         return scores.topk(k, dim=-1).indices
     cols = torch.arange(scores.shape[-1], device=scores.device)
