@@ -19,7 +19,9 @@ Section 1, one layer, forward + backward at equal matmul FLOPs per token:
                  matmul FLOPs of a SiLU MLP of width d_ff
 Section 2, one training step (forward, backward, gradient clipping, Muon + AdamW steps) of the
 "moe" config against its "dense-matched" config (llm.dense_matched), as llm.train_model runs it
-(--compile on CUDA: torch.compile with CUDA graphs).
+(--compile on CUDA: torch.compile with CUDA graphs). Then each one's optimizer step alone (gradient
+clipping, Muon, AdamW on gradients computed once): Muon's cost grows with total parameters, so
+the MoE pays for all its experts there, not only for the active ones.
 
 Timing: every candidate is warmed up, then each repeat times `iters` calls of every candidate in
 turn (the order rotates between repeats, so a noisy neighbour hits all of them alike); the table
@@ -545,6 +547,31 @@ def train_section(args, device, dtype, amp, log):
     torch.manual_seed(0)
     idx = torch.randint(0, base.vocab_size, (B, T), device=device)
     tgt = torch.randint(0, base.vocab_size, (B, T), device=device)
+
+    def forward_backward(run, cfg, lb_weight):
+        with amp():
+            if MODEL_LOSS:  # as llm.train_model: the loss inside the (compiled) model
+                ce, lb, z = run(idx, targets=tgt)
+            else:
+                logits, lb, z = run(idx)
+                ce = F.cross_entropy(logits.float().flatten(0, 1), tgt.flatten())
+            loss = ce + lb_weight * lb + cfg.z_loss_weight * z
+        loss.backward()
+
+    def optimizer_step(model, optimizers, cfg):
+        # as llm.train_model (bf16/fp32): the clipped norm doubles as the finiteness check, and a
+        # non-finite step is skipped on the device (Muon's ok, fused AdamW's found_inf)
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+        muon, adamw = optimizers
+        if DEVICE_SKIP:
+            ok = torch.isfinite(norm)
+            muon.step(ok=ok)
+            adamw.found_inf = (~ok).float()
+            adamw.step()
+        else:  # an llm.py whose Muon cannot skip on the device
+            muon.step()
+            adamw.step()
+
     for name, cfg in cfgs.items():
         counts = llm.count_params(cfg)
         info[name] = dict(d_ff=cfg.d_ff, moe_layers=cfg.moe_layer_ids(), active_params=counts["active"],
@@ -562,29 +589,23 @@ def train_section(args, device, dtype, amp, log):
             def step(model=model, run=run, optimizers=optimizers, cfg=cfg, lb_weight=lb_weight, graphs=graphs):
                 if graphs:
                     torch.compiler.cudagraph_mark_step_begin()
-                with amp():
-                    if MODEL_LOSS:  # as llm.train_model: the loss inside the (compiled) model
-                        ce, lb, z = run(idx, targets=tgt)
-                    else:
-                        logits, lb, z = run(idx)
-                        ce = F.cross_entropy(logits.float().flatten(0, 1), tgt.flatten())
-                    loss = ce + lb_weight * lb + cfg.z_loss_weight * z
-                loss.backward()
-                # as llm.train_model (bf16/fp32): the clipped norm doubles as the finiteness check, and a
-                # non-finite step is skipped on the device (Muon's ok, fused AdamW's found_inf)
-                norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
-                muon, adamw = optimizers
-                if DEVICE_SKIP:
-                    ok = torch.isfinite(norm)
-                    muon.step(ok=ok)
-                    adamw.found_inf = (~ok).float()
-                    adamw.step()
-                else:  # an llm.py whose Muon cannot skip on the device
-                    muon.step()
-                    adamw.step()
+                forward_backward(run, cfg, lb_weight)
+                optimizer_step(model, optimizers, cfg)
                 for o in optimizers:
                     o.zero_grad(set_to_none=True)
             c.step = step
+        except Exception as e:  # noqa: BLE001
+            c.fail(short_error(e))
+        cands.append(c)
+    for name, cfg in cfgs.items():  # the optimizer's share: its step alone, on gradients computed once
+        c = Candidate(f"train_{name.replace('-', '_')}_optimizer", f"{name}: optimizer alone")
+        c.note = "clip + Muon + AdamW on fixed gradients, no forward or backward"
+        try:
+            torch.manual_seed(0)
+            model = llm.Transformer(cfg).to(device).train()
+            optimizers = llm.make_optimizers(model, cfg)
+            forward_backward(model, cfg, 0.0 if cfg.balance == "aux_free" else cfg.load_balancing_weight)
+            c.step = lambda model=model, optimizers=optimizers, cfg=cfg: optimizer_step(model, optimizers, cfg)
         except Exception as e:  # noqa: BLE001
             c.fail(short_error(e))
         cands.append(c)
@@ -607,7 +628,8 @@ def train_section(args, device, dtype, amp, log):
 
 
 def fmt(v, spec):
-    return format(v, spec) if v is not None else "-"
+    """v formatted by spec, or a dash as wide as spec asks when there is no value."""
+    return format(v, spec) if v is not None else format("-", spec.rstrip("f").split(".")[0] or "")
 
 
 def table(title, cands, ratio_name, log, graphs=False):

@@ -19,6 +19,8 @@ def test_the_moe_bench_runs_on_cpu_checks_ours_and_times_every_candidate():
     assert set(layer) == {"dense_ffn", "ours", "experts_alone", "mask_loop", "hf_eager", "hf_batched_mm", "hf_grouped_mm"}
     assert all(c["status"] == "ok" and c["ms"] > 0 for c in layer.values()), {k: c["status"] for k, c in layer.items()}
     assert layer["dense_ffn"]["ratio"] == 1.0 and record["ratios"]["experts_alone_vs_dense_ffn"] > 0
-    assert all(c["status"] == "ok" for c in record["train"]["candidates"].values())
+    train = record["train"]["candidates"]
+    assert set(train) == {"train_moe", "train_dense_matched", "train_moe_optimizer", "train_dense_matched_optimizer"}
+    assert all(c["status"] == "ok" and c["ms"] > 0 for c in train.values())
     assert set(record["targets"]) == {"moe_layer_vs_dense_ffn", "moe_layer_vs_fastest_hf", "train_step_moe_vs_dense_matched"}
     assert "floor: ours' expert matmuls alone take" in p.stdout
