@@ -1239,6 +1239,10 @@ def train_model(name, cfg, data, rt, log_metrics=lambda rec: None, ckpt_dir=None
     core = model
     graphs = uses_cuda_graphs(cfg, rt)
     if rt.compile:
+        # a fresh start per model: dynamo recompiles a function at most 8 times, then silently runs
+        # it eagerly (a sweep's later models would train uncompiled, their speed not comparable),
+        # and the previous model's CUDA graphs would keep their memory
+        torch._dynamo.reset()
         model = torch.compile(model, mode="reduce-overhead" if graphs else None)
     if rt.world > 1:
         # no buffer broadcast: each rank accumulates its own expert load until update_bias all-reduces it

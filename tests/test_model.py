@@ -307,3 +307,24 @@ def test_cuda_graphs_are_used_only_compiled_on_one_cuda_device_without_accumulat
     assert not llm.uses_cuda_graphs(cfg, dataclasses.replace(gpu, world=2))
     assert not llm.uses_cuda_graphs(cfg, dataclasses.replace(gpu, compile=False))
     assert not llm.uses_cuda_graphs(cfg, dataclasses.replace(gpu, device=torch.device("cpu")))
+
+
+def test_every_model_of_a_long_sweep_is_compiled_not_only_the_first_eight(monkeypatch):
+    """dynamo recompiles a function at most 8 times and then runs it eagerly without an error;
+    train_model starts each model afresh, so the ninth config of a sweep is compiled too."""
+    compiled = []
+    real = torch.compile
+
+    def counting_backend(gm, example_inputs):
+        compiled.append(gm)
+        return gm.forward
+
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: real(model, backend=counting_backend))
+    data = synthetic_data()
+    rt = llm.Runtime(device=torch.device("cpu"), dtype=torch.float32, compile=True)
+    for i in range(9):
+        before = len(compiled)
+        cfg = tiny(moe_layers="none", vocab_size=64, d_ff=16 + 8 * i, max_steps=1, eval_every=1, eval_batches=1,
+                   batch_size=2, log_every=1)
+        llm.train_model(f"m{i}", cfg, data, rt)
+        assert len(compiled) > before, f"model {i} (d_ff {cfg.d_ff}) ran without compiling"
