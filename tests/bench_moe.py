@@ -5,6 +5,7 @@
     python tests/bench_moe.py --quick          # small shapes, about a minute on 2 CPU cores
     python tests/bench_moe.py --compile        # torch.compile every candidate (ours with fullgraph=True)
     python tests/bench_moe.py --device cpu --dtype bf16 --repeats 9 --iters 10
+    python tests/bench_moe.py --compile --profile  # and where each candidate's time goes, kernel by kernel
 
 A script, not a test: pytest does not collect it (its name does not start with test_).
 
@@ -191,6 +192,7 @@ class Candidate:
         self.ratio = self.graph_ratio = None  # against the section's reference, set after timing
         self.graphable = False  # makes no host sync: can be captured in a CUDA graph
         self.graph, self.graph_status, self.graph_samples = None, "not captured", []  # replays, ms per call
+        self.profile = None  # --profile: the heaviest kernels (CUDA) or ops (CPU) of one call
 
     def fail(self, reason):
         self.status, self.step = f"n/a ({reason})", None
@@ -260,6 +262,30 @@ def capture(step, device):
     return graph
 
 
+def profile_calls(c, args, device, log, top=12):
+    """--profile: torch.profiler over `iters` calls of c; prints and keeps the kernels (CUDA: device
+    time) or ops (CPU: self time) that take longest, per call."""
+    from torch.profiler import ProfilerActivity, profile
+    cuda = device.type == "cuda"
+    sync(device)
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        for _ in range(args.iters):
+            c.step()
+        sync(device)
+    events = prof.key_averages()
+    if cuda:
+        rows = [(e.device_time_total, e.count, e.key) for e in events if e.device_type.name == "CUDA" and e.device_time_total > 0]
+    else:
+        rows = [(e.self_cpu_time_total, e.count, e.key) for e in events if e.self_cpu_time_total > 0]
+    rows.sort(key=lambda r: -r[0])
+    per_call = sum(r[0] for r in rows) / args.iters / 1000
+    log(f"  profile of {c.label}: {per_call:.3f} ms of {'kernel' if cuda else 'CPU op'} time per call; the heaviest:")
+    c.profile = dict(ms_per_call=per_call, kind="cuda kernels" if cuda else "cpu ops", top=[])
+    for t, n, key in rows[:top]:
+        log(f"    {t / args.iters / 1000:8.3f} ms  x{n / args.iters:<5.3g} {key[:110]}")
+        c.profile["top"].append(dict(name=key, ms_per_call=t / args.iters / 1000, calls_per_call=n / args.iters))
+
+
 def measure(cands, args, device, log):
     """Warm every candidate up, then interleave them over the repeats. A candidate whose warm-up
     call takes longer than slow_s (e.g. HF batched_mm on a CPU) gets one timed call, not repeats.
@@ -311,6 +337,13 @@ def measure(cands, args, device, log):
             except Exception as e:  # noqa: BLE001
                 c.fail(short_error(e))
                 release(device)
+    if args.profile:
+        for c in live:
+            if c.step is not None:
+                try:
+                    profile_calls(c, args, device, log)
+                except Exception as e:  # noqa: BLE001
+                    log(f"  profile of {c.label} failed: {short_error(e)}")
     for c in cands:  # drop the models and their graphs before the next section
         c.step = c.graph = None
     release(device)
@@ -706,6 +739,8 @@ def main(argv=None):
     p.add_argument("--compile", action="store_true", help="torch.compile every candidate (ours and dense with fullgraph=True)")
     p.add_argument("--dtype", choices=("fp32", "bf16"), default=None, help="default: bf16 autocast on cuda, fp32 on cpu")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--profile", action="store_true", help="after timing, torch.profiler over each candidate's calls: "
+                   "its heaviest kernels (CUDA) or ops (CPU) per call")
     args = p.parse_args(argv)
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -767,7 +802,8 @@ def main(argv=None):
     def rows(cands):
         return {c.key: dict(label=c.label, ms=c.ms, spread=c.spread, ratio=c.ratio, samples_ms=c.samples,
                             status=c.status, note=c.note, gpu_ms=c.graph_ms, gpu_ratio=c.graph_ratio,
-                            gpu_samples_ms=c.graph_samples, graph_status=c.graph_status) for c in cands}
+                            gpu_samples_ms=c.graph_samples, graph_status=c.graph_status, profile=c.profile)
+                for c in cands}
     record = dict(bench="bench_moe", date=date, device=device.type, device_name=device_name, torch=torch.__version__,
                   transformers=HF_VERSION, dtype=args.dtype, args=vars(args), wall_s=round(wall, 1),
                   layer=dict(**layer_info, candidates=rows(layer)), train=dict(**train_info, candidates=rows(train)),
