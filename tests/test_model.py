@@ -328,3 +328,25 @@ def test_every_model_of_a_long_sweep_is_compiled_not_only_the_first_eight(monkey
                    batch_size=2, log_every=1)
         llm.train_model(f"m{i}", cfg, data, rt)
         assert len(compiled) > before, f"model {i} (d_ff {cfg.d_ff}) ran without compiling"
+
+
+def test_the_cuda_graph_training_path_trains_like_the_plain_one(monkeypatch):
+    """The branch train_model takes with CUDA graphs (compile mode reduce-overhead, a step marker
+    before each forward), run on CPU with an eager backend: what can be checked without a GPU is
+    that it trains exactly as the plain path does."""
+    real = torch.compile
+    modes = []
+
+    def eager_compile(model, mode=None, **kw):
+        modes.append(mode)
+        return real(model, backend="eager")
+
+    monkeypatch.setattr(torch, "compile", eager_compile)
+    data = synthetic_data()
+    cfg = tiny(vocab_size=64, max_steps=4, eval_every=4, eval_batches=2, batch_size=4, log_every=2)
+    rt = llm.Runtime(device=torch.device("cpu"), dtype=torch.float32, compile=True)
+    plain = llm.train_model("plain", cfg, data, rt)
+    monkeypatch.setattr(llm, "uses_cuda_graphs", lambda cfg, rt: True)
+    graphed = llm.train_model("graphed", cfg, data, rt)
+    assert modes == [None, "reduce-overhead"]
+    assert graphed["val_loss"] == plain["val_loss"] and graphed["train_loss"] == plain["train_loss"]
