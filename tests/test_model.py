@@ -330,6 +330,7 @@ def test_every_model_of_a_long_sweep_is_compiled_not_only_the_first_eight(monkey
         assert len(compiled) > before, f"model {i} (d_ff {cfg.d_ff}) ran without compiling"
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")  # torch tracing itself
 def test_the_cuda_graph_training_path_trains_like_the_plain_one(monkeypatch):
     """The branch train_model takes with CUDA graphs (compile mode reduce-overhead, a step marker
     before each forward), run on CPU with an eager backend: what can be checked without a GPU is
