@@ -1970,13 +1970,25 @@ def expert_analysis(model, windows, batch_size, vocab_size, min_count=20, top=10
 def model_size(cfg):
     """Parameters, FLOPs and training memory of a config, without building the model: fp32 weights
     and gradients, Muon's one momentum buffer per hidden matrix, AdamW's two moments per other
-    parameter (embedding, norms, routers). Activations are not included."""
+    parameter (embedding, norms, routers). Activations are not included. Also the matmul FLOPs of
+    Muon's Newton-Schulz per optimizer step (muon_flops_per_step)."""
     c = count_params(cfg)
     n_moe = len(cfg.moe_layer_ids())
     adamw = cfg.vocab_size * cfg.d_model + (2 * cfg.n_layers + 1) * cfg.d_model + n_moe * cfg.d_model * cfg.num_experts
     muon = c["total"] - adamw
+
+    # Muon's Newton-Schulz (default 5 steps) costs every matrix, active or not, 4 r^2 c + 2 r^3 matmul
+    # FLOPs a step (X X^T, A A, B X; r its smaller side): an MoE pays it for all of its experts
+    def ns(rows, cols, count=1):
+        r, c_ = min(rows, cols), max(rows, cols)
+        return count * 5 * (4 * r * r * c_ + 2 * r ** 3)
+    d, hd, s = cfg.d_model, cfg.d_model // cfg.n_heads, 2 if cfg.ffn == "swiglu" else 1
+    e_ff, shared = cfg.expert_d_ff or cfg.d_ff, cfg.n_shared_experts * (cfg.expert_d_ff or cfg.d_ff)
+    attn = ns((cfg.n_heads + 2 * cfg.kv_heads) * hd, d) + ns(d, cfg.n_heads * hd)
+    moe = ns(s * e_ff, d, cfg.num_experts) + ns(d, e_ff, cfg.num_experts) + (ns(s * shared, d) + ns(d, shared) if shared else 0)
+    muon_flops = cfg.n_layers * attn + (cfg.n_layers - n_moe) * (ns(s * cfg.d_ff, d) + ns(d, cfg.d_ff)) + n_moe * moe
     return dict(c, muon_params=muon, adamw_params=adamw, weight_bytes=4 * c["total"], grad_bytes=4 * c["total"],
-                optimizer_bytes=4 * muon + 8 * adamw)
+                optimizer_bytes=4 * muon + 8 * adamw, muon_flops_per_step=muon_flops)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -2152,6 +2164,9 @@ def size_main(argv):
     for k in ("total", "active", "non_embedding", "active_non_embedding", "expert", "muon_params", "adamw_params"):
         print(f"  {k:<22} {s[k]:>14,}")
     print(f"  {'flops_per_token':<22} {s['flops_per_token']:>14,}")
+    step_flops = s["flops_per_token"] * cfg.batch_size * cfg.gradient_accumulation_steps * cfg.max_seq_len
+    print(f"  {'muon_flops_per_step':<22} {s['muon_flops_per_step']:>14,} ({s['muon_flops_per_step'] / step_flops:.1%} of "
+          f"a step's training FLOPs at batch {cfg.batch_size} x {cfg.gradient_accumulation_steps} x {cfg.max_seq_len})")
     for k in ("weight_bytes", "grad_bytes", "optimizer_bytes"):
         print(f"  {k:<22} {s[k] / 2**20:>12,.1f} MiB")
     total = s["weight_bytes"] + s["grad_bytes"] + s["optimizer_bytes"]

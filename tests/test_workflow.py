@@ -20,6 +20,7 @@ import time
 import numpy as np
 import pytest
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 import llm
 import helpers
@@ -348,7 +349,9 @@ def test_size_calculator_agrees_with_the_built_model(name):
     logits, lb, z = model(torch.randint(0, cfg.vocab_size, (2, 16)))
     (logits.square().mean() + lb + z).backward()
     assert size["grad_bytes"] == sum(p.grad.numel() * p.grad.element_size() for p in model.parameters())
-    muon.step()
+    with FlopCounterMode(display=False) as flops:
+        muon.step()
+    assert size["muon_flops_per_step"] == flops.get_total_flops()  # the Newton-Schulz matmuls, counted by torch
     adamw.step()
     state = sum(v.numel() * v.element_size() for opt in (muon, adamw) for st in opt.state.values()
                 for k, v in st.items() if k != "step" and torch.is_tensor(v))
