@@ -730,8 +730,11 @@ class MoE(nn.Module):
         gates = sel.gather(-1, experts)  # from unbiased scores
         if self.k > 1 and self.norm_topk_prob:  # (top-1 keeps p: renormalised it is 1 and the router learns nothing)
             gates = gates / gates.sum(dim=-1, keepdim=True)
-        # a comparison and a sum, not a scatter_add: compiled, it joins the router's kernel
-        counts = (experts.flatten()[:, None] == torch.arange(self.E, device=sel.device)).sum(0).float()  # (E,)
+        flat = experts.flatten()  # (N*k,)
+        if torch.compiler.is_compiling():  # a comparison and a sum: inductor fuses it into the router's kernel
+            counts = (flat[:, None] == torch.arange(self.E, device=flat.device)).sum(0).float()  # (E,)
+        else:  # eagerly the comparison would materialise an (N*k, E) mask
+            counts = torch.zeros(self.E, device=flat.device).scatter_add_(0, flat, torch.ones(flat.shape, device=flat.device))
         return gates, experts, counts, self.balance_loss(counts, probs), self.z_loss(logits)
 
     def balance_loss(self, counts, probs):  # Switch: E * sum_i f_i P_i, 1.0 when balanced

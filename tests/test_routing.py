@@ -229,6 +229,17 @@ def test_compiled_top_k_picks_the_experts_torch_topk_picks_in_the_same_order(k):
     assert torch.equal(llm.top_k(scores, k), scores.topk(k, dim=-1).indices)  # eager is topk itself
 
 
+def test_compiled_and_eager_token_choice_route_alike_and_count_the_same_loads():
+    torch._dynamo.reset()
+    layer = layer_for(num_experts=8, expert_top_k=3).eval()
+    x = torch.randn(40, 32)
+    eager = layer.route(x)
+    compiled = torch.compile(layer.route, backend="aot_eager", fullgraph=True)(x)
+    for a, b in zip(eager, compiled):
+        assert torch.equal(a, b)
+    assert eager[2].sum() == 40 * 3 and eager[2].dtype == torch.float32
+
+
 @pytest.mark.parametrize("kw, dtype", [(dict(), torch.bfloat16), (dict(), torch.float32),
                                        (dict(routing="switch"), torch.float32),
                                        (dict(routing="expert_choice"), torch.float32),
