@@ -643,11 +643,17 @@ def grouped_mm(a, b, offs):
     return grouped_mm_fallback(a, b, offs)
 
 
+def compute_dtype(x):
+    """The dtype matmuls on x run in: autocast's when it is on for x's device, else x's own."""
+    return torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+
+
 def top_k(scores, k):  # (N, E) -> (N, k) indices of the k largest scores, largest first
     """torch.topk, except under torch.compile: there k rounds of argmax, which inductor fuses with
     the router's softmax into one kernel, where topk is two more kernels (a sort); on an H100 at the
-    seed shapes that took a compiled layer's forward+backward from 0.85 to 0.81 ms. Eager keeps
-    topk: one op is cheaper for the host. Compiled, ties go to the lower expert id."""
+    seed shapes that took a compiled layer's forward+backward from 0.85 to 0.81 ms (one side-by-side
+    run of a script not kept in the repo, 2026-11-23). Eager keeps topk: one op is cheaper for the
+    host. Compiled, ties go to the lower expert id."""
     if not torch.compiler.is_compiling():
         return scores.topk(k, dim=-1).indices
     cols = torch.arange(scores.shape[-1], device=scores.device)
@@ -790,7 +796,7 @@ class MoE(nn.Module):
     def forward(self, x):  # (B, T, D) -> (B, T, D), lb loss, z loss
         B, T, D = x.shape
         x = x.reshape(-1, D)  # (N, D)
-        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        dtype = compute_dtype(x)
         logits, probs, sel = self.scores(x)
         if self.routing == "expert_choice":
             y, counts, dropped, token = self.expert_choice(x, sel, dtype)  # token (E, C)
@@ -1980,11 +1986,13 @@ def model_size(cfg):
     adamw = cfg.vocab_size * cfg.d_model + (2 * cfg.n_layers + 1) * cfg.d_model + n_moe * cfg.d_model * cfg.num_experts
     muon = c["total"] - adamw
 
-    # Muon's Newton-Schulz (default 5 steps) costs every matrix, active or not, 4 r^2 c + 2 r^3 matmul
-    # FLOPs a step (X X^T, A A, B X; r its smaller side): an MoE pays it for all of its experts
+    # Muon's Newton-Schulz costs every matrix, active or not, 4 r^2 c + 2 r^3 matmul FLOPs per
+    # iteration (X X^T, A A, B X; r its smaller side): an MoE pays it for all of its experts
+    steps = inspect.signature(Muon).parameters["ns_steps"].default  # as make_optimizers builds it
+
     def ns(rows, cols, count=1):
         r, c_ = min(rows, cols), max(rows, cols)
-        return count * 5 * (4 * r * r * c_ + 2 * r ** 3)
+        return count * steps * (4 * r * r * c_ + 2 * r ** 3)
     d, hd, s = cfg.d_model, cfg.d_model // cfg.n_heads, 2 if cfg.ffn == "swiglu" else 1
     e_ff, shared = cfg.expert_d_ff or cfg.d_ff, cfg.n_shared_experts * (cfg.expert_d_ff or cfg.d_ff)
     attn = ns((cfg.n_heads + 2 * cfg.kv_heads) * hd, d) + ns(d, cfg.n_heads * hd)

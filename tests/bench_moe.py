@@ -32,7 +32,8 @@ captured once in a CUDA graph and its replays timed the same way ("GPU ms"): tha
 time alone, without the host's per-op dispatch, which at these sizes can exceed the kernels' time
 (in a whole model the host runs ahead of the GPU, so the GPU time is what a layer costs there when
 the GPU is the bottleneck). Candidates that sync (the mask loop, HF eager) cannot be captured.
-Before timing, our layer is checked against the mask loop with the same weights (outputs and gradients), so a fast but wrong layer cannot win; a mismatch exits 1.
+Before timing, our layer is checked against the mask loop with the same weights (outputs and
+gradients), so a fast but wrong layer cannot win; a mismatch exits 1.
 The last line printed is one line of JSON with every number.
 """
 
@@ -70,7 +71,6 @@ except Exception as e:  # noqa: BLE001  (an old or missing transformers: the HF 
 
 HF_IMPLS = ("eager", "batched_mm", "grouped_mm")
 DEVICE_SKIP = "ok" in inspect.signature(llm.Muon.step).parameters  # llm.train_model's sync-free step skipping
-GRAPHS = hasattr(llm, "uses_cuda_graphs")  # llm.train_model's CUDA graphs
 MODEL_LOSS = "targets" in inspect.signature(llm.Transformer.forward).parameters  # the loss computed in the model
 INIT_STD = 0.02
 CHECK_TOKENS = 64  # tokens per sequence in the correctness checks
@@ -127,7 +127,7 @@ class ExpertsAlone(nn.Module):
         self.register_buffer("offs", torch.tensor([(e + 1) * rows // moe.E for e in range(moe.E)], dtype=torch.int32))
 
     def forward(self, xs):  # (N*k, D) -> (N*k, D)
-        dtype = torch.get_autocast_dtype(xs.device.type) if torch.is_autocast_enabled(xs.device.type) else xs.dtype
+        dtype = llm.compute_dtype(xs)
         return self.moe.experts_grouped(xs.to(dtype), self.offs, dtype)
 
 
@@ -581,7 +581,10 @@ def train_section(args, device, dtype, amp, log):
     idx = torch.randint(0, base.vocab_size, (B, T), device=device)
     tgt = torch.randint(0, base.vocab_size, (B, T), device=device)
 
-    def forward_backward(run, cfg, lb_weight):
+    rt = llm.Runtime(device=device, dtype=dtype, compile=args.compile)
+
+    def forward_backward(run, cfg):
+        lb_weight = 0.0 if cfg.balance == "aux_free" else cfg.load_balancing_weight  # as llm.train_model
         with amp():
             if MODEL_LOSS:  # as llm.train_model: the loss inside the (compiled) model
                 ce, lb, z = run(idx, targets=tgt)
@@ -615,14 +618,13 @@ def train_section(args, device, dtype, amp, log):
             model = llm.Transformer(cfg).to(device).train()  # its own init (std 0.02, scaled output projections)
             optimizers = llm.make_optimizers(model, cfg)
             # as llm.train_model: compiled on one GPU, the forward and backward replay as CUDA graphs
-            graphs = args.compile and device.type == "cuda" and cfg.cuda_graphs if GRAPHS else False
+            graphs = hasattr(llm, "uses_cuda_graphs") and llm.uses_cuda_graphs(cfg, rt)
             run = torch.compile(model, mode="reduce-overhead" if graphs else None) if args.compile else model
-            lb_weight = 0.0 if cfg.balance == "aux_free" else cfg.load_balancing_weight
 
-            def step(model=model, run=run, optimizers=optimizers, cfg=cfg, lb_weight=lb_weight, graphs=graphs):
+            def step(model=model, run=run, optimizers=optimizers, cfg=cfg, graphs=graphs):
                 if graphs:
                     torch.compiler.cudagraph_mark_step_begin()
-                forward_backward(run, cfg, lb_weight)
+                forward_backward(run, cfg)
                 optimizer_step(model, optimizers, cfg)
                 for o in optimizers:
                     o.zero_grad(set_to_none=True)
@@ -637,7 +639,7 @@ def train_section(args, device, dtype, amp, log):
             torch.manual_seed(0)
             model = llm.Transformer(cfg).to(device).train()
             optimizers = llm.make_optimizers(model, cfg)
-            forward_backward(model, cfg, 0.0 if cfg.balance == "aux_free" else cfg.load_balancing_weight)
+            forward_backward(model, cfg)
             c.step = lambda model=model, optimizers=optimizers, cfg=cfg: optimizer_step(model, optimizers, cfg)
         except Exception as e:  # noqa: BLE001
             c.fail(short_error(e))
