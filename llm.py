@@ -961,48 +961,75 @@ def newton_schulz(G, steps=5, eps=1e-7):
     return X.reshape(G.shape).to(G.dtype)
 
 
+@torch.no_grad()
+def muon_update(buckets, ok):
+    """One Muon step over buckets of same-shape matrices: (params, grads, momentum buffers, lr,
+    momentum, nesterov, ns_steps, weight_decay) each. A plain function so that torch.compile can
+    take the whole step at once: its elementwise passes (stacking, momentum, the bf16 cast, the
+    norm, the update) fuse around the Newton-Schulz matmuls. For an MoE they are passes over every
+    expert, so eagerly they cost it several times what they cost the dense model."""
+    for ps, grads, bufs, lr, momentum, nesterov, ns_steps, weight_decay in buckets:
+        shape = ps[0].shape[-2:]
+        sizes = [p.numel() // shape.numel() for p in ps]  # matrices in each parameter
+        grad = torch.cat([g.reshape(-1, *shape) for g in grads])  # (M, out, in): every matrix of the bucket
+        buf = torch.cat([b.reshape(-1, *shape) for b in bufs])
+        beta = 1 - momentum
+        if ok is not None:
+            grad = torch.where(ok, grad, 0.0)  # a NaN must not reach the momentum, even times 0
+            lr, beta = ok * lr, ok * beta
+        buf.lerp_(grad, beta)
+        torch._foreach_copy_(bufs, [b.view_as(p) for b, p in zip(buf.split(sizes), ps)])
+        g = grad.lerp(buf, momentum) if nesterov else buf
+        # rows/cols scaling keeps the update's RMS comparable across shapes
+        update = newton_schulz(g, ns_steps) * (lr * max(1.0, shape[0] / shape[1]) ** 0.5)
+        if weight_decay:
+            torch._foreach_mul_(ps, 1 - lr * weight_decay)
+        torch._foreach_sub_(ps, [u.view_as(p) for u, p in zip(update.split(sizes), ps)])
+
+
 class Muon(torch.optim.Optimizer):
     """MomentUm Orthogonalized by Newton-Schulz, for hidden weight matrices and stacks of them.
 
     Matrices of one shape (the qkv of every layer, every expert of every MoE layer, ...) are
     stacked and orthogonalised by one batched Newton-Schulz, each on its own: the result equals
     one parameter at a time, with one set of kernel launches per shape instead of per parameter
-    (at small sizes the host's launches, not the GPU, set the step time)."""
+    (at small sizes the host's launches, not the GPU, set the step time).
 
-    def __init__(self, params, lr=0.02, momentum=0.95, nesterov=True, ns_steps=5, weight_decay=0.0):
+    compile: run the step as one torch.compile'd graph (muon_update). The schedule changes the
+    learning rate every step, so the graph reads it from a device tensor, set by a fill (no host
+    sync): a Python float would be a constant to dynamo, and the step would recompile."""
+
+    def __init__(self, params, lr=0.02, momentum=0.95, nesterov=True, ns_steps=5, weight_decay=0.0, compile=False):
         super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps,
                                       weight_decay=weight_decay))
+        self.compiled = compile
+        self.update = torch.compile(muon_update, fullgraph=True) if compile else muon_update
+        self.lr_tensors = {}  # compiled: param group index -> its learning rate on the device
 
     @torch.no_grad()
     def step(self, closure=None, ok=None):
         """ok: optional 0-dim bool tensor; False leaves parameters and momentum untouched, decided
         on the device so that skipping a non-finite step needs no host sync."""
-        for group in self.param_groups:
+        buckets = []
+        for i, group in enumerate(self.param_groups):
             same_shape = {}
             for p in group["params"]:
                 if p.grad is not None:
                     same_shape.setdefault((p.shape[-2:], p.dtype, p.device), []).append(p)
-            for (shape, _, _), ps in same_shape.items():
+            for ps in same_shape.values():
                 bufs = [self.state[p].setdefault("momentum_buffer", torch.zeros_like(p)) for p in ps]
-                sizes = [p.numel() // shape.numel() for p in ps]  # matrices in each parameter
-                grad = torch.cat([p.grad.reshape(-1, *shape) for p in ps])  # (M, out, in): every matrix of the group
-                buf = torch.cat([b.reshape(-1, *shape) for b in bufs])
-                lr, beta = group["lr"], 1 - group["momentum"]
-                if ok is not None:
-                    grad = torch.where(ok, grad, 0.0)  # a NaN must not reach the momentum, even times 0
-                    lr, beta = ok * lr, ok * beta
-                buf.lerp_(grad, beta)
-                torch._foreach_copy_(bufs, [b.view_as(p) for b, p in zip(buf.split(sizes), ps)])
-                g = grad.lerp(buf, group["momentum"]) if group["nesterov"] else buf
-                # rows/cols scaling keeps the update's RMS comparable across shapes
-                update = newton_schulz(g, group["ns_steps"]) * (lr * max(1.0, shape[0] / shape[1]) ** 0.5)
-                if group["weight_decay"]:
-                    torch._foreach_mul_(ps, 1 - lr * group["weight_decay"])
-                torch._foreach_sub_(ps, [u.view_as(p) for u, p in zip(update.split(sizes), ps)])
+                lr = group["lr"]
+                if self.compiled:
+                    lr = self.lr_tensors.setdefault(i, torch.zeros((), device=ps[0].device)).fill_(lr)
+                buckets.append((ps, [p.grad for p in ps], bufs, lr, group["momentum"], group["nesterov"],
+                                group["ns_steps"], group["weight_decay"]))
+        if buckets:
+            self.update(buckets, ok)
 
 
-def make_optimizers(model, cfg):
-    """Muon for hidden matrices (expert stacks included); AdamW for the embedding, norms, routers."""
+def make_optimizers(model, cfg, compile=False):
+    """Muon for hidden matrices (expert stacks included); AdamW for the embedding, norms, routers.
+    compile: Muon's step as one compiled graph (on when the model is compiled)."""
     muon, decay, no_decay = [], [], []
     for name, p in model.named_parameters():
         if p.dim() >= 2 and "embed" not in name and "router" not in name:
@@ -1014,7 +1041,8 @@ def make_optimizers(model, cfg):
     # fused: one kernel, and it can skip a step on the device (found_inf) without a host sync
     adamw = torch.optim.AdamW([dict(params=decay, weight_decay=cfg.weight_decay), dict(params=no_decay, weight_decay=0.0)],
                               lr=cfg.adamw_lr, betas=(0.9, 0.95), fused=True)
-    return [Muon(muon, lr=cfg.muon_lr, momentum=cfg.muon_momentum, weight_decay=cfg.weight_decay), adamw]
+    return [Muon(muon, lr=cfg.muon_lr, momentum=cfg.muon_momentum, weight_decay=cfg.weight_decay, compile=compile),
+            adamw]
 
 
 def lr_factor(step, cfg):
@@ -1257,7 +1285,7 @@ def train_model(name, cfg, data, rt, log_metrics=lambda rec: None, ckpt_dir=None
         # no buffer broadcast: each rank accumulates its own expert load until update_bias all-reduces it
         model = nn.parallel.DistributedDataParallel(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None,
                                                     broadcast_buffers=False)
-    optimizers = make_optimizers(core, cfg)
+    optimizers = make_optimizers(core, cfg, compile=rt.compile)
     muon, adamw = optimizers
     schedulers = [torch.optim.lr_scheduler.LambdaLR(o, lambda s: lr_factor(s, cfg)) for o in optimizers]
     scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.dtype == torch.float16)

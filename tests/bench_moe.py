@@ -20,9 +20,10 @@ Section 1, one layer, forward + backward at equal matmul FLOPs per token:
                  matmul FLOPs of a SiLU MLP of width d_ff
 Section 2, one training step (forward, backward, gradient clipping, Muon + AdamW steps) of the
 "moe" config against its "dense-matched" config (llm.dense_matched), as llm.train_model runs it
-(--compile on CUDA: torch.compile with CUDA graphs). Then each one's optimizer step alone (gradient
-clipping, Muon, AdamW on gradients computed once): Muon's cost grows with total parameters, so
-the MoE pays for all its experts there, not only for the active ones.
+(--compile on CUDA: torch.compile with CUDA graphs, and Muon's step compiled). Under --compile, the
+same two steps again with Muon's step eager: what compiling it buys each. Then each one's optimizer
+step alone (gradient clipping, Muon, AdamW on gradients computed once): Muon's cost grows with
+total parameters, so the MoE pays for all its experts there, not only for the active ones.
 
 Timing: every candidate is warmed up, then each repeat times `iters` calls of every candidate in
 turn (the order rotates between repeats, so a noisy neighbour hits all of them alike); the table
@@ -39,6 +40,7 @@ The last line printed is one line of JSON with every number.
 
 import argparse
 import datetime
+import functools
 import inspect
 import json
 import math
@@ -72,6 +74,7 @@ except Exception as e:  # noqa: BLE001  (an old or missing transformers: the HF 
 HF_IMPLS = ("eager", "batched_mm", "grouped_mm")
 DEVICE_SKIP = "ok" in inspect.signature(llm.Muon.step).parameters  # llm.train_model's sync-free step skipping
 MODEL_LOSS = "targets" in inspect.signature(llm.Transformer.forward).parameters  # the loss computed in the model
+MUON_COMPILE = "compile" in inspect.signature(llm.make_optimizers).parameters  # Muon's step as one compiled graph
 INIT_STD = 0.02
 CHECK_TOKENS = 64  # tokens per sequence in the correctness checks
 
@@ -582,6 +585,10 @@ def train_section(args, device, dtype, amp, log):
     tgt = torch.randint(0, base.vocab_size, (B, T), device=device)
 
     rt = llm.Runtime(device=device, dtype=dtype, compile=args.compile)
+    muon_eager = []  # --compile: the training steps again with Muon's step eager
+
+    def make_optimizers(model, cfg):  # as llm.train_model: Muon compiled when the model is
+        return llm.make_optimizers(model, cfg, compile=args.compile) if MUON_COMPILE else llm.make_optimizers(model, cfg)
 
     def forward_backward(run, cfg):
         lb_weight = 0.0 if cfg.balance == "aux_free" else cfg.load_balancing_weight  # as llm.train_model
@@ -616,7 +623,7 @@ def train_section(args, device, dtype, amp, log):
         try:
             torch.manual_seed(0)
             model = llm.Transformer(cfg).to(device).train()  # its own init (std 0.02, scaled output projections)
-            optimizers = llm.make_optimizers(model, cfg)
+            optimizers = make_optimizers(model, cfg)
             # as llm.train_model: compiled on one GPU, the forward and backward replay as CUDA graphs
             graphs = hasattr(llm, "uses_cuda_graphs") and llm.uses_cuda_graphs(cfg, rt)
             run = torch.compile(model, mode="reduce-overhead" if graphs else None) if args.compile else model
@@ -629,16 +636,22 @@ def train_section(args, device, dtype, amp, log):
                 for o in optimizers:
                     o.zero_grad(set_to_none=True)
             c.step = step
+            if args.compile and MUON_COMPILE:  # what compiling Muon's step buys: the same model, Muon eager
+                e = Candidate(c.key + "_muon_eager", f"{name}, Muon eager", flops=c.flops)
+                e.note = "the same compiled model, Muon's step not compiled; ratio vs dense-matched, Muon eager"
+                e.step = functools.partial(step, optimizers=llm.make_optimizers(model, cfg))
+                muon_eager.append(e)
         except Exception as e:  # noqa: BLE001
             c.fail(short_error(e))
         cands.append(c)
+    cands += muon_eager
     for name, cfg in cfgs.items():  # the optimizer's share: its step alone, on gradients computed once
         c = Candidate(f"train_{name.replace('-', '_')}_optimizer", f"{name}: optimizer alone")
         c.note = "clip + Muon + AdamW on fixed gradients, no forward or backward"
         try:
             torch.manual_seed(0)
             model = llm.Transformer(cfg).to(device).train()
-            optimizers = llm.make_optimizers(model, cfg)
+            optimizers = make_optimizers(model, cfg)
             forward_backward(model, cfg)
             c.step = lambda model=model, optimizers=optimizers, cfg=cfg: optimizer_step(model, optimizers, cfg)
         except Exception as e:  # noqa: BLE001
@@ -652,8 +665,9 @@ def train_section(args, device, dtype, amp, log):
         + ("" if DEVICE_SKIP else " (no on-device step skipping in this llm.py)"))
     log("timing the training steps ...")
     measure(cands, args, device, log)
-    dense = cands[1]
+    by = {c.key: c for c in cands}
     for c in cands:
+        dense = by["train_dense_matched_muon_eager" if c.key.endswith("_muon_eager") else "train_dense_matched"]
         c.ratio = c.ms / dense.ms if c.ok and dense.ok else None
     return dict(batch=B, seq_len=T, vocab_size=base.vocab_size, models=info), cands
 

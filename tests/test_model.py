@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+import torch.nn as nn
 
 import llm
 from helpers import OpRecorder, cpu_runtime, synthetic_data, tiny
@@ -287,6 +288,34 @@ def test_muon_steps_same_shape_matrices_together_exactly_as_one_at_a_time():
             torch.testing.assert_close(opt.state[p]["momentum_buffer"], b, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")  # torch tracing itself
+def test_compiled_muon_steps_as_the_reference_and_compiles_once_over_a_changing_schedule():
+    """Muon(compile=True), as train_model builds it when the model is compiled: inductor fuses its
+    passes; the result must still be the reference step, through a learning rate that changes
+    every step (a recompile per step would cost more than the fusion saves) and a skipped step."""
+    torch.manual_seed(0)
+    shapes = [(24, 16), (3, 24, 16), (40, 16), (16, 16)]
+    ours = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
+    ref = [p.detach().clone() for p in ours]
+    bufs = [torch.zeros_like(p) for p in ref]
+    opt = llm.Muon(ours, lr=0.05, momentum=0.9, weight_decay=0.1, compile=True)
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for step in range(4):
+            lr = 0.05 / (step + 1)
+            opt.param_groups[0]["lr"] = lr
+            skip = step == 2
+            grads = [torch.randn(s) if not skip else torch.full(s, float("nan")) for s in shapes]
+            for p, r, g in zip(ours, ref, grads):
+                p.grad, r.grad = g.clone(), g.clone()
+            opt.step(ok=torch.tensor(not skip))
+            with torch.no_grad():
+                reference_muon_step(ref, bufs, lr, 0.9, 0.1, ok=not skip)
+            for p, r, b in zip(ours, ref, bufs):
+                torch.testing.assert_close(p.detach(), r, rtol=1e-5, atol=1e-6)
+                torch.testing.assert_close(opt.state[p]["momentum_buffer"], b, rtol=1e-5, atol=1e-6)
+
+
 def test_the_loss_computed_inside_the_model_is_the_cross_entropy_of_its_logits():
     cfg = tiny(vocab_size=50)
     torch.manual_seed(0)
@@ -339,7 +368,8 @@ def test_the_cuda_graph_training_path_trains_like_the_plain_one(monkeypatch):
     modes = []
 
     def eager_compile(model, mode=None, **kw):
-        modes.append(mode)
+        if isinstance(model, nn.Module):  # not Muon's step, compiled too
+            modes.append(mode)
         return real(model, backend="eager")
 
     monkeypatch.setattr(torch, "compile", eager_compile)

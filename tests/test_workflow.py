@@ -542,8 +542,8 @@ def test_non_finite_steps_are_skipped_and_counted_and_too_many_in_a_row_stop_the
     built = []  # (model, optimizers) of each train_model call
     make_optimizers = llm.make_optimizers
 
-    def capture(model, cfg):
-        opts = make_optimizers(model, cfg)
+    def capture(model, cfg, **kw):
+        opts = make_optimizers(model, cfg, **kw)
         built.append((model, opts))
         return opts
 
