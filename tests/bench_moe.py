@@ -39,6 +39,7 @@ The last line printed is one line of JSON with every number.
 """
 
 import argparse
+import collections
 import datetime
 import functools
 import inspect
@@ -281,12 +282,19 @@ def profile_calls(c, args, device, log, top=12):
     else:
         rows = [(e.self_cpu_time_total, e.count, e.key) for e in events if e.self_cpu_time_total > 0]
     rows.sort(key=lambda r: -r[0])
+    # CUDA: which operators launched each kernel (a kernel name alone, e.g. a memcpy, seldom says why it runs)
+    launchers = {}
+    for e in prof.events() if cuda else ():
+        for k in e.kernels:
+            launchers.setdefault(k.name, collections.Counter())[e.name] += 1
     per_call = sum(r[0] for r in rows) / args.iters / 1000
     log(f"  profile of {c.label}: {per_call:.3f} ms of {'kernel' if cuda else 'CPU op'} time per call; the heaviest:")
     c.profile = dict(ms_per_call=per_call, kind="cuda kernels" if cuda else "cpu ops", top=[])
     for t, n, key in rows[:top]:
-        log(f"    {t / args.iters / 1000:8.3f} ms  x{n / args.iters:<5.3g} {key[:110]}")
-        c.profile["top"].append(dict(name=key, ms_per_call=t / args.iters / 1000, calls_per_call=n / args.iters))
+        by = [f"{op} x{m / args.iters:.3g}" for op, m in launchers.get(key, collections.Counter()).most_common(3)]
+        log(f"    {t / args.iters / 1000:8.3f} ms  x{n / args.iters:<5.3g} {key[:110]}" + (f"  (from {', '.join(by)})" if by else ""))
+        c.profile["top"].append(dict(name=key, ms_per_call=t / args.iters / 1000, calls_per_call=n / args.iters,
+                                     launched_by=by))
 
 
 def measure(cands, args, device, log):
