@@ -120,7 +120,7 @@ class Config:
     min_lr_frac: float = 0.1  # final learning rate as a share of the peak
     seed: int = 42  # model init, data split and batch order
     dtype: str = "auto"  # auto (bf16 on CUDA, fp16 where bf16 is missing, fp32 on CPU) | bf16 | fp16 | fp32
-    compile: str = "auto"  # auto (on with CUDA) | on | off
+    compile: str = "auto"  # auto (on with CUDA) | on | off; compiles the model and Muon's step
     cuda_graphs: bool = True  # compiled, one GPU, no accumulation: replay forward+backward as CUDA graphs; else the host's launches bound the step
 
     # evaluation and logging
