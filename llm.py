@@ -1018,11 +1018,11 @@ class Muon(torch.optim.Optimizer):
             for p in group["params"]:
                 if p.grad is not None:
                     same_shape.setdefault((p.shape[-2:], p.dtype, p.device), []).append(p)
+            lr = group["lr"]
+            if self.compiled and same_shape:
+                lr = self.lr_tensors.setdefault(i, torch.zeros((), device=group["params"][0].device)).fill_(lr)
             for ps in same_shape.values():
                 bufs = [self.state[p].setdefault("momentum_buffer", torch.zeros_like(p)) for p in ps]
-                lr = group["lr"]
-                if self.compiled:
-                    lr = self.lr_tensors.setdefault(i, torch.zeros((), device=ps[0].device)).fill_(lr)
                 buckets.append((ps, [p.grad for p in ps], bufs, lr, group["momentum"], group["nesterov"],
                                 group["ns_steps"], group["weight_decay"]))
         if buckets:

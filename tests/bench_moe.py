@@ -645,10 +645,10 @@ def train_section(args, device, dtype, amp, log):
                     o.zero_grad(set_to_none=True)
             c.step = step
             if args.compile and MUON_COMPILE:  # what compiling Muon's step buys: the same model, Muon eager
-                e = Candidate(c.key + "_muon_eager", f"{name}, Muon eager", flops=c.flops)
-                e.note = "the same compiled model, Muon's step not compiled; ratio vs dense-matched, Muon eager"
-                e.step = functools.partial(step, optimizers=llm.make_optimizers(model, cfg))
-                muon_eager.append(e)
+                eager = Candidate(c.key + "_muon_eager", f"{name}, Muon eager", flops=c.flops)
+                eager.note = "the same compiled model, Muon's step not compiled; ratio vs dense-matched, Muon eager"
+                eager.step = functools.partial(step, optimizers=llm.make_optimizers(model, cfg))
+                muon_eager.append(eager)
         except Exception as e:  # noqa: BLE001
             c.fail(short_error(e))
         cands.append(c)
@@ -675,8 +675,8 @@ def train_section(args, device, dtype, amp, log):
     measure(cands, args, device, log)
     by = {c.key: c for c in cands}
     for c in cands:
-        dense = by["train_dense_matched_muon_eager" if c.key.endswith("_muon_eager") else "train_dense_matched"]
-        c.ratio = c.ms / dense.ms if c.ok and dense.ok else None
+        dense = by.get("train_dense_matched_muon_eager" if c.key.endswith("_muon_eager") else "train_dense_matched")
+        c.ratio = c.ms / dense.ms if c.ok and dense is not None and dense.ok else None
     return dict(batch=B, seq_len=T, vocab_size=base.vocab_size, models=info), cands
 
 

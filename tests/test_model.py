@@ -281,26 +281,32 @@ def reference_muon_step(params, bufs, lr, momentum, weight_decay, ok=True):
         p.sub_(update * lr * max(1.0, p.size(-2) / p.size(-1)) ** 0.5)
 
 
-def test_muon_steps_same_shape_matrices_together_exactly_as_one_at_a_time():
-    """qkv-like, square, an expert stack sharing a shape with a plain matrix, and a tall one; one
-    step is skipped on the device (ok False with NaN gradients) and must change nothing."""
+def steps_like_the_reference(shapes, lrs, compile=False):
+    """Muon on parameters of these shapes, one step per learning rate (the third skipped on the
+    device: ok False with NaN gradients), checked after each step against reference_muon_step."""
     torch.manual_seed(0)
-    shapes = [(24, 16), (16, 16), (3, 24, 16), (40, 16), (16, 16)]
     ours = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
     ref = [p.detach().clone() for p in ours]
     bufs = [torch.zeros_like(p) for p in ref]
-    opt = llm.Muon(ours, lr=0.05, momentum=0.9, weight_decay=0.1)
-    for step in range(4):
+    opt = llm.Muon(ours, lr=lrs[0], momentum=0.9, weight_decay=0.1, compile=compile)
+    for step, lr in enumerate(lrs):
+        opt.param_groups[0]["lr"] = lr
         skip = step == 2
         grads = [torch.randn(s) if not skip else torch.full(s, float("nan")) for s in shapes]
         for p, r, g in zip(ours, ref, grads):
             p.grad, r.grad = g.clone(), g.clone()
         opt.step(ok=torch.tensor(not skip))
         with torch.no_grad():
-            reference_muon_step(ref, bufs, 0.05, 0.9, 0.1, ok=not skip)
+            reference_muon_step(ref, bufs, lr, 0.9, 0.1, ok=not skip)
         for p, r, b in zip(ours, ref, bufs):
             torch.testing.assert_close(p.detach(), r, rtol=1e-5, atol=1e-6)
             torch.testing.assert_close(opt.state[p]["momentum_buffer"], b, rtol=1e-5, atol=1e-6)
+
+
+def test_muon_steps_same_shape_matrices_together_exactly_as_one_at_a_time():
+    """qkv-like, square, an expert stack sharing a shape with a plain matrix, and a tall one; one
+    step is skipped on the device (ok False with NaN gradients) and must change nothing."""
+    steps_like_the_reference([(24, 16), (16, 16), (3, 24, 16), (40, 16), (16, 16)], lrs=[0.05] * 4)
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")  # torch tracing itself
@@ -308,27 +314,10 @@ def test_compiled_muon_steps_as_the_reference_and_compiles_once_over_a_changing_
     """Muon(compile=True), as train_model builds it when the model is compiled: inductor fuses its
     passes; the result must still be the reference step, through a learning rate that changes
     every step (a recompile per step would cost more than the fusion saves) and a skipped step."""
-    torch.manual_seed(0)
-    shapes = [(24, 16), (3, 24, 16), (40, 16), (16, 16)]
-    ours = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
-    ref = [p.detach().clone() for p in ours]
-    bufs = [torch.zeros_like(p) for p in ref]
-    opt = llm.Muon(ours, lr=0.05, momentum=0.9, weight_decay=0.1, compile=True)
     torch._dynamo.reset()
     with torch._dynamo.config.patch(error_on_recompile=True):
-        for step in range(4):
-            lr = 0.05 / (step + 1)
-            opt.param_groups[0]["lr"] = lr
-            skip = step == 2
-            grads = [torch.randn(s) if not skip else torch.full(s, float("nan")) for s in shapes]
-            for p, r, g in zip(ours, ref, grads):
-                p.grad, r.grad = g.clone(), g.clone()
-            opt.step(ok=torch.tensor(not skip))
-            with torch.no_grad():
-                reference_muon_step(ref, bufs, lr, 0.9, 0.1, ok=not skip)
-            for p, r, b in zip(ours, ref, bufs):
-                torch.testing.assert_close(p.detach(), r, rtol=1e-5, atol=1e-6)
-                torch.testing.assert_close(opt.state[p]["momentum_buffer"], b, rtol=1e-5, atol=1e-6)
+        steps_like_the_reference([(24, 16), (3, 24, 16), (40, 16), (16, 16)], lrs=[0.05 / (n + 1) for n in range(4)],
+                                 compile=True)
 
 
 def test_the_loss_computed_inside_the_model_is_the_cross_entropy_of_its_logits():
