@@ -2165,7 +2165,8 @@ def experts_main(argv):
     model, cfg, state, path = load_trained(a.run, a.model, device)
     if not cfg.moe_layer_ids():
         raise UsageError(f"--model {a.model}: a dense model has no experts")
-    data = prepare_data(cfg, a.cache_dir or state["cache_dir"], log=print)
+    # the run's split and tokenizer come from its base config: a job's seed (moe-s2) is not the data's
+    data = prepare_data(Config(**state["base_config"]), a.cache_dir or state["cache_dir"], log=print)
     tok = load_tokenizer(a.run, state)
     windows = eval_windows(data.val, cfg.max_seq_len, limit=a.max_windows)
     layers = expert_analysis(model, windows, cfg.batch_size, cfg.vocab_size, a.min_count, a.top)

@@ -316,6 +316,16 @@ def test_experts_cli_writes_json_and_heatmap(finished_run, capsys):
         assert f.read(8) == PNG
 
 
+def test_experts_of_a_later_seed_read_the_run_split_not_one_made_with_the_job_seed(smoke, cache_root, tmp_path, capsys):
+    out = str(tmp_path / "run")
+    assert run_main(smoke + ["--models", "moe", "--seeds", "1,2", "--max_steps", 2, "--eval_every", 2,
+                             "--out_dir", out]) == 0
+    caches = sorted(os.listdir(cache_root))
+    assert run_main(["experts", "--run", out, "--model", "moe-s2", "--min_count", 2]) == 0
+    assert "tokenizing" not in capsys.readouterr().out
+    assert sorted(os.listdir(cache_root)) == caches  # no second split (and tokenizer) built for seed 2
+
+
 def test_experts_of_a_dense_model_exit_2(finished_run, capsys):
     assert run_main(["experts", "--run", finished_run, "--model", "dense"]) == 2
     err = capsys.readouterr().err.strip()
