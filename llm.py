@@ -733,7 +733,7 @@ class MoE(nn.Module):
 
     def select(self, logits, probs, sel):  # token choice from the router's scores (N, E)
         experts = top_k(sel + self.expert_bias, self.k)  # (N, k)
-        gates = sel.gather(-1, experts)  # from unbiased scores
+        gates = probs.gather(-1, experts)  # from clean, unbiased scores: noise and bias only select
         if self.k > 1 and self.norm_topk_prob:  # (top-1 keeps p: renormalised it is 1 and the router learns nothing)
             gates = gates / gates.sum(dim=-1, keepdim=True)
         flat = experts.flatten()  # (N*k,)
@@ -783,11 +783,11 @@ class MoE(nn.Module):
         yd = torch.cat([yd, yd.new_zeros(1, D)])
         return yd[slot] * (gate * keep)[:, None].to(yd.dtype), (~keep).sum()
 
-    def expert_choice(self, x, sel, dtype):
+    def expert_choice(self, x, probs, sel, dtype):
         N, D = x.shape
         C = self.capacity(N)
         _, token = (sel + self.expert_bias).t().topk(C, dim=-1)  # (E, C): each expert's best tokens
-        gates = sel.t().gather(1, token)  # (E, C)
+        gates = probs.t().gather(1, token)  # (E, C), clean
         yd = self.experts_bmm(x[token.flatten()].view(self.E, C, D), dtype) * gates[..., None].to(dtype)
         y = torch.zeros(N, D, device=x.device, dtype=yd.dtype).index_add_(0, token.flatten(), yd.reshape(-1, D))
         chosen = torch.zeros(N, device=x.device).index_add_(0, token.flatten(), torch.ones(token.numel(), device=x.device))
@@ -799,7 +799,7 @@ class MoE(nn.Module):
         dtype = compute_dtype(x)
         logits, probs, sel = self.scores(x)
         if self.routing == "expert_choice":
-            y, counts, dropped, token = self.expert_choice(x, sel, dtype)  # token (E, C)
+            y, counts, dropped, token = self.expert_choice(x, probs, sel, dtype)  # token (E, C)
             lb, z = self.balance_loss(counts, probs), self.z_loss(logits)
             if self.capture is not None:
                 chosen = torch.zeros(x.shape[0], self.E, device=x.device)

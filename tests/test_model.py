@@ -75,7 +75,7 @@ def test_load_balancing_loss_is_one_for_a_uniform_router_and_larger_when_skewed(
     assert lb.item() > 1.5
 
 
-def test_router_noise_changes_selection_only_in_training_and_loss_uses_clean_probabilities():
+def test_router_noise_changes_selection_only_in_training_gates_and_loss_use_clean_probabilities():
     layer = llm.MoE(tiny(noise_std=5.0))
     x = torch.randn(64, 32)
     layer.eval()
@@ -83,8 +83,25 @@ def test_router_noise_changes_selection_only_in_training_and_loss_uses_clean_pro
     g2, e2, _, lb2, _ = layer.route(x)
     assert torch.equal(e1, e2)
     layer.train()
-    _, e3, _, _, _ = layer.route(x)
+    g3, e3, counts, lb3, _ = layer.route(x)
     assert not torch.equal(e1, e3)
+    clean = layer.scores(x)[1]  # (N, E) noise-free probabilities
+    want = clean.gather(-1, e3)
+    assert torch.allclose(g3, want / want.sum(-1, keepdim=True))  # gate weights: clean, at the noisy picks
+    assert torch.allclose(lb3, layer.balance_loss(counts, clean))
+    ec = llm.MoE(tiny(noise_std=5.0, routing="expert_choice")).train()
+    ec.w_down.data.normal_()
+    ec.w_up.data.normal_()
+    with torch.no_grad():
+        torch.manual_seed(0)
+        y = ec(x[None])[0][0]
+        torch.manual_seed(0)  # the same noise again
+        _, clean, noisy = ec.scores(x)
+        token = noisy.t().topk(ec.capacity(len(x)), dim=-1).indices  # (E, C) picked with noise
+        gates = clean.t().gather(1, token)[..., None]  # (E, C, 1) weighted without
+        yd = ec.experts_bmm(x[token.flatten()].view(*token.shape, -1), torch.float32) * gates
+        want = torch.zeros_like(x).index_add_(0, token.flatten(), yd.flatten(0, 1))
+    assert torch.allclose(y, want, atol=1e-6)
 
 
 def test_moe_layer_makes_no_host_device_sync_and_no_python_loop_over_experts(monkeypatch):
