@@ -1749,6 +1749,24 @@ def write_run_state(out_dir, state):
     atomic_write(os.path.join(out_dir, "run.json"), json.dumps(state, indent=1).encode())
 
 
+def read_metrics_for_resume(path, rewrite=True):
+    """The records of an interrupted run's metrics.jsonl. It is appended to line by line, so a kill
+    can leave its last line half-written: that line is dropped (and the file rewritten without it);
+    a bad line anywhere else means the file is damaged."""
+    with open(path, "rb") as f:
+        lines = [l for l in f.read().decode("utf-8", "replace").splitlines() if l.strip()]
+    records = []
+    for i, line in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            if i < len(lines) - 1:
+                raise UsageError(f"--resume: {path} line {i + 1} is not JSON; the file is damaged")
+            if rewrite:
+                atomic_write(path, "".join(json.dumps(r) + "\n" for r in records).encode())
+    return records
+
+
 def run_comparison(cfg, names, out_dir, cache_dir="data_cache", seeds=None, sweep=(), upcycle_from=None,
                    resume=False, argv=()):
     """Train every planned model (resuming finished and interrupted ones), print the table, write
@@ -1807,8 +1825,7 @@ def run_comparison(cfg, names, out_dir, cache_dir="data_cache", seeds=None, swee
     metrics_path = os.path.join(out_dir, "metrics.jsonl")
     records = []
     if resume and os.path.exists(metrics_path):
-        with open(metrics_path) as f:
-            records = [json.loads(line) for line in f if line.strip()]
+        records = read_metrics_for_resume(metrics_path, rewrite=rt.master)
     if rt.master:
         os.makedirs(out_dir, exist_ok=True)
         if data.tokenizer == "bpe":  # generation needs it after the cache is gone

@@ -140,6 +140,8 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(smoke, tmp_path):
     logs_of(proc)
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
     assert not os.path.exists(os.path.join(a, "results.json"))
+    with open(os.path.join(a, "metrics.jsonl"), "a") as f:  # as if killed halfway through a line
+        f.write('{"model": "moe", "kind": "tr')
 
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     resumed = subprocess.run([sys.executable, "llm.py", "--resume", a], cwd=ROOT, capture_output=True, text=True,
@@ -163,6 +165,18 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(smoke, tmp_path):
     assert keys == [(r["model"], r["kind"], r["step"]) for r in kb]
     loss = lambda r: r["loss"] if r["kind"] == "train" else r["val_loss"]
     assert [loss(r) for r in ka] == [loss(r) for r in kb]  # every logged loss, before and after the resume
+
+
+def test_resume_drops_a_half_written_last_metrics_line_and_refuses_a_damaged_one_elsewhere(tmp_path):
+    path = str(tmp_path / "metrics.jsonl")
+    with open(path, "w") as f:
+        f.write('{"step": 1}\n{"step": 2}\n{"st')
+    assert llm.read_metrics_for_resume(path) == [{"step": 1}, {"step": 2}]
+    assert read_metrics(str(tmp_path)) == [{"step": 1}, {"step": 2}]  # rewritten without the fragment
+    with open(path, "w") as f:
+        f.write('{"step": 1}\n{"st\n{"step": 3}\n')
+    with pytest.raises(llm.UsageError, match="line 2 is not JSON"):
+        llm.read_metrics_for_resume(path)
 
 
 def test_ctrl_c_saves_a_checkpoint_prints_the_resume_command_and_exits_130(smoke, tmp_path):
