@@ -489,10 +489,15 @@ def prepare_data(cfg, cache_root="data_cache", log=print):
     arrays, meta = loaded
     data = Data(train=arrays["train"], val=arrays["val"], vocab_size=meta["vocab_size"], source=meta["source"],
                 tokenizer=meta["tokenizer"], meta=meta, cache_dir=path)
+    check_data_fits(data, cfg)
+    return data
+
+
+def check_data_fits(data, cfg):
+    """A validation window and two training windows of max_seq_len, at least."""
     if len(data.val) < cfg.max_seq_len + 1 or len(data.train) < 2 * cfg.max_seq_len + 1:
         raise UsageError(f"--data {cfg.data}: too little text ({len(data.train)} train / {len(data.val)} val tokens) "
                          f"for max_seq_len {cfg.max_seq_len}")
-    return data
 
 
 class TrainWindows:
@@ -1187,6 +1192,7 @@ def save_checkpoint(ckpt_dir, model, optimizers, schedulers, scaler, state):
     sha256 sums. Written into a temporary directory, fsynced, then renamed: a crash at any moment
     leaves the previous checkpoint whole."""
     from safetensors.torch import save_file
+    device = next(model.parameters()).device
     os.makedirs(ckpt_dir, exist_ok=True)
     tmp = tempfile.mkdtemp(dir=ckpt_dir, prefix=".tmp-")
     try:
@@ -1195,7 +1201,9 @@ def save_checkpoint(ckpt_dir, model, optimizers, schedulers, scaler, state):
                   os.path.join(tmp, "model.safetensors"))
         torch.save(dict(optimizers=[o.state_dict() for o in optimizers], schedulers=[s.state_dict() for s in schedulers],
                         scaler=scaler.state_dict(), rng=torch.get_rng_state(),
-                        cuda_rng=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []),
+                        # this process's own generator: every rank is seeded alike and draws alike, so
+                        # rank 0's state is each rank's (get_rng_state_all would hold the others' unused ones)
+                        cuda_rng=[torch.cuda.get_rng_state(device)] if device.type == "cuda" else []),
                    os.path.join(tmp, "optim.pt"))
         with open(os.path.join(tmp, "state.json"), "w") as f:
             json.dump(state, f)
@@ -1258,8 +1266,9 @@ def restore_checkpoint(path, model, optimizers, schedulers, scaler):
         s.load_state_dict(sd)
     scaler.load_state_dict(st["scaler"])
     torch.set_rng_state(st["rng"])
-    if st["cuda_rng"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(st["cuda_rng"])
+    device = next(model.parameters()).device
+    if st["cuda_rng"] and device.type == "cuda":  # older checkpoints list every device's: the first is rank 0's own
+        torch.cuda.set_rng_state(st["cuda_rng"][0], device)
 
 
 def train_model(name, cfg, data, rt, log_metrics=lambda rec: None, ckpt_dir=None, resume_from=None, init=None,
@@ -1785,6 +1794,8 @@ def run_comparison(cfg, names, out_dir, cache_dir="data_cache", seeds=None, swee
     if cfg.vocab_size < data.vocab_size:
         raise UsageError(f"vocab_size ({cfg.vocab_size}) is smaller than the tokenizer's ({data.vocab_size})")
     jobs = plan_jobs(cfg, names, seeds, grid)
+    for j in jobs:  # a sweep may lengthen the windows past what the data holds
+        check_data_fits(data, j["cfg"])
     inits, upcycled = {}, None  # job id -> the function that upcycles its fresh MoE model
     if upcycle_from and any(j["cfg"].moe_layer_ids() for j in jobs):
         make_init, upcycled = upcycler(upcycle_from, data, log=say)
@@ -2256,6 +2267,8 @@ def main(argv=None):
             print("preset cpu: no CUDA device, so a reduced comparison (a few minutes on 2 cores); "
                   "the full experiment is --preset seed")
         out_dir = args.out_dir or os.path.join("runs", datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
+        if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+            raise UsageError(f"--out_dir {out_dir} is a file, not a directory")
         if os.path.exists(os.path.join(out_dir, "run.json")):
             raise UsageError(f"--out_dir {out_dir} holds a run already; continue it with --resume {out_dir}")
         run_comparison(cfg, names, out_dir, args.cache_dir, args.seeds, args.sweep, args.upcycle_from, argv=argv)

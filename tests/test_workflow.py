@@ -470,6 +470,7 @@ def test_sweep_writes_sweep_json_and_plot_and_a_sorted_summary(smoke, tmp_path, 
     (["nope=1"], "--sweep nope=1: expected FIELD=V1,V2"),
     (["num_experts=x"], "--sweep num_experts=x: values must be int"),
     (["expert_top_k=9"], "expert_top_k (9) must not exceed num_experts (4)"),
+    (["max_seq_len=32,100000"], "too little text"),
 ])
 def test_a_bad_sweep_exits_2_with_one_line(smoke, tmp_path, sweep, message, capsys):
     out = tmp_path / "run"
@@ -658,3 +659,12 @@ def test_a_new_run_into_a_directory_holding_one_exits_2_and_leaves_it_alone(fini
     err = capsys.readouterr().err.strip()
     assert f"--out_dir {finished_run} holds a run already; continue it with --resume {finished_run}" in err
     assert open(os.path.join(finished_run, "run.json"), "rb").read() == before
+
+
+def test_an_out_dir_that_is_a_file_exits_2_with_one_line_and_leaves_it_alone(smoke, tmp_path, capsys):
+    path = tmp_path / "notes.txt"
+    path.write_text("mine")
+    assert run_main(smoke + ["--models", "dense", "--out_dir", path]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"--out_dir {path} is a file, not a directory" in err and len(err.splitlines()) == 1
+    assert path.read_text() == "mine"
