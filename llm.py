@@ -41,6 +41,7 @@ import tempfile
 import textwrap
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field, fields
 
 import numpy as np
@@ -1393,15 +1394,17 @@ def train_model(name, cfg, data, rt, log_metrics=lambda rec: None, ckpt_dir=None
             muon.step(ok=ok)
             adamw.found_inf = (~ok).float()  # read by the fused kernel: no host sync
             adamw.step()
-            skipped += ~ok
-            streak = (streak + 1) * ~ok
-            worst = torch.maximum(worst, streak)
+        skipped += ~ok  # fp16 too: the scaler's overflow steps are skipped steps, and NaN losses must stop the run
+        streak = (streak + 1) * ~ok
+        worst = torch.maximum(worst, streak)
         if cfg.balance == "aux_free":
             for m in moes:
                 m.update_bias(cfg.bias_update_rate, rt.world)
         for o, s in zip(optimizers, schedulers):
             o.zero_grad(set_to_none=True)
-            s.step()
+            with warnings.catch_warnings():  # fp16: a step the scaler skipped advances the schedule all the same
+                warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler\.step\(\)` before")
+                s.step()
         done = step + 1
         if t_first is None:
             if rt.device.type == "cuda":

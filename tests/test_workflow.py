@@ -605,6 +605,19 @@ def test_non_finite_steps_are_skipped_and_counted_and_too_many_in_a_row_stop_the
     assert "last good checkpoint: none" in str(e.value)
 
 
+def test_under_fp16_the_scalers_skipped_steps_are_counted_and_too_many_in_a_row_stop_the_run(monkeypatch):
+    fp16 = llm.Runtime(device=torch.device("cpu"), dtype=torch.float16, compile=False)  # GradScaler on
+    cfg = tiny(max_steps=6, log_every=3, eval_every=6, eval_batches=2, batch_size=4, max_bad_steps=3)
+    nan_cross_entropy(monkeypatch, bad=lambda n: n == 2)
+    records = []
+    row = llm.train_model("m", cfg, synthetic_data(), fp16, records.append)
+    assert row["skipped_steps"] >= 1 and [r["skipped_steps"] >= 1 for r in records if r["kind"] == "train"] == [True] * 2
+    monkeypatch.undo()
+    nan_cross_entropy(monkeypatch, bad=lambda n: True)
+    with pytest.raises(llm.TrainingError, match=r"max_bad_steps 3\)"):
+        llm.train_model("m", cfg, synthetic_data(), fp16)
+
+
 def test_a_run_that_only_gets_non_finite_steps_exits_1_with_one_line(smoke, tmp_path, monkeypatch, capsys):
     nan_cross_entropy(monkeypatch, bad=lambda n: True)
     out = tmp_path / "run"
