@@ -2255,6 +2255,8 @@ def main(argv=None):
     try:
         if argv and argv[0] in SUBCOMMANDS:
             return SUBCOMMANDS[argv[0]](argv[1:])
+        if argv and argv[0].startswith("--resume="):  # the one-word form argparse also accepts
+            argv = ["--resume", argv[0].partition("=")[2]] + argv[1:]
         if argv and argv[0] == "--resume":
             if len(argv) != 2:
                 raise UsageError("--resume RUN_DIR takes no other options: the run keeps its own")

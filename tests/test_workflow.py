@@ -664,6 +664,8 @@ def test_resume_takes_no_other_options_and_needs_a_run_directory(finished_run, t
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and err.startswith("llm.py: error: --")
     assert "not a run directory" in err
+    assert run_main([f"--resume={tmp_path}"]) == 2  # the one-word form means the same
+    assert "not a run directory" in capsys.readouterr().err
 
 
 def test_a_new_run_into_a_directory_holding_one_exits_2_and_leaves_it_alone(finished_run, smoke, capsys):
