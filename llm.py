@@ -1272,6 +1272,10 @@ def restore_checkpoint(path, model, optimizers, schedulers, scaler):
         torch.cuda.set_rng_state(st["cuda_rng"][0], device)
 
 
+# fp16: a step the GradScaler skips still advances the schedule, on purpose; torch would warn about it
+warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler\.step\(\)` before")
+
+
 def train_model(name, cfg, data, rt, log_metrics=lambda rec: None, ckpt_dir=None, resume_from=None, init=None,
                 stop=None):
     """Train one model; returns its result row (also evaluated on held-out and training text).
@@ -1402,9 +1406,7 @@ def train_model(name, cfg, data, rt, log_metrics=lambda rec: None, ckpt_dir=None
                 m.update_bias(cfg.bias_update_rate, rt.world)
         for o, s in zip(optimizers, schedulers):
             o.zero_grad(set_to_none=True)
-            with warnings.catch_warnings():  # fp16: a step the scaler skipped advances the schedule all the same
-                warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler\.step\(\)` before")
-                s.step()
+            s.step()
         done = step + 1
         if t_first is None:
             if rt.device.type == "cuda":
@@ -1939,6 +1941,12 @@ def load_run(run_dir, flag="--run"):
     return state
 
 
+def run_base_config(state):
+    """The Config a run started from (fields a later llm.py dropped are ignored): it fixed the data."""
+    known = {f.name for f in fields(Config)}
+    return Config(**{k: v for k, v in state["base_config"].items() if k in known})
+
+
 def load_trained(run_dir, model, device, log=print):
     """A finished or checkpointed model of a run, by run id (moe, moe-s43) or name (first seed)."""
     state = load_run(run_dir)
@@ -2197,7 +2205,7 @@ def experts_main(argv):
     if not cfg.moe_layer_ids():
         raise UsageError(f"--model {a.model}: a dense model has no experts")
     # the run's split and tokenizer come from its base config: a job's seed (moe-s2) is not the data's
-    data = prepare_data(Config(**state["base_config"]), a.cache_dir or state["cache_dir"], log=print)
+    data = prepare_data(run_base_config(state), a.cache_dir or state["cache_dir"], log=print)
     tok = load_tokenizer(a.run, state)
     windows = eval_windows(data.val, cfg.max_seq_len, limit=a.max_windows)
     layers = expert_analysis(model, windows, cfg.batch_size, cfg.vocab_size, a.min_count, a.top)
@@ -2250,6 +2258,16 @@ def size_main(argv):
 SUBCOMMANDS = {"generate": generate_main, "experts": experts_main, "size": size_main}
 
 
+def check_out_dir(out_dir):
+    """out_dir, or the nearest of its parents that exists, must be a directory."""
+    p = os.path.abspath(out_dir)
+    while not os.path.exists(p):
+        p = os.path.dirname(p)
+    if not os.path.isdir(p):
+        where = "" if p == os.path.abspath(out_dir) else f": {p}"
+        raise UsageError(f"--out_dir {out_dir}{where} is a file, not a directory")
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
@@ -2261,8 +2279,7 @@ def main(argv=None):
             if len(argv) != 2:
                 raise UsageError("--resume RUN_DIR takes no other options: the run keeps its own")
             state = load_run(argv[1], "--resume")
-            base = {k: v for k, v in state["base_config"].items() if k in {f.name for f in fields(Config)}}
-            cfg = Config(**base).validate()
+            cfg = run_base_config(state).validate()
             return run_comparison(cfg, state["models"], argv[1], state["cache_dir"], state["seeds"], state["sweep"],
                                   state["upcycle_from"], resume=True, argv=state["argv"]) and 0
         cfg, names, preset, args = parse_config(argv)
@@ -2272,8 +2289,7 @@ def main(argv=None):
             print("preset cpu: no CUDA device, so a reduced comparison (a few minutes on 2 cores); "
                   "the full experiment is --preset seed")
         out_dir = args.out_dir or os.path.join("runs", datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
-        if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-            raise UsageError(f"--out_dir {out_dir} is a file, not a directory")
+        check_out_dir(out_dir)
         if os.path.exists(os.path.join(out_dir, "run.json")):
             raise UsageError(f"--out_dir {out_dir} holds a run already; continue it with --resume {out_dir}")
         run_comparison(cfg, names, out_dir, args.cache_dir, args.seeds, args.sweep, args.upcycle_from, argv=argv)

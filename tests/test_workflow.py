@@ -683,3 +683,6 @@ def test_an_out_dir_that_is_a_file_exits_2_with_one_line_and_leaves_it_alone(smo
     err = capsys.readouterr().err.strip()
     assert f"--out_dir {path} is a file, not a directory" in err and len(err.splitlines()) == 1
     assert path.read_text() == "mine"
+    assert run_main(smoke + ["--models", "dense", "--out_dir", path / "run"]) == 2  # under a file: not creatable
+    err = capsys.readouterr().err.strip()
+    assert f": {path} is a file, not a directory" in err and len(err.splitlines()) == 1
