@@ -794,7 +794,9 @@ class MoE(nn.Module):
         C = self.capacity(N)
         _, token = (sel + self.expert_bias).t().topk(C, dim=-1)  # (E, C): each expert's best tokens
         gates = probs.t().gather(1, token)  # (E, C), clean
-        yd = self.experts_bmm(x[token.flatten()].view(self.E, C, D), dtype) * gates[..., None].to(dtype)
+        # index_select, not x[token]: a token several experts pick gets its gradients summed by
+        # index_add, in a fixed order; indexing's index_put on CPU sums them in a varying one
+        yd = self.experts_bmm(x.index_select(0, token.flatten()).view(self.E, C, D), dtype) * gates[..., None].to(dtype)
         y = torch.zeros(N, D, device=x.device, dtype=yd.dtype).index_add_(0, token.flatten(), yd.reshape(-1, D))
         chosen = torch.zeros(N, device=x.device).index_add_(0, token.flatten(), torch.ones(token.numel(), device=x.device))
         return y, torch.full((self.E,), float(C), device=x.device), (chosen == 0).sum(), token

@@ -123,6 +123,20 @@ def test_expert_choice_gives_each_expert_exactly_C_distinct_tokens(monkeypatch):
     assert all(len(set(row.tolist())) == C for row in picked)
 
 
+def test_expert_choice_gradients_are_the_same_every_time_on_cpu():
+    """A token several experts pick gets one gradient per pick; they must be summed in a fixed order,
+    or the same run trains to a different loss each time (x[index]'s backward, index_put with
+    accumulate, sums them in a varying order on CPU)."""
+    layer = layer_for(routing="expert_choice", d_model=64, d_ff=128, capacity_factor=1.0)
+    x = torch.randn(8, 64, 64)
+    grads = []
+    for _ in range(4):
+        xx = x.clone().requires_grad_()
+        y = layer(xx)[0]
+        grads.append(torch.autograd.grad(y.square().sum(), xx)[0])
+    assert all(torch.equal(grads[0], g) for g in grads[1:])
+
+
 def test_shared_experts_see_every_token():
     layer = layer_for(n_shared_experts=2)
     with torch.no_grad():
