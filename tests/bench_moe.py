@@ -11,7 +11,8 @@ A script, not a test: pytest does not collect it (its name does not start with t
 
 Section 1, one layer, forward + backward at equal matmul FLOPs per token:
   dense FFN      llm.FeedForward(cfg, top_k * d_ff): the compute-matched dense FFN, the reference
-  ours           llm.MoE(cfg): token choice, dropless, one grouped matmul per projection
+  ours           llm.MoE(cfg): token choice, dropless, one grouped matmul per projection; with its
+                 balance and z losses (from its Routing), as the model computes them
   floor          ours' expert matmuls and activation alone, on copies already grouped by expert:
                  what the grouped GEMM kernels cost before any routing (a bound on ours)
   mask loop      the original tutorial's per-expert boolean-mask loop (reimplemented here only)
@@ -54,23 +55,26 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import torch  # noqa: E402
-import torch.nn as nn  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+import torch
+import torch.nn.functional as F
+from torch import nn
 
-import llm  # noqa: E402  (before transformers: llm quiets torchao's import-time logging, which transformers triggers)
+import llm  # before transformers: llm quiets torchao's import-time logging, which transformers triggers
+
 sys.path.insert(0, os.path.join(ROOT, "tests"))
-from helpers import OpRecorder  # noqa: E402  (the test suite's)
+from helpers import MoEWithLosses, OpRecorder  # the test suite's
 
 try:
     import transformers
     from transformers import MixtralConfig
-    from transformers.models.mixtral.modeling_mixtral import MixtralExperts, MixtralSparseMoeBlock
     from transformers.integrations import moe as hf_moe
+    from transformers.models.mixtral.modeling_mixtral import MixtralExperts, MixtralSparseMoeBlock
     HF_VERSION = transformers.__version__
-    HF_MISSING = None if hasattr(hf_moe, "ALL_EXPERTS_FUNCTIONS") else f"transformers {HF_VERSION} has no experts implementations"
+    HF_MISSING = (None if hasattr(hf_moe, "ALL_EXPERTS_FUNCTIONS")
+                  else f"transformers {HF_VERSION} has no experts implementations")
 except Exception as e:  # noqa: BLE001  (an old or missing transformers: the HF rows say why)
-    HF_VERSION, HF_MISSING = getattr(sys.modules.get("transformers"), "__version__", "not installed"), f"{type(e).__name__}: {e}"
+    HF_VERSION = getattr(sys.modules.get("transformers"), "__version__", "not installed")
+    HF_MISSING = f"{type(e).__name__}: {e}"
 
 HF_IMPLS = ("eager", "batched_mm", "grouped_mm")
 DEVICE_SKIP = "ok" in inspect.signature(llm.Muon.step).parameters  # llm.train_model's sync-free step skipping
@@ -121,9 +125,9 @@ class MaskLoopMoE(nn.Module):
 
 class ExpertsAlone(nn.Module):
     """The floor under a dropless grouped-GEMM layer: llm.MoE's expert matmuls and activation
-    (llm.MoE.experts_grouped, weight casts included) on token copies already grouped by expert in
-    an even split: no router, sort or permutation. Its ratio to the dense FFN is the cost of the
-    grouped GEMM kernels alone, a bound the whole layer cannot beat."""
+    (llm.MoE.experts with group ends, weight casts included) on token copies already grouped by
+    expert in an even split: no router, sort or permutation. Its ratio to the dense FFN is the cost
+    of the grouped GEMM kernels alone, a bound the whole layer cannot beat."""
 
     def __init__(self, moe, rows):
         super().__init__()
@@ -131,8 +135,7 @@ class ExpertsAlone(nn.Module):
         self.register_buffer("offs", torch.tensor([(e + 1) * rows // moe.E for e in range(moe.E)], dtype=torch.int32))
 
     def forward(self, xs):  # (N*k, D) -> (N*k, D)
-        dtype = llm.compute_dtype(xs)
-        return self.moe.experts_grouped(xs.to(dtype), self.offs, dtype)
+        return self.moe.experts(xs.to(llm.compute_dtype(xs)), self.offs)
 
 
 def init_weights(module):
@@ -278,7 +281,8 @@ def profile_calls(c, args, device, log, top=12):
         sync(device)
     events = prof.key_averages()
     if cuda:
-        rows = [(e.device_time_total, e.count, e.key) for e in events if e.device_type.name == "CUDA" and e.device_time_total > 0]
+        rows = [(e.device_time_total, e.count, e.key) for e in events
+                if e.device_type.name == "CUDA" and e.device_time_total > 0]
     else:
         rows = [(e.self_cpu_time_total, e.count, e.key) for e in events if e.self_cpu_time_total > 0]
     rows.sort(key=lambda r: -r[0])
@@ -289,12 +293,13 @@ def profile_calls(c, args, device, log, top=12):
             launchers.setdefault(k.name, collections.Counter())[e.name] += 1
     per_call = sum(r[0] for r in rows) / args.iters / 1000
     log(f"  profile of {c.label}: {per_call:.3f} ms of {'kernel' if cuda else 'CPU op'} time per call; the heaviest:")
-    c.profile = dict(ms_per_call=per_call, kind="cuda kernels" if cuda else "cpu ops", top=[])
+    c.profile = {"ms_per_call": per_call, "kind": "cuda kernels" if cuda else "cpu ops", "top": []}
     for t, n, key in rows[:top]:
         by = [f"{op} x{m / args.iters:.3g}" for op, m in launchers.get(key, collections.Counter()).most_common(3)]
-        log(f"    {t / args.iters / 1000:8.3f} ms  x{n / args.iters:<5.3g} {key[:110]}" + (f"  (from {', '.join(by)})" if by else ""))
-        c.profile["top"].append(dict(name=key, ms_per_call=t / args.iters / 1000, calls_per_call=n / args.iters,
-                                     launched_by=by))
+        log(f"    {t / args.iters / 1000:8.3f} ms  x{n / args.iters:<5.3g} {key[:110]}"
+            + (f"  (from {', '.join(by)})" if by else ""))
+        c.profile["top"].append({"name": key, "ms_per_call": t / args.iters / 1000, "calls_per_call": n / args.iters,
+                                 "launched_by": by})
 
 
 def measure(cands, args, device, log):
@@ -316,7 +321,8 @@ def measure(cands, args, device, log):
                 first = took if i == 0 else first
                 if i == judged and took > slow_s:
                     c.samples = [1000 * took] if i > 0 else [time_calls(c.step, 1, device)]
-                    c.note = (c.note + "; " if c.note else "") + f"slow: 1 timed call, no repeats (warm-up call {took:.1f}s)"
+                    c.note = ((c.note + "; " if c.note else "")
+                              + f"slow: 1 timed call, no repeats (warm-up call {took:.1f}s)")
                     c.step = None
                     break
         except Exception as e:  # noqa: BLE001  (out of memory, unsupported dtype, compile failure)
@@ -375,7 +381,7 @@ def layer_step(module, x, g, amp, aux=False):
         x.grad = None
         with amp():
             out = module(x)
-        if aux:  # ours also returns its load-balancing and z losses: they are part of its cost
+        if aux:  # ours (MoEWithLosses) also returns its load-balancing and z losses: they are part of its cost
             y, lb, z = out
             gy = grads.setdefault(y.dtype, g.to(y.dtype))
             # made once: a host-to-device copy per call would also keep the step out of a CUDA graph
@@ -407,15 +413,15 @@ def check_ours_vs_loop(cfg, device, dtype, amp, log):
     scale = y2.abs().max().item()
     tol = 1e-4 if dtype == torch.float32 else 3e-2  # relative to the output's largest entry
     up_loop = torch.stack([e[0].weight.grad for e in loop.experts])
-    diffs = dict(out=(y1.float() - y2).abs().max().item() / scale,
-                 dx=(x1.grad - x2.grad).abs().max().item() / x2.grad.abs().max().item(),
-                 dw_up=(ours.w_up.grad - up_loop).abs().max().item() / up_loop.abs().max().item())
+    diffs = {"out": (y1.float() - y2).abs().max().item() / scale,
+             "dx": (x1.grad - x2.grad).abs().max().item() / x2.grad.abs().max().item(),
+             "dw_up": (ours.w_up.grad - up_loop).abs().max().item() / up_loop.abs().max().item()}
     ok = all(v <= tol for v in diffs.values())
     path = matmul_path(rec.ops)
     log(f"check: ours == mask loop ({'ok' if ok else 'MISMATCH'}; max abs diff {diffs['out'] * scale:.2e} on outputs "
         f"of max {scale:.2e}; relative diffs out {diffs['out']:.1e}, dx {diffs['dx']:.1e}, dw_up {diffs['dw_up']:.1e}; "
         f"tolerance {tol:g}; ours ran {str(dtype).replace('torch.', '')} via {path_text(path, ours=True)})")
-    return dict(ok=ok, tolerance=tol, path=path, **{f"rel_diff_{k}": v for k, v in diffs.items()})
+    return {"ok": ok, "tolerance": tol, "path": path, **{f"rel_diff_{k}": v for k, v in diffs.items()}}
 
 
 def check_hf(dims, device, hf_dtype, amp, log):
@@ -434,7 +440,7 @@ def check_hf(dims, device, hf_dtype, amp, log):
         fn = hf_function(block)
         xi = x.clone().requires_grad_()
 
-        def run():
+        def run(xi=xi):
             with amp():
                 y = block(xi)
             y.float().sum().backward()
@@ -444,10 +450,10 @@ def check_hf(dims, device, hf_dtype, amp, log):
                 outs[impl] = run().detach().float()
             path = matmul_path(rec.ops)
         except Exception as e:  # noqa: BLE001
-            result[impl] = dict(ok=False, function=fn, path=None, error=short_error(e))
+            result[impl] = {"ok": False, "function": fn, "path": None, "error": short_error(e)}
             continue
         want_fn, want_path = expect[impl]
-        result[impl] = dict(ok=fn == want_fn and path in want_path, function=fn, path=path)
+        result[impl] = {"ok": fn == want_fn and path in want_path, "function": fn, "path": path}
     block.zero_grad(set_to_none=True)
     tol = 1e-4 if hf_dtype == torch.float32 else 3e-2
     ref = outs.get("eager")
@@ -462,7 +468,8 @@ def check_hf(dims, device, hf_dtype, amp, log):
             parts.append(f"{impl}: failed ({r['error']})")
         else:
             parts.append(f"{impl} -> {r['function']} via {path_text(r['path'])}"
-                         + (f", rel diff vs eager {r['rel_diff_vs_eager']:.1e}" if impl != "eager" and "rel_diff_vs_eager" in r else ""))
+                         + (f", rel diff vs eager {r['rel_diff_vs_eager']:.1e}"
+                            if impl != "eager" and "rel_diff_vs_eager" in r else ""))
     all_ok = all(r["ok"] for r in result.values())
     log(f"check: HF experts implementations {'ok' if all_ok else 'UNEXPECTED'} ({'; '.join(parts)}; tolerance {tol:g})")
     return result
@@ -471,7 +478,7 @@ def check_hf(dims, device, hf_dtype, amp, log):
 def batched_mm_bytes(tokens, dims, elem):
     """batched_mm gathers one copy of both expert matrices per token-expert pair; backward holds
     their gradients too."""
-    D, I, E, k = dims
+    D, I, _E, k = dims
     return 2 * tokens * k * 3 * I * D * elem
 
 
@@ -499,11 +506,11 @@ def layer_section(args, device, dtype, amp, log):
     log(f"  equal FLOPs: {4 * D * Fw * k / 1e6:.2f} MFLOP per token forward in every candidate's expert/FFN matmuls; "
         f"the router adds {router_share:.2%} (not matched, negligible)")
     if dtype != torch.float32:
-        log(f"  dtype: ours, dense and the mask loop keep fp32 weights under {args.dtype} autocast (cast per call, as in "
-            f"training); HF blocks hold {args.dtype} weights, their usual form (HF grouped_mm casts inputs to the "
-            f"weight dtype, so fp32 weights would run it in fp32)")
+        log(f"  dtype: ours, dense and the mask loop keep fp32 weights under {args.dtype} autocast (cast per call, "
+            f"as in training); HF blocks hold {args.dtype} weights, their usual form (HF grouped_mm casts inputs to "
+            f"the weight dtype, so fp32 weights would run it in fp32)")
 
-    checks = dict(ours_vs_loop=check_ours_vs_loop(cfg, device, dtype, amp, log))
+    checks = {"ours_vs_loop": check_ours_vs_loop(cfg, device, dtype, amp, log)}
     if HF_MISSING is None:
         checks["hf"] = check_hf((D, I, E, k), device, hf_dtype, amp, log)
 
@@ -531,8 +538,9 @@ def layer_section(args, device, dtype, amp, log):
     ours_note = f"via {path_text(checks['ours_vs_loop']['path'], ours=True)}"
     if args.compile and device.type == "cpu" and dtype == torch.float32:
         ours_note += " (eager check; compiled fp32 on CPU uses llm.grouped_mm_fallback, E x the FLOPs)"
-    add("ours", "ours: llm.MoE (topk, dropless)", lambda: init_weights(llm.MoE(cfg)), aux=True, fullgraph=True, graphable=True,
-        note=ours_note)
+    # the layer and its two losses, as the model computes them: y, balance_loss(), z_loss() of its Routing
+    add("ours", "ours: llm.MoE (topk, dropless)", lambda: MoEWithLosses(init_weights(llm.MoE(cfg))), aux=True,
+        fullgraph=True, graphable=True, note=ours_note)
     copies = (torch.randn(N * k, D, device=device, requires_grad=True), torch.randn(N * k, D, device=device))
     add("experts_alone", "floor: ours' experts alone", lambda: ExpertsAlone(init_weights(llm.MoE(cfg)), N * k),
         fullgraph=True, graphable=True, inputs=copies,
@@ -570,7 +578,9 @@ def layer_section(args, device, dtype, amp, log):
     for c in cands:
         c.ratio = c.ms / dense.ms if c.ok and dense.ok else None
         c.graph_ratio = c.graph_ms / dense.graph_ms if c.graph_ms is not None and dense.graph_ms is not None else None
-    return dict(tokens=N, batch=B, seq_len=T, d_model=D, d_ff=Fw, num_experts=E, top_k=k, hf_intermediate=I), cands, checks
+    info = {"tokens": N, "batch": B, "seq_len": T, "d_model": D, "d_ff": Fw, "num_experts": E, "top_k": k,
+            "hf_intermediate": I}
+    return info, cands, checks
 
 
 # ----------------------------------------------------------------------------------------------
@@ -596,7 +606,9 @@ def train_section(args, device, dtype, amp, log):
     muon_eager = []  # --compile: the training steps again with Muon's step eager
 
     def make_optimizers(model, cfg):  # as llm.train_model: Muon compiled when the model is
-        return llm.make_optimizers(model, cfg, compile=args.compile) if MUON_COMPILE else llm.make_optimizers(model, cfg)
+        if MUON_COMPILE:
+            return llm.make_optimizers(model, cfg, compile=args.compile)
+        return llm.make_optimizers(model, cfg)
 
     def forward_backward(run, cfg):
         lb_weight = 0.0 if cfg.balance == "aux_free" else cfg.load_balancing_weight  # as llm.train_model
@@ -624,10 +636,10 @@ def train_section(args, device, dtype, amp, log):
             adamw.step()
 
     for name, cfg in cfgs.items():
-        counts = llm.count_params(cfg)
-        info[name] = dict(d_ff=cfg.d_ff, moe_layers=cfg.moe_layer_ids(), active_params=counts["active"],
-                          total_params=counts["total"], flops_per_token=counts["flops_per_token"])
-        c = Candidate("train_" + name.replace("-", "_"), name, flops=counts["flops_per_token"] * B * T)
+        size = llm.model_size(cfg)
+        info[name] = {"d_ff": cfg.d_ff, "moe_layers": cfg.moe_layer_ids(), "active_params": size.active,
+                      "total_params": size.total, "flops_per_token": size.flops_per_token}
+        c = Candidate("train_" + name.replace("-", "_"), name, flops=size.flops_per_token * B * T)
         try:
             torch.manual_seed(0)
             model = llm.Transformer(cfg).to(device).train()  # its own init (std 0.02, scaled output projections)
@@ -677,7 +689,7 @@ def train_section(args, device, dtype, amp, log):
     for c in cands:
         dense = by.get("train_dense_matched_muon_eager" if c.key.endswith("_muon_eager") else "train_dense_matched")
         c.ratio = c.ms / dense.ms if c.ok and dense is not None and dense.ok else None
-    return dict(batch=B, seq_len=T, vocab_size=base.vocab_size, models=info), cands
+    return {"batch": B, "seq_len": T, "vocab_size": base.vocab_size, "models": info}, cands
 
 
 # ----------------------------------------------------------------------------------------------
@@ -757,11 +769,14 @@ def finite(v):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="small shapes for a CPU (4 x 128 tokens; cpu preset model)")
-    p.add_argument("--repeats", type=int, default=None, help="timed repeats per candidate, median reported (default 7 on cuda, 5 on cpu)")
+    p.add_argument("--repeats", type=int, default=None,
+                   help="timed repeats per candidate, median reported (default 7 on cuda, 5 on cpu)")
     p.add_argument("--iters", type=int, default=None, help="calls per repeat (default 20 on cuda, 5 on cpu)")
     p.add_argument("--warmup", type=int, default=3, help="untimed calls per candidate first (default 3)")
-    p.add_argument("--compile", action="store_true", help="torch.compile every candidate (ours and dense with fullgraph=True)")
-    p.add_argument("--dtype", choices=("fp32", "bf16"), default=None, help="default: bf16 autocast on cuda, fp32 on cpu")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile every candidate (ours and dense with fullgraph=True)")
+    p.add_argument("--dtype", choices=("fp32", "bf16"), default=None,
+                   help="default: bf16 autocast on cuda, fp32 on cpu")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if available, else cpu")
     p.add_argument("--profile", action="store_true", help="after timing, torch.profiler over each candidate's calls: "
                    "its heaviest kernels (CUDA) or ops (CPU) per call")
@@ -791,12 +806,13 @@ def main(argv=None):
 
     t_start = time.perf_counter()
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else llm.cpu_name()
-    date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    date = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
     log(f"bench_moe: MoE layer and training step vs compute-matched dense, {date}")
     log(f"device: {device.type} ({device_name}), {torch.get_num_threads()} CPU threads")
     log(f"torch {torch.__version__}, transformers {HF_VERSION}, python {platform.python_version()}")
-    log(f"dtype: {args.dtype}{' autocast' if dtype != torch.float32 else ''}; compile: {'on' if args.compile else 'off'}; "
-        f"warmup {args.warmup}, {args.repeats} repeats x {args.iters} calls (median over repeats, candidates interleaved)"
+    log(f"dtype: {args.dtype}{' autocast' if dtype != torch.float32 else ''}; "
+        f"compile: {'on' if args.compile else 'off'}; warmup {args.warmup}, "
+        f"{args.repeats} repeats x {args.iters} calls (median over repeats, candidates interleaved)"
         + ("; --quick (small shapes)" if args.quick else ""))
 
     layer_info, layer, checks = layer_section(args, device, dtype, amp, log)
@@ -809,7 +825,8 @@ def main(argv=None):
 
     h100 = device.type == "cuda" and "H100" in device_name
     log("")
-    log("targets" + ("" if h100 else f" (defined for an H100; this run is on {device_name}, so informational only)") + ":")
+    log("targets" + ("" if h100 else f" (defined for an H100; this run is on {device_name}, so informational only)")
+        + ":")
     results = targets(layer, train, correct)
     for key, text, value, limit, ok in results:
         verdict = "n/a " if ok is None else ("PASS" if ok else "FAIL")
@@ -824,17 +841,19 @@ def main(argv=None):
     log(f"total time {wall:.1f}s")
 
     def rows(cands):
-        return {c.key: dict(label=c.label, ms=c.ms, spread=c.spread, ratio=c.ratio, samples_ms=c.samples,
-                            status=c.status, note=c.note, gpu_ms=c.graph_ms, gpu_ratio=c.graph_ratio,
-                            gpu_samples_ms=c.graph_samples, graph_status=c.graph_status, profile=c.profile)
+        return {c.key: {"label": c.label, "ms": c.ms, "spread": c.spread, "ratio": c.ratio, "samples_ms": c.samples,
+                        "status": c.status, "note": c.note, "gpu_ms": c.graph_ms, "gpu_ratio": c.graph_ratio,
+                        "gpu_samples_ms": c.graph_samples, "graph_status": c.graph_status, "profile": c.profile}
                 for c in cands}
-    record = dict(bench="bench_moe", date=date, device=device.type, device_name=device_name, torch=torch.__version__,
-                  transformers=HF_VERSION, dtype=args.dtype, args=vars(args), wall_s=round(wall, 1),
-                  layer=dict(**layer_info, candidates=rows(layer)), train=dict(**train_info, candidates=rows(train)),
-                  ratios=dict(moe_layer_vs_dense_ffn=layer[1].ratio, experts_alone_vs_dense_ffn=floor.ratio,
-                              train_moe_vs_dense_matched=train[0].ratio),
-                  targets={key: dict(value=value, limit=limit, passed=ok, defined_for="H100") for key, text, value, limit, ok in results},
-                  correctness=checks)
+    record = {"bench": "bench_moe", "date": date, "device": device.type, "device_name": device_name,
+              "torch": torch.__version__, "transformers": HF_VERSION, "dtype": args.dtype, "args": vars(args),
+              "wall_s": round(wall, 1), "layer": {**layer_info, "candidates": rows(layer)},
+              "train": {**train_info, "candidates": rows(train)},
+              "ratios": {"moe_layer_vs_dense_ffn": layer[1].ratio, "experts_alone_vs_dense_ffn": floor.ratio,
+                         "train_moe_vs_dense_matched": train[0].ratio},
+              "targets": {key: {"value": value, "limit": limit, "passed": ok, "defined_for": "H100"}
+                          for key, _text, value, limit, ok in results},
+              "correctness": checks}
     log(json.dumps(finite(record), default=str, allow_nan=False))
     return 0 if correct else 1
 

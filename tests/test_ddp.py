@@ -26,10 +26,11 @@ def free_port():
 def run(cmd):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
     try:
-        p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT)
+        p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT, check=False)
     except subprocess.TimeoutExpired as e:
         pytest.fail(f"{' '.join(cmd)} ran past {TIMEOUT}s\nstdout:\n{e.stdout}\nstderr:\n{e.stderr}")
-    assert p.returncode == 0, f"{' '.join(cmd)} exited {p.returncode}\nstdout:\n{p.stdout[-4000:]}\nstderr:\n{p.stderr[-8000:]}"
+    assert p.returncode == 0, (f"{' '.join(cmd)} exited {p.returncode}\nstdout:\n{p.stdout[-4000:]}\n"
+                               f"stderr:\n{p.stderr[-8000:]}")
     return p
 
 

@@ -73,8 +73,11 @@ def use_fake(monkeypatch, **kwargs):
 def real_nvml_works():
     try:
         import pynvml
+    except ImportError:
+        return False
+    try:
         pynvml.nvmlInit()
-    except Exception:
+    except pynvml.NVMLError:  # no driver, no library: what GPUMonitor itself catches
         return False
     pynvml.nvmlShutdown()
     return True
@@ -191,9 +194,8 @@ def test_nvml_is_shut_down_at_stop(monkeypatch):
 
 def test_context_manager_stops_the_monitor_when_the_body_raises(monkeypatch):
     fake = use_fake(monkeypatch, memory_used=[GB], utilization=[10])
-    with pytest.raises(RuntimeError, match="boom"):
-        with GPUMonitor(interval=0.01):
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError, match="boom"), GPUMonitor(interval=0.01):
+        raise RuntimeError("boom")
     assert fake.shutdown_calls == 1
 
 # -----------------------------------------------------------------------------

@@ -1,14 +1,17 @@
 """The model, the MoE layer, Muon and the schedule, checked against definitions."""
 
 import dataclasses
+import itertools
 import math
+import time
 
 import pytest
 import torch
-import torch.nn as nn
+import torch.nn.functional as F
+from helpers import OpRecorder, cpu_runtime, synthetic_data, tiny
+from torch import nn
 
 import llm
-from helpers import OpRecorder, cpu_runtime, synthetic_data, tiny
 
 
 @pytest.mark.parametrize("moe_layers", ["none", "alternate", "all"])
@@ -63,32 +66,39 @@ def test_load_balancing_loss_is_one_for_a_uniform_router_and_larger_when_skewed(
     layer = llm.MoE(tiny(num_experts=8, expert_top_k=2))
     x = torch.randn(256, 32)
     torch.nn.init.zeros_(layer.router.weight)  # every expert equally likely
-    _, _, _, lb, _ = layer.route(x)
+    lb = layer.route(x).balance_loss()
     assert lb.item() == pytest.approx(1.0, abs=1e-6)
     with torch.no_grad():  # expert 0 favoured for every token
         layer.router.weight.normal_(std=0.01)
         layer.router.weight[0] = 0
         x = x.abs()
         layer.router.weight[0, :] = 1.0
-    _, experts, _, lb, _ = layer.route(x)
-    assert (experts == 0).any(dim=1).all()
-    assert lb.item() > 1.5
+    routing = layer.route(x)
+    assert (routing.picks == 0).any(dim=1).all()
+    assert routing.balance_loss().item() > 1.5
 
 
 def test_router_noise_changes_selection_only_in_training_gates_and_loss_use_clean_probabilities():
     layer = llm.MoE(tiny(noise_std=5.0))
     x = torch.randn(64, 32)
+    logits = F.linear(x, layer.router.weight)
+    clean = logits.softmax(-1)  # (N, E) noise-free probabilities, by hand
     layer.eval()
-    g1, e1, _, lb1, _ = layer.route(x)
-    g2, e2, _, lb2, _ = layer.route(x)
-    assert torch.equal(e1, e2)
+    r1, r2 = layer.route(x), layer.route(x)
+    assert torch.equal(r1.picks, r2.picks)
     layer.train()
-    g3, e3, counts, lb3, _ = layer.route(x)
-    assert not torch.equal(e1, e3)
-    clean = layer.scores(x)[1]  # (N, E) noise-free probabilities
-    want = clean.gather(-1, e3)
-    assert torch.allclose(g3, want / want.sum(-1, keepdim=True))  # gate weights: clean, at the noisy picks
-    assert torch.allclose(lb3, layer.balance_loss(counts, clean))
+    torch.manual_seed(0)
+    r3 = layer.route(x)
+    assert not torch.equal(r1.picks, r3.picks)
+    torch.manual_seed(0)  # the same noise again: the picks are the top-k of the noisy scores
+    noisy = (logits + torch.randn_like(logits) * 5.0).softmax(-1)
+    assert torch.equal(r3.picks, noisy.topk(2, dim=-1).indices)
+    torch.testing.assert_close(r3.logits, logits)
+    torch.testing.assert_close(r3.probs, clean)  # what the losses and statistics read: clean in training too
+    want = clean.gather(-1, r3.picks)
+    assert torch.allclose(r3.gates, want / want.sum(-1, keepdim=True))  # gate weights: clean, at the noisy picks
+    f = r3.counts / r3.counts.sum()
+    assert torch.allclose(r3.balance_loss(), layer.E * (f * clean.mean(0)).sum())
     ec = llm.MoE(tiny(noise_std=5.0, routing="expert_choice")).train()
     ec.w_down.data.normal_()
     ec.w_up.data.normal_()
@@ -96,10 +106,11 @@ def test_router_noise_changes_selection_only_in_training_gates_and_loss_use_clea
         torch.manual_seed(0)
         y = ec(x[None])[0][0]
         torch.manual_seed(0)  # the same noise again
-        _, clean, noisy = ec.scores(x)
+        logits = F.linear(x, ec.router.weight)
+        clean, noisy = logits.softmax(-1), (logits + torch.randn_like(logits) * ec.noise_std).softmax(-1)
         token = noisy.t().topk(ec.capacity(len(x)), dim=-1).indices  # (E, C) picked with noise
         gates = clean.t().gather(1, token)[..., None]  # (E, C, 1) weighted without
-        yd = ec.experts_bmm(x[token.flatten()].view(*token.shape, -1), torch.float32) * gates
+        yd = ec.experts(x[token.flatten()].view(*token.shape, -1)) * gates
         want = torch.zeros_like(x).index_add_(0, token.flatten(), yd.flatten(0, 1))
     assert torch.allclose(y, want, atol=1e-6)
 
@@ -109,9 +120,11 @@ def test_moe_layer_makes_no_host_device_sync_and_no_python_loop_over_experts(mon
     layer = llm.MoE(tiny())
     x = torch.randn(2, 16, 32)
     for name in ("item", "tolist", "nonzero", "__bool__", "__int__"):
-        monkeypatch.setattr(torch.Tensor, name, lambda *a, **k: (_ for _ in ()).throw(AssertionError(f"sync: {name}")))
-    y, lb, z = layer(x)
-    assert y.shape == x.shape
+        refuse = lambda *a, name=name, **k: (_ for _ in ()).throw(AssertionError(f"sync: {name}"))
+        monkeypatch.setattr(torch.Tensor, name, refuse)
+    y, routing = layer(x)
+    lb, z, sums = routing.balance_loss(), routing.z_loss(), routing.sums()  # the losses and evaluation's sums too
+    assert y.shape == x.shape and lb.shape == z.shape == () and sums.shape == (layer.E + 4,)
 
 
 def test_dropless_dispatch_sorts_16_bit_expert_ids_and_its_gradient_gathers_without_scatter_adds():
@@ -120,8 +133,8 @@ def test_dropless_dispatch_sorts_16_bit_expert_ids_and_its_gradient_gathers_with
     layer = llm.MoE(tiny())
     x = torch.randn(2, 16, 32, requires_grad=True)
     with OpRecorder() as rec:
-        y, lb, z = layer(x)
-        (y.square().sum() + lb + z).backward()
+        y, routing = layer(x)
+        (y.square().sum() + routing.balance_loss() + routing.z_loss()).backward()
     sorts = [d for name, d in rec.calls if "sort" in name]
     assert sorts and all(d == [torch.int16] for d in sorts), sorts
     assert not [name for name in rec.ops if "index_put" in name or "index_add" in name]
@@ -170,39 +183,69 @@ def test_optimizers_split_params_muon_for_hidden_matrices_adamw_for_embedding_no
 
 
 def test_parameter_accounting_matches_the_built_model():
-    for kw in [dict(moe_layers="none"), dict(moe_layers="alternate", n_layers=4), dict(ffn="swiglu", n_kv_heads=2)]:
+    for kw in [{"moe_layers": "none"}, {"moe_layers": "alternate", "n_layers": 4}, {"ffn": "swiglu", "n_kv_heads": 2}]:
         cfg = tiny(**kw)
         model = llm.Transformer(cfg)
-        c = llm.count_params(cfg)
-        assert c["total"] == sum(p.numel() for p in model.parameters())
+        size = llm.model_size(cfg)
+        assert size.total == sum(p.numel() for p in model.parameters())
         expert = sum(p.numel() for n, p in model.named_parameters() if ".w_" in n)
-        assert c["expert"] == expert
-        assert c["active"] == c["total"] - expert + expert * cfg.expert_top_k // cfg.num_experts
+        assert size.expert == expert
+        assert size.active == size.total - expert + expert * cfg.expert_top_k // cfg.num_experts
 
 
 def test_active_parameters_count_the_chosen_experts():
     """The tutorial's '47% active' counted no expert; a top-2 of 8 MoE uses a quarter of them."""
     cfg = llm.Config(vocab_size=1000)
-    c, d = llm.count_params(cfg), llm.count_params(dataclasses.replace(cfg, moe_layers="none"))
+    c, d = llm.model_size(cfg), llm.model_size(dataclasses.replace(cfg, moe_layers="none"))
     ffn = 2 * cfg.d_model * cfg.d_ff
-    assert c["active"] - d["active"] == 3 * (ffn + cfg.d_model * cfg.num_experts)  # 3 MoE layers, 2 experts each
-    assert c["total"] - c["active"] == 3 * 6 * ffn
+    assert c.active - d.active == 3 * (ffn + cfg.d_model * cfg.num_experts)  # 3 MoE layers, 2 experts each
+    assert c.total - c.active == 3 * 6 * ffn
 
 
-@pytest.mark.parametrize("kw", [dict(), dict(moe_layers="all", expert_top_k=1), dict(ffn="swiglu", num_experts=16)])
+@pytest.mark.parametrize("kw", [{}, {"moe_layers": "all", "expert_top_k": 1}, {"ffn": "swiglu", "num_experts": 16}])
 def test_dense_matched_has_the_moe_active_non_embedding_params_within_one_percent(kw):
     cfg = llm.Config(vocab_size=1000, **kw)
     matched = llm.dense_matched(cfg)
     assert matched.moe_layer_ids() == []
-    a, b = llm.count_params(cfg)["active_non_embedding"], llm.count_params(matched)["active_non_embedding"]
+    a, b = llm.model_size(cfg).active_non_embedding, llm.model_size(matched).active_non_embedding
     assert abs(a - b) <= 0.01 * a
+
+
+def test_model_size_of_a_config_too_large_to_allocate_returns_at_once_with_closed_form_counts():
+    """138 billion parameters (554 GB in fp32): only a model built on the meta device (shapes, no
+    memory) can be counted; every count equals its closed form for dense-FFN and top-k MoE blocks."""
+    cfg = llm.Config(d_model=8192, n_heads=64, n_kv_heads=8, n_layers=64, d_ff=28672, ffn="swiglu", num_experts=64,
+                     expert_top_k=8, expert_d_ff=2048, n_shared_experts=1, moe_layers="alternate", vocab_size=200000,
+                     max_seq_len=4096).validate()
+    t0 = time.perf_counter()
+    size = llm.model_size(cfg)
+    assert time.perf_counter() - t0 < 10
+    d, L, V, T, hd = 8192, 64, 200000, 4096, 8192 // 64
+    attn = d * (64 + 2 * 8) * hd + 64 * hd * d  # qkv (grouped-query: 8 key/value heads) and the output projection
+    dense_ffn = 3 * d * 28672  # swiglu: gate and up (d -> 2 x 28672), down
+    expert = 3 * d * 2048  # one routed expert, and the one shared expert, of width 2048
+    router = d * 64
+    n_moe = n_dense = L // 2  # alternate: the odd blocks
+    norms = 2 * d * L + d  # two RMSNorms per block and the final one
+    total = V * d + norms + L * attn + n_dense * dense_ffn + n_moe * (router + 64 * expert + expert)
+    active = total - n_moe * 64 * expert + n_moe * 8 * expert  # 8 of the 64 routed experts per token
+    assert size.total == total and size.total > 1.3e11
+    assert size.expert == n_moe * 64 * expert
+    assert size.active == active
+    assert size.non_embedding == total - V * d and size.active_non_embedding == active - V * d
+    assert size.muon_params == L * attn + n_dense * dense_ffn + n_moe * (64 * expert + expert)
+    assert size.adamw_params == V * d + norms + n_moe * router
+    # 6 x the active matmul weights (the tied head once, norms none) + attention, 12 d per layer per (T+1)/2 keys
+    assert size.flops_per_token == 6 * (active - norms) + 6 * L * d * (T + 1)
+    assert size.weight_bytes == size.grad_bytes == 4 * total
+    assert size.optimizer_bytes == 4 * size.muon_params + 8 * size.adamw_params
 
 
 def test_flops_per_token_are_six_times_active_matmul_weights_plus_attention():
     cfg = tiny(moe_layers="none")
-    c = llm.count_params(cfg)
+    size = llm.model_size(cfg)
     matmul = 2 * (4 * 32 * 32 + 2 * 32 * 48) + 50 * 32
-    assert c["flops_per_token"] == int(6 * matmul + 12 * 2 * 32 * (16 + 1) / 2)
+    assert size.flops_per_token == int(6 * matmul + 12 * 2 * 32 * (16 + 1) / 2)
 
 
 def test_moe_layer_spec_selects_blocks():
@@ -220,7 +263,7 @@ def test_schedule_warms_up_then_decays_to_min_lr_in_optimizer_steps(schedule):
     cfg = llm.Config(max_steps=200, warmup_frac=0.1, min_lr_frac=0.1, schedule=schedule, decay_frac=0.2)
     f = [llm.lr_factor(s, cfg) for s in range(200)]
     assert f[0] == pytest.approx(1 / 20) and f[19] == pytest.approx(1.0)
-    assert all(a <= b for a, b in zip(f[:20], f[1:21]))
+    assert all(a <= b for a, b in itertools.pairwise(f[:21]))  # warm-up: non-decreasing
     assert f[-1] == pytest.approx(0.1, abs=0.01)
     if schedule == "wsd":
         assert f[100] == 1.0 and f[159] == 1.0 and f[170] < 1.0

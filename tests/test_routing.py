@@ -7,9 +7,9 @@ import math
 
 import pytest
 import torch
+from helpers import MoEWithLosses, cpu_runtime, synthetic_data, tiny
 
 import llm
-from helpers import synthetic_data, tiny
 
 
 def cfg(**kw):
@@ -31,7 +31,7 @@ def expert(layer, e, v):
 def naive_switch(layer, x):
     """Top-1 in order of arrival; an expert past its capacity passes the token through (output 0)."""
     flat = x.reshape(-1, x.shape[-1])
-    _, probs, _ = layer.scores(flat)
+    probs = layer.route(flat).probs
     C = math.ceil(layer.capacity_factor * flat.shape[0] / layer.E)
     used, out = [0] * layer.E, []
     for n in range(flat.shape[0]):
@@ -47,7 +47,7 @@ def naive_switch(layer, x):
 def naive_expert_choice(layer, x):
     """Each expert takes the C tokens that score it highest; a token sums what it was given."""
     flat = x.reshape(-1, x.shape[-1])
-    _, probs, _ = layer.scores(flat)
+    probs = layer.route(flat).probs
     C = math.ceil(layer.capacity_factor * flat.shape[0] * layer.k / layer.E)
     out = [torch.zeros_like(flat[0]) for _ in range(flat.shape[0])]
     for e in range(layer.E):
@@ -58,20 +58,21 @@ def naive_expert_choice(layer, x):
 
 def naive_topk(layer, x):
     flat = x.reshape(-1, x.shape[-1])
-    gates, experts, *_ = layer.route(flat)
+    routing = layer.route(flat)
+    gates, experts = routing.gates, routing.picks
     out = [sum(gates[n, j] * expert(layer, int(experts[n, j]), flat[n]) for j in range(layer.k))
            for n in range(flat.shape[0])]
     return torch.stack(out).view_as(x)
 
 
 @pytest.mark.parametrize("routing, naive, kw", [
-    ("switch", naive_switch, dict(capacity_factor=1.0)),
-    ("switch", naive_switch, dict(capacity_factor=0.5, ffn="swiglu")),
-    ("expert_choice", naive_expert_choice, dict(capacity_factor=1.0)),
-    ("expert_choice", naive_expert_choice, dict(capacity_factor=0.5, expert_top_k=1, ffn="swiglu")),
-    ("topk", naive_topk, dict(expert_d_ff=16, num_experts=8, expert_top_k=4)),
+    ("switch", naive_switch, {"capacity_factor": 1.0}),
+    ("switch", naive_switch, {"capacity_factor": 0.5, "ffn": "swiglu"}),
+    ("expert_choice", naive_expert_choice, {"capacity_factor": 1.0}),
+    ("expert_choice", naive_expert_choice, {"capacity_factor": 0.5, "expert_top_k": 1, "ffn": "swiglu"}),
+    ("topk", naive_topk, {"expert_d_ff": 16, "num_experts": 8, "expert_top_k": 4}),
     # top-1 with renormalised gates has gate 1 and no router gradient; keep the router in the check
-    *[("topk", naive_topk, dict(ffn=ffn, expert_top_k=k, norm_topk_prob=k > 1))
+    *[("topk", naive_topk, {"ffn": ffn, "expert_top_k": k, "norm_topk_prob": k > 1})
       for ffn in ("silu", "swiglu") for k in (1, 2, 3)],
 ])
 def test_each_routing_mode_matches_a_naive_per_token_reference_in_outputs_and_gradients(routing, naive, kw):
@@ -95,31 +96,33 @@ def test_switch_drops_exactly_the_over_capacity_tokens_in_order_of_arrival():
     y = layer(x)[0][0]  # capacity ceil(1.0 * 16 / 4) = 4
     assert (y[:4].abs().sum(dim=1) > 0).all()
     assert (y[4:] == 0).all()
-    layer.stats = torch.zeros(layer.E + 4)
-    layer(x)
-    stats = llm.expert_stats(layer.stats, layer.E)
+    _, routing = layer(x)
+    assert routing.counts.tolist() == [0, 0, 16, 0]  # counted before the capacity cut
+    stats = llm.expert_stats(routing.sums(), layer.E)
     assert stats["dropped_fraction"] == pytest.approx(12 / 16)
 
 
 def test_expert_choice_gives_each_expert_exactly_C_distinct_tokens(monkeypatch):
     layer = layer_for(routing="expert_choice", capacity_factor=1.0, expert_top_k=2)
     seen = {}
-    orig = layer.experts_bmm
+    orig = layer.experts
 
-    def spy(xd, dtype):
-        seen["shape"] = xd.shape
-        return orig(xd, dtype)
+    def spy(xs, offs=None):
+        seen["shape"], seen["offs"] = xs.shape, offs
+        return orig(xs, offs)
 
-    monkeypatch.setattr(layer, "experts_bmm", spy)
+    monkeypatch.setattr(layer, "experts", spy)
     x = torch.randn(2, 12, 32)
-    layer.stats = torch.zeros(layer.E + 4)
-    layer(x)
+    _, routing = layer(x)
     C = math.ceil(1.0 * 24 * 2 / 4)
-    assert seen["shape"] == (4, C, 32)
-    stats = llm.expert_stats(layer.stats, layer.E)
+    assert seen["shape"] == (4, C, 32) and seen["offs"] is None  # one batched matmul over (E, C, D)
+    assert routing.picks.shape == (4, C)
+    assert all(len(set(row.tolist())) == C for row in routing.picks)
+    stats = llm.expert_stats(routing.sums(), layer.E)
     assert stats["load"] == [0.25] * 4 and stats["load_cv"] == pytest.approx(0.0)
-    _, probs, _ = layer.scores(x.reshape(-1, 32))
+    probs = layer.route(x.reshape(-1, 32)).probs
     picked = probs.t().topk(C, dim=-1).indices
+    assert torch.equal(routing.picks, picked)
     assert all(len(set(row.tolist())) == C for row in picked)
 
 
@@ -149,34 +152,136 @@ def test_shared_experts_see_every_token():
 
 
 def test_aux_free_bias_moves_load_toward_balance_and_never_changes_gate_weights():
-    layer = layer_for(balance="aux_free", expert_top_k=1, num_experts=4)
+    layer = layer_for(balance="aux_free", expert_top_k=1, num_experts=4, bias_update_rate=0.005)
     with torch.no_grad():  # a skewed router: expert 0 wins most tokens
         layer.router.weight.normal_(std=0.05)
         layer.router.weight[0] += 0.05
     layer.train()
     x = torch.randn(512, 32).abs()
-    load = lambda: torch.bincount(layer.route(x)[1].flatten(), minlength=4).float()
+    load = lambda: torch.bincount(layer.route(x).picks.flatten(), minlength=4).float()
     cv = lambda l: (l.std(unbiased=False) / l.mean()).item()
     before = cv(load())
     assert before > 0.5
     for _ in range(300):
         layer(x.view(8, 64, 32))
-        layer.update_bias(0.005)
+        layer.update_bias()  # as the Muon step pre-hook does, at the layer's bias_update_rate
     after = cv(load())
     assert after < before / 2, (before, after)
     assert layer.expert_bias[0] < 0  # the overloaded expert was pushed down
-    gates, experts, *_ = layer.route(x)
-    _, probs, _ = layer.scores(x)
-    torch.testing.assert_close(gates, probs.gather(-1, experts))  # unbiased probabilities
+    routing = layer.route(x)
+    probs = torch.nn.functional.linear(x, layer.router.weight).softmax(-1)  # clean: no bias, no noise
+    torch.testing.assert_close(routing.probs, probs)
+    torch.testing.assert_close(routing.gates, probs.gather(-1, routing.picks))  # unbiased probabilities
 
 
-def test_aux_free_training_skips_the_balance_loss_and_updates_the_bias():
+def test_aux_free_training_skips_the_balance_loss_and_updates_the_bias(monkeypatch):
+    built = []  # the model train_model builds, caught where its optimizers are made
+    make_optimizers = llm.make_optimizers
+
+    def catch(model, cfg, **kw):
+        built.append(model)
+        return make_optimizers(model, cfg, **kw)
+
+    monkeypatch.setattr(llm, "make_optimizers", catch)
     data = synthetic_data()
     c = cfg(vocab_size=64, balance="aux_free", bias_update_rate=0.01, load_balancing_weight=1e6, max_steps=4,
             eval_every=4, eval_batches=1, batch_size=4, log_every=2)
     rt = llm.Runtime(device=torch.device("cpu"), dtype=torch.float32, compile=False)
     result = llm.train_model("moe", c, data, rt)
     assert math.isfinite(result["val_loss"]) and result["val_loss"] < 20  # a 1e6 weight would have blown up
+    (model,) = built
+    moes = [m for m in model.modules() if isinstance(m, llm.MoE)]
+    assert len(moes) == 2
+    for m in moes:
+        steps = m.expert_bias / 0.01  # each optimizer step moves each bias by -1, 0 or +1 times the rate
+        assert m.expert_bias.abs().sum() > 0 and steps.abs().max() <= 4 + 1e-4
+        torch.testing.assert_close(steps, steps.round(), atol=1e-4, rtol=0)
+        assert (m.load == 0).all()  # the last step's update consumed the last step's load
+
+
+def test_aux_free_bias_moves_in_the_muon_step_pre_hook_not_in_the_forward_and_not_for_aux_loss():
+    torch.manual_seed(0)
+    idx, targets = torch.randint(0, 64, (4, 16)), torch.randint(0, 64, (4, 16))
+    model = llm.Transformer(cfg(vocab_size=64, balance="aux_free", bias_update_rate=0.01)).train()
+    muon, adamw = llm.make_optimizers(model, model.cfg)
+    moes = [m for m in model.modules() if isinstance(m, llm.MoE)]
+    model.eval()
+    model(idx)
+    assert all((m.load == 0).all() for m in moes)  # evaluation forwards count nothing
+    model.train()
+    _, routings = model.logits_and_routings(idx)
+    ce, lb, z = model(idx, targets=targets)  # a second training forward: loads add up
+    (ce + z).backward()
+    for m, r in zip(moes, routings):
+        torch.testing.assert_close(m.load, 2 * r.counts)  # no noise: both forwards route alike
+        assert m.load.sum() == 2 * 4 * 16 * m.k
+        assert (m.expert_bias == 0).all()  # the forwards alone moved no bias
+    load = [m.load.clone() for m in moes]
+    adamw.step()
+    assert all((m.expert_bias == 0).all() and torch.equal(m.load, l) for m, l in zip(moes, load))
+    muon.step()
+    for m, l in zip(moes, load):
+        torch.testing.assert_close(m.expert_bias, 0.01 * torch.sign(l.mean() - l))
+        assert l.max() > l.mean() and m.expert_bias[l.argmax()] < 0  # the most loaded expert went down
+        assert l.min() < l.mean() and m.expert_bias[l.argmin()] > 0  # the least loaded one up
+        assert (m.load == 0).all()  # the update consumed the load
+
+    model = llm.Transformer(cfg(vocab_size=64, balance="aux_loss", bias_update_rate=0.01)).train()
+    muon, adamw = llm.make_optimizers(model, model.cfg)
+    moes = [m for m in model.modules() if isinstance(m, llm.MoE)]
+    ce, lb, z = model(idx, targets=targets)
+    (ce + lb + z).backward()
+    assert all((m.load == 0).all() for m in moes)  # aux_loss counts no load
+    skew = torch.tensor([8.0, 0.0, 0.0, 0.0])
+    for m in moes:  # a load an update would act on, were one registered
+        m.load.copy_(skew)
+    muon.step()
+    adamw.step()
+    assert all((m.expert_bias == 0).all() and torch.equal(m.load, skew) for m in moes)
+
+
+@pytest.mark.parametrize("routing, kw", [
+    ("topk", {}), ("topk", {"expert_top_k": 3, "norm_topk_prob": False}), ("topk", {"expert_top_k": 1}),
+    ("switch", {"capacity_factor": 1.0}), ("expert_choice", {"capacity_factor": 1.0}),
+    ("expert_choice", {"capacity_factor": 0.5, "expert_top_k": 1}),
+])
+def test_every_routing_mode_returns_a_routing_of_documented_shapes_counts_and_clean_gates(routing, kw):
+    layer = layer_for(routing=routing, noise_std=1.0, **kw).train()  # router noise on: the gates stay clean
+    with torch.no_grad():  # and a selection bias, which the gates must ignore as well
+        layer.expert_bias.copy_(torch.tensor([0.3, -0.2, 0.1, -0.1]))
+    x = torch.randn(2, 9, 32)
+    N, E = 18, layer.E
+    torch.manual_seed(0)
+    y, r = layer(x)
+    assert y.shape == x.shape and isinstance(r, llm.Routing)
+    assert r._fields == ("logits", "probs", "picks", "gates", "counts", "dropped")
+    logits = torch.nn.functional.linear(x.reshape(N, 32), layer.router.weight)
+    assert r.logits.shape == r.probs.shape == (N, E) and r.logits.dtype == r.probs.dtype == torch.float32
+    torch.testing.assert_close(r.logits, logits)
+    torch.testing.assert_close(r.probs, logits.softmax(-1))  # clean: no noise, no bias
+    torch.manual_seed(0)  # the noise the forward drew, for the selection scores
+    scores = (logits + torch.randn_like(logits) * 1.0).softmax(-1) + layer.expert_bias
+    assert r.counts.shape == (E,) and r.counts.dtype == torch.float32 and r.dropped.shape == ()
+    if routing == "expert_choice":
+        C = layer.capacity(N)
+        assert C == math.ceil(layer.capacity_factor * N * layer.k / E)
+        assert r.picks.shape == r.gates.shape == (E, C)  # token ids per expert
+        assert torch.equal(r.picks, scores.t().topk(C, dim=-1).indices)
+        assert r.counts.tolist() == [C] * E and r.counts.sum() == E * C
+        want = r.probs.t().gather(1, r.picks)
+        assert r.dropped == N - len(set(r.picks.flatten().tolist()))  # tokens no expert picked
+    else:
+        k = 1 if routing == "switch" else layer.k
+        assert r.picks.shape == r.gates.shape == (N, k)  # expert ids per token
+        assert torch.equal(r.picks, scores.topk(k, dim=-1).indices)
+        assert r.counts.sum() == N * k
+        assert torch.equal(r.counts, torch.bincount(r.picks.flatten(), minlength=E).float())
+        want = r.probs.gather(-1, r.picks)
+        if k > 1 and layer.norm_topk_prob:
+            want = want / want.sum(-1, keepdim=True)
+        C = layer.capacity(N)
+        assert r.dropped == (N - r.counts.clamp_max(C).sum() if routing == "switch" else 0)
+    torch.testing.assert_close(r.gates, want)
 
 
 def test_expert_statistics_match_hand_computed_values():
@@ -199,35 +304,35 @@ def test_expert_statistics_match_hand_computed_values():
 def test_statistics_accumulated_in_evaluation_count_the_routing_decisions():
     layer = layer_for(num_experts=4, expert_top_k=2).eval()
     x = torch.randn(2, 8, 32)
-    layer.stats = torch.zeros(6 + 2)
-    layer(x)
-    _, experts, *_ = layer.route(x.reshape(-1, 32))
-    torch.testing.assert_close(layer.stats[:4], torch.bincount(experts.flatten(), minlength=4).float())
-    assert layer.stats[4] == 16
+    _, routing = layer(x)
+    sums = routing.sums()
+    experts = layer.route(x.reshape(-1, 32)).picks
+    torch.testing.assert_close(sums[:4], torch.bincount(experts.flatten(), minlength=4).float())
+    assert sums[4] == 16
 
 
-@pytest.mark.parametrize("kw", [dict(routing="switch"), dict(routing="expert_choice", capacity_factor=1.0),
-                                dict(n_shared_experts=1), dict(expert_d_ff=24, num_experts=8, expert_top_k=4),
-                                dict(ffn="swiglu", n_shared_experts=2, expert_d_ff=16)])
+@pytest.mark.parametrize("kw", [{"routing": "switch"}, {"routing": "expert_choice", "capacity_factor": 1.0},
+                                {"n_shared_experts": 1}, {"expert_d_ff": 24, "num_experts": 8, "expert_top_k": 4},
+                                {"ffn": "swiglu", "n_shared_experts": 2, "expert_d_ff": 16}])
 def test_accounting_and_dense_matched_stay_exact_for_every_variant(kw):
     c = cfg(**kw)
     model = llm.Transformer(c)
-    counts = llm.count_params(c)
-    assert counts["total"] == sum(p.numel() for p in model.parameters())
+    size = llm.model_size(c)
+    assert size.total == sum(p.numel() for p in model.parameters())
     routed = sum(p.numel() for n, p in model.named_parameters() if ".w_" in n)
-    assert counts["expert"] == routed
-    assert counts["active"] == round(counts["total"] - routed + routed * c.experts_per_token / c.num_experts)
+    assert size.expert == routed
+    assert size.active == round(size.total - routed + routed * c.experts_per_token / c.num_experts)
     matched = llm.dense_matched(dataclasses.replace(c, vocab_size=1000))
-    a = llm.count_params(dataclasses.replace(c, vocab_size=1000))["active_non_embedding"]
-    assert abs(llm.count_params(matched)["active_non_embedding"] - a) <= 0.01 * a
+    a = llm.model_size(dataclasses.replace(c, vocab_size=1000)).active_non_embedding
+    assert abs(llm.model_size(matched).active_non_embedding - a) <= 0.01 * a
 
 
 def test_fine_grained_experts_have_the_active_compute_of_the_coarse_ones():
     coarse = llm.Config(vocab_size=1000)
     fine = dataclasses.replace(coarse, num_experts=32, expert_top_k=8, expert_d_ff=coarse.d_ff // 4)
-    a, b = llm.count_params(coarse), llm.count_params(fine)
-    assert a["flops_per_token"] == pytest.approx(b["flops_per_token"], rel=0.01)
-    assert a["total"] == pytest.approx(b["total"], rel=0.01)
+    a, b = llm.model_size(coarse), llm.model_size(fine)
+    assert a.flops_per_token == pytest.approx(b.flops_per_token, rel=0.01)
+    assert a.total == pytest.approx(b.total, rel=0.01)
 
 
 @pytest.mark.parametrize("k", [1, 2, 5])
@@ -236,11 +341,11 @@ def test_compiled_top_k_picks_the_experts_torch_topk_picks_in_the_same_order(k):
     torch.manual_seed(0)
     scores = torch.randn(64, 8)
     scores[3] = 0.125  # a tie (e.g. a zero router): still k distinct experts
-    compiled = torch.compile(llm.top_k, backend="aot_eager", fullgraph=True)(scores, k)
+    compiled = torch.compile(llm.top_k_indices, backend="aot_eager", fullgraph=True)(scores, k)
     rest = torch.arange(64) != 3
     assert torch.equal(compiled[rest], scores.topk(k, dim=-1).indices[rest])
     assert compiled[3].tolist() == list(range(k))
-    assert torch.equal(llm.top_k(scores, k), scores.topk(k, dim=-1).indices)  # eager is topk itself
+    assert torch.equal(llm.top_k_indices(scores, k), scores.topk(k, dim=-1).indices)  # eager is topk itself
 
 
 def test_compiled_and_eager_token_choice_route_alike_and_count_the_same_loads():
@@ -249,20 +354,21 @@ def test_compiled_and_eager_token_choice_route_alike_and_count_the_same_loads():
     x = torch.randn(40, 32)
     eager = layer.route(x)
     compiled = torch.compile(layer.route, backend="aot_eager", fullgraph=True)(x)
-    for a, b in zip(eager, compiled):
-        assert torch.equal(a, b)
-    assert eager[2].sum() == 40 * 3 and eager[2].dtype == torch.float32
+    assert isinstance(compiled, llm.Routing)
+    for name in llm.Routing._fields:
+        assert torch.equal(getattr(eager, name), getattr(compiled, name)), name
+    assert eager.counts.sum() == 40 * 3 and eager.counts.dtype == torch.float32
 
 
-@pytest.mark.parametrize("kw, dtype", [(dict(), torch.bfloat16), (dict(), torch.float32),
-                                       (dict(routing="switch"), torch.float32),
-                                       (dict(routing="expert_choice"), torch.float32),
-                                       (dict(balance="aux_free", n_shared_experts=1), torch.bfloat16)])
+@pytest.mark.parametrize("kw, dtype", [({}, torch.bfloat16), ({}, torch.float32),
+                                       ({"routing": "switch"}, torch.float32),
+                                       ({"routing": "expert_choice"}, torch.float32),
+                                       ({"balance": "aux_free", "n_shared_experts": 1}, torch.bfloat16)])
 def test_moe_layer_compiles_as_one_graph_and_does_not_recompile_when_the_split_changes(kw, dtype):
     """bf16 takes F.grouped_mm inside the graph, fp32 the fallback (grouped_mm compiles for bf16 only)."""
     torch._dynamo.reset()
     layer = layer_for(**kw).train().to(dtype)
-    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True, dynamic=False)
+    compiled = torch.compile(MoEWithLosses(layer), backend="aot_eager", fullgraph=True, dynamic=False)
     with torch._dynamo.config.patch(error_on_recompile=True):
         for seed in range(3):  # different inputs, different token split
             torch.manual_seed(seed)
@@ -301,3 +407,47 @@ def test_every_variant_trains_from_the_cli_and_reports_expert_statistics(args, c
     evals = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines() if '"eval"' in l]
     assert all(len(e["experts"]) == 2 and "router_entropy" in e["experts"][0] for e in evals)
     assert "load CV" in printed and ("dead expert" in printed)
+
+
+def layer_state(layer):
+    """What an MoE layer holds: its attributes, buffers and submodules by name, and its buffers' values."""
+    return (set(vars(layer)), set(layer._buffers), set(layer._modules),
+            {k: v.clone() for k, v in layer._buffers.items()})
+
+
+@pytest.mark.parametrize("routing", ["topk", "switch", "expert_choice"])
+def test_evaluation_and_expert_analysis_read_routing_from_the_model_and_leave_its_layers_as_they_were(routing):
+    torch.manual_seed(0)
+    c = cfg(vocab_size=64, routing=routing, capacity_factor=1.0, balance="aux_free")
+    model = llm.Transformer(c).train()  # evaluation switches to eval mode and back
+    moes = [m for m in model.modules() if isinstance(m, llm.MoE)]
+    before = [layer_state(m) for m in moes]
+    windows = llm.eval_windows(synthetic_data().val, c.max_seq_len, limit=10)
+    result = llm.evaluate(model, windows, cpu_runtime(), batch_size=4)
+    assert model.training
+    layers = llm.expert_analysis(model.eval(), windows, 4, c.vocab_size, min_count=1)
+    for b, m in zip(before, moes):
+        a = layer_state(m)
+        assert a[:3] == b[:3], "an MoE layer gained state during evaluation"
+        assert all(torch.equal(a[3][k], b[3][k]) for k in b[3])  # no load counted, no bias moved
+
+    sums = [torch.zeros(m.E + 4) for m in moes]  # the same batches, routed by the model itself
+    copies = [torch.zeros(m.E) for m in moes]
+    with torch.no_grad():
+        for i in range(0, len(windows[0]), 4):
+            _, routings = model.logits_and_routings(windows[0][i : i + 4])
+            for s, n, m, r in zip(sums, copies, moes, routings):
+                s += r.sums()
+                n += m.assignment(r).sum(0)
+    expected = [llm.expert_stats(s, m.E) for s, m in zip(sums, moes)]
+    assert len(result["experts"]) == len(expected) == 2
+    for got, want in zip(result["experts"], expected):
+        assert got.keys() == want.keys()
+        assert got["load"] == pytest.approx(want["load"], abs=1e-5)
+        assert got["dead_experts"] == want["dead_experts"]
+        for k in ("load_cv", "max_load", "min_load", "router_entropy", "dropped_fraction", "router_z"):
+            assert got[k] == pytest.approx(want[k], rel=1e-5, abs=1e-7), k
+    assert [layer["layer"] for layer in layers] == c.moe_layer_ids()
+    for layer, n, want in zip(layers, copies, expected):
+        assert layer["load"] == pytest.approx((n / n.sum()).tolist(), abs=1e-6)
+        assert layer["load"] == pytest.approx(want["load"], abs=1e-5)  # assignment and counts agree

@@ -12,19 +12,20 @@ import glob
 import json
 import math
 import os
+import pathlib
 import signal
 import subprocess
 import sys
 import time
 
+import helpers
 import numpy as np
 import pytest
 import torch
+from helpers import cpu_runtime, synthetic_data
 from torch.utils.flop_counter import FlopCounterMode
 
 import llm
-import helpers
-from helpers import cpu_runtime, synthetic_data
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -59,7 +60,7 @@ def error_lines(err):
 
 
 def tiny(**kw):
-    return helpers.tiny(**dict(dict(max_seq_len=32, vocab_size=64), **kw))
+    return helpers.tiny(**{"max_seq_len": 32, "vocab_size": 64, **kw})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -98,18 +99,16 @@ def finished_run(smoke, tmp_path_factory):
 def smoke_process(args, out_dir, log_dir, name):
     """llm.py in a real process, its output going to files (a full pipe would stall it)."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    stdout = open(os.path.join(log_dir, f"{name}.out"), "w")
-    stderr = open(os.path.join(log_dir, f"{name}.err"), "w")
-    proc = subprocess.Popen([sys.executable, "llm.py"] + [str(a) for a in args] + ["--out_dir", out_dir], cwd=ROOT,
-                            stdout=stdout, stderr=stderr, env=env)
-    proc.logs = (stdout, stderr)
+    proc_logs = [pathlib.Path(log_dir) / f"{name}.out", pathlib.Path(log_dir) / f"{name}.err"]
+    with open(proc_logs[0], "w") as stdout, open(proc_logs[1], "w") as stderr:  # the child keeps its own copies
+        proc = subprocess.Popen([sys.executable, "llm.py"] + [str(a) for a in args] + ["--out_dir", out_dir],
+                                cwd=ROOT, stdout=stdout, stderr=stderr, env=env)
+    proc.logs = proc_logs
     return proc
 
 
 def logs_of(proc):
-    for f in proc.logs:
-        f.close()
-    return tuple(open(f.name).read() for f in proc.logs)
+    return tuple(path.read_text() for path in proc.logs)
 
 
 def wait_for_files(pattern, proc, timeout=PROCESS_TIMEOUT):
@@ -118,7 +117,8 @@ def wait_for_files(pattern, proc, timeout=PROCESS_TIMEOUT):
     while not glob.glob(pattern):
         if proc.poll() is not None:
             out, err = logs_of(proc)
-            pytest.fail(f"the process ended (status {proc.returncode}) before {pattern} appeared:\n{out[-3000:]}\n{err[-3000:]}")
+            pytest.fail(f"the process ended (status {proc.returncode}) before {pattern} appeared:\n"
+                        f"{out[-3000:]}\n{err[-3000:]}")
         if time.monotonic() > deadline:
             proc.kill()
             proc.wait()
@@ -145,7 +145,7 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(smoke, tmp_path):
 
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     resumed = subprocess.run([sys.executable, "llm.py", "--resume", a], cwd=ROOT, capture_output=True, text=True,
-                             env=env, timeout=PROCESS_TIMEOUT)
+                             env=env, timeout=PROCESS_TIMEOUT, check=False)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert "=== dense === finished earlier" in resumed.stdout
     assert "dense step" not in resumed.stdout  # the finished model was neither trained nor evaluated again
@@ -226,9 +226,9 @@ def test_a_damaged_checkpoint_is_refused_with_a_message_and_the_previous_one_is_
 
     # a flipped byte (same size) is caught by the checksum: nothing intact is left
     path = os.path.join(previous, "optim.pt")
-    raw = bytearray(open(path, "rb").read())
+    raw = bytearray(pathlib.Path(path).read_bytes())
     raw[len(raw) // 2] ^= 0xFF
-    open(path, "wb").write(bytes(raw))
+    pathlib.Path(path).write_bytes(bytes(raw))
     messages = []
     assert llm.latest_checkpoint(ckpt, log=messages.append) == (None, None)
     assert len(messages) == 2 and all("damaged" in m for m in messages)
@@ -239,13 +239,13 @@ def test_a_damaged_checkpoint_is_refused_with_a_message_and_the_previous_one_is_
 
 
 KV_CONFIGS = {
-    "dense": dict(moe_layers="none"),
-    "moe": dict(),
-    "moe-gqa": dict(n_heads=4, n_kv_heads=2, moe_layers="alternate", n_layers=3),
-    "moe-mqa-swiglu": dict(n_kv_heads=1, ffn="swiglu", n_shared_experts=1),
+    "dense": {"moe_layers": "none"},
+    "moe": {},
+    "moe-gqa": {"n_heads": 4, "n_kv_heads": 2, "moe_layers": "alternate", "n_layers": 3},
+    "moe-mqa-swiglu": {"n_kv_heads": 1, "ffn": "swiglu", "n_shared_experts": 1},
     # capacity routing drops tokens depending on the rest of the batch (documented), so decoding one
     # token at a time equals the full forward only where nothing overflows
-    "switch-no-overflow": dict(routing="switch", capacity_factor=4.0),  # capacity = every token
+    "switch-no-overflow": {"routing": "switch", "capacity_factor": 4.0},  # capacity = every token
 }
 
 
@@ -288,7 +288,8 @@ def test_generate_cli_prints_text_and_tokens_per_second(finished_run, capsys):
     assert run_main(argv + ["--no_cache"]) == 0  # and the same without the cache
     out2, err2 = capsys.readouterr()
     assert out2 == out and "no cache" in err2
-    assert run_main(["generate", "--run", finished_run, "--model", "dense", "--max_new_tokens", 4, "--temperature", 0]) == 0
+    assert run_main(["generate", "--run", finished_run, "--model", "dense", "--max_new_tokens", 4,
+                     "--temperature", 0]) == 0
     capsys.readouterr()
 
 
@@ -314,7 +315,7 @@ def test_experts_cli_writes_json_and_heatmap(finished_run, capsys):
     capsys.readouterr()
     report = read_json(os.path.join(finished_run, "experts.json"))
     job = next(j for j in read_json(os.path.join(finished_run, "run.json"))["jobs"] if j["name"] == "moe")
-    cfg = llm.Config(**job["config"])
+    cfg = llm.config_from_saved(job["config"])
     assert [l["layer"] for l in report["layers"]] == cfg.moe_layer_ids() == [0, 1]
     assert report["min_count"] == 2 and report["windows"] > 0
     for layer in report["layers"]:
@@ -351,10 +352,11 @@ def test_experts_of_a_dense_model_exit_2(finished_run, capsys):
 
 
 SIZE_CONFIGS = {
-    "dense": dict(moe_layers="none"),
-    "moe-alternate": dict(moe_layers="alternate", n_layers=4),
-    "swiglu-shared-narrow": dict(ffn="swiglu", n_shared_experts=2, expert_d_ff=24, num_experts=6, expert_top_k=3),
-    "gqa": dict(n_kv_heads=2, moe_layers="1"),
+    "dense": {"moe_layers": "none"},
+    "moe-alternate": {"moe_layers": "alternate", "n_layers": 4},
+    "swiglu-shared-narrow": {"ffn": "swiglu", "n_shared_experts": 2, "expert_d_ff": 24, "num_experts": 6,
+                             "expert_top_k": 3},
+    "gqa": {"n_kv_heads": 2, "moe_layers": "1"},
 }
 
 
@@ -366,20 +368,20 @@ def test_size_calculator_agrees_with_the_built_model(name):
     model = llm.Transformer(cfg)
     muon, adamw = llm.make_optimizers(model, cfg)
     numel = lambda opt: sum(p.numel() for g in opt.param_groups for p in g["params"])
-    assert size["total"] == sum(p.numel() for p in model.parameters())
-    assert size["muon_params"] == numel(muon) and size["adamw_params"] == numel(adamw)
-    assert size["weight_bytes"] == sum(p.numel() * p.element_size() for p in model.parameters())
+    assert size.total == sum(p.numel() for p in model.parameters())
+    assert size.muon_params == numel(muon) and size.adamw_params == numel(adamw)
+    assert size.weight_bytes == sum(p.numel() * p.element_size() for p in model.parameters())
 
     logits, lb, z = model(torch.randint(0, cfg.vocab_size, (2, 16)))
     (logits.square().mean() + lb + z).backward()
-    assert size["grad_bytes"] == sum(p.grad.numel() * p.grad.element_size() for p in model.parameters())
+    assert size.grad_bytes == sum(p.grad.numel() * p.grad.element_size() for p in model.parameters())
     with FlopCounterMode(display=False) as flops:
         muon.step()
-    assert size["muon_flops_per_step"] == flops.get_total_flops()  # the Newton-Schulz matmuls, counted by torch
+    assert size.muon_flops_per_step == flops.get_total_flops()  # the Newton-Schulz matmuls, counted by torch
     adamw.step()
     state = sum(v.numel() * v.element_size() for opt in (muon, adamw) for st in opt.state.values()
                 for k, v in st.items() if k != "step" and torch.is_tensor(v))
-    assert size["optimizer_bytes"] == state
+    assert size.optimizer_bytes == state
 
 
 def test_size_cli_prints_totals_and_rejects_a_bad_config(capsys):
@@ -388,7 +390,7 @@ def test_size_cli_prints_totals_and_rejects_a_bad_config(capsys):
     expected = llm.model_size(dataclasses.replace(llm.Config(), vocab_size=49152))
     for key in ("total", "active", "muon_params", "adamw_params", "flops_per_token"):
         line = next(l for l in out.splitlines() if l.split()[:1] == [key])
-        assert line.split()[1] == f"{expected[key]:,}"
+        assert line.split()[1] == f"{getattr(expected, key):,}"
     assert "training state" in out and "MiB" in out
     assert run_main(["size", "--d_model", 30, "--n_heads", 4]) == 2
     err = capsys.readouterr().err.strip()
@@ -450,7 +452,7 @@ def test_sweep_writes_sweep_json_and_plot_and_a_sorted_summary(smoke, tmp_path, 
                              "--max_steps", 4, "--eval_every", 4, "--out_dir", out]) == 0
     printed = capsys.readouterr().out
     sweep = read_json(os.path.join(out, "sweep.json"))
-    assert sweep["grid"] == [dict(num_experts=e, expert_top_k=k) for e in (2, 4) for k in (1, 2)]
+    assert sweep["grid"] == [{"num_experts": e, "expert_top_k": k} for e in (2, 4) for k in (1, 2)]
     losses = [s["val_loss"] for s in sweep["ranked"]]
     assert losses == sorted(losses)
     labels = {f"moe[num_experts={e},expert_top_k={k}]" for e in (2, 4) for k in (1, 2)}
@@ -535,7 +537,7 @@ def test_patience_stops_a_model_early(smoke, tmp_path, capsys):
                              "--max_steps", 20, "--out_dir", out]) == 0
     printed = capsys.readouterr().out
     (row,) = read_json(os.path.join(out, "results.json"))["models"]
-    assert row["stopped_early"] is True and row["steps"] == 4 < 20
+    assert row["stopped_early"] is True and row["steps"] == 4  # of max_steps 20
     evals = [r["step"] for r in read_metrics(out) if r["kind"] == "eval"]
     assert evals == [2, 4, 4]  # two periodic evaluations, then the final one where it stopped
     assert "dense: stopped early at step 4 (patience)" in printed
@@ -611,7 +613,8 @@ def test_under_fp16_the_scalers_skipped_steps_are_counted_and_too_many_in_a_row_
     nan_cross_entropy(monkeypatch, bad=lambda n: n == 2)
     records = []
     row = llm.train_model("m", cfg, synthetic_data(), fp16, records.append)
-    assert row["skipped_steps"] >= 1 and [r["skipped_steps"] >= 1 for r in records if r["kind"] == "train"] == [True] * 2
+    assert row["skipped_steps"] >= 1
+    assert [r["skipped_steps"] >= 1 for r in records if r["kind"] == "train"] == [True] * 2
     monkeypatch.undo()
     nan_cross_entropy(monkeypatch, bad=lambda n: True)
     with pytest.raises(llm.TrainingError, match=r"max_bad_steps 3\)"):
@@ -637,11 +640,11 @@ def test_resuming_a_model_killed_after_its_final_checkpoint_logs_its_final_evalu
     import shutil
     run = str(tmp_path / "run")
     shutil.copytree(finished_run, run)
-    state = read_json(os.path.join(run, "run.json"))
-    for job in state["jobs"]:
-        if job["name"] == "moe":
-            job.update(status="pending", row=None)
-    llm.write_run_state(run, state)
+    state = llm.load_run(run)
+    for job in state.jobs:
+        if job.name == "moe":
+            job.status, job.row = "pending", None
+    state.save(llm.RunDir(run))
     os.remove(os.path.join(run, "results.json"))
     assert run_main(["--resume", run]) == 0
     capsys.readouterr()
@@ -669,11 +672,11 @@ def test_resume_takes_no_other_options_and_needs_a_run_directory(finished_run, t
 
 
 def test_a_new_run_into_a_directory_holding_one_exits_2_and_leaves_it_alone(finished_run, smoke, capsys):
-    before = open(os.path.join(finished_run, "run.json"), "rb").read()
+    before = pathlib.Path(finished_run, "run.json").read_bytes()
     assert run_main(smoke + ["--models", "dense", "--out_dir", finished_run]) == 2
     err = capsys.readouterr().err.strip()
     assert f"--out_dir {finished_run} holds a run already; continue it with --resume {finished_run}" in err
-    assert open(os.path.join(finished_run, "run.json"), "rb").read() == before
+    assert pathlib.Path(finished_run, "run.json").read_bytes() == before
 
 
 def test_an_out_dir_that_is_a_file_exits_2_with_one_line_and_leaves_it_alone(smoke, tmp_path, capsys):
