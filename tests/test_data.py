@@ -174,6 +174,15 @@ def truncate_half(path):
         f.write(data[: len(data) // 2])
 
 
+def flip_last_bit(path):
+    """The lowest bit of the last token id (little-endian uint16): the id moves by one, within the vocabulary."""
+    with open(path, "r+b") as f:
+        f.seek(-2, os.SEEK_END)
+        byte = f.read(1)[0]
+        f.seek(-2, os.SEEK_END)
+        f.write(bytes([byte ^ 1]))
+
+
 def write(path, data: bytes):
     with open(path, "wb") as f:
         f.write(data)
@@ -200,6 +209,9 @@ CORRUPTIONS = {
     "train.npy ids beyond the vocabulary": lambda d: np.save(
         os.path.join(d, "train.npy"), np.full(meta_of(d)["train_tokens"], 65000, dtype=np.uint16)),
     "meta.json deleted, arrays left": lambda d: os.remove(os.path.join(d, "meta.json")),
+    # the same size and still valid ids: only the checksums in meta.json can tell
+    "train.npy one bit flipped": lambda d: flip_last_bit(os.path.join(d, "train.npy")),
+    "tokenizer.json truncated to half": lambda d: truncate_half(os.path.join(d, "tokenizer.json")),
     # BUG (llm.py load_cache): np.load raises EOFError on an empty file, and load_cache catches
     # only OSError/ValueError/KeyError, so prepare_data crashes instead of rebuilding.
     "train.npy empty (0 bytes)": lambda d: write(os.path.join(d, "train.npy"), b""),

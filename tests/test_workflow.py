@@ -530,10 +530,11 @@ def test_upcycling_a_sweep_upcycles_each_grid_point_by_its_own_moe_layers(finish
     assert all(r["upcycled_from"] for r in rows)
 
 
-def test_patience_stops_a_model_early(smoke, tmp_path, capsys):
+def test_patience_stops_a_model_early(smoke, tmp_path, capsys, monkeypatch):
     out = str(tmp_path / "run")
-    # nothing can improve at learning rate 0: the second evaluation is no better than the first
-    assert run_main(smoke + ["--models", "dense", "--patience", 1, "--muon_lr", 0, "--adamw_lr", 0, "--eval_every", 2,
+    real = llm.evaluate  # an evaluation that never improves: the second is no better than the first
+    monkeypatch.setattr(llm, "evaluate", lambda *args, **kwargs: {**real(*args, **kwargs), "loss": 5.0})
+    assert run_main(smoke + ["--models", "dense", "--patience", 1, "--eval_every", 2,
                              "--max_steps", 20, "--out_dir", out]) == 0
     printed = capsys.readouterr().out
     (row,) = read_json(os.path.join(out, "results.json"))["models"]
@@ -689,3 +690,151 @@ def test_an_out_dir_that_is_a_file_exits_2_with_one_line_and_leaves_it_alone(smo
     assert run_main(smoke + ["--models", "dense", "--out_dir", path / "run"]) == 2  # under a file: not creatable
     err = capsys.readouterr().err.strip()
     assert f": {path} is a file, not a directory" in err and len(err.splitlines()) == 1
+
+
+# ----------------------------------------------------------------------------------------------
+# 15. Reliability: one run per out_dir, OS errors, non-finite runs, damaged files
+
+
+def test_a_run_holding_an_out_dir_keeps_a_second_fresh_run_and_a_resume_out_naming_its_pid(smoke, tmp_path,
+                                                                                           capsys):
+    """A second llm.py on one out_dir: a fresh run (before the first wrote run.json) and a --resume
+    (after) both exit 2 naming the pid that holds the lock, and leave the first's files alone."""
+    out = tmp_path / "run"
+    out.mkdir()
+    holder = llm.lock_run(str(out))  # as a running llm.py holds it
+    try:
+        assert run_main(smoke + ["--models", "dense", "--max_steps", 2, "--out_dir", out]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err == f"llm.py: error: --out_dir {out}: another llm.py (pid {os.getpid()}) is running this run"
+        assert sorted(os.listdir(out)) == ["run.lock"]  # the holder's lock stays, nothing else was written
+    finally:
+        os.close(holder)  # the holder ends: its lock goes with it
+    assert run_main(smoke + ["--models", "dense", "--max_steps", 2, "--eval_every", 2, "--out_dir", out]) == 0
+    capsys.readouterr()
+    holder = llm.lock_run(str(out))
+    try:
+        assert run_main(["--resume", out]) == 2
+        assert f"another llm.py (pid {os.getpid()})" in capsys.readouterr().err
+    finally:
+        os.close(holder)
+
+
+def test_two_real_processes_on_one_run_the_second_resume_exits_2_and_a_killed_ones_lock_frees_it(smoke, tmp_path):
+    out = str(tmp_path / "run")
+    args = smoke + ["--models", "dense", "--max_steps", 400, "--ckpt_every", 10, "--eval_every", 100]
+    first = smoke_process(args, out, str(tmp_path), "first")
+    wait_for_files(os.path.join(out, "ckpt", "dense", "step-*"), first)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    second = subprocess.run([sys.executable, "llm.py", "--resume", out], cwd=ROOT, capture_output=True, text=True,
+                            env=env, timeout=PROCESS_TIMEOUT, check=False)
+    assert second.returncode == 2, second.stderr
+    assert second.stderr.strip() == (f"llm.py: error: --out_dir {out}: another llm.py (pid {first.pid}) is running "
+                                     f"this run")
+    first.send_signal(signal.SIGKILL)
+    first.wait(timeout=60)
+    assert pathlib.Path(out, "run.lock").read_text() == str(first.pid)  # the dead holder's file stays, unlocked
+    holder = llm.lock_run(out)  # and can be taken
+    os.close(holder)
+
+
+def test_a_full_disk_mid_run_is_one_line_exit_1_with_the_resume_command_and_the_run_resumes_exactly(
+        smoke, tmp_path, monkeypatch, capsys):
+    import errno
+    real, calls = llm.save_checkpoint, []
+
+    def full_disk(ckpt_dir, *args, **kwargs):  # the second checkpoint finds the disk full
+        calls.append(ckpt_dir)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), os.path.join(ckpt_dir, ".tmp-x", "optim.pt"))
+        return real(ckpt_dir, *args, **kwargs)
+
+    args = smoke + ["--models", "dense", "--max_steps", 12, "--ckpt_every", 4, "--eval_every", 6]
+    a, b = tmp_path / "A", tmp_path / "B"
+    monkeypatch.setattr(llm, "save_checkpoint", full_disk)
+    assert run_main(args + ["--out_dir", a]) == 1
+    (line,) = error_lines(capsys.readouterr().err)
+    assert line == (f"llm.py: {a}/ckpt/dense/.tmp-x/optim.pt: No space left on device; "
+                    f"resume with: python llm.py --resume {a}")
+    monkeypatch.undo()
+    assert run_main(["--resume", a]) == 0  # the disk has room again
+    assert run_main(args + ["--out_dir", b]) == 0
+    capsys.readouterr()
+    (ra,), (rb,) = (read_json(os.path.join(d, "results.json"))["models"] for d in (a, b))
+    assert (ra["val_loss"], ra["train_loss"]) == (rb["val_loss"], rb["train_loss"])
+    loss = lambda r: r["loss"] if r["kind"] == "train" else r["val_loss"]
+    assert [(r["step"], loss(r)) for r in read_metrics(a)] == [(r["step"], loss(r)) for r in read_metrics(b)]
+
+
+def test_max_bad_steps_stops_the_run_within_that_many_steps_when_log_every_is_larger(monkeypatch):
+    nan_cross_entropy(monkeypatch, bad=lambda n: n >= 3)  # from step 3 on: 4 in a row by step 6
+    cfg = tiny(max_steps=40, log_every=20, max_bad_steps=4, eval_every=40, eval_batches=1, batch_size=4)
+    with pytest.raises(llm.TrainingError, match=r"stopped at step 8;"):  # checked every min(20, 4) steps
+        llm.train_model("m", cfg, synthetic_data(), cpu_runtime())
+
+
+def test_the_last_good_checkpoint_named_holds_finite_weights_written_before_the_bad_steps(monkeypatch, tmp_path):
+    """Checkpoints fall due at steps 2, 4, 6 and 8; from step 5 every step is non-finite. The ones at
+    6 and 8 are not written (a run of bad steps is under way), so the one named is step 4's."""
+    nan_cross_entropy(monkeypatch, bad=lambda n: n >= 5)
+    ckpt = str(tmp_path / "ckpt")
+    cfg = tiny(max_steps=20, log_every=1, max_bad_steps=5, ckpt_every=2, eval_every=20, eval_batches=1, batch_size=4)
+    with pytest.raises(llm.TrainingError, match=r"stopped at step 9; last good checkpoint: (\S+);") as e:
+        llm.train_model("m", cfg, synthetic_data(), cpu_runtime(), ckpt_dir=ckpt)
+    named = str(e.value).split("last good checkpoint: ")[1].split(";")[0]
+    assert named == os.path.join(ckpt, "step-0000004") and sorted(os.listdir(ckpt)) == ["step-0000002", "step-0000004"]
+    from safetensors.torch import load_file
+    assert all(torch.isfinite(t).all() for t in load_file(os.path.join(named, "model.safetensors")).values())
+
+
+def test_a_checkpoint_write_that_a_kill_interrupted_is_cleared_by_the_next_one(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    (ckpt / ".tmp-killed").mkdir(parents=True)
+    (ckpt / ".tmp-killed" / "optim.pt").write_bytes(b"half")
+    cfg = tiny(max_steps=2, ckpt_every=2, eval_every=2, eval_batches=1, batch_size=4, log_every=1)
+    llm.train_model("m", cfg, synthetic_data(), cpu_runtime(), ckpt_dir=str(ckpt))
+    assert sorted(os.listdir(ckpt)) == ["step-0000002"]
+
+
+def test_resuming_a_model_whose_every_checkpoint_is_damaged_exits_2_in_one_line(finished_run, tmp_path, capsys):
+    import shutil
+    run = str(tmp_path / "run")
+    shutil.copytree(finished_run, run)
+    state = llm.load_run(run)
+    for job in state.jobs:
+        if job.name == "moe":
+            job.status, job.row = "pending", None
+    state.save(llm.RunDir(run))
+    for path in glob.glob(os.path.join(run, "ckpt", "moe", "step-*", "model.safetensors")):
+        with open(path, "r+b") as f:
+            f.truncate(10)
+    assert run_main(["--resume", run]) == 2
+    out, err = capsys.readouterr()
+    assert err.strip() == (f"llm.py: error: --resume {run}: every checkpoint of moe is damaged; "
+                           f"remove {run}/ckpt/moe to train it again from step 0")
+    assert "is damaged" in out  # each checkpoint's damage, as it was tried
+
+
+def test_data_dir_reads_its_regular_files_recursively_in_order_skipping_hidden_ones(tmp_path):
+    d = tmp_path / "texts"
+    for name in ("b.txt", "a/z.md", "a/.hidden.txt", ".git/config", "c"):
+        (d / name).parent.mkdir(parents=True, exist_ok=True)
+        (d / name).write_text(f"the document {name}\n")
+    assert llm.local_files(str(d)) == [str(d / "a/z.md"), str(d / "b.txt"), str(d / "c")]
+    cfg = llm.Config(data=str(d), val_fraction=0.34)
+    docs = llm.read_documents(cfg, llm.source_spec(cfg))
+    assert docs == ["the document a/z.md\n", "the document b.txt\n", "the document c\n"]
+
+
+def test_two_fresh_runs_started_at_once_on_one_out_dir_one_trains_the_other_exits_2(smoke, tmp_path):
+    out = str(tmp_path / "run")
+    args = smoke + ["--models", "dense", "--max_steps", 20, "--eval_every", 10]
+    procs = [smoke_process(args, out, str(tmp_path), name) for name in ("a", "b")]
+    codes = [p.wait(timeout=PROCESS_TIMEOUT) for p in procs]
+    assert sorted(codes) == [0, 2], [logs_of(p) for p in procs]
+    loser, winner = (procs[0], procs[1]) if codes[0] == 2 else (procs[1], procs[0])
+    (line,) = logs_of(loser)[1].strip().splitlines()
+    assert line in (f"llm.py: error: --out_dir {out}: another llm.py (pid {winner.pid}) is running this run",
+                    f"llm.py: error: --out_dir {out} holds a run already; continue it with --resume {out}")
+    keys = [(r["model"], r["kind"], r["step"]) for r in read_metrics(out)]
+    assert len(keys) == len(set(keys)) and read_json(os.path.join(out, "results.json"))["models"][0]["steps"] == 20
