@@ -31,6 +31,7 @@ import datetime
 import glob
 import hashlib
 import inspect
+import io
 import json
 import logging
 import math
@@ -215,15 +216,19 @@ class Config:
             raise UsageError(f"moe_layers: layer ids must lie in 0..{n - 1}; got {self.moe_layers!r}")
         return ids
 
-    def validate(self):
+    def validate(self, ranges=True):
         """Refuse what cannot train, naming the field: each field's type and rule, then the rules that
-        join fields. Returns self."""
+        join fields. Returns self. ranges=False skips the rules of float fields (rates, fractions,
+        weights: what training alone reads), so that generate and experts read a saved run whose
+        values a later llm.py narrowed."""
         for f in fields(self):
             value = getattr(self, f.name)
             # True is an int to Python, not to a config; an int is a fine float
             kinds = (int, float) if f.type is float else f.type
             if not isinstance(value, kinds) or isinstance(value, bool) != (f.type is bool):
                 raise UsageError(f"{f.name} must be {f.type.__name__}; got {value!r}")
+            if not ranges and f.type is float:
+                continue
             if f.type is float and not math.isfinite(value):
                 raise UsageError(f"{f.name} must be a finite number; got {value!r}")
             if "ok" in f.metadata and not f.metadata["ok"](value):
@@ -277,19 +282,34 @@ SMOLLM_TOKENIZER = "HuggingFaceTB/SmolLM-135M"
 HUB_URL = "https://huggingface.co"
 EOS = "<|endoftext|>"
 
+def naming(error, path):  # an OSError that names its file (a failed write() names none)
+    if isinstance(error, OSError) and error.filename is None:
+        return OSError(error.errno, error.strerror, path)
+    return error
+
+def write_file(path, data: bytes):
+    """Write and fsync: a full disk raises here, naming path, rather than at some later close."""
+    try:
+        with open(path, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        raise naming(e, path) from None
+
 def atomic_write(path, data: bytes):
     """Write to a temporary file beside path, fsync, rename: readers see all or nothing."""
     d = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-" + os.path.basename(path))
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        write_file(tmp, data)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(e, OSError) and e.filename == tmp:  # name the file its reader knows
+            raise OSError(e.errno, e.strerror, path) from None
         raise
 
 def file_sha256(path):
@@ -306,14 +326,21 @@ def hub_reachable(timeout):
     except Exception:  # noqa: BLE001  (any failure means: work offline)
         return False
 
+def ours(names):  # a directory this program writes: a run's out_dir, or a token cache entry
+    return "run.lock" in names or "run.json" in names or {"meta.json", "train.npy"} <= set(names)
+
 def local_files(spec):
-    """The files --data names: a directory's (recursively, hidden ones skipped), or a path or glob's."""
+    """The files --data names: a directory's (recursively; hidden ones, runs and token caches skipped,
+    so that --data . does not read its own output), or a path or glob's."""
     path = os.path.expanduser(spec)
     if not os.path.isdir(path):
         paths = [p for p in glob.glob(path, recursive=True) if os.path.isfile(p)]
     else:
         paths = []
         for root, dirs, names in os.walk(path):
+            if ours(names):
+                dirs[:] = []
+                continue
             dirs[:] = [d for d in dirs if not d.startswith(".")]
             paths += [os.path.join(root, n) for n in names if not n.startswith(".")]
         paths = [p for p in paths if os.path.isfile(p)]
@@ -518,6 +545,11 @@ def build_cache(cfg, path, key, source, check):
         atomic_write(os.path.join(tmp, "meta.json"), json.dumps(meta, indent=1).encode())
         shutil.rmtree(path, ignore_errors=True)
         os.replace(tmp, path)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if load_cache(path)[0] is None:
+            raise
+        # another run, sharing this cache directory, built the same tokens first: theirs are ours
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -1242,7 +1274,7 @@ class StopFlag:
     """Set by the first Ctrl-C; the training loop checks it between optimizer steps."""
     requested = False
 
-def fsync_path(path):
+def fsync_dir(path):  # makes a rename in it durable
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -1259,35 +1291,34 @@ def save_checkpoint(ckpt_dir, model, optimizers, schedulers, scaler, state):
     tensors and plain containers, loaded with weights_only=True), progress (JSON) and a manifest of
     sha256 sums. Written into a temporary directory, fsynced, then renamed: a crash at any moment
     leaves the previous checkpoint whole."""
-    from safetensors.torch import save_file
+    import safetensors.torch
     device = next(model.parameters()).device
     os.makedirs(ckpt_dir, exist_ok=True)
     for stale in glob.glob(os.path.join(ckpt_dir, ".tmp-*")):  # of a write that a kill interrupted
         shutil.rmtree(stale, ignore_errors=True)
     tmp = tempfile.mkdtemp(dir=ckpt_dir, prefix=".tmp-")
     try:
-        # the output head is the embedding itself (F.linear on embed.weight), so no tensor is shared
-        save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()},
-                  os.path.join(tmp, "model.safetensors"))
+        # serialized in memory and written by write_file, so that a full disk is an OSError naming the file
+        optim = io.BytesIO()
         torch.save({"optimizers": [o.state_dict() for o in optimizers],
                     "schedulers": [s.state_dict() for s in schedulers], "scaler": scaler.state_dict(),
                     "rng": torch.get_rng_state(),
                     # this process's own generator: every rank is seeded alike and draws alike, so
                     # rank 0's state is each rank's (get_rng_state_all would hold the others' unused ones)
-                    "cuda_rng": [torch.cuda.get_rng_state(device)] if device.type == "cuda" else []},
-                   os.path.join(tmp, "optim.pt"))
-        with open(os.path.join(tmp, "state.json"), "w") as f:
-            json.dump(state, f)
-        files = ("model.safetensors", "optim.pt", "state.json")
-        for name in files:
-            fsync_path(os.path.join(tmp, name))
-        manifest = {name: {"sha256": file_sha256(os.path.join(tmp, name)),
-                           "bytes": os.path.getsize(os.path.join(tmp, name))} for name in files}
+                    "cuda_rng": [torch.cuda.get_rng_state(device)] if device.type == "cuda" else []}, optim)
+        # the output head is the embedding itself (F.linear on embed.weight), so no tensor is shared
+        files = {"model.safetensors": safetensors.torch.save({k: v.detach().contiguous().cpu()
+                                                              for k, v in model.state_dict().items()}),
+                 "optim.pt": optim.getvalue(), "state.json": json.dumps(state).encode()}
+        for name, data in files.items():
+            write_file(os.path.join(tmp, name), data)
+        manifest = {name: {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+                    for name, data in files.items()}
         atomic_write(os.path.join(tmp, "manifest.json"), json.dumps(manifest).encode())
         final = checkpoint_path(ckpt_dir, state["step"])
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
-        fsync_path(ckpt_dir)
+        fsync_dir(ckpt_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -1650,7 +1681,11 @@ def plan_jobs(cfg, names, seeds, grid):
         for name in names:
             for point in grid if name == "moe" and grid else [None]:
                 label = "moe[" + ",".join(f"{k}={v}" for k, v in point.items()) + "]" if point else name
-                config = dataclasses.replace(configs[name], **point).validate() if point else configs[name]
+                if point:  # a swept vocab_size 0 is the tokenizer's, as a configured one is
+                    config = dataclasses.replace(configs[name], **point).validate()
+                    config.vocab_size = config.vocab_size or cfg.vocab_size
+                else:
+                    config = configs[name]
                 jobs.append(Job(label + suffix, label, seed, config, point))
     return jobs
 
@@ -1693,7 +1728,7 @@ class RunState:
 def is_a(value, kind):  # isinstance, except that True is not an int here
     return isinstance(value, kind) and isinstance(value, bool) == (kind is bool)
 
-def from_saved(cls, saved, where):
+def from_saved(cls, saved, where, ranges=True):
     """A dataclass from its JSON form, every field checked against its declared type: a Config through
     validate, a list item by item. Anything wrong is a UsageError naming where and the field."""
     if not isinstance(saved, dict):
@@ -1707,25 +1742,32 @@ def from_saved(cls, saved, where):
         value, item = saved[f.name], get_args(f.type)[0] if get_origin(f.type) is list else None
         if f.type is Config and isinstance(value, dict):
             try:
-                value = config_from_saved(value).validate()
+                value = config_from_saved(value).validate(ranges)
             except UsageError as e:
                 raise UsageError(f"{where}: {f.name}: {e}") from None
         elif dataclasses.is_dataclass(item) and isinstance(value, list):
-            value = [from_saved(item, v, f"{where}: {f.name}[{i}]") for i, v in enumerate(value)]
+            value = [from_saved(item, v, f"{where}: {f.name}[{i}]", ranges) for i, v in enumerate(value)]
         if not (is_a(value, list) and all(is_a(v, item) for v in value) if item else is_a(value, f.type)):
             kind = f.type.__name__ if isinstance(f.type, type) and not item else str(f.type)
             raise UsageError(f"{where}: {f.name} must be {kind}; got {value!r:.60}")
         values[f.name] = value
     return cls(**values)
 
-def load_run(run_dir, flag="--run"):
-    """The RunState of a run directory, every field checked; anything wrong is a UsageError naming it."""
+DATASET_KEYS = {"source": str, "tokenizer": str, "vocab_size": int, "cache": str}  # what run.json's dataset must hold
+
+def load_run(run_dir, flag="--run", ranges=True):
+    """The RunState of a run directory, every field checked (config rules too, with ranges: for
+    --resume, which trains); anything wrong is a UsageError naming it."""
     try:
         with open(RunDir(run_dir).state) as f:
             saved = json.load(f)
     except (OSError, ValueError) as e:
         raise UsageError(f"{flag} {run_dir}: not a run directory ({first_line(e)})") from None
-    state = from_saved(RunState, saved, f"{flag} {run_dir}: run.json")
+    state = from_saved(RunState, saved, f"{flag} {run_dir}: run.json", ranges)
+    for key, kind in DATASET_KEYS.items() if state.dataset is not None else ():
+        if not is_a(state.dataset.get(key), kind):
+            raise UsageError(f"{flag} {run_dir}: run.json: dataset: {key} must be {kind.__name__}; "
+                             f"got {state.dataset.get(key)!r:.60}")
     for i, job in enumerate(state.jobs):
         if job.status not in ("pending", "done") or (job.status == "done" and not isinstance(job.row, dict)):
             raise UsageError(f"{flag} {run_dir}: run.json: jobs[{i}]: status {job.status!r} without a result row")
@@ -1896,7 +1938,7 @@ def upcycler(run_dir, data, log=print):
     that a MoE config fits that model and gives the function that copies it into a fresh MoE
     model: shared weights as they are, each dense FFN into every expert of its layer, and a
     small-init router so the experts start equal and specialise as they train."""
-    source = load_run(run_dir, "--upcycle_from")
+    source = load_run(run_dir, "--upcycle_from", ranges=False)
     job = next((j for j in source.jobs if j.name == "dense"), None)
     if job is None or job.status != "done":
         raise UsageError(f"--upcycle_from {run_dir}: it holds no finished dense model")
@@ -2064,14 +2106,19 @@ def run_comparison(cfg, names, out_dir, cache_dir="data_cache", seeds=None, swee
     results.json, metrics.jsonl, loss_curves.png (and sweep.json, sweep.png for a sweep)."""
     runtime, run, grid = make_runtime(cfg), RunDir(out_dir), parse_sweep(sweep)
     log = print if runtime.master else quiet
+    planned = []  # what plan() decided: the resolved config, the jobs, the upcycling
 
-    def plan(data):  # every job, checked against the data before a newly built token cache is kept
+    def plan(data):  # every job and its upcycling, checked against the data before new tokens are cached
         resolved = dataclasses.replace(cfg, vocab_size=cfg.vocab_size or data.vocab_size,
                                        data=data.source if cfg.data == "auto" else cfg.data)
         jobs = plan_jobs(resolved, names, seeds or [cfg.seed], grid)
         for job in jobs:  # a sweep may lengthen the windows or shrink the vocabulary past the data's
             check_data_fits(data, job.config)
-        return resolved, jobs
+        upcycle, upcycled = {}, None
+        if upcycle_from and any(job.config.moe_layer_ids() for job in jobs):
+            make_init, upcycled = upcycler(upcycle_from, data, log=log)
+            upcycle = {job.id: make_init(job.config) for job in jobs if job.config.moe_layer_ids()}
+        planned.append((resolved, jobs, (upcycle, upcycled)))
 
     # the data, once: rank 0 builds the token cache, the other ranks then read it
     if runtime.world > 1 and not runtime.master:
@@ -2079,13 +2126,9 @@ def run_comparison(cfg, names, out_dir, cache_dir="data_cache", seeds=None, swee
     data = prepare_data(cfg, cache_dir, log=log, check=plan)
     if runtime.world > 1 and runtime.master:
         dist.barrier()
-    # the plan, and every upcycling checked, before anything trains
-    cfg, jobs = plan(data)
-    upcycle, upcycled = {}, None
-    if upcycle_from and any(job.config.moe_layer_ids() for job in jobs):
-        make_init, upcycled = upcycler(upcycle_from, data, log=log)
-        upcycle = {job.id: make_init(job.config) for job in jobs if job.config.moe_layer_ids()}
-        log(f"moe: upcycled from the dense model in {upcycled}")
+    cfg, jobs, upcycle = planned[-1]
+    if upcycle[1]:
+        log(f"moe: upcycled from the dense model in {upcycle[1]}")
     print_plan(cfg, data, runtime, jobs, log)
     # run.json: a new run's plan, or a resumed run's with what it has finished
     if resume:
@@ -2110,7 +2153,7 @@ def run_comparison(cfg, names, out_dir, cache_dir="data_cache", seeds=None, swee
         state.save(run)
     # training, then the table and the files
     try:
-        rows = train_jobs(state, run, data, runtime, metrics, (upcycle, upcycled), resume, log)
+        rows = train_jobs(state, run, data, runtime, metrics, upcycle, resume, log)
     except Interrupted as e:
         if runtime.world > 1:
             dist.destroy_process_group()
@@ -2127,7 +2170,7 @@ def run_comparison(cfg, names, out_dir, cache_dir="data_cache", seeds=None, swee
 
 def load_trained(run_dir, model, device, log=print):
     """A finished or checkpointed model of a run, by run id (moe, moe-s43) or name (first seed)."""
-    state = load_run(run_dir)
+    state = load_run(run_dir, ranges=False)
     job = next((j for j in state.jobs if j.id == model), None) or next((j for j in state.jobs if j.name == model), None)
     if job is None:
         raise UsageError(f"--model {model}: not in {run_dir}; it holds {', '.join(j.id for j in state.jobs)}")
@@ -2149,7 +2192,9 @@ def sample_next(logits, temperature, keep_top, top_p, generator):  # (B, V) -> (
     """temperature 0: greedy; else sample among the keep_top most likely (0: all) within top_p."""
     if temperature == 0:
         return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
+    # in float64, relative to the largest: any positive temperature, however small, leaves that one at 0
+    logits = logits.double()
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature
     if keep_top:
         kth = logits.topk(min(keep_top, logits.shape[-1]), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -2365,7 +2410,13 @@ def experts_main(argv):
     if not cfg.moe_layer_ids():
         raise UsageError(f"--model {a.model}: a dense model has no experts")
     # the run's split and tokenizer come from its base config: a job's seed (moe-s2) is not the data's
-    data = prepare_data(state.base_config, a.cache_dir or state.cache_dir, log=print)
+    cache_dir = a.cache_dir or state.cache_dir
+    made = make_dir(cache_dir, "--cache_dir")
+    try:
+        data = prepare_data(state.base_config, cache_dir, log=print)
+    except BaseException:
+        remove_empty(made)
+        raise
     tok = load_tokenizer(a.run, state)
     windows = eval_windows(data.val, cfg.max_seq_len, limit=a.max_windows)
     layers = expert_analysis(model, windows, cfg.batch_size, cfg.vocab_size, a.min_count, a.top)
@@ -2427,7 +2478,7 @@ def make_dir(path, flag):
     return made
 
 def remove_empty(dirs):  # deepest first; one that holds anything stays
-    for d in dirs:
+    for d in sorted(dirs, key=lambda d: d.count(os.sep), reverse=True):
         with contextlib.suppress(OSError):
             os.rmdir(d)
 
@@ -2436,36 +2487,49 @@ def lock_run(out_dir):
     it however the process ends, so a killed run never blocks its resume). A second llm.py on the
     same out_dir exits 2, naming the pid that holds it. Returns the lock's file descriptor."""
     import fcntl
-    fd = os.open(os.path.join(out_dir, "run.lock"), os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        pid = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
-        os.close(fd)
-        raise UsageError(f"--out_dir {out_dir}: another llm.py (pid {pid}) is running this run") from None
+    path = os.path.join(out_dir, "run.lock")
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pid = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise UsageError(f"--out_dir {out_dir}: another llm.py (pid {pid}) is running this run") from None
+        except OSError as e:
+            if os.fstat(fd).st_size == 0:  # made just now: leave out_dir as it was
+                os.remove(path)
+            os.close(fd)
+            raise UsageError(f"--out_dir {out_dir}: cannot lock {path} ({e.strerror}); use a local directory") from None
+        with contextlib.suppress(FileNotFoundError):
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                break
+        os.close(fd)  # its holder removed the file as we locked it: lock the one now at the path
     os.ftruncate(fd, 0)
     os.write(fd, str(os.getpid()).encode())
     return fd
 
 @contextlib.contextmanager
-def claimed(out_dir, cache_dir):
+def claimed(out_dir, cache_dir, resume):
     """While a comparison runs: out_dir and cache_dir made and writable, out_dir locked (rank 0). If it
     stops before writing run.json, what this made goes again; an OSError later is one line, exit 1."""
-    made, lock, master = [], None, int(os.environ.get("RANK", "0")) == 0
+    made, lock, master, run = [], None, int(os.environ.get("RANK", "0")) == 0, RunDir(out_dir)
     try:
         if master:
             made += make_dir(out_dir, "--out_dir")
             made += make_dir(cache_dir, "--cache_dir")
             lock = lock_run(out_dir)
+            if not resume and os.path.exists(run.state):  # checked under the lock: no other run is writing it
+                raise UsageError(f"--out_dir {out_dir} holds a run already; continue it with --resume {out_dir}")
         yield
     except BaseException as e:
-        started = os.path.exists(RunDir(out_dir).state)
-        if lock is not None and not started:
-            os.remove(os.path.join(out_dir, "run.lock"))
+        if lock is not None and not os.path.exists(run.state):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(out_dir, "run.lock"))
         remove_empty(made)
         if isinstance(e, OSError):  # a full disk, a read-only remount, a removed directory: fix it, then resume
-            resume = f"; resume with: python llm.py --resume {out_dir}" if started else ""
-            raise TrainingError(f"{e.filename or 'a file'}: {e.strerror or e}{resume}") from None
+            resume_hint = f"; resume with: python llm.py --resume {out_dir}" if os.path.exists(run.state) else ""
+            raise TrainingError(f"{e.filename or 'a file'}: {e.strerror or e}{resume_hint}") from None
         raise
     finally:
         if lock is not None:
@@ -2479,7 +2543,7 @@ def start_comparison(argv):
         if len(argv) != 2:
             raise UsageError("--resume RUN_DIR takes no other options: the run keeps its own")
         state = load_run(argv[1], "--resume")
-        with claimed(argv[1], state.cache_dir):
+        with claimed(argv[1], state.cache_dir, resume=True):
             run_comparison(state.base_config, state.models, argv[1], state.cache_dir, state.seeds, state.sweep,
                            state.upcycle_from, resume=True, argv=state.argv)
         return
@@ -2490,9 +2554,7 @@ def start_comparison(argv):
         print("preset cpu: no CUDA device, so a reduced comparison (a few minutes on 2 cores); "
               "the full experiment is --preset seed")
     out_dir = args.out_dir or os.path.join("runs", datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
-    if os.path.exists(RunDir(out_dir).state):
-        raise UsageError(f"--out_dir {out_dir} holds a run already; continue it with --resume {out_dir}")
-    with claimed(out_dir, args.cache_dir):
+    with claimed(out_dir, args.cache_dir, resume=False):
         run_comparison(cfg, names, out_dir, args.cache_dir, args.seeds, args.sweep, args.upcycle_from, argv=argv)
 
 def main(argv=None):
@@ -2506,6 +2568,9 @@ def main(argv=None):
         return 2
     except TrainingError as e:
         print(f"llm.py: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # generate, experts: a file that cannot be written (a comparison's are TrainingErrors)
+        print(f"llm.py: {e.filename or 'a file'}: {e.strerror or e}", file=sys.stderr)
         return 1
     except Interrupted:
         return 130

@@ -117,6 +117,7 @@ DATA = [
     (["--data", "{corpus}", "--sweep", "max_seq_len=32,100000"], "too little text"),
     (["--data", "{corpus}", "--sweep", "vocab_size=10"], "vocab_size (10) is smaller than the tokenizer's"),
     (["--data", "{corpus}", "--vocab_size", "10"], "vocab_size (10) is smaller than the tokenizer's"),
+    (["--data", "{corpus}", "--sweep", "vocab_size=0,10"], "vocab_size (10) is smaller than the tokenizer's"),
 ]
 
 RUN_FILES = [  # run.json of a run directory, damaged as named; the command reads it
@@ -130,6 +131,10 @@ RUN_FILES = [  # run.json of a run directory, damaged as named; the command read
     (["experts", "--run", "{run}"], {"jobs": [{"id": "moe", "name": "moe", "seed": 1, "config": {}, "status": "done"}]},
      "run.json: jobs[0]: status 'done' without a result row"),
     (["experts", "--run", "{run}"], {"base_config": {"routing": "nope"}}, "base_config: routing must be one of"),
+    (["generate", "--run", "{run}"], {"dataset": {"source": "x", "tokenizer": None, "vocab_size": 5, "cache": "c"}},
+     "run.json: dataset: tokenizer must be str; got None"),
+    (["experts", "--run", "{run}"], {"dataset": {"source": "x", "tokenizer": "bpe", "vocab_size": 5}},
+     "run.json: dataset: cache must be str; got None"),
 ]
 
 OPTIONS = [  # generate and experts check their options before they read the run

@@ -8,11 +8,13 @@ tmp_path. Real processes are used only where a signal must reach one (SIGKILL, S
 """
 
 import dataclasses
+import errno
 import glob
 import json
 import math
 import os
 import pathlib
+import shutil
 import signal
 import subprocess
 import sys
@@ -838,3 +840,168 @@ def test_two_fresh_runs_started_at_once_on_one_out_dir_one_trains_the_other_exit
                     f"llm.py: error: --out_dir {out} holds a run already; continue it with --resume {out}")
     keys = [(r["model"], r["kind"], r["step"]) for r in read_metrics(out)]
     assert len(keys) == len(set(keys)) and read_json(os.path.join(out, "results.json"))["models"][0]["steps"] == 20
+
+
+def test_a_checkpoint_write_the_os_refuses_is_an_oserror_naming_the_file_and_leaves_no_partial_checkpoint(tmp_path):
+    """A real failed write (the file-size limit stands in for a full disk): the error names the file
+    being written, and neither a temporary directory nor a step directory is left."""
+    import resource
+    cfg = tiny(max_steps=1)
+    model = llm.Transformer(cfg)
+    optimizers = llm.make_optimizers(model, cfg)
+    schedulers = [torch.optim.lr_scheduler.LambdaLR(o, lambda s: 1.0) for o in optimizers]
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    ckpt = tmp_path / "ckpt"
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG
+    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, hard))
+    try:
+        with pytest.raises(OSError) as raised:
+            llm.save_checkpoint(str(ckpt), model, optimizers, schedulers, scaler, {"step": 1})
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, previous)
+    assert raised.value.strerror == os.strerror(errno.EFBIG)
+    assert raised.value.filename.endswith("model.safetensors") and str(ckpt) in raised.value.filename
+    assert os.listdir(ckpt) == []
+    path = llm.save_checkpoint(str(ckpt), model, optimizers, schedulers, scaler, {"step": 1})  # room again
+    assert llm.verify_checkpoint(path) is None
+
+
+def test_an_upcycling_that_does_not_fit_exits_2_before_a_new_token_cache_is_kept(finished_run, data_glob, tmp_path,
+                                                                                 capsys):
+    cache, out = tmp_path / "cache", tmp_path / "out"
+    assert run_main(["--preset", "smoke", "--data", data_glob, "--cache_dir", cache, "--models", "moe",
+                     "--upcycle_from", finished_run, "--d_model", 32, "--out_dir", out]) == 2
+    (line,) = error_lines(capsys.readouterr().err)
+    assert "differs in d_model" in line
+    assert not cache.exists() and not out.exists()
+
+
+def test_a_saved_run_whose_float_values_a_later_rule_forbids_still_generates_but_does_not_resume(
+        finished_run, tmp_path, capsys):
+    run = tmp_path / "old"
+    shutil.copytree(finished_run, run)
+    state = read_json(run / "run.json")
+    state["base_config"]["adamw_lr"] = 0.0  # allowed once, refused now
+    for job in state["jobs"]:
+        job["config"]["adamw_lr"] = 0.0
+    (run / "run.json").write_text(json.dumps(state))
+    assert run_main(["generate", "--run", run, "--max_new_tokens", 2, "--temperature", 0]) == 0
+    capsys.readouterr()
+    assert run_main(["--resume", run]) == 2
+    (line,) = error_lines(capsys.readouterr().err)
+    assert "base_config: adamw_lr must be positive; got 0.0" in line
+
+
+def test_generate_samples_with_any_positive_temperature_and_top_p_however_small(finished_run, capsys):
+    greedy = ["generate", "--run", finished_run, "--max_new_tokens", 6, "--temperature", 0]
+    assert run_main(greedy) == 0
+    want = capsys.readouterr().out
+    for tiny_option in (["--temperature", "1e-300"], ["--top_p", "1e-300"]):
+        assert run_main(greedy[:-2] + tiny_option) == 0
+        assert capsys.readouterr().out == want  # both leave the most likely token alone: greedy
+    logits = torch.tensor([[2.0, 1.0, 0.0]])
+    assert llm.sample_next(logits, 5e-324, 0, 1.0, torch.Generator().manual_seed(0)).tolist() == [0]
+
+
+def test_experts_with_a_cache_dir_that_cannot_be_made_exits_2_in_one_line(finished_run, capsys):
+    assert run_main(["experts", "--run", finished_run, "--cache_dir", "/proc/llm-no-such-dir"]) == 2
+    (line,) = error_lines(capsys.readouterr().err)
+    assert line == "llm.py: error: --cache_dir /proc/llm-no-such-dir: No such file or directory"
+
+
+def test_a_swept_vocab_size_of_0_is_the_tokenizers_as_a_configured_one_is(smoke, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run_main(smoke + ["--models", "moe", "--sweep", "vocab_size=0,600", "--max_steps", 1, "--eval_every", 1,
+                             "--eval_batches", 1, "--out_dir", out]) == 0
+    capsys.readouterr()
+    jobs = read_json(out / "run.json")["jobs"]
+    tokenizer = read_json(out / "run.json")["dataset"]["vocab_size"]
+    assert [j["config"]["vocab_size"] for j in jobs] == [tokenizer, 600]
+
+
+def test_data_dir_skips_run_directories_and_token_caches_so_it_never_reads_its_own_output(tmp_path):
+    d = tmp_path / "texts"
+    files = {"a.txt": "text", "run/run.lock": "123", "run/notes.txt": "x", "old/run.json": "{}",
+             "old/ckpt/x.txt": "y", "data_cache/e/meta.json": "{}", "data_cache/e/train.npy": "z",
+             "data_cache/e/tokenizer.json": "{}"}
+    for name, text in files.items():
+        (d / name).parent.mkdir(parents=True, exist_ok=True)
+        (d / name).write_text(text)
+    assert llm.local_files(str(d)) == [str(d / "a.txt")]
+
+
+def test_remove_empty_removes_nested_directories_given_in_any_order(tmp_path):
+    made = [tmp_path / "a", tmp_path / "a" / "b", tmp_path / "c", tmp_path / "c" / "d" / "e", tmp_path / "c" / "d"]
+    for d in made:
+        d.mkdir(parents=True, exist_ok=True)
+    (tmp_path / "c" / "keep").write_text("x")
+    llm.remove_empty([str(d) for d in made])
+    assert sorted(os.listdir(tmp_path)) == ["c"] and os.listdir(tmp_path / "c") == ["keep"]
+
+
+def test_a_run_json_written_by_another_run_while_this_one_waited_for_the_lock_is_not_overwritten(
+        smoke, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    real = llm.lock_run
+
+    def another_run_finished_first(out_dir):  # it wrote run.json after our check, released before our lock
+        (pathlib.Path(out_dir) / "run.json").write_text("{}")
+        return real(out_dir)
+
+    monkeypatch.setattr(llm, "lock_run", another_run_finished_first)
+    assert run_main(smoke + ["--models", "dense", "--out_dir", out]) == 2
+    (line,) = error_lines(capsys.readouterr().err)
+    assert line == f"llm.py: error: --out_dir {out} holds a run already; continue it with --resume {out}"
+    assert (out / "run.json").read_text() == "{}"
+
+
+def test_an_out_dir_whose_file_system_cannot_lock_exits_2_in_one_line_and_leaves_nothing(smoke, tmp_path,
+                                                                                           monkeypatch, capsys):
+    import fcntl
+
+    def no_locks(fd, how):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    out = tmp_path / "run"
+    assert run_main(smoke + ["--models", "dense", "--out_dir", out]) == 2
+    (line,) = error_lines(capsys.readouterr().err)
+    assert line == (f"llm.py: error: --out_dir {out}: cannot lock {out}/run.lock (No locks available); "
+                    f"use a local directory")
+    assert not out.exists()
+
+
+def test_a_lock_file_removed_by_its_holder_as_we_lock_it_is_not_taken(tmp_path):
+    """The file we lock must be the one at the path: a holder that ends unlinks run.lock, and a lock
+    on the unlinked file would let a third process lock a new one beside us."""
+    out = str(tmp_path)
+    first = llm.lock_run(out)
+    os.remove(os.path.join(out, "run.lock"))  # as the first run does when it stops before run.json
+    second = llm.lock_run(out)  # locks the new file at the path, not the first's
+    try:
+        assert os.fstat(second).st_ino == os.stat(os.path.join(out, "run.lock")).st_ino
+        with pytest.raises(llm.UsageError, match="another llm.py"):
+            llm.lock_run(out)
+    finally:
+        os.close(first)
+        os.close(second)
+
+
+def test_two_runs_building_one_token_cache_at_once_both_use_it(data_glob, tmp_path, monkeypatch):
+    cfg, *_ = llm.parse_config(["--preset", "smoke", "--data", data_glob])
+    root = str(tmp_path / "cache")
+    real = os.replace
+
+    def other_run_finishes_first(src, dst):
+        if os.path.basename(src).startswith(".tmp-cache-"):
+            shutil.copytree(src, dst)  # the other run's identical cache lands between our rmtree and rename
+        return real(src, dst)
+
+    monkeypatch.setattr(os, "replace", other_run_finishes_first)
+    data = llm.prepare_data(cfg, root, log=quiet)
+    monkeypatch.undo()
+    assert [e for e in os.listdir(root) if e.startswith(".tmp")] == []
+    again, why = llm.load_cache(data.cache_dir)
+    assert why == "ok" and np.array_equal(again.train, data.train)
