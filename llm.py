@@ -38,6 +38,7 @@ import math
 import os
 import platform
 import re
+import shlex
 import shutil
 import signal
 import sys
@@ -141,7 +142,8 @@ class Config:
     # training
     batch_size: int = positive(24)  # sequences per micro-batch, per process
     gradient_accumulation_steps: int = positive(1)  # micro-batches per optimizer step
-    max_steps: int = positive(3000)  # optimizer steps
+    max_steps: int = positive(3000)  # optimizer steps, at most
+    max_epochs: float = non_negative(4.0)  # passes over the training data, at most: fewer steps if short; 0: no cap
     muon_lr: float = positive(0.01)  # hidden weight matrices, expert stacks included
     muon_momentum: float = within(0.95, "[0, 1)")  # Nesterov momentum of Muon
     adamw_lr: float = positive(0.001)  # embeddings, norms, routers
@@ -594,6 +596,9 @@ def check_data_fits(data, cfg):
     if 0 < cfg.vocab_size < data.vocab_size:
         raise UsageError(f"vocab_size ({cfg.vocab_size}) is smaller than the tokenizer's ({data.vocab_size})")
 
+def windows_per_epoch(n_tokens, seq_len):  # non-overlapping training windows, whatever an epoch's offset
+    return (n_tokens - seq_len) // seq_len
+
 class TrainWindows:
     """Deterministic stream of training windows, the same for every model and world size.
 
@@ -606,7 +611,7 @@ class TrainWindows:
     def __init__(self, tokens, seq_len, seed, device):
         self.seq_len, self.seed, self.device = seq_len, seed, device
         self.tokens = torch.from_numpy(tokens.astype(np.int64)).to(device)  # (N,)
-        self.n = (len(tokens) - seq_len) // seq_len  # windows per epoch, whatever the offset
+        self.n = windows_per_epoch(len(tokens), seq_len)
         self.span = torch.arange(seq_len + 1, device=device)
         self._epochs = {}
 
@@ -1380,6 +1385,7 @@ class Progress:
     running: list = field(default_factory=lambda: [0.0, 0.0, 0.0])  # ce, lb, z summed since the last log
     wall_s: float = 0.0  # wall and evaluation seconds of the segments before a resume
     eval_s: float = 0.0
+    train_s: float = 0.0  # and their training seconds (see Trainer.segment_seconds)
     row: dict | None = None  # the result row, once the model has finished (its final checkpoint)
 
 class Trainer:
@@ -1503,21 +1509,27 @@ class Trainer:
         finite = torch.stack([p.isfinite().all() for p in self.model.parameters()]).all()
         return int(self.streak) == 0 and bool(finite)
 
+    def segment_seconds(self):
+        """Training seconds of this segment: from the end of its first step (so compilation and CUDA
+        graph capture are not in them, as they are not in a longer run's cost), evaluation excluded."""
+        return time.perf_counter() - self.t_first - self.t_eval if self.t_first is not None else 0.0
+
     def tokens_per_second(self, done):
-        """Since the end of the first step (so compilation is not in it), evaluation excluded."""
         steps = done - 1 - self.first_step
-        elapsed = time.perf_counter() - self.t_first - self.t_eval if steps > 0 else 0
+        elapsed = self.segment_seconds() if steps > 0 else 0
         return steps * self.tokens_per_step / elapsed if elapsed > 0 else float("nan")
 
     def evaluate(self, step, final):
         """Val loss on every held-out window (final) or a fixed sample of them, train loss on as many
         training windows; logged, printed, and timed apart from training."""
-        t0, cfg = time.perf_counter(), self.cfg
+        if self.runtime.device.type == "cuda":  # the training steps queued so far are training time
+            torch.cuda.synchronize(self.runtime.device)
+        t0, cfg, seconds = time.perf_counter(), self.cfg, self.progress.train_s + self.segment_seconds()
         val = evaluate(self.model, self.val if final else self.val_sample, self.runtime, cfg.batch_size)
         train = evaluate(self.model, self.train_windows if final else self.train_sample, self.runtime, cfg.batch_size)
         batch_level = self.n_moe > 0 and cfg.batch_level_routing
         record = {"model": self.name, "kind": "eval", "step": step, "tokens": step * self.tokens_per_step,
-                  "final": final, "val_loss": val["loss"], "val_accuracy": val["accuracy"],
+                  "train_seconds": seconds, "final": final, "val_loss": val["loss"], "val_accuracy": val["accuracy"],
                   "val_perplexity": val["perplexity"], "train_loss": train["loss"], "experts": val["experts"],
                   "batch_level_routing": batch_level}
         self.log_metrics(record)
@@ -1561,7 +1573,8 @@ class Trainer:
             return None
         self.progress.step, self.progress.running = step, self.running.tolist()
         saved = dataclasses.replace(self.progress, wall_s=self.progress.wall_s + time.perf_counter() - self.t_start,
-                                    eval_s=self.progress.eval_s + self.t_eval)
+                                    eval_s=self.progress.eval_s + self.t_eval,
+                                    train_s=self.progress.train_s + self.segment_seconds())
         if self.runtime.master:
             save_checkpoint(self.ckpt_dir, self.model, self.optimizers, self.schedulers, self.scaler,
                             {"name": self.name, "step": step, "progress": dataclasses.asdict(saved),
@@ -1689,6 +1702,38 @@ def plan_jobs(cfg, names, seeds, grid):
                 jobs.append(Job(label + suffix, label, seed, config, point))
     return jobs
 
+def epoch_steps(cfg, train_tokens, world):
+    """The optimizer steps that make max_epochs passes over the training windows (inf: no cap). Up to
+    about 4 passes, repeated tokens train nearly as well as fresh ones; far beyond, a model memorises
+    and a comparison measures that (Muennighoff et al. 2023, "Scaling Data-Constrained Language Models")."""
+    if not cfg.max_epochs:
+        return math.inf
+    windows_per_step = cfg.batch_size * world * cfg.gradient_accumulation_steps
+    return max(1, math.floor(cfg.max_epochs * windows_per_epoch(train_tokens, cfg.max_seq_len) / windows_per_step))
+
+def step_budget(cfg, train_tokens, world):  # max_steps, or fewer where the data is short
+    return min(cfg.max_steps, epoch_steps(cfg, train_tokens, world))
+
+@dataclass
+class Budget:
+    """The optimizer steps of a comparison, as results.json records them."""
+    requested_steps: int  # max_steps
+    max_epochs: float
+    steps: int  # what every model trains (patience may stop one sooner)
+    capped: bool  # steps < requested_steps: the data is short
+    epochs: float  # passes over the training windows that steps make
+    windows: int  # training windows per pass
+
+def plan_budget(cfg, jobs, train_tokens, world):
+    """Cap every job at the same number of steps: the fewest that any job's max_epochs passes take (a
+    sweep of max_seq_len or batch_size changes a pass's steps). Returns the capped jobs and the Budget."""
+    cap = min(epoch_steps(job.config, train_tokens, world) for job in jobs)
+    jobs = [dataclasses.replace(job, config=dataclasses.replace(job.config, max_steps=min(job.config.max_steps, cap)))
+            for job in jobs]
+    windows, steps = windows_per_epoch(train_tokens, cfg.max_seq_len), min(cfg.max_steps, cap)
+    epochs = steps * cfg.batch_size * world * cfg.gradient_accumulation_steps / windows
+    return jobs, Budget(cfg.max_steps, cfg.max_epochs, steps, steps < cfg.max_steps, epochs, windows)
+
 def safe_name(run_id):
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in run_id)
 
@@ -1721,6 +1766,7 @@ class RunState:
     llm_py_sha256: str  # of the llm.py that started the run
     jobs: list[Job]
     dataset: dict | None = None
+    budget: dict | None = None  # a Budget, made again from the data on --resume
 
     def save(self, run):
         atomic_write(run.state, json.dumps(dataclasses.asdict(self), indent=1).encode())
@@ -1803,9 +1849,39 @@ def welch(a, b):
     p = stats.ttest_ind(a, b, equal_var=False).pvalue
     return {"diff": diff, "ci95": [diff - half, diff + half], "p_value": float(p), "n": n}
 
-def summarize(rows):
+def time_to_loss(evals, target):
+    """The training seconds at which val loss first reached target, interpolated linearly between the
+    evaluations either side of it; None if it never did."""
+    before = None
+    for r in evals:
+        seconds, loss = r["train_seconds"], r["val_loss"]
+        if loss <= target:
+            if before is None:
+                return seconds
+            return before[0] + (before[1] - target) / (before[1] - loss) * (seconds - before[0])
+        before = seconds, loss
+    return None
+
+def mean_std(values):  # (None, None) unless every value is there
+    if not values or any(v is None for v in values):
+        return None, None
+    v = np.array(values, dtype=float)
+    return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0
+
+def time_to_worse_loss(moes, bases, evals):
+    """The verdict at equal training time, per seed: the worse of the two final val losses, and the
+    training seconds each model took to reach it (evals: run id -> its eval records, in order)."""
+    base_of = {r["seed"]: r for r in bases}
+    pairs = [(m, base_of[m["seed"]]) for m in moes if m["seed"] in base_of]
+    times = {"seeds": [m["seed"] for m, _ in pairs], "loss": [max(m["val_loss"], b["val_loss"]) for m, b in pairs]}
+    for key, side in (("moe_s", 0), ("baseline_s", 1)):
+        times[key] = [time_to_loss(evals.get(pair[side]["id"], []), loss) for pair, loss in zip(pairs, times["loss"])]
+        times[key + "_mean"], times[key + "_std"] = mean_std(times[key])
+    return times
+
+def summarize(rows, records=()):
     """Rows grouped by model name (over seeds): means, standard deviations, and every MoE against
-    every dense baseline."""
+    every dense baseline, at equal steps and (from the eval records) at equal training time."""
     groups = {}
     for r in rows:
         groups.setdefault(r["name"], []).append(r)
@@ -1822,9 +1898,14 @@ def summarize(rows):
             s[k] = float(np.mean(v)) if v else None
         summary.append(s)
     losses = {name: [r["val_loss"] for r in rs] for name, rs in groups.items()}
+    evals = {}
+    for r in records:
+        if r["kind"] == "eval" and r.get("train_seconds") is not None:  # a run from before they were logged: none
+            evals.setdefault(r["model"], []).append(r)
     comparisons = [{"moe": moe["name"], "baseline": base["name"], **welch(losses[moe["name"]], losses[base["name"]]),
                     "active_ratio": moe["active_params"] / base["active_params"],
-                    "time_ratio": moe["wall_time_s"] / base["wall_time_s"]}
+                    "time_ratio": moe["wall_time_s"] / base["wall_time_s"],
+                    "time_to_loss": time_to_worse_loss(groups[moe["name"]], groups[base["name"]], evals)}
                    for moe in summary if moe["moe"] for base in summary if not base["moe"]]
     return summary, comparisons
 
@@ -1844,10 +1925,37 @@ def run_notes(r):
                                         (f"upcycled from {r.get('upcycled_from')}", r.get("upcycled_from"))) if applies]
     return [f"{r['id']}: {line}" for line in lines + ([", ".join(notes)] if notes else [])]
 
-def format_table(rows):
-    """The comparison table: one line per model (mean +- std over seeds), then the runs' notes and
-    one line per MoE-vs-baseline pair."""
-    summary, comparisons = summarize(rows)
+def time_verdict(c):
+    """The table's line on one comparison at equal training time."""
+    times = c["time_to_loss"]
+
+    def took(key, name):
+        if times[key + "_mean"] is None:
+            return f"{name} " + ", ".join("not reached" if v is None else f"{v:.1f} s" for v in times[key])
+        spread = f" +- {times[key + '_std']:.1f}" if len(times[key]) > 1 else ""
+        return f"{name} {times[key + '_mean']:.1f}{spread} s"
+
+    target = (f"val loss {times['loss'][0]:.4f} (the worse final one)" if len(times["loss"]) == 1
+              else "each seed's worse final val loss")
+    ratio = (f" (x{times['moe_s_mean'] / times['baseline_s_mean']:.2f})"
+             if times["moe_s_mean"] is not None and times["baseline_s_mean"] else "")
+    return (f"  to reach {target}: {took('moe_s', c['moe'])}, {took('baseline_s', c['baseline'])}{ratio}; "
+            f"training seconds, interpolated between evaluations")
+
+def seeds_command(argv, seed):
+    """The command that runs a comparison again over three seeds, into a new out_dir."""
+    keep, skip = [], False
+    for arg in argv:
+        if skip or arg.split("=")[0] in ("--seed", "--seeds", "--out_dir"):
+            skip = not skip and "=" not in arg  # the flag's value is the next argument
+            continue
+        keep.append(arg)
+    return shlex.join(["python", "llm.py", *keep, "--seeds", f"{seed},{seed + 1},{seed + 2}"])
+
+def format_table(rows, records=(), argv=()):
+    """The comparison table: one line per model (mean +- std over seeds), then the runs' notes, and
+    for each MoE-vs-baseline pair its verdicts at equal steps and at equal training time."""
+    summary, comparisons = summarize(rows, records)
     multi = any(len(s["seeds"]) > 1 for s in summary)
 
     def pm(key, fmt):
@@ -1880,6 +1988,11 @@ def format_table(rows):
         lines.append(f"{c['moe']} vs {c['baseline']}: val loss {d:+.4f}{stats} "
                      f"({'MoE lower' if d < 0 else 'MoE higher' if d > 0 else 'equal'}), "
                      f"active params x{c['active_ratio']:.2f}, time x{c['time_ratio']:.2f}")
+        if c["time_to_loss"]["seeds"]:
+            lines.append(time_verdict(c))
+    if comparisons and not multi:
+        lines.append(f"one seed: these differences are untested (no spread to judge them by); to test them: "
+                     f"{seeds_command(argv, summary[0]['seeds'][0])}")
     return "\n".join(lines)
 
 def pyplot():
@@ -1888,24 +2001,38 @@ def pyplot():
     import matplotlib.pyplot as plt
     return plt
 
-def save_figure(fig, ax, xlabel, ylabel, path):
-    """Label, then write atomically like every other output file, then close."""
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
+def save_figure(fig, path):
+    """Write atomically like every other output file, then close."""
     fig.tight_layout()
     fig.savefig(path + ".tmp.png", dpi=120)
     os.replace(path + ".tmp.png", path)
     pyplot().close(fig)
 
-def plot_curves(records, path):
-    fig, ax = pyplot().subplots(figsize=(7, 4.5))
-    for run in dict.fromkeys(r["model"] for r in records):
-        points = [(r["tokens"], r["val_loss"]) for r in records if r["model"] == run and r["kind"] == "eval"]
-        if points:
-            ax.plot(*zip(*points), marker="o", label=run)
+def label(ax, xlabel, ylabel):
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
-    ax.legend()
-    save_figure(fig, ax, "training tokens seen", "validation loss (held-out documents)", path)
+    ax.legend(fontsize=8)
+
+def curves_figure(records):
+    """Left: val loss (solid) and train loss on as many training windows (dashed, same colour) against
+    tokens: a widening gap is overfitting. Right: val loss against training seconds, the verdict at
+    equal time."""
+    fig, (by_tokens, by_seconds) = pyplot().subplots(1, 2, figsize=(13, 4.8))
+    for i, run in enumerate(dict.fromkeys(r["model"] for r in records if r["kind"] == "eval")):
+        evals, colour = [r for r in records if r["model"] == run and r["kind"] == "eval"], f"C{i % 10}"
+        tokens = [r["tokens"] for r in evals]
+        by_tokens.plot(tokens, [r["val_loss"] for r in evals], color=colour, marker="o", label=f"{run} val")
+        by_tokens.plot(tokens, [r["train_loss"] for r in evals], color=colour, linestyle="--", label=f"{run} train")
+        timed = [r for r in evals if r.get("train_seconds") is not None]
+        by_seconds.plot([r["train_seconds"] for r in timed], [r["val_loss"] for r in timed], color=colour, marker="o",
+                        label=f"{run} val")
+    label(by_tokens, "training tokens seen", "loss (val: held-out documents)")
+    label(by_seconds, "training seconds (evaluation and first step excluded)", "validation loss")
+    return fig
+
+def plot_curves(records, path):
+    save_figure(curves_figure(records), path)
 
 def plot_sweep(summary, path):
     fig, ax = pyplot().subplots(figsize=(7, 4.5))
@@ -1915,7 +2042,9 @@ def plot_sweep(summary, path):
         ax.annotate(s["name"], (s["active_params"], s["val_loss"]), fontsize=7, xytext=(4, 4),
                     textcoords="offset points")
     ax.grid(alpha=0.3)
-    save_figure(fig, ax, "active parameters per token", "validation loss", path)
+    ax.set_xlabel("active parameters per token")
+    ax.set_ylabel("validation loss")
+    save_figure(fig, path)
 
 def cpu_name():
     with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
@@ -2011,18 +2140,24 @@ class MetricsLog:
 def quiet(*args, **kwargs):
     """The log function of ranks other than 0."""
 
-def print_plan(cfg, data, runtime, jobs, log):
-    """Before training: the data, the device, a warning about repeated data, and each model's size."""
-    meta = data.meta
+def print_plan(data, runtime, jobs, budget, log):
+    """Before training: the data, the device, the step budget (and what capped it), each model's size."""
+    meta, cfg = data.meta, jobs[0].config
     log(f"data: {data.source}, {meta['documents']} documents ({meta['val_documents']} held out), "
         f"train {len(data.train):,} tokens, val {len(data.val):,} tokens, tokenizer {data.tokenizer} "
         f"(vocab {data.vocab_size})")
     log(f"device: {runtime.device.type}, {str(runtime.dtype).replace('torch.', '')}, "
         f"compile {'on' if runtime.compile else 'off'}{' (CUDA graphs)' if uses_cuda_graphs(cfg, runtime) else ''}"
         f"{f', {runtime.world} processes' if runtime.world > 1 else ''}")
-    tokens = cfg.max_steps * cfg.gradient_accumulation_steps * cfg.batch_size * runtime.world * cfg.max_seq_len
-    if tokens / len(data.train) > 1.5:
-        log(f"note: each model will see its training tokens {tokens / len(data.train):.1f} times; "
+    if budget.capped:
+        asked = budget.requested_steps * budget.epochs / budget.steps
+        log(f"budget: {budget.requested_steps} steps would be {asked:.2f} passes over the {budget.windows:,} training "
+            f"windows; capped at max_epochs {budget.max_epochs:g}: {budget.steps} steps ({budget.epochs:.2f} passes); "
+            f"--max_epochs 0 lifts the cap")
+    else:
+        log(f"budget: {budget.steps} steps, {budget.epochs:.2f} passes over the {budget.windows:,} training windows")
+    if budget.epochs > 1.5:
+        log(f"note: each model will see its training tokens {budget.epochs:.1f} times; "
             f"expect train loss below val loss")
     for job in jobs:
         if job.seed == jobs[0].seed:
@@ -2078,13 +2213,13 @@ def train_jobs(state, run, data, runtime, metrics, upcycle, resume, log):
 
 def write_results(rows, state, grid, run, records, runtime, log):
     """Print the table; write results.json and loss_curves.png, and for a sweep sweep.json and sweep.png."""
-    summary, comparisons = summarize(rows)
+    summary, comparisons = summarize(rows, records)
     results = {"dataset": state.dataset, "config": dataclasses.asdict(state.base_config), "seeds": state.seeds,
-               "models": rows, "summary": summary, "comparisons": comparisons,
+               "budget": state.budget, "models": rows, "summary": summary, "comparisons": comparisons,
                "environment": environment(runtime, state.base_config)}
     if not runtime.master:
         return results
-    log("\n" + format_table(rows))
+    log("\n" + format_table(rows, records, state.argv))
     atomic_write(run.results, json.dumps(results, indent=1).encode())
     plot_curves(records, run.curves)
     written = "results.json, metrics.jsonl, loss_curves.png"
@@ -2106,7 +2241,7 @@ def run_comparison(cfg, names, out_dir, cache_dir="data_cache", seeds=None, swee
     results.json, metrics.jsonl, loss_curves.png (and sweep.json, sweep.png for a sweep)."""
     runtime, run, grid = make_runtime(cfg), RunDir(out_dir), parse_sweep(sweep)
     log = print if runtime.master else quiet
-    planned = []  # what plan() decided: the resolved config, the jobs, the upcycling
+    planned = []  # what plan() decided: the resolved config, the jobs, their budget, the upcycling
 
     def plan(data):  # every job and its upcycling, checked against the data before new tokens are cached
         resolved = dataclasses.replace(cfg, vocab_size=cfg.vocab_size or data.vocab_size,
@@ -2114,11 +2249,12 @@ def run_comparison(cfg, names, out_dir, cache_dir="data_cache", seeds=None, swee
         jobs = plan_jobs(resolved, names, seeds or [cfg.seed], grid)
         for job in jobs:  # a sweep may lengthen the windows or shrink the vocabulary past the data's
             check_data_fits(data, job.config)
+        jobs, budget = plan_budget(resolved, jobs, len(data.train), runtime.world)
         upcycle, upcycled = {}, None
         if upcycle_from and any(job.config.moe_layer_ids() for job in jobs):
             make_init, upcycled = upcycler(upcycle_from, data, log=log)
             upcycle = {job.id: make_init(job.config) for job in jobs if job.config.moe_layer_ids()}
-        planned.append((resolved, jobs, (upcycle, upcycled)))
+        planned.append((resolved, jobs, budget, (upcycle, upcycled)))
 
     # the data, once: rank 0 builds the token cache, the other ranks then read it
     if runtime.world > 1 and not runtime.master:
@@ -2126,10 +2262,10 @@ def run_comparison(cfg, names, out_dir, cache_dir="data_cache", seeds=None, swee
     data = prepare_data(cfg, cache_dir, log=log, check=plan)
     if runtime.world > 1 and runtime.master:
         dist.barrier()
-    cfg, jobs, upcycle = planned[-1]
+    cfg, jobs, budget, upcycle = planned[-1]
     if upcycle[1]:
         log(f"moe: upcycled from the dense model in {upcycle[1]}")
-    print_plan(cfg, data, runtime, jobs, log)
+    print_plan(data, runtime, jobs, budget, log)
     # run.json: a new run's plan, or a resumed run's with what it has finished
     if resume:
         state = load_run(out_dir, "--resume")
@@ -2142,6 +2278,7 @@ def run_comparison(cfg, names, out_dir, cache_dir="data_cache", seeds=None, swee
     else:
         state = RunState(list(argv), cfg, list(names), seeds or [cfg.seed], list(sweep), upcycle_from, cache_dir,
                          CODE_SHA256, jobs)
+    state.budget = dataclasses.asdict(budget)
     state.dataset = {"source": data.source, "tokenizer": data.tokenizer, "vocab_size": data.vocab_size,
                      "train_tokens": len(data.train), "val_tokens": len(data.val), "documents": data.meta["documents"],
                      "val_documents": data.meta["val_documents"], "cache": data.cache_dir}
@@ -2264,7 +2401,9 @@ def plot_expert_load(layers, num_experts, path):
     im = ax.imshow(np.array([layer["load"] for layer in layers]), aspect="auto", cmap="viridis")
     ax.set_yticks(range(len(layers)), [str(layer["layer"]) for layer in layers])
     fig.colorbar(im, label="share of token copies")
-    save_figure(fig, ax, "expert", "MoE layer", path)
+    ax.set_xlabel("expert")
+    ax.set_ylabel("MoE layer")
+    save_figure(fig, path)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -33,6 +33,11 @@ PINNED = {
     "gqa": (["--n_kv_heads", "2"], {"dense": (5.1209995155660515, 5.059096434177497),
                                     "moe": (5.113926455505893, 5.0429019887223205)}),
     "upcycle": (None, {"moe": (4.663849341563689, 4.574997885614379)}),
+    # 2,850 training tokens: 30 steps are 5.6 passes, which max_epochs (4 by default) would cap;
+    # --max_epochs 0 trains them all, as db4e458 (which had no cap) did
+    "short_data_uncapped": (["--max_tokens", "3000", "--max_epochs", "0"],
+                            {"dense": (5.376556873321533, 4.35803747177124),
+                             "moe": (5.374385833740234, 4.352861404418945)}),
 }
 
 
