@@ -1711,9 +1711,6 @@ def epoch_steps(cfg, train_tokens, world):
     windows_per_step = cfg.batch_size * world * cfg.gradient_accumulation_steps
     return max(1, math.floor(cfg.max_epochs * windows_per_epoch(train_tokens, cfg.max_seq_len) / windows_per_step))
 
-def step_budget(cfg, train_tokens, world):  # max_steps, or fewer where the data is short
-    return min(cfg.max_steps, epoch_steps(cfg, train_tokens, world))
-
 @dataclass
 class Budget:
     """The optimizer steps of a comparison, as results.json records them."""
@@ -2008,7 +2005,7 @@ def save_figure(fig, path):
     os.replace(path + ".tmp.png", path)
     pyplot().close(fig)
 
-def label(ax, xlabel, ylabel):
+def finish_axes(ax, xlabel, ylabel):
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
@@ -2027,8 +2024,8 @@ def curves_figure(records):
         timed = [r for r in evals if r.get("train_seconds") is not None]
         by_seconds.plot([r["train_seconds"] for r in timed], [r["val_loss"] for r in timed], color=colour, marker="o",
                         label=f"{run} val")
-    label(by_tokens, "training tokens seen", "loss (val: held-out documents)")
-    label(by_seconds, "training seconds (evaluation and first step excluded)", "validation loss")
+    finish_axes(by_tokens, "training tokens seen", "loss (val: held-out documents)")
+    finish_axes(by_seconds, "training seconds (evaluation and first step excluded)", "validation loss")
     return fig
 
 def plot_curves(records, path):

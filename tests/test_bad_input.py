@@ -50,6 +50,8 @@ CONFIG = [  # (argv, what the line says)
     (["--warmup_frac", "0.9", "--decay_frac", "0.2"], "warmup_frac + decay_frac must not exceed 1"),
     (["--batch_size", "0"], "batch_size must be positive"),
     (["--max_steps", "-5"], "max_steps must be positive"),
+    (["--max_epochs", "-1"], "max_epochs must not be negative"),
+    (["--max_epochs", "inf"], "max_epochs must be a finite number"),
     (["--n_layers", "0"], "n_layers must be positive"),
     (["--eval_every", "0"], "eval_every must be positive"),
     (["--log_every", "0"], "log_every must be positive"),

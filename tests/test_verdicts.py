@@ -39,17 +39,31 @@ def short(corpus_dir, tmp_path_factory):
 # The step budget
 
 
+def steps(tokens, world=1, **fields):
+    """The step budget of a comparison of dense and moe on `tokens` training tokens."""
+    cfg = llm.Config(**{"max_seq_len": 64, "batch_size": 8, "max_steps": 30, "vocab_size": 64, **fields})
+    jobs, budget = llm.plan_budget(cfg, llm.plan_jobs(cfg, ["dense", "moe"], [1], []), tokens, world)
+    assert {job.config.max_steps for job in jobs} == {budget.steps}
+    return budget.steps
+
+
 def test_the_budget_is_max_steps_when_the_data_is_long_and_max_epochs_passes_when_it_is_short():
-    cfg = llm.Config(max_seq_len=64, batch_size=8, max_steps=30, max_epochs=4.0)
     # 64 * 1000 + 64 tokens: 1000 windows; 30 steps of 8 are 0.24 passes
-    assert llm.step_budget(cfg, 64 * 1001, world=1) == 30
+    assert steps(64 * 1001) == 30
     # 43 windows: 4 passes are 172 windows, 21 steps of 8 (the last pass not quite whole)
-    assert llm.step_budget(cfg, 64 * 44 + 10, world=1) == 21
-    assert llm.step_budget(cfg, 64 * 44 + 10, world=2) == 10  # a global batch of 16
-    grown = llm.Config(max_seq_len=64, batch_size=8, max_steps=30, max_epochs=4.0, gradient_accumulation_steps=3)
-    assert llm.step_budget(grown, 64 * 44 + 10, world=1) == 7
-    assert llm.step_budget(llm.Config(max_seq_len=64, batch_size=8, max_steps=30, max_epochs=0), 64 * 44, 1) == 30
-    assert llm.step_budget(llm.Config(max_seq_len=64, batch_size=64, max_steps=30, max_epochs=0.1), 64 * 44, 1) == 1
+    assert steps(64 * 44 + 10) == 21
+    assert steps(64 * 44 + 10, world=2) == 10  # a global batch of 16
+    assert steps(64 * 44 + 10, gradient_accumulation_steps=3) == 7
+    assert steps(64 * 44, max_epochs=0) == 30
+    assert steps(64 * 44, batch_size=64, max_epochs=0.1) == 1  # never 0
+
+
+def test_every_job_of_a_sweep_gets_the_fewest_steps_that_any_of_them_may_take():
+    cfg = llm.Config(max_seq_len=64, batch_size=8, max_steps=30, vocab_size=64)
+    jobs = llm.plan_jobs(cfg, ["dense", "moe"], [1], llm.parse_sweep(["max_seq_len=32,64"]))
+    jobs, budget = llm.plan_budget(cfg, jobs, 64 * 44 + 10, 1)
+    # 43 windows of 64 allow 21 steps, 87 windows of 32 allow 43: all get 21
+    assert [job.config.max_steps for job in jobs] == [21, 21, 21] and budget.steps == 21
 
 
 def test_a_capped_run_says_so_before_training_gives_every_model_the_same_budget_and_keeps_the_requested_steps(
