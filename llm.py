@@ -250,9 +250,11 @@ class Config:
 
 def config_from_saved(saved):
     """The one way back from a saved config (run.json, a job, a checkpoint) to a Config: fields a
-    later llm.py dropped are ignored, fields it added take their defaults."""
+    later llm.py dropped are ignored, fields it added take their defaults, except where the default
+    would change what an earlier run does."""
     known = {f.name for f in fields(Config)}
-    return Config(**{k: v for k, v in saved.items() if k in known})
+    before_the_cap = {"max_epochs": 0.0}  # a run saved without max_epochs had no cap: its resume keeps none
+    return Config(**{**before_the_cap, **{k: v for k, v in saved.items() if k in known}})
 
 def parse_bool(s):
     if s.lower() in ("1", "true", "yes", "on"):
@@ -2483,6 +2485,8 @@ def parse_config(argv):
     if args.sweep:
         if "moe" not in names:
             raise UsageError("--sweep varies the moe model: include moe in --models")
+        if any(spec.partition("=")[0] == "max_epochs" for spec in args.sweep):
+            raise UsageError("--sweep max_epochs: it caps every model of a comparison alike; run one per value")
         for point in parse_sweep(args.sweep):
             if not dataclasses.replace(cfg, **point).validate().moe_layer_ids():
                 raise UsageError(f"--sweep: the point {point} leaves the moe model without MoE layers")

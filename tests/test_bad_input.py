@@ -92,6 +92,7 @@ CLI = [
     (["--sweep", "num_experts=4,4"], "--sweep num_experts=4,4: a value or field given twice"),
     (["--sweep", "dropout=nan"], "dropout must be a finite number"),
     (["--sweep", "moe_layers=none"], "leaves the moe model without MoE layers"),
+    (["--sweep", "max_epochs=1,4"], "--sweep max_epochs: it caps every model of a comparison alike"),
     (["--models", "dense", "--sweep", "num_experts=4"], "--sweep varies the moe model: include moe in --models"),
     (["--upcycle_from", "{file}"], "--upcycle_from {file}: no such directory"),
     (["--resume", "{run}", "--max_steps", "5"], "--resume RUN_DIR takes no other options"),

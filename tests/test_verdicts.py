@@ -6,6 +6,7 @@ Runs use the smoke preset on the `corpus_dir` fixture, offline on CPU; --max_tok
 training windows of 64 tokens, so that 30 steps of 8 windows would be 5.6 passes over them.
 """
 
+import json
 import math
 import os
 import shlex
@@ -23,9 +24,13 @@ def run_main(argv):
 
 
 def read_json(path):
-    import json
     with open(path) as f:
         return json.load(f)
+
+
+def read_metrics(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
 
 
 @pytest.fixture(scope="module")
@@ -105,10 +110,18 @@ def test_max_epochs_0_trains_the_requested_steps_on_short_data(short, tmp_path, 
     assert results["budget"]["capped"] is False and results["models"][0]["steps"] == 30
 
 
-def read_metrics(run_dir):
-    import json
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
+def test_a_run_saved_before_the_cap_resumes_without_one(short, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run_main(short + ["--models", "dense", "--max_epochs", 0, "--out_dir", out]) == 0
+    state = read_json(out / "run.json")
+    del state["base_config"]["max_epochs"]  # as an llm.py without max_epochs wrote it
+    state["jobs"][0].update(status="pending", row=None)  # its model interrupted after the last checkpoint
+    (out / "run.json").write_text(json.dumps(state))
+    assert run_main(["--resume", out]) == 0
+    assert "budget: 30 steps, 5.58 passes" in capsys.readouterr().out
+    results = read_json(out / "results.json")
+    assert results["budget"]["capped"] is False and results["models"][0]["steps"] == 30
+    assert llm.config_from_saved({}).max_epochs == 0 and llm.Config().max_epochs == 4
 
 
 # ----------------------------------------------------------------------------------------------
