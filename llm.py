@@ -243,7 +243,7 @@ class Config:
             raise UsageError(f"n_heads ({self.n_heads}) must be divisible by n_kv_heads ({self.kv_heads})")
         if self.expert_top_k > self.num_experts:
             raise UsageError(f"expert_top_k ({self.expert_top_k}) must not exceed num_experts ({self.num_experts})")
-        if self.warmup_frac + self.decay_frac > 1:
+        if ranges and self.warmup_frac + self.decay_frac > 1:
             raise UsageError(f"warmup_frac + decay_frac must not exceed 1; got {self.warmup_frac + self.decay_frac}")
         self.moe_layer_ids()
         return self
@@ -331,7 +331,8 @@ def hub_reachable(timeout):
         return False
 
 def ours(names):  # a directory this program writes: a run's out_dir, or a token cache entry
-    return "run.lock" in names or "run.json" in names or {"meta.json", "train.npy"} <= set(names)
+    return "run.lock" in names or {"run.json", "metrics.jsonl"} <= set(names) \
+        or {"meta.json", "train.npy", "val.npy"} <= set(names)
 
 def local_files(spec):
     """The files --data names: a directory's (recursively; hidden ones, runs and token caches skipped,
@@ -547,13 +548,15 @@ def build_cache(cfg, path, key, source, check):
             bpe.save(os.path.join(tmp, "tokenizer.json"))
         meta["sha256"] = {name: file_sha256(os.path.join(tmp, name)) for name in sorted(os.listdir(tmp))}
         atomic_write(os.path.join(tmp, "meta.json"), json.dumps(meta, indent=1).encode())
-        shutil.rmtree(path, ignore_errors=True)
-        os.replace(tmp, path)
+        # another run sharing this cache directory may have built the same tokens meanwhile: theirs stay
+        if load_cache(path)[0] is None:
+            shutil.rmtree(path, ignore_errors=True)
+            os.replace(tmp, path)
+        shutil.rmtree(tmp, ignore_errors=True)
     except OSError:
         shutil.rmtree(tmp, ignore_errors=True)
         if load_cache(path)[0] is None:
             raise
-        # another run, sharing this cache directory, built the same tokens first: theirs are ours
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -1385,8 +1388,8 @@ class Progress:
     evals_since_best: int = 0
     stopped_early: bool = False
     running: list = field(default_factory=lambda: [0.0, 0.0, 0.0])  # ce, lb, z summed since the last log
-    wall_s: float = 0.0  # wall and evaluation seconds of the segments before a resume
-    eval_s: float = 0.0
+    wall_s: float = 0.0  # wall seconds of the segments before a resume, and those spent evaluating and
+    eval_s: float = 0.0  # checkpointing
     train_s: float = 0.0  # and their training seconds (see Trainer.segment_seconds)
     row: dict | None = None  # the result row, once the model has finished (its final checkpoint)
 
@@ -1439,7 +1442,8 @@ class Trainer:
         self.first_step = self.progress.step  # of this segment: a resumed run starts part-way
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        self.t_start, self.t_first, self.t_eval = time.perf_counter(), None, 0.0  # t_eval: seconds evaluating
+        # t_aside: seconds evaluating and checkpointing, which are not training
+        self.t_start, self.t_first, self.t_aside = time.perf_counter(), None, 0.0
 
     def train_step(self, step):
         """Optimizer step `step` (0-based): its micro-batches forward and backward, the gradient
@@ -1513,8 +1517,9 @@ class Trainer:
 
     def segment_seconds(self):
         """Training seconds of this segment: from the end of its first step (so compilation and CUDA
-        graph capture are not in them, as they are not in a longer run's cost), evaluation excluded."""
-        return time.perf_counter() - self.t_first - self.t_eval if self.t_first is not None else 0.0
+        graph capture are not in them, as they are not in a longer run's cost), evaluation and
+        checkpoints excluded."""
+        return time.perf_counter() - self.t_first - self.t_aside if self.t_first is not None else 0.0
 
     def tokens_per_second(self, done):
         steps = done - 1 - self.first_step
@@ -1529,11 +1534,15 @@ class Trainer:
         t0, cfg, seconds = time.perf_counter(), self.cfg, self.progress.train_s + self.segment_seconds()
         val = evaluate(self.model, self.val if final else self.val_sample, self.runtime, cfg.batch_size)
         train = evaluate(self.model, self.train_windows if final else self.train_sample, self.runtime, cfg.batch_size)
+        # curves compare evaluations with each other: on the same fixed samples at every one, the final too
+        sample_val, sample_train = (val["loss"], train["loss"]) if not final else (
+            evaluate(self.model, windows, self.runtime, cfg.batch_size)["loss"]
+            for windows in (self.val_sample, self.train_sample))
         batch_level = self.n_moe > 0 and cfg.batch_level_routing
         record = {"model": self.name, "kind": "eval", "step": step, "tokens": step * self.tokens_per_step,
                   "train_seconds": seconds, "final": final, "val_loss": val["loss"], "val_accuracy": val["accuracy"],
                   "val_perplexity": val["perplexity"], "train_loss": train["loss"], "experts": val["experts"],
-                  "batch_level_routing": batch_level}
+                  "batch_level_routing": batch_level, "sample_val_loss": sample_val, "sample_train_loss": sample_train}
         self.log_metrics(record)
         routing = ""
         if self.n_moe:
@@ -1544,7 +1553,7 @@ class Trainer:
         if self.runtime.master:
             tqdm.write(f"{self.name} step {step}: val loss {val['loss']:.4f} ppl {val['perplexity']:.2f} "
                        f"acc {val['accuracy']:.4f} | train loss {train['loss']:.4f}{routing}")
-        self.t_eval += time.perf_counter() - t0
+        self.t_aside += time.perf_counter() - t0
         return record
 
     def count_patience(self, record):
@@ -1573,9 +1582,10 @@ class Trainer:
     def checkpoint(self, step):
         if self.ckpt_dir is None:
             return None
-        self.progress.step, self.progress.running = step, self.running.tolist()
+        self.progress.step, self.progress.running = step, self.running.tolist()  # a sync: the steps are done
+        t0 = time.perf_counter()
         saved = dataclasses.replace(self.progress, wall_s=self.progress.wall_s + time.perf_counter() - self.t_start,
-                                    eval_s=self.progress.eval_s + self.t_eval,
+                                    eval_s=self.progress.eval_s + self.t_aside,
                                     train_s=self.progress.train_s + self.segment_seconds())
         if self.runtime.master:
             save_checkpoint(self.ckpt_dir, self.model, self.optimizers, self.schedulers, self.scaler,
@@ -1583,6 +1593,7 @@ class Trainer:
                              "config": dataclasses.asdict(self.cfg)})
         if self.runtime.world > 1:
             dist.barrier()
+        self.t_aside += time.perf_counter() - t0
         return checkpoint_path(self.ckpt_dir, step)
 
     def result_row(self, final, done):
@@ -1599,7 +1610,7 @@ class Trainer:
                 "skipped_steps": self.progress.skipped_steps,
                 "epochs": done * cfg.gradient_accumulation_steps * self.global_batch / self.stream.n,
                 "tokens": done * self.tokens_per_step, "tokens_per_s": self.tokens_per_second(done),
-                "train_time_s": wall - self.progress.eval_s - self.t_eval, "wall_time_s": wall,
+                "train_time_s": wall - self.progress.eval_s - self.t_aside, "wall_time_s": wall,
                 "peak_memory_bytes": torch.cuda.max_memory_allocated(runtime.device) if runtime.device.type == "cuda"
                 else None, "config": dataclasses.asdict(cfg), "config_moe_layer_ids": cfg.moe_layer_ids()}
 
@@ -1849,11 +1860,11 @@ def welch(a, b):
     return {"diff": diff, "ci95": [diff - half, diff + half], "p_value": float(p), "n": n}
 
 def time_to_loss(evals, target):
-    """The training seconds at which val loss first reached target, interpolated linearly between the
-    evaluations either side of it; None if it never did."""
+    """The training seconds at which the sampled val loss first reached target, interpolated linearly
+    between the evaluations either side of it; None if it never did."""
     before = None
     for r in evals:
-        seconds, loss = r["train_seconds"], r["val_loss"]
+        seconds, loss = r["train_seconds"], r["sample_val_loss"]
         if loss <= target:
             if before is None:
                 return seconds
@@ -1867,14 +1878,25 @@ def mean_std(values):  # (None, None) unless every value is there
     v = np.array(values, dtype=float)
     return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0
 
+TIMED = ("train_seconds", "sample_val_loss")  # what an eval record needs for the time verdict
+
 def time_to_worse_loss(moes, bases, evals):
-    """The verdict at equal training time, per seed: the worse of the two final val losses, and the
-    training seconds each model took to reach it (evals: run id -> its eval records, in order)."""
+    """The verdict at equal training time, per seed: the worse of the two final sampled val losses (the
+    curves' own measure), and the training seconds each model took to reach it. evals: run id -> its
+    eval records, in order. A pair with an eval record from an llm.py before these were logged is not
+    timed: its loss and times are None, and timed is False."""
     base_of = {r["seed"]: r for r in bases}
     pairs = [(m, base_of[m["seed"]]) for m in moes if m["seed"] in base_of]
-    times = {"seeds": [m["seed"] for m, _ in pairs], "loss": [max(m["val_loss"], b["val_loss"]) for m, b in pairs]}
-    for key, side in (("moe_s", 0), ("baseline_s", 1)):
-        times[key] = [time_to_loss(evals.get(pair[side]["id"], []), loss) for pair, loss in zip(pairs, times["loss"])]
+    times = {"seeds": [m["seed"] for m, _ in pairs], "timed": True, "loss": [], "moe_s": [], "baseline_s": []}
+    for pair in pairs:
+        curves = [evals.get(r["id"], []) for r in pair]
+        timed = all(curves) and all(k in r for curve in curves for r in curve for k in TIMED)
+        loss = max(curve[-1]["sample_val_loss"] for curve in curves) if timed else None
+        times["timed"] &= timed
+        times["loss"].append(loss)
+        times["moe_s"].append(time_to_loss(curves[0], loss) if timed else None)
+        times["baseline_s"].append(time_to_loss(curves[1], loss) if timed else None)
+    for key in ("moe_s", "baseline_s"):
         times[key + "_mean"], times[key + "_std"] = mean_std(times[key])
     return times
 
@@ -1899,7 +1921,7 @@ def summarize(rows, records=()):
     losses = {name: [r["val_loss"] for r in rs] for name, rs in groups.items()}
     evals = {}
     for r in records:
-        if r["kind"] == "eval" and r.get("train_seconds") is not None:  # a run from before they were logged: none
+        if r["kind"] == "eval":
             evals.setdefault(r["model"], []).append(r)
     comparisons = [{"moe": moe["name"], "baseline": base["name"], **welch(losses[moe["name"]], losses[base["name"]]),
                     "active_ratio": moe["active_params"] / base["active_params"],
@@ -1934,8 +1956,10 @@ def time_verdict(c):
         spread = f" +- {times[key + '_std']:.1f}" if len(times[key]) > 1 else ""
         return f"{name} {times[key + '_mean']:.1f}{spread} s"
 
-    target = (f"val loss {times['loss'][0]:.4f} (the worse final one)" if len(times["loss"]) == 1
-              else "each seed's worse final val loss")
+    if not times["timed"]:
+        return "  time to the worse final val loss: not timed (evaluations logged by an llm.py before train_seconds)"
+    target = (f"val loss {times['loss'][0]:.4f}, the worse final one" if len(times["loss"]) == 1
+              else "each seed's worse final val loss") + " on the val sample every evaluation uses"
     ratio = (f" (x{times['moe_s_mean'] / times['baseline_s_mean']:.2f})"
              if times["moe_s_mean"] is not None and times["baseline_s_mean"] else "")
     return (f"  to reach {target}: {took('moe_s', c['moe'])}, {took('baseline_s', c['baseline'])}{ratio}; "
@@ -1945,7 +1969,7 @@ def seeds_command(argv, seed):
     """The command that runs a comparison again over three seeds, into a new out_dir."""
     keep, skip = [], False
     for arg in argv:
-        if skip or arg.split("=")[0] in ("--seed", "--seeds", "--out_dir"):
+        if skip or arg.split("=")[0] in ("--seeds", "--out_dir"):  # --seed stays: it fixes the data split
             skip = not skip and "=" not in arg  # the flag's value is the next argument
             continue
         keep.append(arg)
@@ -2011,23 +2035,26 @@ def finish_axes(ax, xlabel, ylabel):
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
 
 def curves_figure(records):
-    """Left: val loss (solid) and train loss on as many training windows (dashed, same colour) against
-    tokens: a widening gap is overfitting. Right: val loss against training seconds, the verdict at
-    equal time."""
+    """Left: val loss (solid) and train loss (dashed, same colour) against tokens: a widening gap is
+    overfitting. Right: val loss against training seconds, the verdict at equal time. Both on the
+    fixed samples of windows every evaluation uses (records from an older llm.py: what they hold)."""
     fig, (by_tokens, by_seconds) = pyplot().subplots(1, 2, figsize=(13, 4.8))
-    for i, run in enumerate(dict.fromkeys(r["model"] for r in records if r["kind"] == "eval")):
+    runs = list(dict.fromkeys(r["model"] for r in records if r["kind"] == "eval"))
+    val_lines = []
+    for i, run in enumerate(runs):
         evals, colour = [r for r in records if r["model"] == run and r["kind"] == "eval"], f"C{i % 10}"
         tokens = [r["tokens"] for r in evals]
-        by_tokens.plot(tokens, [r["val_loss"] for r in evals], color=colour, marker="o", label=f"{run} val")
-        by_tokens.plot(tokens, [r["train_loss"] for r in evals], color=colour, linestyle="--", label=f"{run} train")
-        timed = [r for r in evals if r.get("train_seconds") is not None]
-        by_seconds.plot([r["train_seconds"] for r in timed], [r["val_loss"] for r in timed], color=colour, marker="o",
-                        label=f"{run} val")
-    finish_axes(by_tokens, "training tokens seen", "loss (val: held-out documents)")
-    finish_axes(by_seconds, "training seconds (evaluation and first step excluded)", "validation loss")
+        val, train = ([r.get("sample_" + k, r[k]) for r in evals] for k in ("val_loss", "train_loss"))
+        val_lines += by_tokens.plot(tokens, val, color=colour, marker="o", label=f"{run} val")
+        by_tokens.plot(tokens, train, color=colour, linestyle="--", label=f"{run} train")
+        timed = [(r["train_seconds"], loss) for r, loss in zip(evals, val) if r.get("train_seconds") is not None]
+        by_seconds.plot(*zip(*timed) if timed else ([], []), color=colour, marker="o", label=f"{run} val")
+    finish_axes(by_tokens, "training tokens seen", "loss (val solid, train dashed)")
+    finish_axes(by_seconds, "training seconds (evaluation, checkpoints and first step excluded)", "validation loss")
+    by_tokens.legend(val_lines, runs, fontsize=8)  # one entry per run: the line styles say val or train
+    by_seconds.legend(fontsize=8)
     return fig
 
 def plot_curves(records, path):
@@ -2155,6 +2182,9 @@ def print_plan(data, runtime, jobs, budget, log):
             f"--max_epochs 0 lifts the cap")
     else:
         log(f"budget: {budget.steps} steps, {budget.epochs:.2f} passes over the {budget.windows:,} training windows")
+    if cfg.eval_every >= budget.steps:
+        log(f"note: eval_every ({cfg.eval_every}) >= the budget ({budget.steps} steps): no evaluation before the "
+            f"last step, so the curves and the time verdict have one point per model; lower --eval_every")
     if budget.epochs > 1.5:
         log(f"note: each model will see its training tokens {budget.epochs:.1f} times; "
             f"expect train loss below val loss")
@@ -2249,6 +2279,11 @@ def run_comparison(cfg, names, out_dir, cache_dir="data_cache", seeds=None, swee
         for job in jobs:  # a sweep may lengthen the windows or shrink the vocabulary past the data's
             check_data_fits(data, job.config)
         jobs, budget = plan_budget(resolved, jobs, len(data.train), runtime.world)
+        before = load_run(out_dir, "--resume").budget if resume else None
+        if before and (before.get("steps"), before.get("windows")) != (budget.steps, budget.windows):
+            raise UsageError(f"--resume {out_dir}: the run's budget was {before.get('steps')} steps over "
+                             f"{before.get('windows')} training windows, now {budget.steps} over {budget.windows}: "
+                             f"its data or its number of processes changed since it started")
         upcycle, upcycled = {}, None
         if upcycle_from and any(job.config.moe_layer_ids() for job in jobs):
             make_init, upcycled = upcycler(upcycle_from, data, log=log)
@@ -2642,7 +2677,7 @@ def lock_run(out_dir):
             os.close(fd)
             raise UsageError(f"--out_dir {out_dir}: cannot lock {path} ({e.strerror}); use a local directory") from None
         with contextlib.suppress(FileNotFoundError):
-            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+            if os.path.samestat(os.stat(path), os.fstat(fd)):
                 break
         os.close(fd)  # its holder removed the file as we locked it: lock the one now at the path
     os.ftruncate(fd, 0)

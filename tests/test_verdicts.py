@@ -6,6 +6,7 @@ Runs use the smoke preset on the `corpus_dir` fixture, offline on CPU; --max_tok
 training windows of 64 tokens, so that 30 steps of 8 windows would be 5.6 passes over them.
 """
 
+import dataclasses
 import json
 import math
 import os
@@ -128,8 +129,8 @@ def test_a_run_saved_before_the_cap_resumes_without_one(short, tmp_path, capsys)
 # The verdict at equal training time
 
 
-def curve(*points):  # eval records of one model: (train_seconds, val_loss) pairs
-    return [{"kind": "eval", "train_seconds": t, "val_loss": loss} for t, loss in points]
+def curve(*points):  # eval records of one model: (train_seconds, val loss on the evaluation sample) pairs
+    return [{"kind": "eval", "train_seconds": t, "sample_val_loss": loss} for t, loss in points]
 
 
 def test_time_to_loss_interpolates_linearly_between_the_evaluations_around_the_target():
@@ -176,8 +177,9 @@ def test_each_comparison_gives_both_models_time_to_the_worse_final_loss():
     assert c["time_to_loss"]["baseline_s"] == [20]
     lines = llm.format_table(rows, records).splitlines()
     at_equal_steps = next(i for i, line in enumerate(lines) if line.startswith("moe vs dense: val loss -0.1000"))
-    assert lines[at_equal_steps + 1] == ("  to reach val loss 3.9000 (the worse final one): moe 30.0 s, dense 20.0 s "
-                                         "(x1.50); training seconds, interpolated between evaluations")
+    assert lines[at_equal_steps + 1] == ("  to reach val loss 3.9000, the worse final one on the val sample every "
+                                         "evaluation uses: moe 30.0 s, dense 20.0 s (x1.50); training seconds, "
+                                         "interpolated between evaluations")
 
 
 def test_with_seeds_the_time_comparison_is_a_mean_and_std_over_the_seeds():
@@ -190,15 +192,18 @@ def test_with_seeds_the_time_comparison_is_a_mean_and_std_over_the_seeds():
     assert "moe 25.0 +- 7.1 s, dense 15.0 +- 7.1 s" in text
 
 
-def test_a_model_without_evaluations_to_read_is_reported_as_not_reached():
+def test_a_pair_with_evaluations_from_before_train_seconds_is_not_timed_rather_than_not_reached():
     rows, records = rows_and_records([42], {"moe": [((10, 5.0), (20, 4.0))], "dense": [((10, 4.5), (20, 3.9))]})
-    records = [r for r in records if r["model"] != "dense"]  # e.g. a metrics.jsonl lost
-    _, (c,) = llm.summarize(rows, records)
-    assert c["time_to_loss"]["baseline_s"] == [None]
-    assert "dense not reached" in llm.format_table(rows, records)
+    for untimed in ([r for r in records if r["model"] != "dense"],  # a model's records lost
+                    [{k: v for k, v in r.items() if k != "train_seconds" or r["train_seconds"] != 10}
+                     for r in records]):  # the first evaluations logged by an older llm.py, before a resume
+        _, (c,) = llm.summarize(rows, untimed)
+        assert c["time_to_loss"]["timed"] is False and c["time_to_loss"]["moe_s"] == [None]
+        assert "not timed" in llm.format_table(rows, untimed) and "not reached" not in llm.format_table(rows, untimed)
 
 
-def test_evaluation_records_carry_training_seconds_that_grow_and_exclude_evaluation(monkeypatch):
+def test_evaluation_records_carry_training_seconds_that_grow_and_exclude_evaluation_and_checkpoints(
+        monkeypatch, tmp_path):
     clock = [0.0]
     monkeypatch.setattr(llm.time, "perf_counter", lambda: clock[0])
     real_evaluate = llm.evaluate
@@ -213,15 +218,23 @@ def test_evaluation_records_carry_training_seconds_that_grow_and_exclude_evaluat
         clock[0] += 1.0
         real_step(self, step)
 
+    real_save = llm.save_checkpoint
+
+    def slow_save(*args, **kwargs):  # every checkpoint 50
+        clock[0] += 50.0
+        return real_save(*args, **kwargs)
+
     monkeypatch.setattr(llm, "evaluate", slow_evaluate)
     monkeypatch.setattr(llm.Trainer, "train_step", timed_step)
+    monkeypatch.setattr(llm, "save_checkpoint", slow_save)
     records = []
     cfg = llm.Config(d_model=32, n_heads=4, n_layers=1, d_ff=64, max_seq_len=16, vocab_size=64, batch_size=4,
-                     max_steps=9, eval_every=3, eval_batches=1, moe_layers="none")
+                     max_steps=9, eval_every=3, eval_batches=1, ckpt_every=2, moe_layers="none")
     llm.train_model("m", cfg, synthetic_data(), llm.Runtime(llm.torch.device("cpu"), llm.torch.float32, False),
-                    records.append)
+                    records.append, ckpt_dir=str(tmp_path))
     evals = [r for r in records if r["kind"] == "eval"]
-    # the first step (compilation on a GPU) is not counted: steps 2..s took s - 1 seconds
+    # the first step (compilation on a GPU) is not counted: steps 2..s took s - 1 seconds; neither
+    # the evaluations nor the checkpoints at steps 2, 4, 6 and 8 are
     assert [(r["step"], r["train_seconds"]) for r in evals] == [(3, 2.0), (6, 5.0), (9, 8.0)]
 
 
@@ -241,6 +254,7 @@ def test_the_loss_figure_has_val_loss_against_tokens_and_against_seconds_with_tr
     by_tokens, by_seconds = fig.axes
     assert "tokens" in by_tokens.get_xlabel() and "seconds" in by_seconds.get_xlabel()
     lines = {line.get_label(): line for line in by_tokens.get_lines()}
+    assert [t.get_text() for t in by_tokens.get_legend().get_texts()] == ["dense", "moe"]
     assert set(lines) == {"dense val", "dense train", "moe val", "moe train"}
     for run_id, shift in (("dense", 0.0), ("moe", -0.1)):
         val, train = lines[f"{run_id} val"], lines[f"{run_id} train"]
@@ -262,12 +276,52 @@ def test_one_seed_is_flagged_untested_with_the_command_that_would_test_it():
     text = llm.format_table(rows, records, argv)
     (hint,) = [line for line in text.splitlines() if "untested" in line]
     command = hint[hint.index("python llm.py"):]
-    assert command == "python llm.py --preset cpu --num_experts 4 --seeds 7,8,9"
+    # --seed stays: it fixes the data split (and token cache) that the three seeds must share
+    assert command == "python llm.py --preset cpu --seed 7 --num_experts 4 --seeds 7,8,9"
     cfg, _, _, args = llm.parse_config(shlex.split(command)[2:])
-    assert args.seeds == [7, 8, 9] and cfg.num_experts == 4
+    assert args.seeds == [7, 8, 9] and cfg.seed == 7 and cfg.num_experts == 4
+    assert llm.seeds_command(["--seeds=7", "--out_dir=x", "--seed=7"], 7) == "python llm.py --seed=7 --seeds 7,8,9"
 
 
 def test_several_seeds_are_not_flagged_untested():
     rows, records = rows_and_records([1, 2], {"moe": [((10, 5.0), (20, 4.0))] * 2,
                                               "dense": [((10, 4.5), (20, 3.9))] * 2})
     assert "untested" not in llm.format_table(rows, records, ["--seeds", "1,2"])
+
+
+def test_the_final_evaluation_also_measures_the_samples_the_periodic_ones_use():
+    """The curves and the time verdict compare evaluations with each other, so the final one is
+    measured on the same fixed samples as the periodic ones, beside the whole val set."""
+    cfg = llm.Config(d_model=32, n_heads=4, n_layers=1, d_ff=64, max_seq_len=16, vocab_size=64, batch_size=4,
+                     max_steps=4, eval_every=2, eval_batches=1, moe_layers="none")
+    runtime = llm.Runtime(llm.torch.device("cpu"), llm.torch.float32, False)
+    records = []
+    llm.train_model("m", cfg, synthetic_data(), runtime, records.append)
+    periodic, final = [r for r in records if r["kind"] == "eval"]
+    assert periodic["sample_val_loss"] == periodic["val_loss"]
+    assert periodic["sample_train_loss"] == periodic["train_loss"]
+    assert final["sample_val_loss"] != final["val_loss"]  # 4 windows, not all 49
+    records = []
+    llm.train_model("m", dataclasses.replace(cfg, eval_batches=100), synthetic_data(), runtime, records.append)
+    final = records[-1]
+    assert final["sample_val_loss"] == final["val_loss"]  # the sample is every window
+
+
+def test_a_resume_whose_budget_changed_exits_2_naming_both(short, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run_main(short + ["--models", "dense", "--out_dir", out]) == 0
+    state = read_json(out / "run.json")
+    state["budget"]["steps"] = 25  # as if the data had been longer when the run started
+    state["jobs"][0].update(status="pending", row=None)
+    (out / "run.json").write_text(json.dumps(state))
+    capsys.readouterr()
+    assert run_main(["--resume", out]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"llm.py: error: --resume {out}: the run's budget was 25 steps over 43 training windows, now 21 "
+                   f"over 43: its data or its number of processes changed since it started")
+
+
+def test_a_budget_shorter_than_eval_every_says_the_curves_get_one_point(short, tmp_path, capsys):
+    assert run_main(short + ["--models", "dense", "--eval_every", 100, "--out_dir", tmp_path / "run"]) == 0
+    assert "note: eval_every (100) >= the budget (21 steps): no evaluation before the last step" in \
+        capsys.readouterr().out

@@ -924,12 +924,13 @@ def test_a_swept_vocab_size_of_0_is_the_tokenizers_as_a_configured_one_is(smoke,
 def test_data_dir_skips_run_directories_and_token_caches_so_it_never_reads_its_own_output(tmp_path):
     d = tmp_path / "texts"
     files = {"a.txt": "text", "run/run.lock": "123", "run/notes.txt": "x", "old/run.json": "{}",
-             "old/ckpt/x.txt": "y", "data_cache/e/meta.json": "{}", "data_cache/e/train.npy": "z",
-             "data_cache/e/tokenizer.json": "{}"}
+             "old/metrics.jsonl": "", "old/ckpt/x.txt": "y", "data_cache/e/meta.json": "{}",
+             "data_cache/e/train.npy": "z", "data_cache/e/val.npy": "z", "data_cache/e/tokenizer.json": "{}",
+             "notes/run.json": "a user's own file of that name", "notes/meta.json": "another"}
     for name, text in files.items():
         (d / name).parent.mkdir(parents=True, exist_ok=True)
         (d / name).write_text(text)
-    assert llm.local_files(str(d)) == [str(d / "a.txt")]
+    assert llm.local_files(str(d)) == [str(d / "a.txt"), str(d / "notes/meta.json"), str(d / "notes/run.json")]
 
 
 def test_remove_empty_removes_nested_directories_given_in_any_order(tmp_path):
