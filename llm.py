@@ -286,11 +286,6 @@ SMOLLM_TOKENIZER = "HuggingFaceTB/SmolLM-135M"
 HUB_URL = "https://huggingface.co"
 EOS = "<|endoftext|>"
 
-def naming(error, path):  # an OSError that names its file (a failed write() names none)
-    if isinstance(error, OSError) and error.filename is None:
-        return OSError(error.errno, error.strerror, path)
-    return error
-
 def write_file(path, data: bytes):
     """Write and fsync: a full disk raises here, naming path, rather than at some later close."""
     try:
@@ -299,7 +294,9 @@ def write_file(path, data: bytes):
             f.flush()
             os.fsync(f.fileno())
     except OSError as e:
-        raise naming(e, path) from None
+        if e.filename is None:  # a failed write() names no file
+            raise OSError(e.errno, e.strerror, path) from None
+        raise
 
 def atomic_write(path, data: bytes):
     """Write to a temporary file beside path, fsync, rename: readers see all or nothing."""
@@ -1744,6 +1741,13 @@ def plan_budget(cfg, jobs, train_tokens, world):
     epochs = steps * cfg.batch_size * world * cfg.gradient_accumulation_steps / windows
     return jobs, Budget(cfg.max_steps, cfg.max_epochs, steps, steps < cfg.max_steps, epochs, windows)
 
+def check_budget_kept(before, budget, out_dir):
+    """A resumed run trains to the budget it started with (a run from before budgets were saved: no check)."""
+    if before and (before.get("steps"), before.get("windows")) != (budget.steps, budget.windows):
+        raise UsageError(f"--resume {out_dir}: the run's budget was {before.get('steps')} steps over "
+                         f"{before.get('windows')} training windows, now {budget.steps} over {budget.windows}: "
+                         f"its data or its number of processes changed since it started")
+
 def safe_name(run_id):
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in run_id)
 
@@ -1912,8 +1916,7 @@ def summarize(rows, records=()):
              "active_params": rs[0]["active_params"], "flops_per_token": rs[0]["flops_per_token"],
              "moe": rs[0]["config"]["moe_layers"] != "none", "point": rs[0].get("point")}
         for k in ("val_loss", "val_perplexity", "val_accuracy", "train_loss", "tokens_per_s", "wall_time_s", "epochs"):
-            v = np.array([r[k] for r in rs], dtype=float)
-            s[k], s[k + "_std"] = float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0
+            s[k], s[k + "_std"] = mean_std([r[k] for r in rs])
         for k in ("load_cv", "peak_memory_bytes", "gpu_utilization_pct"):
             v = [r.get(k) for r in rs if r.get(k) is not None]
             s[k] = float(np.mean(v)) if v else None
@@ -2270,6 +2273,7 @@ def run_comparison(cfg, names, out_dir, cache_dir="data_cache", seeds=None, swee
     results.json, metrics.jsonl, loss_curves.png (and sweep.json, sweep.png for a sweep)."""
     runtime, run, grid = make_runtime(cfg), RunDir(out_dir), parse_sweep(sweep)
     log = print if runtime.master else quiet
+    saved = load_run(out_dir, "--resume") if resume else None
     planned = []  # what plan() decided: the resolved config, the jobs, their budget, the upcycling
 
     def plan(data):  # every job and its upcycling, checked against the data before new tokens are cached
@@ -2279,11 +2283,8 @@ def run_comparison(cfg, names, out_dir, cache_dir="data_cache", seeds=None, swee
         for job in jobs:  # a sweep may lengthen the windows or shrink the vocabulary past the data's
             check_data_fits(data, job.config)
         jobs, budget = plan_budget(resolved, jobs, len(data.train), runtime.world)
-        before = load_run(out_dir, "--resume").budget if resume else None
-        if before and (before.get("steps"), before.get("windows")) != (budget.steps, budget.windows):
-            raise UsageError(f"--resume {out_dir}: the run's budget was {before.get('steps')} steps over "
-                             f"{before.get('windows')} training windows, now {budget.steps} over {budget.windows}: "
-                             f"its data or its number of processes changed since it started")
+        if saved:
+            check_budget_kept(saved.budget, budget, out_dir)
         upcycle, upcycled = {}, None
         if upcycle_from and any(job.config.moe_layer_ids() for job in jobs):
             make_init, upcycled = upcycler(upcycle_from, data, log=log)
@@ -2302,7 +2303,7 @@ def run_comparison(cfg, names, out_dir, cache_dir="data_cache", seeds=None, swee
     print_plan(data, runtime, jobs, budget, log)
     # run.json: a new run's plan, or a resumed run's with what it has finished
     if resume:
-        state = load_run(out_dir, "--resume")
+        state = saved
         if state.llm_py_sha256 != CODE_SHA256:
             log("note: llm.py changed since this run started; a resumed model is exact only with the same code")
         finished = {job.id: job.row for job in state.jobs if job.status == "done"}

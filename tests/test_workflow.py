@@ -635,12 +635,9 @@ def test_a_run_that_only_gets_non_finite_steps_exits_1_with_one_line(smoke, tmp_
     assert not (out / "results.json").exists()
 
 
-def test_resuming_a_model_killed_after_its_final_checkpoint_logs_its_final_evaluation_once(finished_run, tmp_path,
-                                                                                          capsys):
-    """A kill between the moe's final checkpoint and run.json marking it done (simulated by marking
-    it pending again): the resume restores that checkpoint and evaluates once more, so the final
-    evaluation record must replace the logged one, not repeat it."""
-    import shutil
+def copy_with_moe_pending(finished_run, tmp_path):
+    """A copy of the finished run as a kill would leave it after the moe's checkpoints, before
+    run.json marked the moe done."""
     run = str(tmp_path / "run")
     shutil.copytree(finished_run, run)
     state = llm.load_run(run)
@@ -648,6 +645,15 @@ def test_resuming_a_model_killed_after_its_final_checkpoint_logs_its_final_evalu
         if job.name == "moe":
             job.status, job.row = "pending", None
     state.save(llm.RunDir(run))
+    return run
+
+
+def test_resuming_a_model_killed_after_its_final_checkpoint_logs_its_final_evaluation_once(finished_run, tmp_path,
+                                                                                          capsys):
+    """A kill between the moe's final checkpoint and run.json marking it done (simulated by marking
+    it pending again): the resume restores that checkpoint and evaluates once more, so the final
+    evaluation record must replace the logged one, not repeat it."""
+    run = copy_with_moe_pending(finished_run, tmp_path)
     os.remove(os.path.join(run, "results.json"))
     assert run_main(["--resume", run]) == 0
     capsys.readouterr()
@@ -799,14 +805,7 @@ def test_a_checkpoint_write_that_a_kill_interrupted_is_cleared_by_the_next_one(t
 
 
 def test_resuming_a_model_whose_every_checkpoint_is_damaged_exits_2_in_one_line(finished_run, tmp_path, capsys):
-    import shutil
-    run = str(tmp_path / "run")
-    shutil.copytree(finished_run, run)
-    state = llm.load_run(run)
-    for job in state.jobs:
-        if job.name == "moe":
-            job.status, job.row = "pending", None
-    state.save(llm.RunDir(run))
+    run = copy_with_moe_pending(finished_run, tmp_path)
     for path in glob.glob(os.path.join(run, "ckpt", "moe", "step-*", "model.safetensors")):
         with open(path, "r+b") as f:
             f.truncate(10)
