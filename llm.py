@@ -20,8 +20,15 @@ the MoE's active compute.
 Every field of Config is a flag (`--d_model 512`); `python llm.py --help` lists them. Results go
 to runs/<timestamp>/: results.json, metrics.jsonl, loss_curves.png, checkpoints in ckpt/.
 
-The file reads top to bottom: config, data, model, optimizer, training and evaluation, the
-comparison harness, using trained models, command line.
+The research core comes first: Config, the model, the optimizer and schedule, training and
+evaluation. Then the data (the honest split, the windows), the comparison harness and using
+trained models; then, under the MACHINERY banner, what a research change never touches (files,
+token caches, checkpoints, run directories, locks, processes) and the command line. The core calls
+a few helpers defined below it (UsageError, save_checkpoint, ...); nothing else is out of order.
+
+Variants are registries: FFN_KINDS, ROUTER_SCORES, ROUTING_MODES and SCHEDULES map a Config value
+to what implements it, and the field accepts exactly their keys. A new one is a function and its
+entry; the CLI, validation, sweeps and size accounting follow.
 """
 
 import argparse
@@ -46,7 +53,9 @@ import tempfile
 import textwrap
 import threading
 import time
+import types
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from typing import NamedTuple, get_args, get_origin
 
@@ -97,6 +106,12 @@ def within(default, interval):  # "[0, 1)": a bracket includes its end, a parent
 def one_of(default, *others):
     return rule(default, lambda v: v in (default, *others), f"must be one of {', '.join((default, *others))}")
 
+def key_of(default, registry):
+    """A key of registry() (FFN_KINDS, ...): the registry, defined beside its functions further down,
+    is the one list of what the field may be, so an unknown value never reaches the code."""
+    return field(default=default, metadata={"registry": registry, "ok": lambda v: v in registry(),
+                                            "rule": lambda: f"must be one of {', '.join(registry())}"})
+
 @dataclass
 class Config:
     # model (the defaults are preset "seed")
@@ -105,7 +120,7 @@ class Config:
     n_kv_heads: int = non_negative(0)  # 0 means n_heads; fewer gives grouped-query attention
     n_layers: int = positive(6)  # transformer blocks
     d_ff: int = positive(1536)  # hidden width of a dense FFN and of each expert
-    ffn: str = one_of("silu", "swiglu")  # silu: Linear-SiLU-Linear; swiglu: gated, 3 matrices
+    ffn: str = key_of("silu", lambda: FFN_KINDS)  # silu: Linear-SiLU-Linear; swiglu: gated, 3 matrices
     dropout: float = within(0.1, "[0, 1)")  # on each residual branch
     rope_base: float = positive(10000.0)  # RoPE frequency base
     vocab_size: int = non_negative(0)  # 0: taken from the tokenizer
@@ -114,11 +129,12 @@ class Config:
     num_experts: int = positive(8)  # experts per MoE layer
     expert_top_k: int = positive(2)  # experts each token is sent to
     moe_layers: str = "alternate"  # all | alternate (odd blocks) | last_half | none | list "1,3,5"
-    load_balancing_weight: float = non_negative(0.01)  # Switch loss, E * sum_i f_i * P_i (1.0 = balanced)
+    load_balancing_weight: float = non_negative(0.01)  # Switch loss, E * sum_i f_i * P_i on the shares (1.0 = balanced)
     z_loss_weight: float = non_negative(0.001)  # ST-MoE router z-loss: keeps router logits small, bf16-safe
     noise_std: float = non_negative(0.1)  # std of Gaussian noise on router logits while training (selection only)
     norm_topk_prob: bool = True  # renormalise the top-k gate weights to sum to 1 (top_k > 1)
-    routing: str = one_of("topk", "switch", "expert_choice")  # dropless | top-1, capacity | experts pick: not causal
+    router_score: str = key_of("softmax", lambda: ROUTER_SCORES)  # softmax: experts compete | sigmoid: scored alone
+    routing: str = key_of("topk", lambda: ROUTING_MODES)  # topk: dropless; switch: capacity; expert_choice: not causal
     capacity_factor: float = positive(1.25)  # switch, expert_choice: slots per expert over its fair share
     n_shared_experts: int = non_negative(0)  # always-active experts beside the routed ones (DeepSeekMoE)
     expert_d_ff: int = non_negative(0)  # width of each expert; 0 means d_ff (narrow + larger top_k: fine-grained)
@@ -131,7 +147,7 @@ class Config:
     num_documents: int = positive(60000)  # documents read from the source, at most
     max_tokens: int = positive(27_000_000)  # tokens kept, at most; the default run sees its data ~1.4 times
     val_fraction: float = within(0.05, "(0, 1)")  # share of documents held out for validation
-    bpe_vocab_size: int = positive(8192)  # vocabulary of the BPE trained locally for the embedded corpus
+    bpe_vocab_size: int = positive(8192)  # vocabulary of the BPE trained locally for the embedded corpus (>= 257)
     max_seq_len: int = positive(512)  # tokens per training window
     hub_timeout: float = non_negative(3.0)  # seconds to wait for the Hugging Face Hub before falling back
 
@@ -145,7 +161,7 @@ class Config:
     adamw_lr: float = positive(0.001)  # embeddings, norms, routers
     weight_decay: float = non_negative(0.1)
     grad_clip: float = non_negative(1.0)  # max global gradient norm; 0 disables
-    schedule: str = one_of("cosine", "wsd")  # cosine | wsd (warmup-stable-decay)
+    schedule: str = key_of("cosine", lambda: SCHEDULES)  # cosine | wsd (warmup-stable-decay)
     warmup_frac: float = within(0.05, "[0, 1]")  # share of steps spent warming up
     decay_frac: float = within(0.2, "[0, 1]")  # wsd: share of steps spent decaying at the end
     min_lr_frac: float = within(0.1, "[0, 1]")  # final learning rate as a share of the peak
@@ -176,15 +192,12 @@ class Config:
         return self.expert_d_ff or self.d_ff
 
     @property
-    def up_factor(self):  # rows of an FFN's first matrix per hidden unit: gate and up for swiglu
-        return 2 if self.ffn == "swiglu" else 1
+    def up_factor(self):  # rows of an FFN's first matrix per hidden unit: gate and up for a gated one
+        return FFN_KINDS[self.ffn].up_factor
 
     @property
-    def experts_per_token(self):
-        """Routed experts a token uses on average: top_k, 1 for switch, capacity_factor * top_k for
-        expert choice (its E * C slots over N tokens)."""
-        return {"topk": self.expert_top_k, "switch": 1,
-                "expert_choice": self.capacity_factor * self.expert_top_k}[self.routing]
+    def experts_per_token(self):  # routed experts a token uses on average: what sizes and FLOPs count
+        return ROUTING_MODES[self.routing].experts_per_token(self)
 
     @property
     def balance_loss_weight(self):  # aux_free balances by the selection bias, not by a loss
@@ -192,11 +205,11 @@ class Config:
 
     @property
     def drops_tokens(self):  # capacity routing can leave a token to the residual stream alone
-        return self.routing != "topk"
+        return ROUTING_MODES[self.routing].drops_tokens
 
     @property
     def batch_level_routing(self):  # expert choice routes a token by the whole batch, later tokens included
-        return self.routing == "expert_choice"
+        return not ROUTING_MODES[self.routing].causal
 
     def moe_layer_ids(self):
         """Indices of the blocks whose FFN is a mixture of experts."""
@@ -230,7 +243,8 @@ class Config:
             if f.type is float and not math.isfinite(value):
                 raise UsageError(f"{f.name} must be a finite number; got {value!r}")
             if "ok" in f.metadata and not f.metadata["ok"](value):
-                raise UsageError(f"{f.name} {f.metadata['rule']}; got {value!r}")
+                text = f.metadata["rule"]
+                raise UsageError(f"{f.name} {text() if callable(text) else text}; got {value!r}")
         if self.d_model % self.n_heads:
             raise UsageError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
         if self.head_dim % 2:
@@ -241,6 +255,10 @@ class Config:
             raise UsageError(f"expert_top_k ({self.expert_top_k}) must not exceed num_experts ({self.num_experts})")
         if ranges and self.warmup_frac + self.decay_frac > 1:
             raise UsageError(f"warmup_frac + decay_frac must not exceed 1; got {self.warmup_frac + self.decay_frac}")
+        # below it the BPE trainer would silently keep 257 tokens; a run saved before this rule stays readable
+        if ranges and self.bpe_vocab_size < BYTE_BPE_MIN_VOCAB:
+            raise UsageError(f"bpe_vocab_size must be at least {BYTE_BPE_MIN_VOCAB} (the 256 bytes of the byte-level "
+                             f"BPE's alphabet and the end-of-text token); got {self.bpe_vocab_size}")
         self.moe_layer_ids()
         return self
 
@@ -264,11 +282,37 @@ PRESETS = {
 # V vocabulary; in an MoE layer N = B*T tokens, E experts, k experts per token, C slots per expert
 # (capacity routing), M = N*k token copies.
 
-def ffn_activation(h, kind):  # (..., up_factor * F) -> (..., F)
-    if kind == "swiglu":
-        gate, up = h.chunk(2, dim=-1)
-        return F.silu(gate) * up
-    return F.silu(h)
+# Variants. Each registry maps a Config value to what implements it, and the Config field accepts
+# exactly its keys: a new FFN kind or router score is a function and its entry here (a new routing
+# mode: ROUTING_MODES, after MoE; a new schedule: SCHEDULES).
+
+@dataclass(frozen=True)
+class FFNKind:
+    activation: Callable  # (..., up_factor * F) -> (..., F)
+    up_factor: int = 1  # rows of the first matrix per hidden unit: 2 for a gated FFN (gate and up)
+
+def swiglu(h):  # (..., 2F) -> (..., F): the first half, through SiLU, gates the second
+    gate, up = h.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+FFN_KINDS = {"silu": FFNKind(F.silu), "swiglu": FFNKind(swiglu, up_factor=2)}
+
+# A router score turns the router's logits into each expert's score for each token: the top scores
+# choose, and the chosen scores weigh the experts' outputs. It also gives each token's shares: its
+# scores normalised to sum to 1, a distribution over experts, which the balance loss and the router
+# entropy read (they assume each row sums to 1, which sigmoid scores do not).
+
+def softmax_scores(logits):  # (N, E) -> scores, shares (N, E)
+    """Experts compete for a token: its scores sum to 1, so they are their own shares."""
+    probs = logits.softmax(dim=-1)
+    return probs, probs
+
+def sigmoid_scores(logits):  # (N, E) -> scores, shares (N, E)
+    """Each expert scored alone, in (0, 1) (DeepSeek-V3): one expert's score does not lower another's."""
+    scores = logits.sigmoid()
+    return scores, scores / scores.sum(dim=-1, keepdim=True)
+
+ROUTER_SCORES = {"softmax": softmax_scores, "sigmoid": sigmoid_scores}
 
 class Attention(nn.Module):
     def __init__(self, cfg):
@@ -306,12 +350,12 @@ class Attention(nn.Module):
 class FeedForward(nn.Module):
     def __init__(self, cfg, d_ff):
         super().__init__()
-        self.kind = cfg.ffn
+        self.act = FFN_KINDS[cfg.ffn].activation
         self.up = nn.Linear(cfg.d_model, d_ff * cfg.up_factor, bias=False)
         self.down = nn.Linear(d_ff, cfg.d_model, bias=False)
 
     def forward(self, x):  # (..., D) -> (..., D)
-        return self.down(ffn_activation(self.up(x), self.kind))
+        return self.down(self.act(self.up(x)))
 
 def grouped_mm_fallback(a, b, offs):
     """F.grouped_mm's result without it (old torch, fp32/fp16 on CUDA): every row times every group's
@@ -368,30 +412,33 @@ class Routing(NamedTuple):
     """What an MoE layer's router decided for N tokens, the same in every mode; the losses, evaluation
     statistics and the `experts` analysis read it. Token choice (topk, switch) lists each token's
     experts, picks (N, k); expert choice each expert's tokens, picks (E, C). gates, shaped like picks,
-    are the clean probabilities of the picks: noise and the aux_free bias choose, never weigh."""
+    are the clean scores of the picks: noise and the aux_free bias choose, never weigh."""
     logits: torch.Tensor  # (N, E) router logits, fp32
-    probs: torch.Tensor  # (N, E) their softmax
+    scores: torch.Tensor  # (N, E) their router score (ROUTER_SCORES), clean: no noise, no bias
+    shares: torch.Tensor  # (N, E) each token's scores normalised to sum to 1 (softmax: the scores themselves)
     picks: torch.Tensor  # (N, k) expert ids | (E, C) token ids
     gates: torch.Tensor  # like picks: the weight of each pick's output
     counts: torch.Tensor  # (E,) token copies sent to each expert (switch: before the capacity cut)
     dropped: torch.Tensor  # () tokens no expert processes (switch: over capacity; expert choice: unpicked)
 
-    def balance_loss(self):  # Switch: E * sum_i f_i P_i, 1.0 when balanced
-        return self.probs.shape[-1] * (self.counts / self.counts.sum() * self.probs.mean(dim=0)).sum()
+    def balance_loss(self):
+        """Switch: E * sum_i f_i P_i, f_i the share of token copies sent to expert i and P_i its mean
+        share of the tokens: 1.0 when balanced, for any router score (the shares sum to 1)."""
+        return self.shares.shape[-1] * (self.counts / self.counts.sum() * self.shares.mean(dim=0)).sum()
 
-    def z_loss(self):  # ST-MoE: the mean squared log-sum-exp of the logits
+    def z_loss(self):  # ST-MoE: the mean squared log-sum-exp of the logits; for any score, it keeps them small
         return torch.logsumexp(self.logits, dim=-1).square().mean()
 
-    def sums(self):  # (E + 4,): counts, tokens, entropy, squared log-sum-exp, dropped; evaluation adds them up
-        entropy = -(self.probs * self.probs.clamp_min(1e-12).log()).sum()
+    def sums(self):  # (E + 4,): counts, tokens, entropy of the shares, squared log-sum-exp, dropped; summed by evaluate
+        entropy = -(self.shares * self.shares.clamp_min(1e-12).log()).sum()
         z_sum = torch.logsumexp(self.logits, dim=-1).square().sum()
-        tokens = self.counts.new_tensor(self.probs.shape[0])
+        tokens = self.counts.new_tensor(self.shares.shape[0])
         return torch.cat([self.counts, torch.stack([tokens, entropy, z_sum, self.dropped.float()])])
 
 class MoE(nn.Module):
     """A mixture-of-experts FFN: a router, stacked expert weights, optional shared experts; forward is
-    router -> dispatch -> experts -> combine, the routing mode choosing the router's choice, dispatch
-    and combine.
+    router -> dispatch -> experts -> combine, the routing mode (ROUTING_MODES, below) choosing the
+    router's choice, dispatch and combine.
 
     topk (token choice, dropless): the token copies are sorted by expert, so one grouped matmul per
     projection runs every expert; the split changes every step but no shape does, so nothing syncs
@@ -403,8 +450,9 @@ class MoE(nn.Module):
 
     def __init__(self, cfg):
         super().__init__()
-        self.E, self.kind, self.routing = cfg.num_experts, cfg.ffn, cfg.routing
-        self.k = 1 if cfg.routing == "switch" else cfg.expert_top_k
+        self.mode = ROUTING_MODES[cfg.routing]
+        self.E, self.k = cfg.num_experts, self.mode.k(cfg)
+        self.act, self.score = FFN_KINDS[cfg.ffn].activation, ROUTER_SCORES[cfg.router_score]
         self.capacity_factor, self.noise_std = cfg.capacity_factor, cfg.noise_std
         self.norm_topk_prob = cfg.norm_topk_prob
         self.aux_free, self.bias_update_rate = cfg.balance == "aux_free", cfg.bias_update_rate
@@ -416,10 +464,9 @@ class MoE(nn.Module):
         # aux_free: added to the scores for selection only, never to the gate weights
         self.register_buffer("expert_bias", torch.zeros(cfg.num_experts))
         self.register_buffer("load", torch.zeros(cfg.num_experts), persistent=False)  # copies since the last update
-        self.choose, self.dispatch, self.combine = {
-            "topk": (self.token_choice, self.sort_by_expert, self.unsort),
-            "switch": (self.token_choice, self.fill_slots, self.empty_slots),
-            "expert_choice": (self.expert_choice, self.gather_picks, self.add_picks)}[cfg.routing]
+        # the mode's three steps, bound to this layer: self.choose(...) reads as a method
+        steps = self.mode.choose, self.mode.dispatch, self.mode.combine
+        self.choose, self.dispatch, self.combine = (types.MethodType(step, self) for step in steps)
 
     def forward(self, x):  # (B, T, D) -> (B, T, D), Routing
         B, T, D = x.shape
@@ -437,18 +484,22 @@ class MoE(nn.Module):
     def route(self, x):  # (N, D) -> Routing
         with torch.autocast(x.device.type, enabled=False):  # routing decisions in fp32
             logits = F.linear(x.float(), self.router.weight.float())  # (N, E)
-        probs = logits.softmax(dim=-1)
-        scores = probs  # what selection ranks: noise explores, the bias balances; gates stay clean
+        scores, shares = self.score(logits)
+        ranked = scores  # what the choice ranks: noise explores, the bias balances; gates stay clean
         if self.training and self.noise_std > 0:
-            scores = (logits + torch.randn_like(logits) * self.noise_std).softmax(dim=-1)
-        return self.choose(logits, probs, scores + self.expert_bias)
+            ranked = self.score(logits + torch.randn_like(logits) * self.noise_std)[0]
+        return Routing(logits, scores, shares, *self.choose(scores, ranked + self.expert_bias))
 
     def capacity(self, n_tokens):  # slots per expert: switch ceil(cf * N / E); expert choice ceil(cf * N * k / E)
         return max(1, min(n_tokens, math.ceil(self.capacity_factor * n_tokens * self.k / self.E)))
 
-    def token_choice(self, logits, probs, scores):  # each token picks its k experts: picks (N, k)
-        experts = top_k_indices(scores, self.k)  # (N, k)
-        gates = probs.gather(-1, experts)
+    # The routing modes' steps. choose: (scores, ranked) (N, E) -> picks, gates, counts, dropped;
+    # dispatch: (x (N, D), routing) -> the experts' rows, their group offsets (None: slots), the way back;
+    # combine: (the experts' output rows, routing, the way back) -> (N, D).
+
+    def token_choice(self, scores, ranked):  # each token picks its k experts: picks (N, k)
+        experts = top_k_indices(ranked, self.k)  # (N, k)
+        gates = scores.gather(-1, experts)
         if self.k > 1 and self.norm_topk_prob:  # (a single renormalised gate is 1: the router would learn nothing)
             gates = gates / gates.sum(dim=-1, keepdim=True)
         flat = experts.flatten()  # (N*k,)
@@ -457,25 +508,26 @@ class MoE(nn.Module):
         else:  # eagerly the comparison would materialise an (N*k, E) mask
             ones = torch.ones(flat.shape, device=flat.device)
             counts = torch.zeros(self.E, device=flat.device).scatter_add_(0, flat, ones)
-        dropped = counts.new_zeros(())
-        if self.routing == "switch":  # each expert keeps its first C tokens
-            dropped = probs.shape[0] - counts.clamp_max(self.capacity(probs.shape[0])).sum()
-        return Routing(logits, probs, experts, gates, counts, dropped)
+        return experts, gates, counts, counts.new_zeros(())
 
-    def expert_choice(self, logits, probs, scores):  # each expert picks its C tokens: picks (E, C)
-        N, C = probs.shape[0], self.capacity(probs.shape[0])
-        tokens = scores.t().topk(C, dim=-1).indices  # (E, C)
-        gates = probs.t().gather(1, tokens)  # (E, C)
-        ones = torch.ones(tokens.numel(), device=probs.device)
-        picked = torch.zeros(N, device=probs.device).index_add_(0, tokens.flatten(), ones)  # (N,) experts per token
-        counts = torch.full((self.E,), float(C), device=probs.device)
-        return Routing(logits, probs, tokens, gates, counts, (picked == 0).sum())
+    def switch_choice(self, scores, ranked):  # top-1 token choice; each expert keeps its first C tokens
+        experts, gates, counts, _ = self.token_choice(scores, ranked)
+        return experts, gates, counts, scores.shape[0] - counts.clamp_max(self.capacity(scores.shape[0])).sum()
+
+    def expert_choice(self, scores, ranked):  # each expert picks its C tokens: picks (E, C)
+        N, C = scores.shape[0], self.capacity(scores.shape[0])
+        tokens = ranked.t().topk(C, dim=-1).indices  # (E, C)
+        gates = scores.t().gather(1, tokens)  # (E, C)
+        ones = torch.ones(tokens.numel(), device=scores.device)
+        picked = torch.zeros(N, device=scores.device).index_add_(0, tokens.flatten(), ones)  # (N,) experts per token
+        counts = torch.full((self.E,), float(C), device=scores.device)
+        return tokens, gates, counts, (picked == 0).sum()
 
     def experts(self, xs, offs=None):  # (E, C, D) slots, or (M, D) grouped at offs (E,) -> the same shape
         w_up, w_down = self.w_up.to(xs.dtype).transpose(-2, -1), self.w_down.to(xs.dtype).transpose(-2, -1)
         if offs is None:
-            return torch.bmm(ffn_activation(torch.bmm(xs, w_up), self.kind), w_down)
-        return grouped_mm(ffn_activation(grouped_mm(xs, w_up, offs), self.kind), w_down, offs)
+            return torch.bmm(self.act(torch.bmm(xs, w_up)), w_down)
+        return grouped_mm(self.act(grouped_mm(xs, w_up, offs)), w_down, offs)
 
     def sort_by_expert(self, x, routing):  # topk: (N, D) -> (N*k, D) copies sorted by expert
         flat = routing.picks.flatten()  # (N*k,) copy j of token n is row n*k + j
@@ -516,12 +568,12 @@ class MoE(nn.Module):
 
     def add_picks(self, yd, routing, way_back):  # (E, C, D) -> (N, D): a token sums what its experts gave it
         yd = yd * routing.gates[..., None].to(yd.dtype)
-        y = torch.zeros(routing.probs.shape[0], yd.shape[-1], device=yd.device, dtype=yd.dtype)
+        y = torch.zeros(routing.scores.shape[0], yd.shape[-1], device=yd.device, dtype=yd.dtype)
         return y.index_add_(0, routing.picks.flatten(), yd.reshape(-1, yd.shape[-1]))
 
     def assignment(self, routing):  # (N, E): 1 where a token was sent to an expert (switch: before capacity)
-        if self.routing == "expert_choice":
-            sent = torch.zeros_like(routing.probs)
+        if self.mode.picks_tokens:
+            sent = torch.zeros_like(routing.scores)
             sent[routing.picks, torch.arange(self.E, device=sent.device)[:, None]] = 1.0
             return sent
         return F.one_hot(routing.picks, self.E).sum(dim=1).float()
@@ -534,6 +586,34 @@ class MoE(nn.Module):
             dist.all_reduce(self.load)
         self.expert_bias += self.bias_update_rate * torch.sign(self.load.mean() - self.load)
         self.load.zero_()
+
+@dataclass(frozen=True)
+class RoutingMode:
+    """How an MoE layer routes: its three steps (MoE methods) and what sizes and reports need to know."""
+    choose: Callable  # MoE.token_choice, ...: (scores, ranked) -> picks, gates, counts, dropped
+    dispatch: Callable  # (x, routing) -> the experts' rows, offsets or None, the way back
+    combine: Callable  # (the experts' rows, routing, the way back) -> (N, D)
+    k: Callable  # cfg -> experts a token picks (token choice), or the top_k that sizes capacity
+    experts_per_token: Callable  # cfg -> routed experts a token uses on average: what sizes and FLOPs count
+    label: Callable  # cfg -> how describe() names it
+    drops_tokens: bool = False  # fixed slots per expert: a token can be left to the residual stream alone
+    causal: bool = True  # False: a token's routing depends on the whole batch, later tokens included
+    picks_tokens: bool = False  # picks are each expert's tokens (E, C), not each token's experts (N, k)
+
+ROUTING_MODES = {
+    "topk": RoutingMode(
+        MoE.token_choice, MoE.sort_by_expert, MoE.unsort, k=lambda cfg: cfg.expert_top_k,
+        experts_per_token=lambda cfg: cfg.expert_top_k, label=lambda cfg: f"top-{cfg.expert_top_k}"),
+    "switch": RoutingMode(
+        MoE.switch_choice, MoE.fill_slots, MoE.empty_slots, k=lambda cfg: 1, experts_per_token=lambda cfg: 1,
+        label=lambda cfg: f"switch top-1, capacity {cfg.capacity_factor}", drops_tokens=True),
+    # E * C slots over N tokens: capacity_factor * top_k experts per token on average
+    "expert_choice": RoutingMode(
+        MoE.expert_choice, MoE.gather_picks, MoE.add_picks, k=lambda cfg: cfg.expert_top_k,
+        experts_per_token=lambda cfg: cfg.capacity_factor * cfg.expert_top_k,
+        label=lambda cfg: f"expert choice, {cfg.expert_top_k} x {cfg.capacity_factor} per token",
+        drops_tokens=True, causal=False, picks_tokens=True),
+}
 
 class Block(nn.Module):
     def __init__(self, cfg, moe):
@@ -712,19 +792,29 @@ def make_optimizers(model, cfg, compile=False):
             muon.register_step_pre_hook(lambda optimizer, args, kwargs, layer=layer: layer.update_bias())
     return [muon, adamw]
 
+# A schedule: (step, warmup, cfg) -> the multiplier of the peak learning rate at 0-based optimizer step
+# `step` >= warmup, the warmup's length in steps; it should reach min_lr_frac at the last step.
+
+def cosine(step, warmup, cfg):  # from 1 down to min_lr_frac along half a cosine
+    progress = (step - warmup) / max(1, cfg.max_steps - warmup)
+    return cfg.min_lr_frac + (1 - cfg.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * progress))
+
+def wsd(step, warmup, cfg):  # warmup-stable-decay: 1 until the last decay_frac of the steps, then linear
+    decay = int(cfg.decay_frac * cfg.max_steps)
+    start = cfg.max_steps - decay
+    if step < start:
+        return 1.0
+    return 1.0 - (1.0 - cfg.min_lr_frac) * (step - start + 1) / max(1, decay)
+
+SCHEDULES = {"cosine": cosine, "wsd": wsd}
+
 def lr_factor(step, cfg):
-    """Multiplier of the peak learning rate at optimizer step `step` (0-based)."""
+    """Multiplier of the peak learning rate at optimizer step `step` (0-based): a linear warmup over
+    warmup_frac of the steps, then the schedule."""
     warmup = int(cfg.warmup_frac * cfg.max_steps)
     if step < warmup:
         return (step + 1) / warmup
-    if cfg.schedule == "wsd":
-        decay = int(cfg.decay_frac * cfg.max_steps)
-        start = cfg.max_steps - decay
-        if step < start:
-            return 1.0
-        return 1.0 - (1.0 - cfg.min_lr_frac) * (step - start + 1) / max(1, decay)
-    progress = (step - warmup) / max(1, cfg.max_steps - warmup)
-    return cfg.min_lr_frac + (1 - cfg.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * progress))
+    return SCHEDULES[cfg.schedule](step, warmup, cfg)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -816,7 +906,6 @@ class Progress:
     best_val: float | None = None  # patience: the best periodic val loss, and evaluations since it
     evals_since_best: int = 0
     stopped_early: bool = False
-    running: list = field(default_factory=lambda: [0.0, 0.0, 0.0])  # ce, lb, z summed since the last log
     wall_s: float = 0.0  # wall seconds of the segments before a resume, and those spent evaluating and
     eval_s: float = 0.0  # checkpointing
     train_s: float = 0.0  # and their training seconds (see Trainer.segment_seconds)
@@ -856,15 +945,13 @@ class Trainer:
         self.val_sample, self.train_sample = ((x[:n], y[:n]) for x, y in (self.val, self.train_windows))
         self.global_batch = cfg.batch_size * runtime.world
         self.tokens_per_step = self.global_batch * cfg.gradient_accumulation_steps * cfg.max_seq_len
-        self.progress = Progress()
+        self.progress, running = Progress(), [0.0, 0.0, 0.0]
         if resume_from is not None:
             restore_checkpoint(resume_from, self.model, self.optimizers, self.schedulers, self.scaler)
-            with open(os.path.join(resume_from, "state.json")) as f:
-                saved = json.load(f)["progress"]
-            self.progress = Progress(**{k: v for k, v in saved.items() if k in {f.name for f in fields(Progress)}})
+            self.progress, running = read_progress(resume_from)
         # on-device tallies between log steps, where reading them syncs the host
         device = runtime.device
-        self.running = torch.tensor(self.progress.running, device=device)  # ce, lb, z summed since the last log
+        self.running = torch.tensor(running, device=device)  # ce, lb, z summed since the last log
         self.skipped = torch.zeros((), dtype=torch.long, device=device)  # non-finite steps since the last log
         self.streak = torch.zeros((), dtype=torch.long, device=device)  # the current run of them
         self.worst = torch.zeros((), dtype=torch.long, device=device)  # the longest run since the last check
@@ -915,7 +1002,7 @@ class Trainer:
                 torch.cuda.synchronize()
             self.t_first = time.perf_counter()
 
-    def log(self, done, bar):
+    def log_losses(self, done, bar):
         """The host sync of a log interval: mean losses, throughput, skipped steps."""
         cfg, progress, per_layer = self.cfg, self.progress, max(1, self.n_moe)
         n = cfg.log_every if done % cfg.log_every == 0 else done % cfg.log_every
@@ -1011,7 +1098,7 @@ class Trainer:
     def checkpoint(self, step):
         if self.ckpt_dir is None:
             return None
-        self.progress.step, self.progress.running = step, self.running.tolist()  # a sync: the steps are done
+        self.progress.step, running = step, self.running.tolist()  # a sync: the steps queued so far are training
         t0 = time.perf_counter()
         saved = dataclasses.replace(self.progress, wall_s=self.progress.wall_s + time.perf_counter() - self.t_start,
                                     eval_s=self.progress.eval_s + self.t_aside,
@@ -1019,7 +1106,7 @@ class Trainer:
         if self.runtime.master:
             save_checkpoint(self.ckpt_dir, self.model, self.optimizers, self.schedulers, self.scaler,
                             {"name": self.name, "step": step, "progress": dataclasses.asdict(saved),
-                             "config": dataclasses.asdict(self.cfg)})
+                             "running": running, "config": dataclasses.asdict(self.cfg)})
         if self.runtime.world > 1:
             dist.barrier()
         self.t_aside += time.perf_counter() - t0
@@ -1065,7 +1152,7 @@ def train_model(name, cfg, data, runtime, log_metrics=lambda record: None, ckpt_
         # losses to the host (a sync), and the end of a run whose steps keep failing, checked at least
         # every max_bad_steps steps
         if done % cfg.log_every == 0 or done == cfg.max_steps:
-            trainer.log(done, bar)
+            trainer.log_losses(done, bar)
         if done % min(cfg.log_every, cfg.max_bad_steps) == 0 or done == cfg.max_steps:
             trainer.check_bad_steps(done)
         # a periodic evaluation on samples of val and train windows, and patience's count
@@ -1135,6 +1222,7 @@ def expert_stats(sums, E):
 # Data: documents -> the honest split -> tokens -> windows
 
 EOS = "<|endoftext|>"
+BYTE_BPE_MIN_VOCAB = 256 + 1  # a byte-level BPE holds at least its 256-byte alphabet and EOS
 
 @dataclass
 class Data:
@@ -1145,10 +1233,14 @@ class Data:
     tokenizer: str
     meta: dict = field(default_factory=dict)
     cache_dir: str = ""
+    in_cache: bool = True  # False: tokenized just now, held in memory until save_cache writes them
+    bpe: object = None  # tokenized just now with a BPE trained here: save_cache writes it beside them
 
-def prepare_data(cfg, cache_root="data_cache", log=print, check=lambda data: None):
-    """Resolve the source, then load its tokens from the cache or build them. check(data) may refuse
-    them (a UsageError) before a newly built cache is kept; check_data_fits(data, cfg) always runs."""
+def prepare_data(cfg, cache_root="data_cache", log=print, keep=True):
+    """Resolve the source, then load its tokens from the cache, or read, split and tokenize them and
+    (keep) save them there. keep=False leaves new tokens in memory: the caller checks them against
+    what it will train and calls save_cache, so that tokens a run cannot use are never kept.
+    check_data_fits(data, cfg) always runs."""
     if cfg.data == "auto":
         smollm = dataclasses.replace(cfg, data="smollm")
         path, _ = cache_dir_for(smollm, cache_root, source_spec(smollm))
@@ -1171,10 +1263,31 @@ def prepare_data(cfg, cache_root="data_cache", log=print, check=lambda data: Non
             raise UsageError(f"--data {cfg.data}: the Hugging Face Hub is unreachable and {path} holds no cached "
                              f"tokens; use --data shakespeare or a local text file")
         log(f"data: tokenizing {source.name} into {path}")
-        return build_cache(cfg, path, key, source, lambda data: (check_data_fits(data, cfg), check(data)))
+        data = tokenize(cfg, source, key, path)
     check_data_fits(data, cfg)
-    check(data)
+    if keep:
+        save_cache(data)
     return data
+
+def tokenize(cfg, source, key, path):
+    """Read, hold out whole documents, tokenize: the Data of cache directory path, not yet saved."""
+    docs = read_documents(cfg, source)[: cfg.num_documents]
+    train_docs, val_docs = split_documents(docs, cfg.val_fraction, cfg.seed)
+    bpe = None
+    if source.tokenizer == "bpe":  # trained on the training split only, so no validation text leaks into it
+        bpe = train_bpe(train_docs, cfg.bpe_vocab_size)
+        tok = wrap_tokenizer(tok_object=bpe)
+    else:
+        tok = wrap_tokenizer(name=source.tokenizer)
+    train_budget = int(cfg.max_tokens * (1 - cfg.val_fraction))
+    train = encode(tok, train_docs, train_budget)
+    val = encode(tok, val_docs, cfg.max_tokens - train_budget)
+    dtype = np.uint16 if len(tok) <= 2**16 else np.uint32
+    meta = {"key": key, "source": source.name, "tokenizer": source.tokenizer, "vocab_size": len(tok),
+            "dtype": np.dtype(dtype).name, "documents": len(docs), "train_documents": len(train_docs),
+            "val_documents": len(val_docs), "train_tokens": len(train), "val_tokens": len(val)}
+    return Data(train=train.astype(dtype), val=val.astype(dtype), vocab_size=len(tok), source=source.name,
+                tokenizer=source.tokenizer, meta=meta, cache_dir=path, in_cache=False, bpe=bpe)
 
 def read_documents(cfg, source):
     """The source's documents, at most num_documents: text files, each file one document, or a Hub
@@ -1520,53 +1633,64 @@ def upcycler(run_dir, data, log=print):
 
     return make_init, path
 
+@dataclass
+class Plan:
+    """What a comparison trains, checked against the data before any new token is kept."""
+    config: Config  # the base config, its vocabulary and data source resolved from the data
+    jobs: list[Job]  # every model in training order, each capped at the budget
+    budget: Budget
+    inits: dict  # job id -> the function that upcycles its fresh model (--upcycle_from)
+    upcycled_from: str | None = None  # the dense checkpoint they copy
+
+def plan_comparison(cfg, names, seeds, grid, data, world, upcycle_from=None, log=print):
+    """Every job, its budget and its upcycling, each checked against the data: a UsageError for
+    anything that cannot train on it."""
+    resolved = dataclasses.replace(cfg, vocab_size=cfg.vocab_size or data.vocab_size,
+                                   data=data.source if cfg.data == "auto" else cfg.data)
+    jobs = plan_jobs(resolved, names, seeds, grid)
+    for job in jobs:  # a sweep may lengthen the windows or shrink the vocabulary past the data's
+        check_data_fits(data, job.config)
+    jobs, budget = plan_budget(resolved, jobs, len(data.train), world)
+    plan = Plan(resolved, jobs, budget, inits={})
+    if upcycle_from and any(job.config.moe_layer_ids() for job in jobs):
+        make_init, plan.upcycled_from = upcycler(upcycle_from, data, log=log)
+        plan.inits = {job.id: make_init(job.config) for job in jobs if job.config.moe_layer_ids()}
+    return plan
+
 def run_comparison(cfg, names, out_dir, cache_dir="data_cache", seeds=None, sweep=(), upcycle_from=None,
                    resume=False, argv=()):
     """Train every planned model (resuming finished and interrupted ones), print the table, write
     results.json, metrics.jsonl, loss_curves.png (and sweep.json, sweep.png for a sweep)."""
-    runtime, run, grid = make_runtime(cfg), RunDir(out_dir), parse_sweep(sweep)
+    runtime, run, grid, seeds = make_runtime(cfg), RunDir(out_dir), parse_sweep(sweep), seeds or [cfg.seed]
     log = print if runtime.master else quiet
     saved = load_run(out_dir, "--resume") if resume else None
-    planned = []  # what plan() decided: the resolved config, the jobs, their budget, the upcycling
-
-    def plan(data):  # every job and its upcycling, checked against the data before new tokens are cached
-        resolved = dataclasses.replace(cfg, vocab_size=cfg.vocab_size or data.vocab_size,
-                                       data=data.source if cfg.data == "auto" else cfg.data)
-        jobs = plan_jobs(resolved, names, seeds or [cfg.seed], grid)
-        for job in jobs:  # a sweep may lengthen the windows or shrink the vocabulary past the data's
-            check_data_fits(data, job.config)
-        jobs, budget = plan_budget(resolved, jobs, len(data.train), runtime.world)
-        if saved:
-            check_budget_kept(saved.budget, budget, out_dir)
-        upcycle, upcycled = {}, None
-        if upcycle_from and any(job.config.moe_layer_ids() for job in jobs):
-            make_init, upcycled = upcycler(upcycle_from, data, log=log)
-            upcycle = {job.id: make_init(job.config) for job in jobs if job.config.moe_layer_ids()}
-        planned.append((resolved, jobs, budget, (upcycle, upcycled)))
-
-    # the data, once: rank 0 builds the token cache, the other ranks then read it
+    # the data, once: rank 0 tokenizes and keeps the tokens once the plan fits them; the other ranks
+    # then read them from the cache
     if runtime.world > 1 and not runtime.master:
         dist.barrier()
-    data = prepare_data(cfg, cache_dir, log=log, check=plan)
+    data = prepare_data(cfg, cache_dir, log=log, keep=False)
+    plan = plan_comparison(cfg, names, seeds, grid, data, runtime.world, upcycle_from, log)
+    if saved:
+        check_budget_kept(saved.budget, plan.budget, out_dir)
+    save_cache(data)
     if runtime.world > 1 and runtime.master:
         dist.barrier()
-    cfg, jobs, budget, upcycle = planned[-1]
-    if upcycle[1]:
-        log(f"moe: upcycled from the dense model in {upcycle[1]}")
-    print_plan(data, runtime, jobs, budget, log)
+    if plan.upcycled_from:
+        log(f"moe: upcycled from the dense model in {plan.upcycled_from}")
+    print_plan(data, runtime, plan.jobs, plan.budget, log)
     # run.json: a new run's plan, or a resumed run's with what it has finished
     if resume:
         state = saved
         if state.llm_py_sha256 != CODE_SHA256:
             log("note: llm.py changed since this run started; a resumed model is exact only with the same code")
         finished = {job.id: job.row for job in state.jobs if job.status == "done"}
-        for job in jobs:
+        for job in plan.jobs:
             job.status, job.row = ("done", finished[job.id]) if job.id in finished else ("pending", None)
-        state.jobs = jobs
+        state.jobs = plan.jobs
     else:
-        state = RunState(list(argv), cfg, list(names), seeds or [cfg.seed], list(sweep), upcycle_from, cache_dir,
-                         CODE_SHA256, jobs)
-    state.budget = dataclasses.asdict(budget)
+        state = RunState(list(argv), plan.config, list(names), seeds, list(sweep), upcycle_from, cache_dir,
+                         CODE_SHA256, plan.jobs)
+    state.budget = dataclasses.asdict(plan.budget)
     state.dataset = {"source": data.source, "tokenizer": data.tokenizer, "vocab_size": data.vocab_size,
                      "train_tokens": len(data.train), "val_tokens": len(data.val), "documents": data.meta["documents"],
                      "val_documents": data.meta["val_documents"], "cache": data.cache_dir}
@@ -1578,7 +1702,7 @@ def run_comparison(cfg, names, out_dir, cache_dir="data_cache", seeds=None, swee
         state.save(run)
     # training, then the table and the files
     try:
-        rows = train_jobs(state, run, data, runtime, metrics, upcycle, resume, log)
+        rows = train_jobs(state, run, data, runtime, metrics, plan, resume, log)
     except Interrupted as e:
         if runtime.world > 1:
             dist.destroy_process_group()
@@ -1616,24 +1740,25 @@ def print_plan(data, runtime, jobs, budget, log):
             log(describe(job.name, job.config))
 
 def describe(name, cfg):
+    """One line: what the model is (its FFN; for an MoE its experts, routing, router score and balance)
+    and its sizes."""
     size, moe = model_size(cfg), ""
     if cfg.moe_layer_ids():
-        route = {"topk": f"top-{cfg.expert_top_k}", "switch": f"switch top-1, capacity {cfg.capacity_factor}",
-                 "expert_choice": f"expert choice, {cfg.expert_top_k} x {cfg.capacity_factor} per token"}[cfg.routing]
-        moe = (f", {cfg.num_experts} experts of d_ff {cfg.expert_ff} ({route}"
-               f"{f', {cfg.n_shared_experts} shared' if cfg.n_shared_experts else ''}"
-               f"{', aux-loss-free balance' if cfg.balance == 'aux_free' else ''}) in layers {cfg.moe_layer_ids()}")
-    return (f"{name}: d_ff {cfg.d_ff}{moe}; params total {size.total / 1e6:.2f}M, active {size.active / 1e6:.2f}M, "
-            f"non-embedding {size.non_embedding / 1e6:.2f}M (active {size.active_non_embedding / 1e6:.2f}M), "
+        shared = f", {cfg.n_shared_experts} shared" if cfg.n_shared_experts else ""
+        moe = (f", {cfg.num_experts} experts of d_ff {cfg.expert_ff}{shared} ({ROUTING_MODES[cfg.routing].label(cfg)}, "
+               f"{cfg.router_score} router, {cfg.balance} balance) in layers {cfg.moe_layer_ids()}")
+    return (f"{name}: {cfg.ffn} FFN, d_ff {cfg.d_ff}{moe}; params total {size.total / 1e6:.2f}M, "
+            f"active {size.active / 1e6:.2f}M, non-embedding {size.non_embedding / 1e6:.2f}M "
+            f"(active {size.active_non_embedding / 1e6:.2f}M), "
             f"{size.flops_per_token / 1e6:.1f} MFLOPs/token (training)")
 
 def fmt_count(n):
     return "-" if n is None else f"{n / 1e9:.2f}G" if n >= 1e9 else f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}K"
 
-def train_jobs(state, run, data, runtime, metrics, upcycle, resume, log):
+def train_jobs(state, run, data, runtime, metrics, plan, resume, log):
     """Train every job not done yet, in order, saving run.json after each; returns all their rows.
-    upcycle: (job id -> the function that upcycles its fresh model, the dense checkpoint)."""
-    stop, (inits, upcycled) = StopFlag(), upcycle
+    plan: its inits upcycle the MoE jobs' fresh models."""
+    stop, inits = StopFlag(), plan.inits
     with ctrl_c_stops(stop, log):
         for job in state.jobs:
             if job.status == "done":
@@ -1652,7 +1777,7 @@ def train_jobs(state, run, data, runtime, metrics, upcycle, resume, log):
                                   resume_from=resume_from, init=inits.get(job.id), stop=stop)
             row.update(id=job.id, name=job.name, seed=job.seed, point=job.point,
                        gpu_utilization_pct=monitor.summary().get("mean_utilization_pct"),
-                       upcycled_from=upcycled if job.id in inits else None)
+                       upcycled_from=plan.upcycled_from if job.id in inits else None)
             job.status, job.row = "done", row
             if runtime.master:
                 state.save(run)
@@ -2179,34 +2304,21 @@ def load_cache(path):
     return Data(train=arrays["train"], val=arrays["val"], vocab_size=meta["vocab_size"], source=meta["source"],
                 tokenizer=meta["tokenizer"], meta=meta, cache_dir=path), "ok"
 
-def build_cache(cfg, path, key, source, check):
-    """Read, split, tokenize and save; the cache directory appears whole or not at all."""
-    docs = read_documents(cfg, source)[: cfg.num_documents]
-    train_docs, val_docs = split_documents(docs, cfg.val_fraction, cfg.seed)
-    if source.tokenizer == "bpe":  # trained on the training split only, so no validation text leaks into it
-        bpe = train_bpe(train_docs, cfg.bpe_vocab_size)
-        tok = wrap_tokenizer(tok_object=bpe)
-    else:
-        tok = wrap_tokenizer(name=source.tokenizer)
-    train_budget = int(cfg.max_tokens * (1 - cfg.val_fraction))
-    train = encode(tok, train_docs, train_budget)
-    val = encode(tok, val_docs, cfg.max_tokens - train_budget)
-    dtype = np.uint16 if len(tok) <= 2**16 else np.uint32
-    meta = {"key": key, "source": source.name, "tokenizer": source.tokenizer, "vocab_size": len(tok),
-            "dtype": np.dtype(dtype).name, "documents": len(docs), "train_documents": len(train_docs),
-            "val_documents": len(val_docs), "train_tokens": len(train), "val_tokens": len(val)}
-    data = Data(train=train.astype(dtype), val=val.astype(dtype), vocab_size=len(tok), source=source.name,
-                tokenizer=source.tokenizer, meta=meta, cache_dir=path)
-    check(data)  # tokens the run cannot use are not kept
+def save_cache(data):
+    """Write tokens that prepare_data built into their cache directory, which appears whole or not at
+    all; tokens read from the cache are there already."""
+    if data.in_cache:
+        return
+    path = data.cache_dir
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = tempfile.mkdtemp(dir=os.path.dirname(path) or ".", prefix=".tmp-cache-")
     try:
         for split in ("train", "val"):
             np.save(os.path.join(tmp, f"{split}.npy"), getattr(data, split), allow_pickle=False)
-        if source.tokenizer == "bpe":
-            bpe.save(os.path.join(tmp, "tokenizer.json"))
-        meta["sha256"] = {name: file_sha256(os.path.join(tmp, name)) for name in sorted(os.listdir(tmp))}
-        atomic_write(os.path.join(tmp, "meta.json"), json.dumps(meta, indent=1).encode())
+        if data.bpe is not None:
+            data.bpe.save(os.path.join(tmp, "tokenizer.json"))
+        data.meta["sha256"] = {name: file_sha256(os.path.join(tmp, name)) for name in sorted(os.listdir(tmp))}
+        atomic_write(os.path.join(tmp, "meta.json"), json.dumps(data.meta, indent=1).encode())
         # another run sharing this cache directory may have built the same tokens meanwhile: theirs stay
         if load_cache(path)[0] is None:
             shutil.rmtree(path, ignore_errors=True)
@@ -2219,7 +2331,7 @@ def build_cache(cfg, path, key, source, check):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return data
+    data.in_cache, data.bpe = True, None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -2294,6 +2406,14 @@ def latest_checkpoint(ckpt_dir, log=print):
                 return path, json.load(f)
         log(f"checkpoint {path} is damaged ({problem}); trying the previous one")
     return None, None
+
+def read_progress(path):
+    """A checkpoint's Progress and its running loss sums (in the progress of an older llm.py's)."""
+    with open(os.path.join(path, "state.json")) as f:
+        state = json.load(f)
+    saved = state["progress"]
+    progress = Progress(**{k: v for k, v in saved.items() if k in {f.name for f in fields(Progress)}})
+    return progress, state.get("running", saved.get("running", [0.0, 0.0, 0.0]))
 
 def load_weights(path, model):
     from safetensors.torch import load_file
@@ -2555,7 +2675,8 @@ STATS_HELP = """expert statistics, per MoE layer at each evaluation (metrics.jso
   load              share of token copies each expert received (fair share: 1/num_experts)
   load_cv           std/mean of load: 0 is perfect balance; the table's "load CV" averages layers
   max_load/min_load busiest and idlest expert's load as a multiple of its fair share
-  router_entropy    mean per-token entropy of the router's probabilities / log(num_experts):
+  router_entropy    mean per-token entropy of the router's shares / log(num_experts): the shares
+                    are a token's scores normalised to sum to 1 (the softmax's are its scores);
                     1 = undecided (uniform), 0 = certain
   dropped_fraction  tokens no expert processed (switch: over capacity; expert choice: unpicked)
   router_z          mean squared log-sum-exp of the router logits (what z_loss_weight penalises)
@@ -2598,8 +2719,9 @@ def build_parser(prog="llm.py", description=None, harness=True):
     helps = dict(re.findall(r"^    (\w+): \w+ = [^#\n]*#\s*(.*)$", inspect.getsource(Config), re.MULTILINE))
     for f in fields(Config):
         kind = {int: int, float: float, bool: parse_bool, str: str}[type(getattr(defaults, f.name))]
+        keys = f"one of {', '.join(f.metadata['registry']())}; " if "registry" in f.metadata else ""
         group.add_argument(f"--{f.name}", type=kind, default=None, metavar=kind.__name__.upper().replace("PARSE_", ""),
-                           help=f"{helps.get(f.name, '')} (default {getattr(defaults, f.name)!r})".lstrip())
+                           help=f"{helps.get(f.name, '')} ({keys}default {getattr(defaults, f.name)!r})".lstrip())
     return p
 
 def config_from_args(args):
@@ -2749,6 +2871,16 @@ def size_main(argv):
 
 SUBCOMMANDS = {"generate": generate_main, "experts": experts_main, "size": size_main}
 
+def check_apart(out_dir, cache_dir):
+    """A run's files and the token caches, which runs share, in separate directories: neither the same
+    nor one inside the other, so that removing a run never removes another run's tokens. (A run made
+    before this rule resumes as it was.)"""
+    out, cache = os.path.realpath(out_dir), os.path.realpath(cache_dir)
+    if os.path.commonpath([out, cache]) in (out, cache):
+        where = "the same directory" if out == cache else "one inside the other"
+        raise UsageError(f"--out_dir {out_dir} and --cache_dir {cache_dir} are {where}; token caches are shared "
+                         f"between runs, so give them a directory apart (default: data_cache)")
+
 def start_comparison(argv):
     """A new comparison, or (--resume RUN_DIR alone) an interrupted one, its options from run.json."""
     if argv and argv[0].startswith("--resume="):  # the one-word form argparse also accepts
@@ -2768,6 +2900,7 @@ def start_comparison(argv):
         print("preset cpu: no CUDA device, so a reduced comparison (a few minutes on 2 cores); "
               "the full experiment is --preset seed")
     out_dir = args.out_dir or os.path.join("runs", datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
+    check_apart(out_dir, args.cache_dir)
     with claimed(out_dir, args.cache_dir, resume=False):
         run_comparison(cfg, names, out_dir, args.cache_dir, args.seeds, args.sweep, args.upcycle_from, argv=argv)
 

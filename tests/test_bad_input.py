@@ -65,6 +65,10 @@ CONFIG = [  # (argv, what the line says)
     (["--routing", "hash"], "routing must be one of topk, switch, expert_choice"),
     (["--balance", "none"], "balance must be one of aux_loss, aux_free"),
     (["--ffn", "relu"], "ffn must be one of silu, swiglu"),
+    (["--router_score", "cosine"], "router_score must be one of softmax, sigmoid; got 'cosine'"),
+    (["--bpe_vocab_size", "256"], ("bpe_vocab_size must be at least 257 (the 256 bytes of the byte-level BPE's "
+                                   "alphabet and the end-of-text token); got 256")),
+    (["--sweep", "bpe_vocab_size=100"], "bpe_vocab_size must be at least 257"),
     (["--dtype", "fp64"], "dtype must be one of auto, bf16, fp16, fp32"),
     (["--compile", "maybe"], "compile must be one of auto, on, off"),
     (["--schedule", "linear"], "schedule must be one of cosine, wsd"),
@@ -106,6 +110,11 @@ PATHS = [
     (["--out_dir", "{long}"], "File name too long"),
     (["--cache_dir", "{file}"], "--cache_dir {file} is a file, not a directory"),
     (["--cache_dir", "/proc/llm-no-such-dir"], "--cache_dir /proc/llm-no-such-dir: No such file or directory"),
+    (["--cache_dir", "{out}"], ("--out_dir {out} and --cache_dir {out} are the same directory; token caches are "
+                                "shared between runs, so give them a directory apart")),
+    (["--cache_dir", "{out}/tokens"], "--out_dir {out} and --cache_dir {out}/tokens are one inside the other"),
+    (["--out_dir", "{cache}/run"], "--out_dir {cache}/run and --cache_dir {cache} are one inside the other"),
+    (["--cache_dir", "{out}/../out/."], "are the same directory"),
 ]
 
 DATA = [
@@ -171,7 +180,7 @@ def places(tmp_path, corpus_dir):
     (dirs["nonutf8"] / "b.txt").write_bytes(b"fine\n" + bytes(range(128, 256)))
     (dirs["binary"] / "b.txt").write_bytes(b"text\0with a NUL\n")
     return {"file": str(file), "run": str(run), "corpus": str(corpus_dir), "long": str(tmp_path / ("x" * 300)),
-            **{k: str(v) for k, v in dirs.items()}}
+            "out": str(tmp_path / "out"), "cache": str(tmp_path / "cache"), **{k: str(v) for k, v in dirs.items()}}
 
 
 def run_case(argv, places, tmp_path, capsys, harness=True):
@@ -217,3 +226,12 @@ def test_bad_generate_and_experts_options_exit_2_before_reading_the_run(argv, me
 
 def test_there_are_at_least_sixty_cases():
     assert len(CONFIG + CLI + PATHS + DATA + RUN_FILES + OPTIONS) >= 60
+
+
+def test_a_run_made_before_the_paths_rule_with_its_cache_inside_it_still_resumes(corpus_dir, tmp_path, capsys):
+    """The out_dir/cache_dir rule refuses new runs only: one an older llm.py made resumes as it was."""
+    out = tmp_path / "old"
+    cfg = llm.Config(**{**llm.PRESETS["smoke"], "data": str(corpus_dir / "*.txt"), "max_steps": 4, "eval_every": 2})
+    llm.run_comparison(cfg, ["dense"], str(out), str(out / "cache"), argv=["--models", "dense"])
+    assert llm.main(["--resume", str(out)]) == 0
+    assert "finished earlier" in capsys.readouterr().out

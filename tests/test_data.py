@@ -130,15 +130,15 @@ def test_a_single_document_is_split_into_its_head_for_training_and_contiguous_ta
 
 def test_cache_is_built_once_and_then_reused(corpus_dir, tmp_path, monkeypatch):
     calls = []
-    real_build = llm.build_cache
+    real_tokenize = llm.tokenize
 
-    def build_once(*args, **kwargs):
+    def tokenize_once(*args, **kwargs):
         if calls:
-            raise AssertionError("build_cache called although the cache exists")
+            raise AssertionError("tokenize called although the cache exists")
         calls.append(1)
-        return real_build(*args, **kwargs)
+        return real_tokenize(*args, **kwargs)
 
-    monkeypatch.setattr(llm, "build_cache", build_once)
+    monkeypatch.setattr(llm, "tokenize", tokenize_once)
     cfg = corpus_cfg(corpus_dir, num_documents=6)
     first = llm.prepare_data(cfg, cache_root=str(tmp_path / "cache"), log=quiet)
     second = llm.prepare_data(cfg, cache_root=str(tmp_path / "cache"), log=quiet)

@@ -18,6 +18,8 @@ import torch
 import llm
 
 PINNED_ON = {"cpu": "Intel(R) Xeon(R) Processor", "torch": "2.13.0+cpu"}  # db4e458, 2026-11-24
+# variants pinned later, on another machine: within the tolerance everywhere
+PINNED_LATER = {"sigmoid": "the first commit with router_score, on a 2-core AMD EPYC, 2026-11-30"}
 
 # variant: (extra flags, {model: (val_loss, train_loss)}); upcycle starts from topk's dense model
 PINNED = {
@@ -38,6 +40,7 @@ PINNED = {
     "short_data_uncapped": (["--max_tokens", "3000", "--max_epochs", "0"],
                             {"dense": (5.376556873321533, 4.35803747177124),
                              "moe": (5.374385833740234, 4.352861404418945)}),
+    "sigmoid": (["--router_score", "sigmoid"], {"moe": (5.123916915339282, 5.053674155830318)}),
 }
 
 
@@ -65,7 +68,8 @@ def runs(cache, tmp_path_factory):
 
 @pytest.mark.parametrize("variant", list(PINNED))
 def test_each_smoke_variant_ends_at_its_pinned_val_and_train_loss(variant, runs):
-    exact = llm.cpu_name() == PINNED_ON["cpu"] and torch.__version__ == PINNED_ON["torch"]
+    exact = (llm.cpu_name() == PINNED_ON["cpu"] and torch.__version__ == PINNED_ON["torch"]
+             and variant not in PINNED_LATER)
     for name, (val_loss, train_loss) in PINNED[variant][1].items():
         got = runs[variant][name]
         if exact:

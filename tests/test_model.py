@@ -94,7 +94,7 @@ def test_router_noise_changes_selection_only_in_training_gates_and_loss_use_clea
     noisy = (logits + torch.randn_like(logits) * 5.0).softmax(-1)
     assert torch.equal(r3.picks, noisy.topk(2, dim=-1).indices)
     torch.testing.assert_close(r3.logits, logits)
-    torch.testing.assert_close(r3.probs, clean)  # what the losses and statistics read: clean in training too
+    torch.testing.assert_close(r3.scores, clean)  # what the losses and statistics read: clean in training too
     want = clean.gather(-1, r3.picks)
     assert torch.allclose(r3.gates, want / want.sum(-1, keepdim=True))  # gate weights: clean, at the noisy picks
     f = r3.counts / r3.counts.sum()

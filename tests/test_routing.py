@@ -25,66 +25,85 @@ def layer_for(**kw):
 
 
 def expert(layer, e, v):
-    return llm.ffn_activation(v @ layer.w_up[e].T, layer.kind) @ layer.w_down[e].T
+    return layer.act(v @ layer.w_up[e].T) @ layer.w_down[e].T
 
 
-def naive_switch(layer, x):
-    """Top-1 in order of arrival; an expert past its capacity passes the token through (output 0)."""
+# The router scores by their definitions, written here apart from llm.ROUTER_SCORES
+SCORES = {"softmax": lambda logits: logits.softmax(-1), "sigmoid": torch.sigmoid}
+
+
+def clean_scores(layer, flat, score):
+    """(N, E) each token's score for each expert: its router logits through softmax or sigmoid."""
+    return SCORES[score](flat @ layer.router.weight.T)
+
+
+def naive_switch(layer, x, score):
+    """Top-1 in order of arrival, weighted by its score; an expert past its capacity passes the token
+    through (output 0)."""
     flat = x.reshape(-1, x.shape[-1])
-    probs = layer.route(flat).probs
+    scores = clean_scores(layer, flat, score)
     C = math.ceil(layer.capacity_factor * flat.shape[0] / layer.E)
     used, out = [0] * layer.E, []
     for n in range(flat.shape[0]):
-        e = int(probs[n].argmax())
+        e = int(scores[n].argmax())
         if used[e] < C:
             used[e] += 1
-            out.append(probs[n, e] * expert(layer, e, flat[n]))
+            out.append(scores[n, e] * expert(layer, e, flat[n]))
         else:
             out.append(torch.zeros_like(flat[n]))
     return torch.stack(out).view_as(x)
 
 
-def naive_expert_choice(layer, x):
-    """Each expert takes the C tokens that score it highest; a token sums what it was given."""
+def naive_expert_choice(layer, x, score):
+    """Each expert takes the C tokens that score it highest; a token sums what it was given, each
+    output weighted by the token's score for that expert."""
     flat = x.reshape(-1, x.shape[-1])
-    probs = layer.route(flat).probs
+    scores = clean_scores(layer, flat, score)
     C = math.ceil(layer.capacity_factor * flat.shape[0] * layer.k / layer.E)
     out = [torch.zeros_like(flat[0]) for _ in range(flat.shape[0])]
     for e in range(layer.E):
-        for n in probs[:, e].topk(C).indices.tolist():
-            out[n] = out[n] + probs[n, e] * expert(layer, e, flat[n])
+        for n in scores[:, e].topk(C).indices.tolist():
+            out[n] = out[n] + scores[n, e] * expert(layer, e, flat[n])
     return torch.stack(out).view_as(x)
 
 
-def naive_topk(layer, x):
+def naive_topk(layer, x, score):
+    """Each token's k highest-scoring experts, weighted by their scores (renormalised over the k with
+    norm_topk_prob)."""
     flat = x.reshape(-1, x.shape[-1])
-    routing = layer.route(flat)
-    gates, experts = routing.gates, routing.picks
-    out = [sum(gates[n, j] * expert(layer, int(experts[n, j]), flat[n]) for j in range(layer.k))
-           for n in range(flat.shape[0])]
+    scores, out = clean_scores(layer, flat, score), []
+    for n in range(flat.shape[0]):
+        top = scores[n].topk(layer.k).indices
+        gates = scores[n, top]
+        if layer.k > 1 and layer.norm_topk_prob:
+            gates = gates / gates.sum()
+        out.append(sum(gates[j] * expert(layer, int(top[j]), flat[n]) for j in range(layer.k)))
     return torch.stack(out).view_as(x)
 
 
+@pytest.mark.parametrize("score", ["softmax", "sigmoid"])
 @pytest.mark.parametrize("routing, naive, kw", [
     ("switch", naive_switch, {"capacity_factor": 1.0}),
     ("switch", naive_switch, {"capacity_factor": 0.5, "ffn": "swiglu"}),
     ("expert_choice", naive_expert_choice, {"capacity_factor": 1.0}),
     ("expert_choice", naive_expert_choice, {"capacity_factor": 0.5, "expert_top_k": 1, "ffn": "swiglu"}),
     ("topk", naive_topk, {"expert_d_ff": 16, "num_experts": 8, "expert_top_k": 4}),
+    ("topk", naive_topk, {"expert_top_k": 3, "norm_topk_prob": False}),
     # top-1 with renormalised gates has gate 1 and no router gradient; keep the router in the check
     *[("topk", naive_topk, {"ffn": ffn, "expert_top_k": k, "norm_topk_prob": k > 1})
       for ffn in ("silu", "swiglu") for k in (1, 2, 3)],
 ])
-def test_each_routing_mode_matches_a_naive_per_token_reference_in_outputs_and_gradients(routing, naive, kw):
-    layer = layer_for(routing=routing, **kw)
+def test_each_routing_mode_and_router_score_match_a_naive_per_token_reference_in_outputs_and_gradients(
+        routing, naive, kw, score):
+    layer = layer_for(routing=routing, router_score=score, **kw)
     x = torch.randn(2, 9, 32, requires_grad=True)
     fast = layer(x)[0]
     grads_fast = torch.autograd.grad(fast.pow(2).sum(), [x, *layer.parameters()])
-    slow = naive(layer, x)
+    slow = naive(layer, x, score)
     grads_slow = torch.autograd.grad(slow.pow(2).sum(), [x, *layer.parameters()])
     torch.testing.assert_close(fast, slow, rtol=1e-4, atol=1e-5)
-    for gf, gs in zip(grads_fast, grads_slow):
-        torch.testing.assert_close(gf, gs, rtol=1e-4, atol=1e-4)
+    for gf, gs in zip(grads_fast, grads_slow):  # fp32 sums in another order: a few 1e-4 apart at most
+        torch.testing.assert_close(gf, gs, rtol=5e-4, atol=1e-4)
 
 
 def test_switch_drops_exactly_the_over_capacity_tokens_in_order_of_arrival():
@@ -120,8 +139,8 @@ def test_expert_choice_gives_each_expert_exactly_C_distinct_tokens(monkeypatch):
     assert all(len(set(row.tolist())) == C for row in routing.picks)
     stats = llm.expert_stats(routing.sums(), layer.E)
     assert stats["load"] == [0.25] * 4 and stats["load_cv"] == pytest.approx(0.0)
-    probs = layer.route(x.reshape(-1, 32)).probs
-    picked = probs.t().topk(C, dim=-1).indices
+    scores = layer.route(x.reshape(-1, 32)).scores
+    picked = scores.t().topk(C, dim=-1).indices
     assert torch.equal(routing.picks, picked)
     assert all(len(set(row.tolist())) == C for row in picked)
 
@@ -170,7 +189,7 @@ def test_aux_free_bias_moves_load_toward_balance_and_never_changes_gate_weights(
     assert layer.expert_bias[0] < 0  # the overloaded expert was pushed down
     routing = layer.route(x)
     probs = torch.nn.functional.linear(x, layer.router.weight).softmax(-1)  # clean: no bias, no noise
-    torch.testing.assert_close(routing.probs, probs)
+    torch.testing.assert_close(routing.scores, probs)
     torch.testing.assert_close(routing.gates, probs.gather(-1, routing.picks))  # unbiased probabilities
 
 
@@ -240,13 +259,14 @@ def test_aux_free_bias_moves_in_the_muon_step_pre_hook_not_in_the_forward_and_no
     assert all((m.expert_bias == 0).all() and torch.equal(m.load, skew) for m in moes)
 
 
+@pytest.mark.parametrize("score", ["softmax", "sigmoid"])
 @pytest.mark.parametrize("routing, kw", [
     ("topk", {}), ("topk", {"expert_top_k": 3, "norm_topk_prob": False}), ("topk", {"expert_top_k": 1}),
     ("switch", {"capacity_factor": 1.0}), ("expert_choice", {"capacity_factor": 1.0}),
     ("expert_choice", {"capacity_factor": 0.5, "expert_top_k": 1}),
 ])
-def test_every_routing_mode_returns_a_routing_of_documented_shapes_counts_and_clean_gates(routing, kw):
-    layer = layer_for(routing=routing, noise_std=1.0, **kw).train()  # router noise on: the gates stay clean
+def test_every_routing_mode_returns_a_routing_of_documented_shapes_counts_and_clean_gates(routing, kw, score):
+    layer = layer_for(routing=routing, router_score=score, noise_std=1.0, **kw).train()  # noise on: gates stay clean
     with torch.no_grad():  # and a selection bias, which the gates must ignore as well
         layer.expert_bias.copy_(torch.tensor([0.3, -0.2, 0.1, -0.1]))
     x = torch.randn(2, 9, 32)
@@ -254,34 +274,67 @@ def test_every_routing_mode_returns_a_routing_of_documented_shapes_counts_and_cl
     torch.manual_seed(0)
     y, r = layer(x)
     assert y.shape == x.shape and isinstance(r, llm.Routing)
-    assert r._fields == ("logits", "probs", "picks", "gates", "counts", "dropped")
+    assert r._fields == ("logits", "scores", "shares", "picks", "gates", "counts", "dropped")
     logits = torch.nn.functional.linear(x.reshape(N, 32), layer.router.weight)
-    assert r.logits.shape == r.probs.shape == (N, E) and r.logits.dtype == r.probs.dtype == torch.float32
+    assert r.logits.shape == r.scores.shape == r.shares.shape == (N, E)
+    assert r.logits.dtype == r.scores.dtype == r.shares.dtype == torch.float32
     torch.testing.assert_close(r.logits, logits)
-    torch.testing.assert_close(r.probs, logits.softmax(-1))  # clean: no noise, no bias
-    torch.manual_seed(0)  # the noise the forward drew, for the selection scores
-    scores = (logits + torch.randn_like(logits) * 1.0).softmax(-1) + layer.expert_bias
+    torch.testing.assert_close(r.scores, SCORES[score](logits))  # clean: no noise, no bias
+    torch.testing.assert_close(r.shares, r.scores / r.scores.sum(-1, keepdim=True))  # each row sums to 1
+    torch.manual_seed(0)  # the noise the forward drew, for the scores the choice ranks
+    ranked = SCORES[score](logits + torch.randn_like(logits) * 1.0) + layer.expert_bias
     assert r.counts.shape == (E,) and r.counts.dtype == torch.float32 and r.dropped.shape == ()
     if routing == "expert_choice":
         C = layer.capacity(N)
         assert C == math.ceil(layer.capacity_factor * N * layer.k / E)
         assert r.picks.shape == r.gates.shape == (E, C)  # token ids per expert
-        assert torch.equal(r.picks, scores.t().topk(C, dim=-1).indices)
+        assert torch.equal(r.picks, ranked.t().topk(C, dim=-1).indices)
         assert r.counts.tolist() == [C] * E and r.counts.sum() == E * C
-        want = r.probs.t().gather(1, r.picks)
+        want = r.scores.t().gather(1, r.picks)
         assert r.dropped == N - len(set(r.picks.flatten().tolist()))  # tokens no expert picked
     else:
         k = 1 if routing == "switch" else layer.k
         assert r.picks.shape == r.gates.shape == (N, k)  # expert ids per token
-        assert torch.equal(r.picks, scores.topk(k, dim=-1).indices)
+        assert torch.equal(r.picks, ranked.topk(k, dim=-1).indices)
         assert r.counts.sum() == N * k
         assert torch.equal(r.counts, torch.bincount(r.picks.flatten(), minlength=E).float())
-        want = r.probs.gather(-1, r.picks)
+        want = r.scores.gather(-1, r.picks)
         if k > 1 and layer.norm_topk_prob:
             want = want / want.sum(-1, keepdim=True)
         C = layer.capacity(N)
         assert r.dropped == (N - r.counts.clamp_max(C).sum() if routing == "switch" else 0)
     torch.testing.assert_close(r.gates, want)
+
+
+def test_softmax_shares_are_its_scores_exactly():
+    """The softmax's rows sum to 1 already: its shares are the same tensor, so the balance loss and
+    the entropy read exactly what they read before router scores had shares."""
+    scores, shares = llm.softmax_scores(torch.randn(8, 4))
+    assert shares is scores
+
+
+@pytest.mark.parametrize("score", ["softmax", "sigmoid"])
+def test_balance_loss_is_one_at_perfect_balance_and_entropy_is_one_for_an_undecided_router(score):
+    """For scores that do not sum to 1 (sigmoid) as for those that do: the balance loss reads each
+    token's shares, so a balanced load scores 1.0 whatever the scores' scale; an undecided router (equal
+    logits) has router entropy 1, an all-but-certain one nearly 0."""
+    layer = layer_for(router_score=score, num_experts=8, expert_top_k=1)
+    with torch.no_grad():
+        layer.router.weight.zero_()  # equal logits: every score alike
+    x = torch.randn(16, 32)
+    r = layer.route(x)
+    balanced = r._replace(counts=torch.full((8,), 2.0))  # an even load, whatever the picks were
+    assert balanced.balance_loss().item() == pytest.approx(1.0)
+    assert llm.expert_stats(balanced.sums(), 8)["router_entropy"] == pytest.approx(1.0)
+    with torch.no_grad():
+        layer.router.weight.normal_(std=0.3)
+        layer.router.weight[0] = 0
+        layer.router.weight[0, 0] = 100.0  # expert 0 scores near 1, its rivals lower, for x > 0
+    r = layer.route(x.abs() + 1)
+    assert (r.picks == 0).all()
+    assert r.balance_loss().item() == pytest.approx(8 * r.shares[:, 0].mean().item())  # all copies to expert 0
+    if score == "softmax":  # sigmoid scores its rivals independently: they keep a share
+        assert llm.expert_stats(r.sums(), 8)["router_entropy"] < 0.01
 
 
 def test_expert_statistics_match_hand_computed_values():
@@ -394,6 +447,9 @@ def test_bad_routing_values_exit_2(args, message, tmp_path, capsys):
     ["--routing", "expert_choice", "--capacity_factor", "1.0"],
     ["--balance", "aux_free", "--n_shared_experts", "1", "--expert_d_ff", "32", "--expert_top_k", "4",
      "--num_experts", "8"],
+    *[["--router_score", "sigmoid", *more] for more in (
+        [], ["--routing", "switch"], ["--routing", "expert_choice", "--capacity_factor", "1.0"],
+        ["--balance", "aux_free"])],
 ])
 def test_every_variant_trains_from_the_cli_and_reports_expert_statistics(args, corpus_dir, tmp_path, capsys):
     out = tmp_path / "run"
@@ -405,7 +461,7 @@ def test_every_variant_trains_from_the_cli_and_reports_expert_statistics(args, c
     assert len(row["experts"]) == 2 and row["load_cv"] >= 0
     assert row["batch_level_routing"] == ("expert_choice" in args)
     evals = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines() if '"eval"' in l]
-    assert all(len(e["experts"]) == 2 and "router_entropy" in e["experts"][0] for e in evals)
+    assert all(len(e["experts"]) == 2 and 0 <= e["experts"][0]["router_entropy"] <= 1 + 1e-6 for e in evals)
     assert "load CV" in printed and ("dead expert" in printed)
 
 

@@ -1,0 +1,90 @@
+"""Variants are registries: each Config field that picks a variant accepts exactly its registry's
+keys, and a new variant is one function plus its registry entry, as the README shows."""
+
+import dataclasses
+import json
+import os
+import re
+
+import pytest
+import torch
+
+import llm
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# every Config field that picks a variant, and the registry that lists them
+REGISTRIES = {"ffn": "FFN_KINDS", "router_score": "ROUTER_SCORES", "routing": "ROUTING_MODES",
+              "schedule": "SCHEDULES"}
+
+
+def test_the_variant_fields_are_exactly_the_registered_ones():
+    registered = {f.name for f in dataclasses.fields(llm.Config) if "registry" in f.metadata}
+    assert registered == set(REGISTRIES)
+
+
+@pytest.mark.parametrize("name, registry", REGISTRIES.items())
+def test_each_variant_field_accepts_exactly_its_registrys_keys(name, registry):
+    keys = getattr(llm, registry)
+    f = next(f for f in dataclasses.fields(llm.Config) if f.name == name)
+    assert f.metadata["registry"]() is keys
+    assert f.default in keys
+    for key in keys:
+        assert getattr(llm.Config(**{name: key}).validate(), name) == key
+    with pytest.raises(llm.UsageError, match=f"^{name} must be one of {', '.join(keys)}; got 'nope'$"):
+        llm.Config(**{name: "nope"}).validate()
+    help_text = " ".join(llm.build_parser().format_help().split())
+    assert f"one of {', '.join(keys)}; default {f.default!r}" in help_text
+
+
+@pytest.mark.parametrize("name, registry", REGISTRIES.items())
+def test_a_key_added_to_a_registry_is_accepted_and_one_removed_is_refused(name, registry, monkeypatch):
+    keys = getattr(llm, registry)
+    default = next(f.default for f in dataclasses.fields(llm.Config) if f.name == name)
+    monkeypatch.setattr(llm, registry, {**keys, "added": keys[default]})
+    assert llm.Config(**{name: "added"}).validate()
+    monkeypatch.setattr(llm, registry, {k: v for k, v in keys.items() if k != default})
+    with pytest.raises(llm.UsageError, match=f"^{name} must be one of"):
+        llm.Config().validate()
+
+
+def readme_examples():
+    """The Python blocks of the README's "Reading and changing llm.py"."""
+    with open(os.path.join(ROOT, "README.md")) as f:
+        readme = f.read()
+    section = readme.split("## Reading and changing llm.py", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```python\n(.*?)```", section, re.DOTALL)
+
+
+def test_the_readme_shows_a_new_activation_schedule_and_router_score_as_one_entry_each():
+    blocks = readme_examples()
+    assert len(blocks) == 3
+    for block, registry in zip(blocks, ("FFN_KINDS", "SCHEDULES", "ROUTER_SCORES")):
+        assert re.findall(r"^(\w+) = ", block, re.MULTILINE) == [registry]  # the registry is all it rebinds
+        assert len(re.findall(r"^def ", block, re.MULTILINE)) == 1  # and one function
+
+
+def test_the_readmes_three_examples_train_with_no_other_edit(corpus_dir, tmp_path, monkeypatch, capsys):
+    namespace = dict(vars(llm))
+    for block in readme_examples():
+        exec(block, namespace)  # noqa: S102  (the README's own code, as if pasted into llm.py)
+    for registry in ("FFN_KINDS", "SCHEDULES", "ROUTER_SCORES"):
+        assert namespace[registry] is not getattr(llm, registry)
+        monkeypatch.setattr(llm, registry, namespace[registry])
+    out = tmp_path / "run"
+    flags = ["--ffn", "relu2", "--schedule", "linear", "--router_score", "softplus"]
+    assert llm.main(["--preset", "smoke", "--models", "dense,dense-matched,moe", "--data", str(corpus_dir / "*.txt"),
+                     "--max_steps", "8", "--eval_every", "4", "--out_dir", str(out),
+                     "--cache_dir", str(tmp_path / "cache"), *flags]) == 0
+    printed = capsys.readouterr().out
+    assert "relu2 FFN" in printed and "softplus router" in printed  # describe names them
+    results = json.loads((out / "results.json").read_text())
+    for row in results["models"]:
+        assert row["config"]["ffn"] == "relu2" and row["val_loss"] < 10
+    cfg = llm.config_from_saved(results["models"][-1]["config"])
+    assert llm.lr_factor(cfg.max_steps - 1, cfg) == pytest.approx(cfg.min_lr_frac)  # linear ends at the floor
+    moe = llm.MoE(cfg)
+    scores, shares = moe.score(torch.randn(5, cfg.num_experts))
+    assert (scores > 0).all() and torch.allclose(shares.sum(-1), torch.ones(5))
+    size = llm.model_size(cfg)  # a non-gated FFN: one matrix up, as silu
+    assert size.total == llm.model_size(dataclasses.replace(cfg, ffn="silu")).total
