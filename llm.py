@@ -23,8 +23,9 @@ to runs/<timestamp>/: results.json, metrics.jsonl, loss_curves.png, checkpoints 
 The research core comes first: Config, the model, the optimizer and schedule, training and
 evaluation. Then the data (the honest split, the windows), the comparison harness and using
 trained models; then, under the MACHINERY banner, what a research change never touches (files,
-token caches, checkpoints, run directories, locks, processes) and the command line. The core calls
-a few helpers defined below it (UsageError, save_checkpoint, ...); nothing else is out of order.
+token caches, checkpoints, run directories, locks, processes) and the command line. Config names
+the variant registries defined after it, and the core calls the windows of the data section and a
+few helpers of the machinery (UsageError, save_checkpoint, ...) defined below it.
 
 Variants are registries: FFN_KINDS, ROUTER_SCORES, ROUTING_MODES and SCHEDULES map a Config value
 to what implements it, and the field accepts exactly their keys. A new one is a function and its
@@ -53,7 +54,6 @@ import tempfile
 import textwrap
 import threading
 import time
-import types
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
@@ -134,7 +134,7 @@ class Config:
     noise_std: float = non_negative(0.1)  # std of Gaussian noise on router logits while training (selection only)
     norm_topk_prob: bool = True  # renormalise the top-k gate weights to sum to 1 (top_k > 1)
     router_score: str = key_of("softmax", lambda: ROUTER_SCORES)  # softmax: experts compete | sigmoid: scored alone
-    routing: str = key_of("topk", lambda: ROUTING_MODES)  # topk: dropless; switch: capacity; expert_choice: not causal
+    routing: str = key_of("topk", lambda: ROUTING_MODES)  # dropless top-k | top-1, capacity | experts pick: acausal
     capacity_factor: float = positive(1.25)  # switch, expert_choice: slots per expert over its fair share
     n_shared_experts: int = non_negative(0)  # always-active experts beside the routed ones (DeepSeekMoE)
     expert_d_ff: int = non_negative(0)  # width of each expert; 0 means d_ff (narrow + larger top_k: fine-grained)
@@ -147,7 +147,7 @@ class Config:
     num_documents: int = positive(60000)  # documents read from the source, at most
     max_tokens: int = positive(27_000_000)  # tokens kept, at most; the default run sees its data ~1.4 times
     val_fraction: float = within(0.05, "(0, 1)")  # share of documents held out for validation
-    bpe_vocab_size: int = positive(8192)  # vocabulary of the BPE trained locally for the embedded corpus (>= 257)
+    bpe_vocab_size: int = positive(8192)  # vocabulary of the BPE trained locally (embedded corpus, files): >= 257
     max_seq_len: int = positive(512)  # tokens per training window
     hub_timeout: float = non_negative(3.0)  # seconds to wait for the Hugging Face Hub before falling back
 
@@ -255,10 +255,6 @@ class Config:
             raise UsageError(f"expert_top_k ({self.expert_top_k}) must not exceed num_experts ({self.num_experts})")
         if ranges and self.warmup_frac + self.decay_frac > 1:
             raise UsageError(f"warmup_frac + decay_frac must not exceed 1; got {self.warmup_frac + self.decay_frac}")
-        # below it the BPE trainer would silently keep 257 tokens; a run saved before this rule stays readable
-        if ranges and self.bpe_vocab_size < BYTE_BPE_MIN_VOCAB:
-            raise UsageError(f"bpe_vocab_size must be at least {BYTE_BPE_MIN_VOCAB} (the 256 bytes of the byte-level "
-                             f"BPE's alphabet and the end-of-text token); got {self.bpe_vocab_size}")
         self.moe_layer_ids()
         return self
 
@@ -283,8 +279,8 @@ PRESETS = {
 # (capacity routing), M = N*k token copies.
 
 # Variants. Each registry maps a Config value to what implements it, and the Config field accepts
-# exactly its keys: a new FFN kind or router score is a function and its entry here (a new routing
-# mode: ROUTING_MODES, after MoE; a new schedule: SCHEDULES).
+# exactly its keys: a new FFN kind or router score is a function and its entry here; a new routing
+# mode, three MoE methods and an entry in ROUTING_MODES; a new schedule, SCHEDULES.
 
 @dataclass(frozen=True)
 class FFNKind:
@@ -308,11 +304,40 @@ def softmax_scores(logits):  # (N, E) -> scores, shares (N, E)
     return probs, probs
 
 def sigmoid_scores(logits):  # (N, E) -> scores, shares (N, E)
-    """Each expert scored alone, in (0, 1) (DeepSeek-V3): one expert's score does not lower another's."""
-    scores = logits.sigmoid()
-    return scores, scores / scores.sum(dim=-1, keepdim=True)
+    """Each expert scored alone, in (0, 1) (DeepSeek-V3): one expert's score does not lower another's.
+    The shares are the scores over their sum, taken in log space: no 0/0 when every score underflows."""
+    return logits.sigmoid(), F.logsigmoid(logits).softmax(dim=-1)
 
 ROUTER_SCORES = {"softmax": softmax_scores, "sigmoid": sigmoid_scores}
+
+@dataclass(frozen=True)
+class RoutingMode:
+    """How an MoE layer routes: the names of its three steps (MoE methods, below) and what sizes and
+    reports need to know of it."""
+    choose: str  # (scores, ranked) -> picks, gates, counts, dropped
+    dispatch: str  # (x, routing) -> the experts' rows, offsets or None, the way back
+    combine: str  # (the experts' rows, routing, the way back) -> (N, D)
+    k: Callable  # cfg -> experts a token picks (token choice), or the top_k that sizes capacity
+    experts_per_token: Callable  # cfg -> routed experts a token uses on average: what sizes and FLOPs count
+    label: Callable  # cfg -> how describe() names it
+    drops_tokens: bool = False  # fixed slots per expert: a token can be left to the residual stream alone
+    causal: bool = True  # False: a token's routing depends on the whole batch, later tokens included
+    picks_tokens: bool = False  # picks are each expert's tokens (E, C), not each token's experts (N, k)
+
+ROUTING_MODES = {
+    "topk": RoutingMode(
+        "token_choice", "sort_by_expert", "unsort", k=lambda cfg: cfg.expert_top_k,
+        experts_per_token=lambda cfg: cfg.expert_top_k, label=lambda cfg: f"top-{cfg.expert_top_k}"),
+    "switch": RoutingMode(
+        "switch_choice", "fill_slots", "empty_slots", k=lambda cfg: 1, experts_per_token=lambda cfg: 1,
+        label=lambda cfg: f"switch top-1, capacity {cfg.capacity_factor}", drops_tokens=True),
+    # E * C slots over N tokens: capacity_factor * top_k experts per token on average
+    "expert_choice": RoutingMode(
+        "expert_choice", "gather_picks", "add_picks", k=lambda cfg: cfg.expert_top_k,
+        experts_per_token=lambda cfg: cfg.capacity_factor * cfg.expert_top_k,
+        label=lambda cfg: f"expert choice, {cfg.expert_top_k} x {cfg.capacity_factor} per token",
+        drops_tokens=True, causal=False, picks_tokens=True),
+}
 
 class Attention(nn.Module):
     def __init__(self, cfg):
@@ -426,7 +451,10 @@ class Routing(NamedTuple):
         share of the tokens: 1.0 when balanced, for any router score (the shares sum to 1)."""
         return self.shares.shape[-1] * (self.counts / self.counts.sum() * self.shares.mean(dim=0)).sum()
 
-    def z_loss(self):  # ST-MoE: the mean squared log-sum-exp of the logits; for any score, it keeps them small
+    def z_loss(self):
+        """ST-MoE: the mean squared log-sum-exp of the logits, which keeps them small. A softmax is
+        blind to a shift of every logit; a sigmoid is not: there it pulls each score toward 1/(E + 1),
+        shrinking gates that are not renormalised (DeepSeek-V3 trains its sigmoid router without it)."""
         return torch.logsumexp(self.logits, dim=-1).square().mean()
 
     def sums(self):  # (E + 4,): counts, tokens, entropy of the shares, squared log-sum-exp, dropped; summed by evaluate
@@ -437,7 +465,7 @@ class Routing(NamedTuple):
 
 class MoE(nn.Module):
     """A mixture-of-experts FFN: a router, stacked expert weights, optional shared experts; forward is
-    router -> dispatch -> experts -> combine, the routing mode (ROUTING_MODES, below) choosing the
+    router -> dispatch -> experts -> combine, the routing mode (ROUTING_MODES, above) choosing the
     router's choice, dispatch and combine.
 
     topk (token choice, dropless): the token copies are sorted by expert, so one grouped matmul per
@@ -464,9 +492,9 @@ class MoE(nn.Module):
         # aux_free: added to the scores for selection only, never to the gate weights
         self.register_buffer("expert_bias", torch.zeros(cfg.num_experts))
         self.register_buffer("load", torch.zeros(cfg.num_experts), persistent=False)  # copies since the last update
-        # the mode's three steps, bound to this layer: self.choose(...) reads as a method
-        steps = self.mode.choose, self.mode.dispatch, self.mode.combine
-        self.choose, self.dispatch, self.combine = (types.MethodType(step, self) for step in steps)
+        # the mode's three steps, looked up by name (a subclass may override one)
+        self.choose, self.dispatch, self.combine = (getattr(self, step) for step in
+                                                    (self.mode.choose, self.mode.dispatch, self.mode.combine))
 
     def forward(self, x):  # (B, T, D) -> (B, T, D), Routing
         B, T, D = x.shape
@@ -586,34 +614,6 @@ class MoE(nn.Module):
             dist.all_reduce(self.load)
         self.expert_bias += self.bias_update_rate * torch.sign(self.load.mean() - self.load)
         self.load.zero_()
-
-@dataclass(frozen=True)
-class RoutingMode:
-    """How an MoE layer routes: its three steps (MoE methods) and what sizes and reports need to know."""
-    choose: Callable  # MoE.token_choice, ...: (scores, ranked) -> picks, gates, counts, dropped
-    dispatch: Callable  # (x, routing) -> the experts' rows, offsets or None, the way back
-    combine: Callable  # (the experts' rows, routing, the way back) -> (N, D)
-    k: Callable  # cfg -> experts a token picks (token choice), or the top_k that sizes capacity
-    experts_per_token: Callable  # cfg -> routed experts a token uses on average: what sizes and FLOPs count
-    label: Callable  # cfg -> how describe() names it
-    drops_tokens: bool = False  # fixed slots per expert: a token can be left to the residual stream alone
-    causal: bool = True  # False: a token's routing depends on the whole batch, later tokens included
-    picks_tokens: bool = False  # picks are each expert's tokens (E, C), not each token's experts (N, k)
-
-ROUTING_MODES = {
-    "topk": RoutingMode(
-        MoE.token_choice, MoE.sort_by_expert, MoE.unsort, k=lambda cfg: cfg.expert_top_k,
-        experts_per_token=lambda cfg: cfg.expert_top_k, label=lambda cfg: f"top-{cfg.expert_top_k}"),
-    "switch": RoutingMode(
-        MoE.switch_choice, MoE.fill_slots, MoE.empty_slots, k=lambda cfg: 1, experts_per_token=lambda cfg: 1,
-        label=lambda cfg: f"switch top-1, capacity {cfg.capacity_factor}", drops_tokens=True),
-    # E * C slots over N tokens: capacity_factor * top_k experts per token on average
-    "expert_choice": RoutingMode(
-        MoE.expert_choice, MoE.gather_picks, MoE.add_picks, k=lambda cfg: cfg.expert_top_k,
-        experts_per_token=lambda cfg: cfg.capacity_factor * cfg.expert_top_k,
-        label=lambda cfg: f"expert choice, {cfg.expert_top_k} x {cfg.capacity_factor} per token",
-        drops_tokens=True, causal=False, picks_tokens=True),
-}
 
 class Block(nn.Module):
     def __init__(self, cfg, moe):
@@ -900,7 +900,8 @@ def uses_cuda_graphs(cfg, runtime):
 
 @dataclass
 class Progress:
-    """What a checkpoint carries besides tensors, so that a resumed model goes on exactly."""
+    """Where a model's training stands, as its checkpoints' state.json carries it (the running loss
+    sums go beside it), so that a resumed model goes on exactly."""
     step: int = 0  # optimizer steps done
     skipped_steps: int = 0  # non-finite steps skipped so far
     best_val: float | None = None  # patience: the best periodic val loss, and evaluations since it
@@ -1098,7 +1099,7 @@ class Trainer:
     def checkpoint(self, step):
         if self.ckpt_dir is None:
             return None
-        self.progress.step, running = step, self.running.tolist()  # a sync: the steps queued so far are training
+        self.progress.step, running = step, self.running.tolist()  # a sync; the queued steps count as training time
         t0 = time.perf_counter()
         saved = dataclasses.replace(self.progress, wall_s=self.progress.wall_s + time.perf_counter() - self.t_start,
                                     eval_s=self.progress.eval_s + self.t_aside,
@@ -1330,6 +1331,9 @@ def split_documents(docs, val_fraction, seed):
     return [docs[i] for i in order[n_val:]], [docs[i] for i in order[:n_val]]
 
 def train_bpe(docs, vocab_size):
+    if vocab_size < BYTE_BPE_MIN_VOCAB:  # the trainer would keep 257 tokens without a word
+        raise UsageError(f"bpe_vocab_size must be at least {BYTE_BPE_MIN_VOCAB} for the locally trained BPE (its "
+                         f"256-byte alphabet and the end-of-text token); got {vocab_size}")
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -2408,7 +2412,7 @@ def latest_checkpoint(ckpt_dir, log=print):
     return None, None
 
 def read_progress(path):
-    """A checkpoint's Progress and its running loss sums (in the progress of an older llm.py's)."""
+    """A checkpoint's Progress and its running loss sums (older checkpoints keep them in progress.running)."""
     with open(os.path.join(path, "state.json")) as f:
         state = json.load(f)
     saved = state["progress"]
@@ -2875,6 +2879,8 @@ def check_apart(out_dir, cache_dir):
     """A run's files and the token caches, which runs share, in separate directories: neither the same
     nor one inside the other, so that removing a run never removes another run's tokens. (A run made
     before this rule resumes as it was.)"""
+    if not out_dir or not cache_dir:  # no directory at all: make_dir says so
+        return
     out, cache = os.path.realpath(out_dir), os.path.realpath(cache_dir)
     if os.path.commonpath([out, cache]) in (out, cache):
         where = "the same directory" if out == cache else "one inside the other"

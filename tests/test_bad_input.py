@@ -66,9 +66,6 @@ CONFIG = [  # (argv, what the line says)
     (["--balance", "none"], "balance must be one of aux_loss, aux_free"),
     (["--ffn", "relu"], "ffn must be one of silu, swiglu"),
     (["--router_score", "cosine"], "router_score must be one of softmax, sigmoid; got 'cosine'"),
-    (["--bpe_vocab_size", "256"], ("bpe_vocab_size must be at least 257 (the 256 bytes of the byte-level BPE's "
-                                   "alphabet and the end-of-text token); got 256")),
-    (["--sweep", "bpe_vocab_size=100"], "bpe_vocab_size must be at least 257"),
     (["--dtype", "fp64"], "dtype must be one of auto, bf16, fp16, fp32"),
     (["--compile", "maybe"], "compile must be one of auto, on, off"),
     (["--schedule", "linear"], "schedule must be one of cosine, wsd"),
@@ -115,6 +112,7 @@ PATHS = [
     (["--cache_dir", "{out}/tokens"], "--out_dir {out} and --cache_dir {out}/tokens are one inside the other"),
     (["--out_dir", "{cache}/run"], "--out_dir {cache}/run and --cache_dir {cache} are one inside the other"),
     (["--cache_dir", "{out}/../out/."], "are the same directory"),
+    (["--cache_dir", ""], "--cache_dir : No such file or directory"),
 ]
 
 DATA = [
@@ -129,6 +127,8 @@ DATA = [
     (["--data", "{corpus}", "--sweep", "max_seq_len=32,100000"], "too little text"),
     (["--data", "{corpus}", "--sweep", "vocab_size=10"], "vocab_size (10) is smaller than the tokenizer's"),
     (["--data", "{corpus}", "--vocab_size", "10"], "vocab_size (10) is smaller than the tokenizer's"),
+    (["--data", "{corpus}", "--bpe_vocab_size", "256"],
+     "bpe_vocab_size must be at least 257 for the locally trained BPE (its 256-byte alphabet and the end-of-text"),
     (["--data", "{corpus}", "--sweep", "vocab_size=0,10"], "vocab_size (10) is smaller than the tokenizer's"),
 ]
 

@@ -44,10 +44,12 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(corpus_
     common = ["llm.py", "--preset", "smoke", "--models", "dense", "--data", str(corpus_dir / "*.txt"),
               "--max_steps", "12", "--eval_every", "6", "--cache_dir", str(tmp_path / "cache")]
     single_dir, ddp_dir = str(tmp_path / "single"), str(tmp_path / "ddp")
-    # the single-process run goes first and builds the token cache, so the two runs never race on it
-    run([sys.executable, *common, "--batch_size", "8", "--out_dir", single_dir])
+    # the distributed run goes first, on an empty cache: rank 0 tokenizes and keeps the tokens once the
+    # plan fits them, then rank 1 reads them; the single-process run reads the same cache after it
     run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
          "--master_port", str(free_port()), *common, "--batch_size", "4", "--out_dir", ddp_dir])
+    assert len(os.listdir(tmp_path / "cache")) == 1  # one whole cache entry, no leftover temporary directory
+    run([sys.executable, *common, "--batch_size", "8", "--out_dir", single_dir])
 
     one, two = results(single_dir), results(ddp_dir)
     assert one["environment"]["world_size"] == 1

@@ -19,7 +19,8 @@ import llm
 
 PINNED_ON = {"cpu": "Intel(R) Xeon(R) Processor", "torch": "2.13.0+cpu"}  # db4e458, 2026-11-24
 # variants pinned later, on another machine: within the tolerance everywhere
-PINNED_LATER = {"sigmoid": "the first commit with router_score, on a 2-core AMD EPYC, 2026-11-30"}
+PINNED_LATER = {name: "the commit after 72d4b08, on a 2-core AMD EPYC, 2026-11-30"
+                for name in ("sigmoid", "sigmoid_switch_aux_free", "sigmoid_expert_choice")}
 
 # variant: (extra flags, {model: (val_loss, train_loss)}); upcycle starts from topk's dense model
 PINNED = {
@@ -40,7 +41,11 @@ PINNED = {
     "short_data_uncapped": (["--max_tokens", "3000", "--max_epochs", "0"],
                             {"dense": (5.376556873321533, 4.35803747177124),
                              "moe": (5.374385833740234, 4.352861404418945)}),
-    "sigmoid": (["--router_score", "sigmoid"], {"moe": (5.123916915339282, 5.053674155830318)}),
+    "sigmoid": (["--router_score", "sigmoid"], {"moe": (5.123916947943533, 5.053674155830318)}),
+    "sigmoid_switch_aux_free": (["--router_score", "sigmoid", "--routing", "switch", "--balance", "aux_free"],
+                                {"moe": (5.161900491795988, 5.086765627575736)}),
+    "sigmoid_expert_choice": (["--router_score", "sigmoid", "--routing", "expert_choice"],
+                              {"moe": (5.119691783546383, 5.049507980672722)}),
 }
 
 

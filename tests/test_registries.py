@@ -88,3 +88,16 @@ def test_the_readmes_three_examples_train_with_no_other_edit(corpus_dir, tmp_pat
     assert (scores > 0).all() and torch.allclose(shares.sum(-1), torch.ones(5))
     size = llm.model_size(cfg)  # a non-gated FFN: one matrix up, as silu
     assert size.total == llm.model_size(dataclasses.replace(cfg, ffn="silu")).total
+
+
+@pytest.mark.parametrize("score", list(llm.ROUTER_SCORES))
+@pytest.mark.parametrize("routing", list(llm.ROUTING_MODES))
+def test_describe_names_the_ffn_the_routing_the_router_score_and_the_balance(routing, score):
+    cfg = llm.Config(vocab_size=100, ffn="swiglu", routing=routing, router_score=score, balance="aux_free")
+    line = llm.describe("moe", cfg)
+    label = llm.ROUTING_MODES[routing].label(cfg)
+    assert line.startswith("moe: swiglu FFN, d_ff 1536, 8 experts of d_ff 1536 (")
+    assert f"({label}, {score} router, aux_free balance) in layers [1, 3, 5]" in line
+    assert len({mode.label(cfg) for mode in llm.ROUTING_MODES.values()}) == len(llm.ROUTING_MODES)
+    dense = llm.describe("dense", dataclasses.replace(cfg, moe_layers="none"))
+    assert dense.startswith("dense: swiglu FFN, d_ff 1536; params") and "router" not in dense

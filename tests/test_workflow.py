@@ -10,6 +10,7 @@ tmp_path. Real processes are used only where a signal must reach one (SIGKILL, S
 import dataclasses
 import errno
 import glob
+import hashlib
 import json
 import math
 import os
@@ -802,6 +803,37 @@ def test_a_checkpoint_write_that_a_kill_interrupted_is_cleared_by_the_next_one(t
     cfg = tiny(max_steps=2, ckpt_every=2, eval_every=2, eval_batches=1, batch_size=4, log_every=1)
     llm.train_model("m", cfg, synthetic_data(), cpu_runtime(), ckpt_dir=str(ckpt))
     assert sorted(os.listdir(ckpt)) == ["step-0000002"]
+
+
+def test_a_checkpoint_that_keeps_its_running_loss_sums_in_progress_as_older_ones_did_resumes_exactly(
+        smoke, tmp_path, capsys):
+    """Checkpoints written before the running loss sums moved out of Progress hold them in
+    progress.running: a resume from one logs the same mean losses as the uninterrupted run."""
+    args = smoke + ["--models", "dense", "--max_steps", 10, "--ckpt_every", 4, "--eval_every", 5, "--log_every", 3]
+    whole, resumed = str(tmp_path / "whole"), str(tmp_path / "resumed")
+    assert run_main(args + ["--out_dir", whole]) == 0
+    shutil.copytree(whole, resumed)
+    ckpt = os.path.join(resumed, "ckpt", "dense")
+    shutil.rmtree(os.path.join(ckpt, "step-0000010"))  # killed after step 8's checkpoint
+    state = llm.load_run(resumed)
+    state.jobs[0].status, state.jobs[0].row = "pending", None
+    state.save(llm.RunDir(resumed))
+    path = os.path.join(ckpt, "step-0000008")
+    saved = read_json(os.path.join(path, "state.json"))
+    running = saved.pop("running")
+    assert any(running)  # steps 7 and 8 are summed, not yet logged (at step 9)
+    saved["progress"]["running"] = running  # the older layout
+    data = json.dumps(saved).encode()
+    with open(os.path.join(path, "state.json"), "wb") as f:
+        f.write(data)
+    manifest = read_json(os.path.join(path, "manifest.json"))
+    manifest["state.json"] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+    with open(os.path.join(path, "manifest.json"), "w") as f:
+        json.dump(manifest, f)
+    assert run_main(["--resume", resumed]) == 0
+    capsys.readouterr()
+    logged = [[(r["step"], r["loss"]) for r in read_metrics(d) if r["kind"] == "train"] for d in (whole, resumed)]
+    assert logged[0] == logged[1] and (9, logged[0][2][1]) in logged[1]
 
 
 def test_resuming_a_model_whose_every_checkpoint_is_damaged_exits_2_in_one_line(finished_run, tmp_path, capsys):
