@@ -36,10 +36,12 @@ import argparse
 import contextlib
 import dataclasses
 import datetime
+import functools
 import glob
 import hashlib
 import inspect
 import io
+import itertools
 import json
 import logging
 import math
@@ -1517,10 +1519,11 @@ MODELS = ("dense", "dense-matched", "moe")
 class Job:
     """One model to train, as run.json records it."""
     id: str  # unique in the run: the name, with -s<seed> when there are several seeds
-    name: str  # dense, dense-matched, moe, or moe[field=value,...] for a sweep point
+    name: str  # dense, dense-matched, moe, moe[field=value,...] for a sweep point, or a ladder's moe[d_model=64]
     seed: int
     config: Config
     point: dict | None = None  # a sweep's MoE: its grid point
+    rung: int | None = None  # a ladder's job: the index of its rung
     status: str = "pending"  # pending | done
     row: dict | None = None  # its result row, once done
 
@@ -1593,11 +1596,16 @@ def plan_budget(cfg, jobs, train_tokens, world):
     epochs = steps * cfg.batch_size * world * cfg.gradient_accumulation_steps / windows
     return jobs, Budget(cfg.max_steps, cfg.max_epochs, steps, steps < cfg.max_steps, epochs, windows)
 
-def check_budget_kept(before, budget, out_dir):
-    """A resumed run trains to the budget it started with (a run from before budgets were saved: no check)."""
-    if before and (before.get("steps"), before.get("windows")) != (budget.steps, budget.windows):
-        raise UsageError(f"--resume {out_dir}: the run's budget was {before.get('steps')} steps over "
-                         f"{before.get('windows')} training windows, now {budget.steps} over {budget.windows}: "
+def check_budget_kept(before, now, out_dir):
+    """A resumed run trains to the budget it started with (a run from before budgets were saved: no
+    check). before, now: budget records (Plan.budget_record), a ladder's with one per rung."""
+    if not before:
+        return
+    was = [(b.get("steps"), b.get("windows")) for b in before.get("rungs", [before])]
+    is_now = [(b["steps"], b["windows"]) for b in now.get("rungs", [now])]
+    if was != is_now:
+        raise UsageError(f"--resume {out_dir}: the run's budget was {', '.join(f'{s} steps over {w}' for s, w in was)} "
+                         f"training windows, now {', '.join(f'{s} over {w}' for s, w in is_now)}: "
                          f"its data or its number of processes changed since it started")
 
 def upcycler(run_dir, data, log=print):
@@ -1642,19 +1650,28 @@ class Plan:
     """What a comparison trains, checked against the data before any new token is kept."""
     config: Config  # the base config, its vocabulary and data source resolved from the data
     jobs: list[Job]  # every model in training order, each capped at the budget
-    budget: Budget
+    budget: Budget | list  # a ladder's: one Budget per rung
     inits: dict  # job id -> the function that upcycles its fresh model (--upcycle_from)
     upcycled_from: str | None = None  # the dense checkpoint they copy
 
-def plan_comparison(cfg, names, seeds, grid, data, world, upcycle_from=None, log=print):
+    def budget_record(self):  # as run.json and results.json keep it
+        if isinstance(self.budget, list):
+            return {"rungs": [dataclasses.asdict(b) for b in self.budget]}
+        return dataclasses.asdict(self.budget)
+
+def plan_comparison(cfg, names, seeds, grid, data, world, upcycle_from=None, log=print, ladder=None):
     """Every job, its budget and its upcycling, each checked against the data: a UsageError for
-    anything that cannot train on it."""
+    anything that cannot train on it. A ladder plans its rungs instead of names and grid."""
     resolved = dataclasses.replace(cfg, vocab_size=cfg.vocab_size or data.vocab_size,
                                    data=data.source if cfg.data == "auto" else cfg.data)
-    jobs = plan_jobs(resolved, names, seeds, grid)
+    if ladder:
+        jobs, budget = plan_ladder(resolved, ladder, seeds, len(data.train), world)
+    else:
+        jobs = plan_jobs(resolved, names, seeds, grid)
     for job in jobs:  # a sweep may lengthen the windows or shrink the vocabulary past the data's
         check_data_fits(data, job.config)
-    jobs, budget = plan_budget(resolved, jobs, len(data.train), world)
+    if not ladder:
+        jobs, budget = plan_budget(resolved, jobs, len(data.train), world)
     plan = Plan(resolved, jobs, budget, inits={})
     if upcycle_from and any(job.config.moe_layer_ids() for job in jobs):
         make_init, plan.upcycled_from = upcycler(upcycle_from, data, log=log)
@@ -1662,9 +1679,10 @@ def plan_comparison(cfg, names, seeds, grid, data, world, upcycle_from=None, log
     return plan
 
 def run_comparison(cfg, names, out_dir, cache_dir="data_cache", seeds=None, sweep=(), upcycle_from=None,
-                   resume=False, argv=()):
+                   resume=False, argv=(), ladder=None):
     """Train every planned model (resuming finished and interrupted ones), print the table, write
-    results.json, metrics.jsonl, loss_curves.png (and sweep.json, sweep.png for a sweep)."""
+    results.json, metrics.jsonl, loss_curves.png (and sweep.json, sweep.png for a sweep; for a
+    ladder, its rungs instead of names and sweep, and scaling.json, scaling.png)."""
     runtime, run, grid, seeds = make_runtime(cfg), RunDir(out_dir), parse_sweep(sweep), seeds or [cfg.seed]
     log = print if runtime.master else quiet
     saved = load_run(out_dir, "--resume") if resume else None
@@ -1673,15 +1691,15 @@ def run_comparison(cfg, names, out_dir, cache_dir="data_cache", seeds=None, swee
     if runtime.world > 1 and not runtime.master:
         dist.barrier()
     data = prepare_data(cfg, cache_dir, log=log, keep=False)
-    plan = plan_comparison(cfg, names, seeds, grid, data, runtime.world, upcycle_from, log)
+    plan = plan_comparison(cfg, names, seeds, grid, data, runtime.world, upcycle_from, log, ladder)
     if saved:
-        check_budget_kept(saved.budget, plan.budget, out_dir)
+        check_budget_kept(saved.budget, plan.budget_record(), out_dir)
     save_cache(data)
     if runtime.world > 1 and runtime.master:
         dist.barrier()
     if plan.upcycled_from:
         log(f"moe: upcycled from the dense model in {plan.upcycled_from}")
-    print_plan(data, runtime, plan.jobs, plan.budget, log)
+    print_plan(data, runtime, plan, ladder, log)
     # run.json: a new run's plan, or a resumed run's with what it has finished
     if resume:
         state = saved
@@ -1693,8 +1711,8 @@ def run_comparison(cfg, names, out_dir, cache_dir="data_cache", seeds=None, swee
         state.jobs = plan.jobs
     else:
         state = RunState(list(argv), plan.config, list(names), seeds, list(sweep), upcycle_from, cache_dir,
-                         CODE_SHA256, plan.jobs)
-    state.budget = dataclasses.asdict(plan.budget)
+                         CODE_SHA256, plan.jobs, ladder=ladder and dataclasses.asdict(ladder))
+    state.budget = plan.budget_record()
     state.dataset = {"source": data.source, "tokenizer": data.tokenizer, "vocab_size": data.vocab_size,
                      "train_tokens": len(data.train), "val_tokens": len(data.val), "documents": data.meta["documents"],
                      "val_documents": data.meta["val_documents"], "cache": data.cache_dir}
@@ -1717,15 +1735,18 @@ def run_comparison(cfg, names, out_dir, cache_dir="data_cache", seeds=None, swee
         dist.destroy_process_group()
     return results
 
-def print_plan(data, runtime, jobs, budget, log):
+def print_plan(data, runtime, plan, ladder, log):
     """Before training: the data, the device, the step budget (and what capped it), each model's size."""
-    meta, cfg = data.meta, jobs[0].config
+    meta, (cfg, jobs, budget) = data.meta, (plan.jobs[0].config, plan.jobs, plan.budget)
     log(f"data: {data.source}, {meta['documents']} documents ({meta['val_documents']} held out), "
         f"train {len(data.train):,} tokens, val {len(data.val):,} tokens, tokenizer {data.tokenizer} "
         f"(vocab {data.vocab_size})")
     log(f"device: {runtime.device.type}, {str(runtime.dtype).replace('torch.', '')}, "
         f"compile {'on' if runtime.compile else 'off'}{' (CUDA graphs)' if uses_cuda_graphs(cfg, runtime) else ''}"
         f"{f', {runtime.world} processes' if runtime.world > 1 else ''}")
+    if ladder:
+        print_ladder_plan(ladder, budget, jobs, log)
+        return
     if budget.capped:
         asked = budget.requested_steps * budget.epochs / budget.steps
         log(f"budget: {budget.requested_steps} steps would be {asked:.2f} passes over the {budget.windows:,} training "
@@ -1779,7 +1800,7 @@ def train_jobs(state, run, data, runtime, metrics, plan, resume, log):
             with GPUMonitor(runtime.device.index or 0) as monitor:
                 row = train_model(job.id, job.config, data, runtime, metrics, ckpt_dir=run.ckpt(job.id),
                                   resume_from=resume_from, init=inits.get(job.id), stop=stop)
-            row.update(id=job.id, name=job.name, seed=job.seed, point=job.point,
+            row.update(id=job.id, name=job.name, seed=job.seed, point=job.point, rung=job.rung,
                        gpu_utilization_pct=monitor.summary().get("mean_utilization_pct"),
                        upcycled_from=plan.upcycled_from if job.id in inits else None)
             job.status, job.row = "done", row
@@ -1788,7 +1809,8 @@ def train_jobs(state, run, data, runtime, metrics, plan, resume, log):
     return [job.row for job in state.jobs]
 
 def write_results(rows, state, grid, run, records, runtime, log):
-    """Print the table; write results.json and loss_curves.png, and for a sweep sweep.json and sweep.png."""
+    """Print the table; write results.json and loss_curves.png, for a sweep sweep.json and sweep.png,
+    and for a ladder its verdict across scale, scaling.json and scaling.png."""
     summary, comparisons = summarize(rows, records)
     results = {"dataset": state.dataset, "config": dataclasses.asdict(state.base_config), "seeds": state.seeds,
                "budget": state.budget, "models": rows, "summary": summary, "comparisons": comparisons,
@@ -1808,6 +1830,13 @@ def write_results(rows, state, grid, run, records, runtime, log):
             f"  {s['name']:<40} val loss {s['val_loss']:.4f}  active {fmt_count(s['active_params'])}  "
             f"total {fmt_count(s['total_params'])}" for s in ranked))
         written += ", sweep.json, sweep.png"
+    if state.ladder:
+        budgets = [Budget(**b) for b in state.budget["rungs"]]
+        scaling = scaling_analysis(rows, records, Ladder(**state.ladder), state.seeds, budgets, state.base_config)
+        atomic_write(run.scaling, json.dumps(scaling, indent=1).encode())
+        plot_scaling(scaling, run.scaling_plot)
+        log("\nacross scale:\n" + format_scaling(scaling))
+        written += ", scaling.json, scaling.png"
     log(f"\nresults in {run.path}: {written}")
     return results
 
@@ -1869,7 +1898,8 @@ def time_to_worse_loss(moes, bases, evals):
 
 def summarize(rows, records=()):
     """Rows grouped by model name (over seeds): means, standard deviations, and every MoE against
-    every dense baseline, at equal steps and (from the eval records) at equal training time."""
+    every dense baseline (of its own rung, in a ladder), at equal steps and (from the eval records) at
+    equal training time."""
     groups = {}
     for r in rows:
         groups.setdefault(r["name"], []).append(r)
@@ -1877,7 +1907,7 @@ def summarize(rows, records=()):
     for name, rs in groups.items():
         s = {"name": name, "seeds": [r["seed"] for r in rs], "total_params": rs[0]["total_params"],
              "active_params": rs[0]["active_params"], "flops_per_token": rs[0]["flops_per_token"],
-             "moe": rs[0]["config"]["moe_layers"] != "none", "point": rs[0].get("point")}
+             "moe": rs[0]["config"]["moe_layers"] != "none", "point": rs[0].get("point"), "rung": rs[0].get("rung")}
         for k in ("val_loss", "val_perplexity", "val_accuracy", "train_loss", "tokens_per_s", "wall_time_s", "epochs"):
             s[k], s[k + "_std"] = mean_std([r[k] for r in rs])
         for k in ("load_cv", "peak_memory_bytes", "gpu_utilization_pct"):
@@ -1893,7 +1923,8 @@ def summarize(rows, records=()):
                     "active_ratio": moe["active_params"] / base["active_params"],
                     "time_ratio": moe["wall_time_s"] / base["wall_time_s"],
                     "time_to_loss": time_to_worse_loss(groups[moe["name"]], groups[base["name"]], evals)}
-                   for moe in summary if moe["moe"] for base in summary if not base["moe"]]
+                   for moe in summary if moe["moe"]
+                   for base in summary if not base["moe"] and base["rung"] == moe["rung"]]
     return summary, comparisons
 
 def run_notes(r):
@@ -2053,6 +2084,369 @@ def environment(runtime, cfg):
             "compile": runtime.compile, "cuda_graphs": uses_cuda_graphs(cfg, runtime), "world_size": runtime.world,
             "llm_py_sha256": CODE_SHA256, "command": " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:]),
             "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
+
+
+# ----------------------------------------------------------------------------------------------
+# Across scale: a ladder of sizes, loss against compute fitted for each family, and the compute
+# multiplier: how many times the compute (or the training time) dense-matched needs to reach the
+# loss the MoE reaches.
+
+def widen(cfg, d_model):
+    """A rung of a width ladder: the heads keep the base's head size (and its grouped-query group),
+    d_ff and expert_d_ff keep their ratio to d_model; the depth stays."""
+    where = f"--ladder d_model={d_model}"
+    if d_model % cfg.head_dim:
+        raise UsageError(f"{where}: not a multiple of the head size {cfg.head_dim} (d_model / n_heads), which "
+                         f"every rung keeps")
+    n_heads, group = d_model // cfg.head_dim, cfg.n_heads // cfg.kv_heads
+    if cfg.n_kv_heads and n_heads % group:
+        raise UsageError(f"{where}: its {n_heads} heads do not split into groups of {group} (n_heads / n_kv_heads)")
+    ratio = d_model / cfg.d_model
+    return dataclasses.replace(cfg, d_model=d_model, n_heads=n_heads, n_kv_heads=cfg.n_kv_heads and n_heads // group,
+                               d_ff=max(1, round(cfg.d_ff * ratio)), expert_d_ff=round(cfg.expert_d_ff * ratio))
+
+def deepen(cfg, n_layers):
+    """A rung of a depth ladder: n_layers alone; the MoE blocks follow moe_layers' rule."""
+    return dataclasses.replace(cfg, n_layers=n_layers)
+
+LADDER_FIELDS = {"d_model": widen, "n_layers": deepen}  # what a --ladder may grow, and what follows it
+
+# preset -> its default ladder and training tokens per active parameter. smoke: about a minute on a
+# laptop; cpu: under 25 minutes on 2 cores, so few tokens per parameter; seed: a GPU ladder up to
+# about 100M active parameters at Chinchilla's 20 tokens per parameter.
+LADDERS = {"smoke": ("d_model=32,48,64", 0.5), "cpu": ("d_model=32,64,96,128", 1.5),
+           "seed": ("d_model=192,288,384,576,768", 20.0)}
+
+@dataclass
+class Ladder:
+    """A ladder of sizes, as run.json records it: each rung trains the MoE and dense-matched."""
+    field: str  # the Config field that grows: a key of LADDER_FIELDS
+    values: list[int]
+    tokens_per_param: float  # training tokens per active parameter of each rung's MoE (embeddings included)
+    fit_E: str = "shared"  # shared: one irreducible loss E for both families (the same data) | separate
+
+def parse_ladder(spec, tokens_per_param, fit_E):
+    """"d_model=32,64,96" -> a Ladder; a UsageError for anything that cannot be a ladder."""
+    field_name, _, values = spec.partition("=")
+    if field_name not in LADDER_FIELDS:
+        raise UsageError(f"--ladder {spec}: expected FIELD=V1,V2,... with FIELD one of {', '.join(LADDER_FIELDS)}")
+    try:
+        values = [int(v) for v in values.split(",")]
+    except ValueError:
+        raise UsageError(f"--ladder {spec}: the sizes must be integers") from None
+    if len(values) < 3:
+        raise UsageError(f"--ladder {spec}: at least 3 rungs are needed to fit a loss curve of 3 parameters")
+    if any(b <= a for a, b in itertools.pairwise(values)):
+        raise UsageError(f"--ladder {spec}: the sizes must grow from rung to rung")
+    if not (math.isfinite(tokens_per_param) and tokens_per_param > 0):
+        raise UsageError(f"--tokens_per_param must be a positive number; got {tokens_per_param}")
+    if fit_E not in ("shared", "separate"):
+        raise UsageError(f"--fit_E must be shared or separate; got {fit_E!r}")
+    return Ladder(field_name, values, tokens_per_param, fit_E)
+
+def plan_ladder(cfg, ladder, seeds, train_tokens, world):
+    """Every job of a ladder in training order (per seed, per rung: the MoE, then dense-matched) and
+    each rung's Budget: tokens_per_param times the MoE's active parameters, capped at max_epochs."""
+    jobs, budgets, per_step = [], [], cfg.batch_size * world * cfg.gradient_accumulation_steps * cfg.max_seq_len
+    windows = windows_per_epoch(train_tokens, cfg.max_seq_len)
+    for value in ladder.values:
+        rung = LADDER_FIELDS[ladder.field](cfg, value)
+        try:
+            rung.validate()
+        except UsageError as e:
+            raise UsageError(f"--ladder {ladder.field}={value}: {e}") from None
+        wanted = max(1, math.ceil(ladder.tokens_per_param * model_size(rung).active / per_step))
+        steps = min(wanted, epoch_steps(rung, train_tokens, world))
+        epochs = steps * per_step / cfg.max_seq_len / windows
+        budgets.append(Budget(wanted, cfg.max_epochs, steps, steps < wanted, epochs, windows))
+    for seed in seeds:
+        suffix = f"-s{seed}" if len(seeds) > 1 else ""
+        for i, (value, budget) in enumerate(zip(ladder.values, budgets)):
+            moe = dataclasses.replace(LADDER_FIELDS[ladder.field](cfg, value), seed=seed, max_steps=budget.steps)
+            for name, config in (("moe", moe), ("dense-matched", dense_matched(moe))):
+                label = f"{name}[{ladder.field}={value}]"
+                jobs.append(Job(label + suffix, label, seed, config, rung=i))
+    return jobs, budgets
+
+def print_ladder_plan(ladder, budgets, jobs, log):  # before training: each rung's steps and what capped them
+    log(f"ladder: {ladder.field} = {', '.join(map(str, ladder.values))}; each rung trains the MoE and dense-matched "
+        f"on {ladder.tokens_per_param:g} tokens per active parameter of the MoE")
+    for value, budget in zip(ladder.values, budgets):
+        capped = (f", capped at max_epochs {budget.max_epochs:g} (asked {budget.requested_steps} steps): repeated data"
+                  if budget.capped else "")
+        log(f"  {ladder.field} {value}: {budget.steps} steps, {budget.epochs:.2f} passes{capped}")
+    for job in jobs:
+        if job.seed == jobs[0].seed:
+            log(describe(job.name, job.config))
+
+@dataclass
+class PowerLaw:
+    """L(C) = E + A * (C / C0)^-alpha: a family's loss against its training compute (or seconds)."""
+    E: float
+    A: float
+    alpha: float
+    C0: float  # the scale the fit ran at (the points' geometric mean): A is the loss above E there
+
+    def __call__(self, C):
+        return self.E + self.A * (np.asarray(C, dtype=float) / self.C0) ** -self.alpha
+
+    def inverse(self, loss):  # the compute at which the curve reaches loss; inf below its floor E
+        return self.C0 * (self.A / (loss - self.E)) ** (1 / self.alpha) if loss > self.E else math.inf
+
+@dataclass
+class Fit:
+    """fit_power_laws' result: each family's law and how well the points pin it down."""
+    laws: dict  # family -> PowerLaw
+    stderr: dict  # family -> {"E": .., "A": .., "alpha": ..}: from the Jacobian (None without residual freedom)
+    sigma: float | None  # the residual standard deviation of the losses (None: as many points as parameters)
+    dof: int  # points minus parameters
+
+def fit_power_laws(points, shared_E=True, start=None):
+    """Least squares of L = E + exp(a - alpha * log(C / C0)) for each family of points (family ->
+    (C, L) arrays), E shared by the families or each its own. In log compute, with C0 the points'
+    geometric mean, the parameters are of order 1: the fit is well conditioned; E is bounded to
+    [0, the lowest loss it must stay under), alpha to [0, 5], and the best of a few starts is kept
+    (start: a previous Fit of the same families, the one start)."""
+    from scipy.optimize import least_squares
+    families = list(points)
+    logC = {f: np.log(np.asarray(points[f][0], dtype=float)) for f in families}
+    loss = {f: np.asarray(points[f][1], dtype=float) for f in families}
+    log_c0 = float(np.mean(np.concatenate(list(logC.values()))))
+    floors = [min(float(v.min()) for v in loss.values())] if shared_E else [float(loss[f].min()) for f in families]
+    n_E = len(floors)
+
+    def unpack(p):
+        return {f: (p[0 if shared_E else i], p[n_E + 2 * i], p[n_E + 2 * i + 1]) for i, f in enumerate(families)}
+
+    def residuals(p):
+        return np.concatenate([E + np.exp(a - alpha * (logC[f] - log_c0)) - loss[f]
+                               for f, (E, a, alpha) in unpack(p).items()])
+
+    lower = [0.0] * n_E + [-np.inf, 0.0] * len(families)
+    upper = [f * (1 - 1e-9) for f in floors] + [np.inf, 5.0] * len(families)
+    if start is not None:  # its parameters, moved inside this fit's bounds
+        laws = [start.laws[f] for f in families]
+        starts = [np.clip([law.E for law in laws[:n_E]] + [v for law in laws for v in
+                           (math.log(law.A) - law.alpha * (log_c0 - math.log(law.C0)), law.alpha)], lower, upper)]
+    else:
+        starts = [[share * f for f in floors] + [v for f in families for v in
+                                                 (math.log(max(loss[f].mean() - share * min(floors), 1e-6)), 0.3)]
+                  for share in (0.0, 0.5, 0.9)]
+    best = None
+    for x0 in starts:
+        result = least_squares(residuals, x0, bounds=(lower, upper), x_scale="jac")
+        if best is None or result.cost < best.cost:
+            best = result
+    n, p = sum(len(v) for v in loss.values()), len(best.x)
+    sigma = math.sqrt(2 * best.cost / (n - p)) if n > p else None
+    cov = np.linalg.pinv(best.jac.T @ best.jac) * sigma**2 if sigma else None
+    laws, stderr = {}, {}
+    for i, (f, (E, a, alpha)) in enumerate(unpack(best.x).items()):
+        laws[f] = PowerLaw(float(E), float(math.exp(a)), float(alpha), float(math.exp(log_c0)))
+        idx = [0 if shared_E else i, n_E + 2 * i, n_E + 2 * i + 1]
+        se = [math.sqrt(max(cov[j, j], 0.0)) for j in idx] if cov is not None else None
+        # A = exp(a): its standard error by the delta method
+        stderr[f] = {"E": se[0], "A": laws[f].A * se[1], "alpha": se[2]} if se else None
+    return Fit(laws, stderr, sigma, n - p)
+
+def cost_to_reach(loss, costs, losses, law, floor=0.0):
+    """The compute (or seconds) a family needs to reach loss, and how it was read: interpolated
+    between two of its points whose losses bracket it, linearly in log cost and log(loss - floor)
+    (floor: its fitted E, so that a curve of the fitted form is read exactly, however far apart the
+    rungs); else extrapolated by its fitted law (law(): the PowerLaw, fitted only when needed), or
+    inf below the law's E (unreachable)."""
+    pts = sorted(zip(costs, losses))
+    for (c1, l1), (c2, l2) in itertools.pairwise(pts):
+        if min(l1, l2) <= loss <= max(l1, l2) and l1 != l2:
+            y = (lambda v: math.log(v - floor)) if min(l1, l2) > floor else (lambda v: v)
+            t = (y(l1) - y(loss)) / (y(l1) - y(l2))
+            return (c1 if t == 0 else c2 if t == 1 else math.exp(math.log(c1) + t * math.log(c2 / c1))), "interpolated"
+    cost = law().inverse(loss)
+    return cost, "extrapolated" if math.isfinite(cost) else "unreachable"
+
+def multipliers(points, fit, floor):
+    """Per rung: the cost dense-matched needs to reach the MoE's loss over the MoE's cost at that
+    rung, and how the dense cost was read. points: family -> (cost, loss) arrays, a point per rung;
+    fit(): the Fit to extrapolate with, made on first use; floor: dense-matched's fitted E."""
+    (moe_cost, moe_loss), (dense_cost, dense_loss) = points["moe"], points["dense-matched"]
+    out = []
+    for c, loss in zip(moe_cost, moe_loss):
+        need, how = cost_to_reach(loss, dense_cost, dense_loss, lambda: fit().laws["dense-matched"], floor)
+        out.append((need / c, how))
+    return out
+
+def family_points(rungs, measure, seed=None):
+    """family -> (cost, loss) arrays over the rungs: one seed's points, or (seed None) each rung's
+    mean over seeds."""
+    pick = (lambda vs: [v for v in vs if v["seed"] == seed]) if seed is not None else (lambda vs: vs)
+    return {f: (np.array([np.mean([v[measure] for v in pick(r[f])]) for r in rungs]),
+                np.array([np.mean([v["loss"] for v in pick(r[f])]) for r in rungs])) for f in ("moe", "dense-matched")}
+
+def multiplier_intervals(rungs, seeds, fit, measure, shared_E, draws=300):
+    """Each rung's multiplier and its 95% interval, with the method named. Several seeds: one
+    multiplier per seed, their geometric mean and a t-interval of their logs. One seed: a
+    parametric bootstrap, every loss redrawn with the fit's residual spread and the multiplier read
+    again (refitted), 300 draws of a fixed generator, so that a resumed ladder ends alike."""
+    from scipy import stats
+    if len(seeds) > 1:
+        floor = fit.laws["dense-matched"].E
+        per_seed = [multipliers(family_points(rungs, measure, s), lambda: fit, floor) for s in seeds]
+        out = []
+        for i in range(len(rungs)):
+            logs, hows = np.log([m[i][0] for m in per_seed]), {m[i][1] for m in per_seed}
+            how = next(h for h in ("unreachable", "extrapolated", "interpolated") if h in hows)  # the weakest
+            if not np.isfinite(logs).all():
+                out.append({"value": math.inf, "ci95": None, "how": how})
+                continue
+            half = stats.t.ppf(0.975, len(logs) - 1) * logs.std(ddof=1) / math.sqrt(len(logs))
+            out.append({"value": float(np.exp(logs.mean())), "how": how,
+                        "ci95": [float(np.exp(logs.mean() - half)), float(np.exp(logs.mean() + half))]})
+        return out, f"over {len(seeds)} seeds: their geometric mean, and a t-interval of the log multiplier"
+    points, floor = family_points(rungs, measure), fit.laws["dense-matched"].E
+    found = [{"value": m, "ci95": None, "how": how} for m, how in multipliers(points, lambda: fit, floor)]
+    if fit.sigma is None or fit.sigma == 0:
+        return found, "none: the fit has as many parameters as points, so no spread to draw from"
+    rng, samples = np.random.default_rng(0), []
+    for _ in range(draws):
+        noisy = {f: (c, loss + rng.normal(0, fit.sigma, len(loss))) for f, (c, loss) in points.items()}
+        refit = functools.cache(lambda noisy=noisy: fit_power_laws(noisy, shared_E, start=fit))
+        samples.append([m for m, _ in multipliers(noisy, refit, floor)])
+    samples = np.array(samples)
+    for i, m in enumerate(found):
+        if math.isfinite(m["value"]):
+            m["ci95"] = [float(v) for v in np.percentile(samples[:, i], [2.5, 97.5])]
+    return found, (f"from the fit: parametric bootstrap, each loss redrawn with the fits' residual spread "
+                   f"(sigma {fit.sigma:.4f}), {draws} draws")
+
+MEASURES = {"compute": "training FLOPs", "seconds": "training seconds"}  # what a ladder's losses are fitted against
+
+def ladder_rungs(rows, records, ladder):
+    """Per rung, its value and each family's points, one per seed: compute (FLOPs per token times the
+    tokens trained), training seconds (the final evaluation's clock), and the final val loss."""
+    seconds = {r["model"]: r.get("train_seconds") for r in records if r["kind"] == "eval" and r.get("final")}
+    rungs = [{"value": v, "moe": [], "dense-matched": []} for v in ladder.values]
+    for row in rows:
+        family = "moe" if row["name"].startswith("moe") else "dense-matched"
+        rungs[row["rung"]][family].append({
+            "seed": row["seed"], "loss": row["val_loss"], "compute": row["flops_per_token"] * row["tokens"],
+            "seconds": seconds.get(row["id"]) or row["train_time_s"], "active_params": row["active_params"],
+            "tokens": row["tokens"],  # and the tied output head's share of the FLOPs per token
+            "head_share": 6 * row["config"]["vocab_size"] * row["config"]["d_model"] / row["flops_per_token"]})
+    return rungs
+
+def scaling_analysis(rows, records, ladder, seeds, budgets, cfg):
+    """The ladder's verdict: for each measure (compute, seconds), both families' power laws fitted
+    to every point, and each rung's multiplier with its 95% interval; then the notes that apply."""
+    rungs, shared = ladder_rungs(rows, records, ladder), ladder.fit_E == "shared"
+    result = {"ladder": dataclasses.asdict(ladder), "rungs": rungs, "budgets": [dataclasses.asdict(b) for b in budgets],
+              "fits": {}, "multipliers": {}, "methods": {}}
+    for measure in MEASURES:
+        every = {f: tuple(np.array([p[k] for r in rungs for p in r[f]]) for k in (measure, "loss"))
+                 for f in ("moe", "dense-matched")}
+        fit = fit_power_laws(every, shared)
+        result["fits"][measure] = {"families": {f: {**dataclasses.asdict(law), "stderr": fit.stderr[f]}
+                                                for f, law in fit.laws.items()},
+                                   "sigma": fit.sigma, "dof": fit.dof, "shared_E": shared}
+        result["multipliers"][measure], result["methods"][measure] = multiplier_intervals(rungs, seeds, fit, measure,
+                                                                                           shared)
+    result["notes"] = ladder_notes(result, ladder, budgets, cfg)
+    result["verdict"] = ladder_verdict(result)
+    return result
+
+def ladder_notes(result, ladder, budgets, cfg):  # cfg: the base config
+    """What the reader of a ladder must know before trusting it, where it applies."""
+    notes, dof = [], result["fits"]["compute"]["dof"]
+    if len(ladder.values) < 5:
+        notes.append(f"{len(ladder.values)} rungs: the fits keep {dof} degrees of freedom beyond their parameters, "
+                     f"so the intervals are wide and an extrapolated multiplier leans on the fitted form")
+    capped = [(v, b) for v, b in zip(ladder.values, budgets) if b.capped]
+    if capped:
+        notes.append(f"max_epochs caps {ladder.field} " + ", ".join(f"{v} ({b.epochs:.1f} passes)" for v, b in capped)
+                     + f": these rungs see repeated data, not {ladder.tokens_per_param:g} fresh tokens per parameter")
+    notes.append(f"every rung trains at muon_lr {cfg.muon_lr:g} and adamw_lr {cfg.adamw_lr:g}: the learning rates are "
+                 f"not tuned per size; a --sweep muon_lr=... at one rung's size is how to check them")
+    head = [r["moe"][0]["head_share"] for r in result["rungs"]]
+    notes.append(f"the output head is {head[0]:.0%} of the MoE's training FLOPs per token at {ladder.field} "
+                 f"{ladder.values[0]} and {head[-1]:.0%} at {ladder.values[-1]}; the experts change only the rest")
+    return notes
+
+def ladder_verdict(result):
+    """One plain sentence, at the largest rung: the compute and the training time the MoE needs to
+    reach its loss, against what dense-matched needs to reach it."""
+    top, (m, t) = result["rungs"][-1], (result["multipliers"][k][-1] for k in MEASURES)
+    flops = np.mean([p["compute"] for p in top["moe"]])
+
+    def times(x):  # "less" (x >= 1) or not, the factor, and its interval in the same sense
+        less = x["value"] >= 1
+        ci = x["ci95"] if less or not x["ci95"] else [1 / x["ci95"][1], 1 / x["ci95"][0]]
+        return less, f"{x['value'] if less else 1 / x['value']:.2f}x", f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else ""
+
+    if not math.isfinite(m["value"]):
+        return (f"at {flops:.2g} FLOPs the MoE reaches a loss that dense-matched's fitted curve never does "
+                f"(below its floor E): no finite multiplier")
+    less, factor, ci = times(m)
+    said = (f"with {factor} less compute{ci} than dense-matched" if less
+            else f"with {factor} the compute{ci} of dense-matched")
+    if math.isfinite(t["value"]):
+        less_time, factor, ci = times(t)
+        said += (f", {'and' if less_time == less else 'but'} with "
+                 + (f"{factor} less training time{ci}" if less_time else f"{factor} its training time{ci}"))
+    return (f"at {flops:.2g} FLOPs the MoE reaches its loss {said} (the dense-matched cost {m['how']} in compute, "
+            f"{t['how']} in time)")
+
+def format_scaling(result):
+    """The ladder's table (a line per rung), its fits, its verdict and its notes."""
+    ladder, rungs = result["ladder"], result["rungs"]
+
+    def mult(x):
+        if not math.isfinite(x["value"]):
+            return "unreachable"
+        ci = f" [{x['ci95'][0]:.2f}, {x['ci95'][1]:.2f}]" if x["ci95"] else ""
+        return f"{x['value']:.2f}{ci} {x['how'][:6]}."
+
+    head = ["rung", "active", "tokens", "FLOPs", "head", "moe loss", "dense-m. loss", "compute x (95%)",
+            "time x (95%)"]
+    cells = [head] + [[f"{ladder['field']} {r['value']}", fmt_count(np.mean([p["active_params"] for p in r["moe"]])),
+                       fmt_count(np.mean([p["tokens"] for p in r["moe"]])),
+                       f"{np.mean([p['compute'] for p in r['moe']]):.2e}", f"{r['moe'][0]['head_share']:.0%}",
+                       f"{np.mean([p['loss'] for p in r['moe']]):.4f}",
+                       f"{np.mean([p['loss'] for p in r['dense-matched']]):.4f}",
+                       mult(result["multipliers"]["compute"][i]), mult(result["multipliers"]["seconds"][i])]
+                      for i, r in enumerate(rungs)]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(head))]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+             for row in cells]
+    lines.insert(1, "-" * len(lines[0]))
+    lines.append("x: the compute (or training seconds) dense-matched needs to reach the MoE's loss, over the MoE's; "
+                 "above 1 the MoE is cheaper")
+    for measure, what in MEASURES.items():
+        fit = result["fits"][measure]
+        laws = "; ".join(f"{f}: E {law['E']:.3f}, A {law['A']:.3f}, alpha {law['alpha']:.3f}"
+                         for f, law in fit["families"].items())
+        lines.append(f"fit of loss against {what}, L = E + A (C / {next(iter(fit['families'].values()))['C0']:.3g})"
+                     f"^-alpha{' (E shared)' if fit['shared_E'] else ''}: {laws}"
+                     + (f"; residual sigma {fit['sigma']:.4f}" if fit["sigma"] is not None else ""))
+        lines.append(f"  intervals ({measure}): {result['methods'][measure]}")
+    lines.append("verdict: " + result["verdict"])
+    lines += [f"note: {note}" for note in result["notes"]]
+    return "\n".join(lines)
+
+def plot_scaling(result, path):
+    """Left: val loss against training FLOPs, right: against training seconds, both on log axes; each
+    family's points (one per rung and seed) and its fitted curve."""
+    fig, axes = pyplot().subplots(1, 2, figsize=(13, 4.8))
+    for ax, (measure, what) in zip(axes, MEASURES.items()):
+        fit = result["fits"][measure]["families"]
+        for colour, family in zip(("C0", "C3"), ("moe", "dense-matched")):
+            points = [(p[measure], p["loss"]) for r in result["rungs"] for p in r[family]]
+            ax.plot(*zip(*points), "o", color=colour, label=f"{family} (rungs)")
+            c = np.geomspace(min(p[0] for p in points) / 2, max(p[0] for p in points) * 2, 100)
+            law = PowerLaw(**{k: fit[family][k] for k in ("E", "A", "alpha", "C0")})
+            ax.plot(c, law(c), "-", color=colour, alpha=0.7, label=f"{family} fit (alpha {law.alpha:.2f})")
+        ax.set_xscale("log")
+        finish_axes(ax, what, "validation loss")
+        ax.legend(fontsize=8)
+    save_figure(fig, path)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -2454,6 +2848,7 @@ class RunDir:
         self.results = os.path.join(path, "results.json")
         self.curves = os.path.join(path, "loss_curves.png")
         self.sweep, self.sweep_plot = os.path.join(path, "sweep.json"), os.path.join(path, "sweep.png")
+        self.scaling, self.scaling_plot = os.path.join(path, "scaling.json"), os.path.join(path, "scaling.png")
         self.tokenizer = os.path.join(path, "tokenizer.json")  # a BPE trained here: generate needs it
         self.experts, self.experts_plot = os.path.join(path, "experts.json"), os.path.join(path, "experts_heatmap.png")
 
@@ -2473,7 +2868,8 @@ class RunState:
     llm_py_sha256: str  # of the llm.py that started the run
     jobs: list[Job]
     dataset: dict | None = None
-    budget: dict | None = None  # a Budget, made again from the data on --resume
+    budget: dict | None = None  # a Budget (a ladder's: {"rungs": [a Budget per rung]}), made again on --resume
+    ladder: dict | None = None  # a Ladder: the run is `llm.py scaling`
 
     def save(self, run):
         atomic_write(run.state, json.dumps(dataclasses.asdict(self), indent=1).encode())
@@ -2532,6 +2928,12 @@ def load_run(run_dir, flag="--run", ranges=True):
     for i, job in enumerate(state.jobs):
         if job.status not in ("pending", "done") or (job.status == "done" and not isinstance(job.row, dict)):
             raise UsageError(f"{flag} {run_dir}: run.json: jobs[{i}]: status {job.status!r} without a result row")
+    if state.ladder is not None:  # checked field by field, then as --ladder is
+        ladder = from_saved(Ladder, state.ladder, f"{flag} {run_dir}: run.json: ladder")
+        try:
+            parse_ladder(f"{ladder.field}={','.join(map(str, ladder.values))}", ladder.tokens_per_param, ladder.fit_E)
+        except UsageError as e:
+            raise UsageError(f"{flag} {run_dir}: run.json: ladder: {e}") from None
     return state
 
 def read_metrics_for_resume(path, rewrite=True):
@@ -2697,24 +3099,39 @@ def parse_bool(s):
         return False
     raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
 
-def build_parser(prog="llm.py", description=None, harness=True):
+def build_parser(prog="llm.py", description=None, harness=True, scaling=False):
     presets = "; ".join(f"{k}: {', '.join(f'{n}={v}' for n, v in o.items()) or 'the dataclass defaults'}"
                         for k, o in PRESETS.items())
     p = Parser(prog=prog, description=description or __doc__.split("\n\n")[0], allow_abbrev=False,
                formatter_class=argparse.RawDescriptionHelpFormatter,
                epilog="\n".join(textwrap.wrap(f"presets: {presets}", 100)) + (f"\n\n{STATS_HELP}" if harness else ""))
     p.add_argument("--preset", choices=sorted(PRESETS), help="named overrides; default: seed with CUDA, cpu without")
-    if harness:
+    if harness and not scaling:
         p.add_argument("--models", default=",".join(MODELS),
                        help=f"comma-separated subset of {', '.join(MODELS)}, in run order")
+    if harness:
         p.add_argument("--out_dir", default=None, help="where results go; default runs/<timestamp>")
         p.add_argument("--cache_dir", default="data_cache", help="token cache")
         p.add_argument("--seeds", default=None, help="comma-separated seeds: every model once per seed, "
                        "mean +- std and Welch tests in the table (the data split stays that of --seed)")
+    if harness and not scaling:
         p.add_argument("--sweep", nargs="+", default=[], metavar="FIELD=V1,V2",
                        help="a grid of MoE configs, each against the same baselines")
         p.add_argument("--upcycle_from", default=None, metavar="RUN_DIR",
                        help="start the MoE from the trained dense model of RUN_DIR (sparse upcycling)")
+    if scaling:
+        defaults = "; ".join(f"{k}: {spec} at {r:g}" for k, (spec, r) in LADDERS.items())
+        p.add_argument("--ladder", default=None, metavar="FIELD=V1,V2,...",
+                       help="the rungs, at least 3, growing: d_model (the heads keep the base's head size, d_ff and "
+                            "expert_d_ff their ratio to d_model; the depth stays) or n_layers (alone); default: the "
+                            f"preset's ({defaults} tokens per parameter)")
+        p.add_argument("--tokens_per_param", type=float, default=None,
+                       help="training tokens per active parameter of each rung's MoE, embeddings included, capped at "
+                            "max_epochs passes (max_steps does not apply); default: the preset's")
+        p.add_argument("--fit_E", choices=("shared", "separate"), default="shared",
+                       help="the irreducible loss E of L = E + A C^-alpha: one for both families (the same data; the "
+                            "default) or one each")
+    if harness:
         p.add_argument("--resume", default=None, metavar="RUN_DIR",
                        help="continue an interrupted comparison (no other options)")
     group = p.add_argument_group("config fields (defaults: the dataclass, before the preset)")
@@ -2735,11 +3152,17 @@ def config_from_args(args):
     overrides = {f.name: getattr(args, f.name) for f in fields(Config) if getattr(args, f.name) is not None}
     return dataclasses.replace(cfg, **overrides).validate()
 
-def parse_config(argv):
-    """argv -> (Config, model names, preset, parsed args); raises UsageError for anything wrong."""
-    args = build_parser().parse_args(argv)
+def parse_config(argv, scaling=False):
+    """argv -> (Config, model names, preset, parsed args); raises UsageError for anything wrong.
+    scaling: the arguments of `llm.py scaling`, whose args.ladder is the Ladder."""
+    args = (build_parser("llm.py scaling", SCALING_HELP, scaling=True) if scaling else build_parser()).parse_args(argv)
     preset = args.preset or ("seed" if torch.cuda.is_available() else "cpu")
     cfg = config_from_args(args)
+    if scaling:
+        spec, per_param = LADDERS[preset]
+        per_param = per_param if args.tokens_per_param is None else args.tokens_per_param
+        args.models, args.sweep, args.upcycle_from = "moe,dense-matched", [], None
+        args.ladder = parse_ladder(args.ladder or spec, per_param, args.fit_E)
     names = [n.strip() for n in args.models.split(",") if n.strip()]
     unknown = [n for n in names if n not in MODELS]
     if unknown or not names:
@@ -2873,7 +3296,11 @@ def size_main(argv):
     print(f"  {'training state':<22} {total / 2**20:>12,.1f} MiB (fp32, without activations)")
     return 0
 
-SUBCOMMANDS = {"generate": generate_main, "experts": experts_main, "size": size_main}
+SCALING_HELP = ("A ladder of sizes: at each rung the MoE and dense-matched, on the same data and batch order; "
+                "then loss against training FLOPs and seconds fitted for each family, and the compute multiplier.")
+
+SUBCOMMANDS = {"generate": generate_main, "experts": experts_main, "size": size_main,
+               "scaling": lambda argv: start_comparison(argv, scaling=True)}
 
 def check_apart(out_dir, cache_dir):
     """A run's files and the token caches, which runs share, in separate directories: neither the same
@@ -2887,8 +3314,9 @@ def check_apart(out_dir, cache_dir):
         raise UsageError(f"--out_dir {out_dir} and --cache_dir {cache_dir} are {where}; token caches are shared "
                          f"between runs, so give them a directory apart (default: data_cache)")
 
-def start_comparison(argv):
-    """A new comparison, or (--resume RUN_DIR alone) an interrupted one, its options from run.json."""
+def start_comparison(argv, scaling=False):
+    """A new comparison (scaling: a ladder), or (--resume RUN_DIR alone) an interrupted one, its
+    options from run.json."""
     if argv and argv[0].startswith("--resume="):  # the one-word form argparse also accepts
         argv = ["--resume", argv[0].partition("=")[2], *argv[1:]]
     if argv and argv[0] == "--resume":
@@ -2897,18 +3325,21 @@ def start_comparison(argv):
         state = load_run(argv[1], "--resume")
         with claimed(argv[1], state.cache_dir, resume=True):
             run_comparison(state.base_config, state.models, argv[1], state.cache_dir, state.seeds, state.sweep,
-                           state.upcycle_from, resume=True, argv=state.argv)
-        return
-    cfg, names, preset, args = parse_config(argv)
+                           state.upcycle_from, resume=True, argv=state.argv,
+                           ladder=state.ladder and Ladder(**state.ladder))
+        return 0
+    cfg, names, preset, args = parse_config(argv, scaling)
     if args.resume:
         raise UsageError("--resume RUN_DIR takes no other options: the run keeps its own")
     if args.preset is None and preset == "cpu":
-        print("preset cpu: no CUDA device, so a reduced comparison (a few minutes on 2 cores); "
-              "the full experiment is --preset seed")
+        what = "the cpu ladder (about 20 minutes" if scaling else "a reduced comparison (a few minutes"
+        print(f"preset cpu: no CUDA device, so {what} on 2 cores); the full experiment is --preset seed")
     out_dir = args.out_dir or os.path.join("runs", datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
     check_apart(out_dir, args.cache_dir)
     with claimed(out_dir, args.cache_dir, resume=False):
-        run_comparison(cfg, names, out_dir, args.cache_dir, args.seeds, args.sweep, args.upcycle_from, argv=argv)
+        run_comparison(cfg, names, out_dir, args.cache_dir, args.seeds, args.sweep, args.upcycle_from,
+                       argv=["scaling", *argv] if scaling else argv, ladder=args.ladder if scaling else None)
+    return 0
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)

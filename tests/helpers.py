@@ -1,10 +1,21 @@
 """Small builders shared by the test files."""
 
+import glob
+import os
+import pathlib
+import subprocess
+import sys
+import time
+
 import numpy as np
+import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import llm
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PROCESS_TIMEOUT = 240  # seconds; generous, the machine may be shared
 
 
 def tiny(**kw):
@@ -59,3 +70,33 @@ class OpRecorder(TorchDispatchMode):
         self.ops.add(name)
         self.calls.append((name, [a.dtype for a in args if isinstance(a, torch.Tensor)]))
         return func(*args, **(kwargs or {}))
+
+
+def smoke_process(args, out_dir, log_dir, name):
+    """llm.py in a real process, its output going to files (a full pipe would stall it)."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    proc_logs = [pathlib.Path(log_dir) / f"{name}.out", pathlib.Path(log_dir) / f"{name}.err"]
+    with open(proc_logs[0], "w") as stdout, open(proc_logs[1], "w") as stderr:  # the child keeps its own copies
+        proc = subprocess.Popen([sys.executable, "llm.py"] + [str(a) for a in args] + ["--out_dir", out_dir],
+                                cwd=ROOT, stdout=stdout, stderr=stderr, env=env)
+    proc.logs = proc_logs
+    return proc
+
+
+def logs_of(proc):
+    return tuple(path.read_text() for path in proc.logs)
+
+
+def wait_for_files(pattern, proc, timeout=PROCESS_TIMEOUT):
+    """Poll every 0.05 s until `pattern` matches a file, while the process still runs."""
+    deadline = time.monotonic() + timeout
+    while not glob.glob(pattern):
+        if proc.poll() is not None:
+            out, err = logs_of(proc)
+            pytest.fail(f"the process ended (status {proc.returncode}) before {pattern} appeared:\n"
+                        f"{out[-3000:]}\n{err[-3000:]}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            proc.wait()
+            pytest.fail(f"no {pattern} within {timeout} s")
+        time.sleep(0.05)

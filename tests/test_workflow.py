@@ -19,20 +19,18 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import helpers
 import numpy as np
 import pytest
 import torch
-from helpers import cpu_runtime, synthetic_data
+from helpers import PROCESS_TIMEOUT, cpu_runtime, logs_of, smoke_process, synthetic_data, wait_for_files
 from torch.utils.flop_counter import FlopCounterMode
 
 import llm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PNG = b"\x89PNG\r\n\x1a\n"
-PROCESS_TIMEOUT = 240  # seconds; generous, the machine may be shared
 
 
 def run_main(argv):
@@ -97,36 +95,6 @@ def finished_run(smoke, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("finished") / "run")
     assert run_main(smoke + ["--models", "dense,moe", "--max_steps", 10, "--eval_every", 10, "--out_dir", out]) == 0
     return out
-
-
-def smoke_process(args, out_dir, log_dir, name):
-    """llm.py in a real process, its output going to files (a full pipe would stall it)."""
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    proc_logs = [pathlib.Path(log_dir) / f"{name}.out", pathlib.Path(log_dir) / f"{name}.err"]
-    with open(proc_logs[0], "w") as stdout, open(proc_logs[1], "w") as stderr:  # the child keeps its own copies
-        proc = subprocess.Popen([sys.executable, "llm.py"] + [str(a) for a in args] + ["--out_dir", out_dir],
-                                cwd=ROOT, stdout=stdout, stderr=stderr, env=env)
-    proc.logs = proc_logs
-    return proc
-
-
-def logs_of(proc):
-    return tuple(path.read_text() for path in proc.logs)
-
-
-def wait_for_files(pattern, proc, timeout=PROCESS_TIMEOUT):
-    """Poll every 0.05 s until `pattern` matches a file, while the process still runs."""
-    deadline = time.monotonic() + timeout
-    while not glob.glob(pattern):
-        if proc.poll() is not None:
-            out, err = logs_of(proc)
-            pytest.fail(f"the process ended (status {proc.returncode}) before {pattern} appeared:\n"
-                        f"{out[-3000:]}\n{err[-3000:]}")
-        if time.monotonic() > deadline:
-            proc.kill()
-            proc.wait()
-            pytest.fail(f"no {pattern} within {timeout} s")
-        time.sleep(0.05)
 
 
 # ----------------------------------------------------------------------------------------------

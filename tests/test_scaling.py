@@ -1,0 +1,264 @@
+"""The verdict across scale (`llm.py scaling`): a ladder of sizes, each rung the MoE and
+dense-matched; loss against compute fitted for each family; the compute multiplier at each rung,
+read by interpolation between dense-matched's points or extrapolated from its fit, with a 95%
+interval. The analysis is checked on synthetic points whose answer is known; the ladder itself on
+tiny smoke ladders, a run killed mid-ladder, and bad ladders."""
+
+import json
+import math
+import os
+import signal
+
+import numpy as np
+import pytest
+from helpers import smoke_process, wait_for_files
+
+import llm
+
+# C in training FLOPs; the known law of both families unless a test says otherwise
+C = np.geomspace(1e12, 1e16, 5)
+
+
+def law(E, A, alpha, C0=1e14):
+    return lambda c: E + A * (np.asarray(c) / C0) ** -alpha
+
+
+# ----------------------------------------------------------------------------------------------
+# The fit and the multiplier, on synthetic points
+
+
+@pytest.mark.parametrize("shared_E", [True, False])
+def test_the_fit_recovers_a_known_power_law_from_its_points(shared_E):
+    moe, dense = law(2.0, 3.0, 0.35), law(2.0 if shared_E else 1.6, 4.0, 0.25)
+    fit = llm.fit_power_laws({"moe": (C, moe(C)), "dense-matched": (C, dense(C))}, shared_E=shared_E)
+    for family, (E, A, alpha) in {"moe": (2.0, 3.0, 0.35),
+                                  "dense-matched": (2.0 if shared_E else 1.6, 4.0, 0.25)}.items():
+        got = fit.laws[family]
+        assert got.E == pytest.approx(E, abs=1e-6) and got.alpha == pytest.approx(alpha, abs=1e-6)
+        assert got(1e14) == pytest.approx(E + A, abs=1e-6)  # A at the law's own scale
+    assert fit.dof == 10 - (5 if shared_E else 6) and fit.sigma == pytest.approx(0, abs=1e-9)
+
+
+def test_the_fit_recovers_a_known_power_law_from_noisy_points_within_its_stated_error():
+    rng = np.random.default_rng(1)
+    c = np.geomspace(1e12, 1e17, 12)
+    truth = law(2.0, 3.0, 0.3)
+    noisy = {f: (c, truth(c) + rng.normal(0, 0.01, len(c))) for f in ("moe", "dense-matched")}
+    fit = llm.fit_power_laws(noisy)
+    for family, got in fit.laws.items():
+        err = fit.stderr[family]
+        assert abs(got.E - 2.0) < 4 * err["E"] + 1e-3 and abs(got.alpha - 0.3) < 4 * err["alpha"] + 1e-3
+    assert 0.005 < fit.sigma < 0.02
+
+
+def ladder_rows(losses, seconds=None, seeds=(42,)):
+    """results.json rows and final eval records of a ladder, made up: losses[family][seed] lists a
+    loss per rung at compute C (FLOPs per token x tokens), seconds likewise (default: C / 1e11)."""
+    rows, records = [], []
+    for family, by_seed in losses.items():
+        for seed in seeds:
+            for rung, (c, loss) in enumerate(zip(C, by_seed[seed])):
+                run_id = f"{family}[d_model={rung}]-s{seed}"
+                rows.append({"id": run_id, "name": f"{family}[d_model={rung}]", "seed": seed, "rung": rung,
+                             "val_loss": float(loss), "flops_per_token": 1e6, "tokens": c / 1e6, "active_params": 1e5,
+                             "train_time_s": 0.0, "config": {"vocab_size": 100, "d_model": 64 * (rung + 1)}})
+                t = (seconds or {}).get(family, {}).get(seed, C / 1e11)[rung]
+                records.append({"model": run_id, "kind": "eval", "final": True, "train_seconds": float(t)})
+    return rows, records
+
+
+def analyse(losses, seeds=(42,), seconds=None, fit_E="shared"):
+    ladder = llm.Ladder("d_model", list(range(len(C))), 1.0, fit_E)
+    budgets = [llm.Budget(1, 4.0, 1, False, 0.1, 100) for _ in C]
+    rows, records = ladder_rows(losses, seconds, seeds)
+    return llm.scaling_analysis(rows, records, ladder, list(seeds), budgets, llm.Config(vocab_size=100, d_model=64))
+
+
+@pytest.mark.parametrize("seeds", [(42,), (42, 43, 44)])
+def test_the_multiplier_is_one_when_both_families_are_the_same_model(seeds):
+    rng = np.random.default_rng(0)
+    same = {s: law(2.0, 3.0, 0.3)(C) + rng.normal(0, 0.01, len(C)) for s in seeds}
+    result = analyse({"moe": same, "dense-matched": same}, seeds)
+    for measure in llm.MEASURES:
+        for m in result["multipliers"][measure]:
+            assert m["value"] == pytest.approx(1.0) and m["how"] == "interpolated"
+            assert m["ci95"][0] <= 1.0 <= m["ci95"][1]
+    assert ("bootstrap" if len(seeds) == 1 else "over 3 seeds") in result["methods"]["compute"]
+
+
+def test_a_moe_that_matches_a_denser_model_reads_its_multiplier_from_dense_matched_s_curve():
+    """The MoE at each rung reaches the loss dense-matched reaches at 2x the compute: the multiplier is
+    2 where that lies between dense-matched's points, and from the fit beyond them, so marked."""
+    dense = law(2.0, 3.0, 0.3)
+    result = analyse({"moe": {42: dense(2 * C)}, "dense-matched": {42: dense(C)}})
+    ms = result["multipliers"]["compute"]
+    assert [m["how"] for m in ms] == ["interpolated"] * 4 + ["extrapolated"]
+    assert ms[-1]["value"] == pytest.approx(2.0, rel=1e-3)  # the fit is exact here
+    for m in ms[:-1]:  # linear in log C between points of a curved law: close to 2, not exact
+        assert m["value"] == pytest.approx(2.0, rel=0.05)
+    assert result["verdict"].startswith("at 1e+16 FLOPs the MoE reaches its loss with 2.00x less compute [")
+
+
+def test_a_moe_loss_below_dense_matched_s_fitted_floor_is_unreachable():
+    dense, moe = law(2.0, 3.0, 0.3)(C), law(2.0, 3.0, 0.3)(C)
+    moe[-1] = 1.5  # below dense-matched's E = 2 (fitted apart from the MoE's): no compute brings it there
+    result = analyse({"moe": {42: moe}, "dense-matched": {42: dense}}, fit_E="separate")
+    last = result["multipliers"]["compute"][-1]
+    assert last["how"] == "unreachable" and last["value"] == math.inf and last["ci95"] is None
+    assert "never does" in result["verdict"]
+
+
+def test_the_time_multiplier_reads_seconds_as_the_compute_multiplier_reads_flops():
+    """The same losses, and a MoE twice as slow per point: the compute multiplier stays 1, the time
+    multiplier halves, and the sentence says the MoE needs twice the training time."""
+    same = {42: law(2.0, 3.0, 0.3)(C)}
+    result = analyse({"moe": same, "dense-matched": same},
+                     seconds={"moe": {42: 2 * C / 1e11}, "dense-matched": {42: C / 1e11}})
+    assert [m["value"] for m in result["multipliers"]["compute"]] == pytest.approx([1.0] * len(C))
+    assert [m["value"] for m in result["multipliers"]["seconds"]] == pytest.approx([0.5] * len(C))
+    assert result["verdict"].startswith("at 1e+16 FLOPs the MoE reaches its loss with 1.00x less compute [1.00, 1.00] "
+                                        "than dense-matched, but with 2.00x its training time [2.00, 2.00]")
+
+
+# ----------------------------------------------------------------------------------------------
+# Ladders
+
+
+def test_each_preset_has_a_default_ladder_whose_rungs_build_and_grow():
+    for preset, (spec, per_param) in llm.LADDERS.items():
+        cfg = llm.Config(**llm.PRESETS[preset], vocab_size=49152 if preset == "seed" else 4096)
+        ladder = llm.parse_ladder(spec, per_param, "shared")
+        rungs = [llm.widen(cfg, v).validate() for v in ladder.values]
+        active = [llm.model_size(r).active for r in rungs]
+        assert active == sorted(active) and len(rungs) >= {"smoke": 3, "cpu": 4, "seed": 4}[preset]
+    assert 50e6 < llm.model_size(llm.widen(llm.Config(vocab_size=49152), 768)).active < 110e6  # seed: ~100M
+
+
+def test_a_width_rung_keeps_the_head_size_the_ffn_ratio_and_the_depth():
+    base = llm.Config(d_model=128, n_heads=4, n_kv_heads=2, d_ff=512, expert_d_ff=256, n_layers=4)
+    rung = llm.widen(base, 192)
+    assert (rung.head_dim, rung.n_heads, rung.n_kv_heads, rung.d_ff, rung.expert_d_ff, rung.n_layers) == \
+        (32, 6, 3, 768, 384, 4)
+    with pytest.raises(llm.UsageError, match="its 3 heads do not split into groups of 2"):
+        llm.widen(base, 96)
+
+
+SMOKE_LADDER = ["--preset", "smoke", "--ladder", "d_model=16,32,48", "--tokens_per_param", "0.5",
+                "--eval_every", "20", "--ckpt_every", "10"]
+
+
+@pytest.fixture(scope="module")
+def ladder_run(corpus_dir, tmp_path_factory):
+    """A tiny ladder trained once, uninterrupted: its out_dir."""
+    root = tmp_path_factory.mktemp("ladder")
+    out = root / "run"
+    assert llm.main(["scaling", *SMOKE_LADDER, "--data", str(corpus_dir / "*.txt"), "--cache_dir", str(root / "cache"),
+                     "--out_dir", str(out)]) == 0
+    return out
+
+
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def test_a_ladder_trains_each_rung_s_moe_and_dense_matched_on_tokens_per_parameter_and_writes_its_verdict(ladder_run):
+    results, scaling = read_json(ladder_run / "results.json"), read_json(ladder_run / "scaling.json")
+    rows = {m["name"]: m for m in results["models"]}
+    assert list(rows) == [f"{f}[d_model={v}]" for v in (16, 32, 48) for f in ("moe", "dense-matched")]
+    for v in (16, 32, 48):
+        moe, dense = rows[f"moe[d_model={v}]"], rows[f"dense-matched[d_model={v}]"]
+        assert moe["steps"] == dense["steps"] == math.ceil(0.5 * moe["active_params"] / (8 * 64))
+        assert dense["active_params"] == pytest.approx(moe["active_params"], rel=0.01)
+    assert [c["baseline"] for c in results["comparisons"]] == [f"dense-matched[d_model={v}]" for v in (16, 32, 48)]
+    assert len(scaling["multipliers"]["compute"]) == len(scaling["multipliers"]["seconds"]) == 3
+    assert scaling["verdict"].startswith("at ") and "FLOPs the MoE reaches its loss" in scaling["verdict"]
+    assert any("learning rates are not tuned per size" in n for n in scaling["notes"])
+    assert any("output head" in n for n in scaling["notes"])
+    assert (ladder_run / "scaling.png").read_bytes().startswith(b"\x89PNG")
+    assert read_json(ladder_run / "run.json")["ladder"] == {"field": "d_model", "values": [16, 32, 48],
+                                                            "tokens_per_param": 0.5, "fit_E": "shared"}
+
+
+def test_a_ladder_killed_mid_run_and_resumed_ends_as_an_uninterrupted_one(ladder_run, corpus_dir, tmp_path):
+    cache = str(ladder_run.parent / "cache")
+    out = str(tmp_path / "killed")
+    proc = smoke_process(["scaling", *SMOKE_LADDER, "--data", str(corpus_dir / "*.txt"), "--cache_dir", cache],
+                         out, str(tmp_path), "ladder")
+    wait_for_files(os.path.join(out, "ckpt", "moe_d_model_32_", "step-*"), proc)  # rung 0 done, rung 1 part-way
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, "the ladder finished before it could be killed"
+    assert llm.main(["scaling", "--resume", out]) == 0
+    whole, resumed = (read_json(os.path.join(d, "scaling.json")) for d in (ladder_run, out))
+    for a, b in zip(whole["rungs"], resumed["rungs"]):  # the same losses and compute, to the last bit
+        for family in ("moe", "dense-matched"):
+            assert [(p["loss"], p["compute"]) for p in a[family]] == [(p["loss"], p["compute"]) for p in b[family]]
+    assert whole["fits"]["compute"] == resumed["fits"]["compute"]
+    assert whole["multipliers"]["compute"] == resumed["multipliers"]["compute"]  # the seeded bootstrap too
+
+
+def test_a_ladder_whose_data_caps_its_larger_rungs_says_so(corpus_dir, tmp_path, capsys):
+    out = tmp_path / "capped"
+    assert llm.main(["scaling", *SMOKE_LADDER, "--tokens_per_param", "20", "--max_tokens", "20000",
+                     "--data", str(corpus_dir / "*.txt"), "--cache_dir", str(tmp_path / "cache"), "--out_dir", str(out),
+                     "--max_epochs", "1"]) == 0
+    printed = capsys.readouterr().out
+    budgets = read_json(out / "results.json")["budget"]["rungs"]
+    assert all(b["capped"] for b in budgets) and "capped at max_epochs 1" in printed
+    assert "these rungs see repeated data" in printed
+
+
+BAD = [
+    (["--ladder", "dropout=1,2,3"], "--ladder dropout=1,2,3: expected FIELD=V1,V2,... with FIELD one of d_model"),
+    (["--ladder", "d_model=32,64"], "at least 3 rungs are needed"),
+    (["--ladder", "d_model=64,48,96"], "the sizes must grow from rung to rung"),
+    (["--ladder", "d_model=32,32,64"], "the sizes must grow from rung to rung"),
+    (["--ladder", "d_model=32,x,64"], "the sizes must be integers"),
+    (["--ladder", "d_model=16,40,64"], "--ladder d_model=40: not a multiple of the head size 16"),
+    (["--ladder", "n_layers=1,2,3", "--moe_layers", "1"], "--ladder n_layers=1: moe_layers: layer ids must lie in"),
+    (["--ladder", "d_model=16,32,48", "--max_seq_len", "100000"], "too little text"),
+    (["--tokens_per_param", "0"], "--tokens_per_param must be a positive number"),
+    (["--tokens_per_param", "nan"], "--tokens_per_param must be a positive number"),
+    (["--fit_E", "both"], "argument --fit_E: invalid choice: 'both'"),
+    (["--sweep", "num_experts=4,8"], "unrecognized arguments: --sweep"),
+    (["--models", "dense"], "unrecognized arguments: --models"),
+]
+
+
+@pytest.mark.parametrize("argv, message", BAD, ids=[" ".join(a)[:40] for a, _ in BAD])
+def test_a_bad_ladder_exits_2_in_one_line_before_anything_trains(argv, message, corpus_dir, tmp_path, capsys):
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    try:
+        code = llm.main(["scaling", "--preset", "smoke", "--data", str(corpus_dir / "*.txt"), "--cache_dir", str(cache),
+                         "--out_dir", str(out), *argv])
+    except SystemExit as e:  # argparse's own errors
+        code = e.code
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and message in err, err
+    assert not out.exists() and not cache.exists()
+
+
+def test_a_damaged_ladder_in_run_json_exits_2_naming_it(ladder_run, tmp_path, capsys):
+    import shutil
+    run = tmp_path / "run"
+    shutil.copytree(ladder_run, run)
+    state = read_json(run / "run.json")
+    state["ladder"]["values"] = [48, 32, 16]
+    (run / "run.json").write_text(json.dumps(state))
+    assert llm.main(["--resume", str(run)]) == 2
+    assert "run.json: ladder: --ladder d_model=48,32,16: the sizes must grow" in capsys.readouterr().err
+
+
+def test_a_ladder_resumed_on_other_data_exits_2_naming_each_rung_s_budget(ladder_run, tmp_path, capsys):
+    import shutil
+    run = tmp_path / "run"
+    shutil.copytree(ladder_run, run)
+    state = read_json(run / "run.json")
+    before = [(b["steps"], b["windows"]) for b in state["budget"]["rungs"]]
+    state["budget"]["rungs"][1]["steps"] += 5  # as if the data had been longer when the ladder started
+    (run / "run.json").write_text(json.dumps(state))
+    assert llm.main(["--resume", str(run)]) == 2
+    was = ", ".join(f"{s + 5 * (i == 1)} steps over {w}" for i, (s, w) in enumerate(before))
+    assert f"the run's budget was {was} training windows, now {', '.join(f'{s} over {w}' for s, w in before)}" in \
+        capsys.readouterr().err
