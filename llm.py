@@ -16,6 +16,7 @@ the MoE's active compute.
     python llm.py generate --run runs/<timestamp> --model moe --prompt "ROMEO:"
     python llm.py experts --run runs/<timestamp>                  # what each expert prefers
     python llm.py size --preset seed                              # params, FLOPs, memory of a config
+    python llm.py scaling                                         # a ladder of sizes: the compute multiplier
 
 Every field of Config is a flag (`--d_model 512`); `python llm.py --help` lists them. Results go
 to runs/<timestamp>/: results.json, metrics.jsonl, loss_curves.png, checkpoints in ckpt/.
@@ -2111,7 +2112,7 @@ def deepen(cfg, n_layers):
 
 LADDER_FIELDS = {"d_model": widen, "n_layers": deepen}  # what a --ladder may grow, and what follows it
 
-# preset -> its default ladder and training tokens per active parameter. smoke: about a minute on a
+# preset -> its default ladder and training tokens per active parameter. smoke: under a minute on a
 # laptop; cpu: under 25 minutes on 2 cores, so few tokens per parameter; seed: a GPU ladder up to
 # about 100M active parameters at Chinchilla's 20 tokens per parameter.
 LADDERS = {"smoke": ("d_model=32,48,64", 0.5), "cpu": ("d_model=32,64,96,128", 1.5),
@@ -2357,7 +2358,8 @@ def ladder_notes(result, ladder, budgets, cfg):  # cfg: the base config
     """What the reader of a ladder must know before trusting it, where it applies."""
     notes, dof = [], result["fits"]["compute"]["dof"]
     if len(ladder.values) < 5:
-        notes.append(f"{len(ladder.values)} rungs: the fits keep {dof} degrees of freedom beyond their parameters, "
+        notes.append(f"{len(ladder.values)} rungs: the fits keep {dof} degree{'s' * (dof != 1)} of freedom beyond "
+                     f"their parameters, "
                      f"so the intervals are wide and an extrapolated multiplier leans on the fitted form")
     capped = [(v, b) for v, b in zip(ladder.values, budgets) if b.capped]
     if capped:
