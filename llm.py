@@ -2156,6 +2156,9 @@ def plan_ladder(cfg, ladder, seeds, train_tokens, world):
             rung.validate()
         except UsageError as e:
             raise UsageError(f"--ladder {ladder.field}={value}: {e}") from None
+        if not rung.moe_layer_ids():
+            raise UsageError(f"--ladder {ladder.field}={value}: moe_layers {cfg.moe_layers} leaves its moe model "
+                             f"without MoE layers")
         wanted = max(1, math.ceil(ladder.tokens_per_param * model_size(rung).active / per_step))
         steps = min(wanted, epoch_steps(rung, train_tokens, world))
         epochs = steps * per_step / cfg.max_seq_len / windows

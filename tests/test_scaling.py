@@ -217,6 +217,8 @@ BAD = [
     (["--ladder", "d_model=32,x,64"], "the sizes must be integers"),
     (["--ladder", "d_model=16,40,64"], "--ladder d_model=40: not a multiple of the head size 16"),
     (["--ladder", "n_layers=1,2,3", "--moe_layers", "1"], "--ladder n_layers=1: moe_layers: layer ids must lie in"),
+    (["--ladder", "n_layers=1,2,3", "--moe_layers", "alternate"],
+     "--ladder n_layers=1: moe_layers alternate leaves its moe model without MoE layers"),
     (["--ladder", "d_model=16,32,48", "--max_seq_len", "100000"], "too little text"),
     (["--tokens_per_param", "0"], "--tokens_per_param must be a positive number"),
     (["--tokens_per_param", "nan"], "--tokens_per_param must be a positive number"),
