@@ -1834,7 +1834,7 @@ def write_results(rows, state, grid, run, records, runtime, log):
     if state.ladder:
         budgets = [Budget(**b) for b in state.budget["rungs"]]
         scaling = scaling_analysis(rows, records, Ladder(**state.ladder), state.seeds, budgets, state.base_config)
-        atomic_write(run.scaling, json.dumps(scaling, indent=1).encode())
+        atomic_write(run.scaling, json.dumps(json_ready(scaling), indent=1).encode())
         plot_scaling(scaling, run.scaling_plot)
         log("\nacross scale:\n" + format_scaling(scaling))
         written += ", scaling.json, scaling.png"
@@ -2195,7 +2195,10 @@ class PowerLaw:
         return self.E + self.A * (np.asarray(C, dtype=float) / self.C0) ** -self.alpha
 
     def inverse(self, loss):  # the compute at which the curve reaches loss; inf below its floor E
-        return self.C0 * (self.A / (loss - self.E)) ** (1 / self.alpha) if loss > self.E else math.inf
+        if loss <= self.E:
+            return math.inf
+        log_c = math.log(self.C0) + (math.log(self.A) - math.log(loss - self.E)) / self.alpha
+        return math.exp(min(max(log_c, -690.0), 690.0))  # a flat curve (alpha near 0): very late, or at once
 
 @dataclass
 class Fit:
@@ -2204,13 +2207,16 @@ class Fit:
     stderr: dict  # family -> {"E": .., "A": .., "alpha": ..}: from the Jacobian (None without residual freedom)
     sigma: float | None  # the residual standard deviation of the losses (None: as many points as parameters)
     dof: int  # points minus parameters
+    on_bounds: list  # the parameters the fit left on a bound, with their values ("E 0", "moe alpha 5")
 
 def fit_power_laws(points, shared_E=True, start=None):
     """Least squares of L = E + exp(a - alpha * log(C / C0)) for each family of points (family ->
     (C, L) arrays), E shared by the families or each its own. In log compute, with C0 the points'
     geometric mean, the parameters are of order 1: the fit is well conditioned; E is bounded to
-    [0, the lowest loss it must stay under), alpha to [0, 5], and the best of a few starts is kept
-    (start: a previous Fit of the same families, the one start)."""
+    [0, the lowest loss it must stay under), alpha to [0.001, 5], and the best of a few starts is
+    kept (start: a previous Fit of the same families, the one start). A parameter the fit leaves on
+    a bound has no standard error (the Jacobian's curvature does not describe it) and is named in
+    Fit.on_bounds."""
     from scipy.optimize import least_squares
     families = list(points)
     logC = {f: np.log(np.asarray(points[f][0], dtype=float)) for f in families}
@@ -2226,32 +2232,41 @@ def fit_power_laws(points, shared_E=True, start=None):
         return np.concatenate([E + np.exp(a - alpha * (logC[f] - log_c0)) - loss[f]
                                for f, (E, a, alpha) in unpack(p).items()])
 
-    lower = [0.0] * n_E + [-np.inf, 0.0] * len(families)
-    upper = [f * (1 - 1e-9) for f in floors] + [np.inf, 5.0] * len(families)
-    if start is not None:  # its parameters, moved inside this fit's bounds
+    # E at least 0, below the losses it must stay under (a bootstrap draw may push a loss below 0)
+    lower = [min(0.0, f - 1.0) for f in floors] + [-np.inf, 1e-3] * len(families)
+    upper = [f - 1e-9 * max(1.0, abs(f)) for f in floors] + [np.inf, 5.0] * len(families)
+    if start is not None:  # its parameters (moved inside this fit's bounds below)
         laws = [start.laws[f] for f in families]
-        starts = [np.clip([law.E for law in laws[:n_E]] + [v for law in laws for v in
-                           (math.log(law.A) - law.alpha * (log_c0 - math.log(law.C0)), law.alpha)], lower, upper)]
+        starts = [[law.E for law in laws[:n_E]] + [v for law in laws for v in
+                                                    (math.log(law.A) - law.alpha * (log_c0 - math.log(law.C0)),
+                                                     law.alpha)]]
     else:
         starts = [[share * f for f in floors] + [v for f in families for v in
                                                  (math.log(max(loss[f].mean() - share * min(floors), 1e-6)), 0.3)]
                   for share in (0.0, 0.5, 0.9)]
     best = None
     for x0 in starts:
-        result = least_squares(residuals, x0, bounds=(lower, upper), x_scale="jac")
+        with np.errstate(over="ignore", invalid="ignore"):  # a trial step far out overflows; the solver steps back
+            result = least_squares(residuals, np.clip(x0, lower, upper), bounds=(lower, upper), x_scale="jac")
         if best is None or result.cost < best.cost:
             best = result
     n, p = sum(len(v) for v in loss.values()), len(best.x)
     sigma = math.sqrt(2 * best.cost / (n - p)) if n > p else None
     cov = np.linalg.pinv(best.jac.T @ best.jac) * sigma**2 if sigma else None
-    laws, stderr = {}, {}
+    laws, stderr, on_bounds = {}, {}, []
     for i, (f, (E, a, alpha)) in enumerate(unpack(best.x).items()):
         laws[f] = PowerLaw(float(E), float(math.exp(a)), float(alpha), float(math.exp(log_c0)))
-        idx = [0 if shared_E else i, n_E + 2 * i, n_E + 2 * i + 1]
-        se = [math.sqrt(max(cov[j, j], 0.0)) for j in idx] if cov is not None else None
+        idx = dict(zip(("E", "A", "alpha"), (0 if shared_E else i, n_E + 2 * i, n_E + 2 * i + 1)))
+        bound = {name for name, j in idx.items() if best.active_mask[j]}
+        if "E" in bound and (i == 0 or not shared_E):  # a shared E is named once
+            on_bounds.append(f"E {E:.3g}" if shared_E else f"{f} E {E:.3g}")
+        if "alpha" in bound:
+            on_bounds.append(f"{f} alpha {alpha:.3g}")
         # A = exp(a): its standard error by the delta method
-        stderr[f] = {"E": se[0], "A": laws[f].A * se[1], "alpha": se[2]} if se else None
-    return Fit(laws, stderr, sigma, n - p)
+        scale = {"E": 1.0, "A": laws[f].A, "alpha": 1.0}
+        stderr[f] = {name: None if name in bound else scale[name] * math.sqrt(max(cov[j, j], 0.0))
+                     for name, j in idx.items()} if cov is not None else None
+    return Fit(laws, stderr, sigma, n - p, on_bounds)
 
 def cost_to_reach(loss, costs, losses, law, floor=0.0):
     """The compute (or seconds) a family needs to reach loss, and how it was read: interpolated
@@ -2286,51 +2301,69 @@ def family_points(rungs, measure, seed=None):
     return {f: (np.array([np.mean([v[measure] for v in pick(r[f])]) for r in rungs]),
                 np.array([np.mean([v["loss"] for v in pick(r[f])]) for r in rungs])) for f in ("moe", "dense-matched")}
 
-def multiplier_intervals(rungs, seeds, fit, measure, shared_E, draws=300):
-    """Each rung's multiplier and its 95% interval, with the method named. Several seeds: one
-    multiplier per seed, their geometric mean and a t-interval of their logs. One seed: a
-    parametric bootstrap, every loss redrawn with the fit's residual spread and the multiplier read
-    again (refitted), 300 draws of a fixed generator, so that a resumed ladder ends alike."""
-    from scipy import stats
+def multiplier_intervals(rungs, seeds, fit, measure, shared_E):
+    """Each rung's multiplier and its 95% interval, with the method named: over seeds when there are
+    several, else from the fit's uncertainty."""
     if len(seeds) > 1:
-        floor = fit.laws["dense-matched"].E
-        per_seed = [multipliers(family_points(rungs, measure, s), lambda: fit, floor) for s in seeds]
-        out = []
-        for i in range(len(rungs)):
-            logs, hows = np.log([m[i][0] for m in per_seed]), {m[i][1] for m in per_seed}
-            how = next(h for h in ("unreachable", "extrapolated", "interpolated") if h in hows)  # the weakest
-            if not np.isfinite(logs).all():
-                out.append({"value": math.inf, "ci95": None, "how": how})
-                continue
-            half = stats.t.ppf(0.975, len(logs) - 1) * logs.std(ddof=1) / math.sqrt(len(logs))
-            out.append({"value": float(np.exp(logs.mean())), "how": how,
-                        "ci95": [float(np.exp(logs.mean() - half)), float(np.exp(logs.mean() + half))]})
-        return out, f"over {len(seeds)} seeds: their geometric mean, and a t-interval of the log multiplier"
-    points, floor = family_points(rungs, measure), fit.laws["dense-matched"].E
+        return intervals_over_seeds(rungs, seeds, fit, measure, shared_E)
+    return intervals_by_bootstrap(family_points(rungs, measure), fit, shared_E)
+
+def intervals_over_seeds(rungs, seeds, fit, measure, shared_E):
+    """A multiplier per seed (extrapolated, where needed, by that seed's own fit), their geometric
+    mean, and a t-interval of their logs."""
+    from scipy import stats
+    floor, per_seed = fit.laws["dense-matched"].E, []
+    for seed in seeds:
+        points = family_points(rungs, measure, seed)
+        own_fit = functools.cache(lambda points=points: fit_power_laws(points, shared_E, start=fit))
+        per_seed.append(multipliers(points, own_fit, floor))
+    out = []
+    for i in range(len(rungs)):
+        logs, hows = np.log([m[i][0] for m in per_seed]), {m[i][1] for m in per_seed}
+        how = next(h for h in ("unreachable", "extrapolated", "interpolated") if h in hows)  # the weakest
+        if not np.isfinite(logs).all():
+            out.append({"value": math.inf, "ci95": None, "how": how})
+            continue
+        half = stats.t.ppf(0.975, len(logs) - 1) * logs.std(ddof=1) / math.sqrt(len(logs))
+        out.append({"value": float(np.exp(logs.mean())), "how": how,
+                    "ci95": [float(np.exp(logs.mean() - half)), float(np.exp(logs.mean() + half))]})
+    return out, f"over {len(seeds)} seeds: their geometric mean, and a t-interval of the log multiplier"
+
+def intervals_by_bootstrap(points, fit, shared_E, draws=300):
+    """A parametric bootstrap: every loss redrawn around its observed value, the multiplier read again
+    (refitted where it extrapolates), 300 draws of a fixed generator, so that a resumed ladder ends
+    alike. The spread is the fits' residual sigma, itself drawn from its own uncertainty (sigma^2
+    dof / chi2(dof) each draw): with few degrees of freedom a fixed sigma would make the intervals
+    too narrow. An interval's end is inf where more than 2.5% of the draws never reach the loss."""
+    floor = fit.laws["dense-matched"].E
     found = [{"value": m, "ci95": None, "how": how} for m, how in multipliers(points, lambda: fit, floor)]
-    if fit.sigma is None or fit.sigma == 0:
-        return found, "none: the fit has as many parameters as points, so no spread to draw from"
+    if not fit.sigma:
+        return found, "none: the fit has no residual spread to draw from (as many parameters as points)"
     rng, samples = np.random.default_rng(0), []
     for _ in range(draws):
-        noisy = {f: (c, loss + rng.normal(0, fit.sigma, len(loss))) for f, (c, loss) in points.items()}
+        sigma = fit.sigma * math.sqrt(fit.dof / rng.chisquare(fit.dof))
+        noisy = {f: (c, loss + rng.normal(0, sigma, len(loss))) for f, (c, loss) in points.items()}
         refit = functools.cache(lambda noisy=noisy: fit_power_laws(noisy, shared_E, start=fit))
         samples.append([m for m, _ in multipliers(noisy, refit, floor)])
     samples = np.array(samples)
     for i, m in enumerate(found):
-        if math.isfinite(m["value"]):
-            m["ci95"] = [float(v) for v in np.percentile(samples[:, i], [2.5, 97.5])]
-    return found, (f"from the fit: parametric bootstrap, each loss redrawn with the fits' residual spread "
-                   f"(sigma {fit.sigma:.4f}), {draws} draws")
+        if math.isfinite(m["value"]):  # lower and higher: an inf among the draws stays inf, never nan
+            m["ci95"] = [float(np.percentile(samples[:, i], 2.5, method="lower")),
+                         float(np.percentile(samples[:, i], 97.5, method="higher"))]
+    return found, (f"from the fit: parametric bootstrap, each loss redrawn around its value with the fits' "
+                   f"residual sigma ({fit.sigma:.4f}, {fit.dof} degrees of freedom), {draws} draws")
 
 MEASURES = {"compute": "training FLOPs", "seconds": "training seconds"}  # what a ladder's losses are fitted against
 
 def ladder_rungs(rows, records, ladder):
-    """Per rung, its value and each family's points, one per seed: compute (FLOPs per token times the
-    tokens trained), training seconds (the final evaluation's clock), and the final val loss."""
+    """Per rung, its value, its result rows, and each family's points, one per seed: compute (FLOPs
+    per token times the tokens trained), training seconds (the final evaluation's clock), the final
+    val loss."""
     seconds = {r["model"]: r.get("train_seconds") for r in records if r["kind"] == "eval" and r.get("final")}
-    rungs = [{"value": v, "moe": [], "dense-matched": []} for v in ladder.values]
+    rungs = [{"value": v, "moe": [], "dense-matched": [], "rows": []} for v in ladder.values]
     for row in rows:
         family = "moe" if row["name"].startswith("moe") else "dense-matched"
+        rungs[row["rung"]]["rows"].append(row)
         rungs[row["rung"]][family].append({
             "seed": row["seed"], "loss": row["val_loss"], "compute": row["flops_per_token"] * row["tokens"],
             "seconds": seconds.get(row["id"]) or row["train_time_s"], "active_params": row["active_params"],
@@ -2350,7 +2383,7 @@ def scaling_analysis(rows, records, ladder, seeds, budgets, cfg):
         fit = fit_power_laws(every, shared)
         result["fits"][measure] = {"families": {f: {**dataclasses.asdict(law), "stderr": fit.stderr[f]}
                                                 for f, law in fit.laws.items()},
-                                   "sigma": fit.sigma, "dof": fit.dof, "shared_E": shared}
+                                   "sigma": fit.sigma, "dof": fit.dof, "shared_E": shared, "on_bounds": fit.on_bounds}
         result["multipliers"][measure], result["methods"][measure] = multiplier_intervals(rungs, seeds, fit, measure,
                                                                                            shared)
     result["notes"] = ladder_notes(result, ladder, budgets, cfg)
@@ -2362,17 +2395,26 @@ def ladder_notes(result, ladder, budgets, cfg):  # cfg: the base config
     notes, dof = [], result["fits"]["compute"]["dof"]
     if len(ladder.values) < 5:
         notes.append(f"{len(ladder.values)} rungs: the fits keep {dof} degree{'s' * (dof != 1)} of freedom beyond "
-                     f"their parameters, "
-                     f"so the intervals are wide and an extrapolated multiplier leans on the fitted form")
+                     f"their parameters, so the intervals are wide and an extrapolated multiplier leans on the "
+                     f"fitted form")
+    for measure, what in MEASURES.items():
+        if result["fits"][measure]["on_bounds"]:
+            notes.append(f"the fit against {what} rests on a bound ({', '.join(result['fits'][measure]['on_bounds'])}):"
+                         f" the losses do not follow L = E + A C^-alpha well here, and what it extrapolates is weak")
     capped = [(v, b) for v, b in zip(ladder.values, budgets) if b.capped]
     if capped:
         notes.append(f"max_epochs caps {ladder.field} " + ", ".join(f"{v} ({b.epochs:.1f} passes)" for v, b in capped)
                      + f": these rungs see repeated data, not {ladder.tokens_per_param:g} fresh tokens per parameter")
+    repeated = [(v, b) for v, b in zip(ladder.values, budgets) if b.epochs > 1 and not b.capped]
+    if repeated:
+        notes.append(f"{ladder.field} " + ", ".join(f"{v} ({b.epochs:.2f} passes)" for v, b in repeated)
+                     + ": these rungs see part of their data more than once")
     notes.append(f"every rung trains at muon_lr {cfg.muon_lr:g} and adamw_lr {cfg.adamw_lr:g}: the learning rates are "
                  f"not tuned per size; a --sweep muon_lr=... at one rung's size is how to check them")
     head = [r["moe"][0]["head_share"] for r in result["rungs"]]
-    notes.append(f"the output head is {head[0]:.0%} of the MoE's training FLOPs per token at {ladder.field} "
-                 f"{ladder.values[0]} and {head[-1]:.0%} at {ladder.values[-1]}; the experts change only the rest")
+    if head[0] > 0.25:  # a share the experts cannot touch
+        notes.append(f"the output head is {head[0]:.0%} of the MoE's training FLOPs per token at {ladder.field} "
+                     f"{ladder.values[0]} and {head[-1]:.0%} at {ladder.values[-1]}; the experts change only the rest")
     return notes
 
 def ladder_verdict(result):
@@ -2657,6 +2699,17 @@ def fsync_dir(path):  # makes a rename in it durable
     finally:
         os.close(fd)
 
+def json_ready(value):
+    """value with every inf and nan as null: strict JSON has neither (scaling.json: an unreachable
+    multiplier, an interval without an end)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_ready(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_ready(v) for v in value]
+    return value
+
 def file_sha256(path):
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
@@ -2933,12 +2986,17 @@ def load_run(run_dir, flag="--run", ranges=True):
     for i, job in enumerate(state.jobs):
         if job.status not in ("pending", "done") or (job.status == "done" and not isinstance(job.row, dict)):
             raise UsageError(f"{flag} {run_dir}: run.json: jobs[{i}]: status {job.status!r} without a result row")
-    if state.ladder is not None:  # checked field by field, then as --ladder is
+    if state.ladder is not None:  # checked field by field, then as --ladder is; its budget holds a Budget per rung
         ladder = from_saved(Ladder, state.ladder, f"{flag} {run_dir}: run.json: ladder")
         try:
             parse_ladder(f"{ladder.field}={','.join(map(str, ladder.values))}", ladder.tokens_per_param, ladder.fit_E)
         except UsageError as e:
             raise UsageError(f"{flag} {run_dir}: run.json: ladder: {e}") from None
+        rungs = state.budget.get("rungs") if state.budget is not None else []
+        if state.budget is not None and (not isinstance(rungs, list) or len(rungs) != len(ladder.values)):
+            raise UsageError(f"{flag} {run_dir}: run.json: budget: expected rungs, a Budget per rung of the ladder")
+        for i, budget in enumerate(rungs):
+            from_saved(Budget, budget, f"{flag} {run_dir}: run.json: budget: rungs[{i}]")
     return state
 
 def read_metrics_for_resume(path, rewrite=True):
@@ -3168,6 +3226,9 @@ def parse_config(argv, scaling=False):
         per_param = per_param if args.tokens_per_param is None else args.tokens_per_param
         args.models, args.sweep, args.upcycle_from = "moe,dense-matched", [], None
         args.ladder = parse_ladder(args.ladder or spec, per_param, args.fit_E)
+        if args.max_steps is not None:
+            raise UsageError("--max_steps: a ladder's rungs train --tokens_per_param tokens per parameter each, "
+                             "whatever max_steps says")
     names = [n.strip() for n in args.models.split(",") if n.strip()]
     unknown = [n for n in names if n not in MODELS]
     if unknown or not names:
