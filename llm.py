@@ -67,6 +67,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
 # torchtune pulls in torchao, whose optional CUDA kernels log a warning per missing library on
@@ -172,6 +173,8 @@ class Config:
     dtype: str = one_of("auto", "bf16", "fp16", "fp32")  # auto: bf16 on CUDA (fp16 where bf16 is missing), fp32 on CPU
     compile: str = one_of("auto", "on", "off")  # auto: on with CUDA; compiles the model and Muon's step
     cuda_graphs: bool = True  # compiled, 1 GPU, no accumulation: replay each step as CUDA graphs (fewer launches)
+    parallel: str = one_of("ddp", "fsdp")  # ddp: every process holds the model | fsdp: weights, grads, state sharded
+    activation_checkpointing: bool = False  # recompute each block's activations in backward: less memory, more compute
 
     # evaluation and logging
     eval_every: int = positive(500)  # optimizer steps between evaluations (and one at the end)
@@ -258,6 +261,8 @@ class Config:
             raise UsageError(f"expert_top_k ({self.expert_top_k}) must not exceed num_experts ({self.num_experts})")
         if ranges and self.warmup_frac + self.decay_frac > 1:
             raise UsageError(f"warmup_frac + decay_frac must not exceed 1; got {self.warmup_frac + self.decay_frac}")
+        if self.parallel == "fsdp" and self.dtype == "fp16":  # FSDP2 has no GradScaler of its own here
+            raise UsageError("parallel fsdp trains in bf16 or fp32, not fp16; use --dtype bf16 or fp32")
         self.moe_layer_ids()
         return self
 
@@ -508,9 +513,14 @@ class MoE(nn.Module):
         y = self.combine(ys, routing, way_back)  # (N, D): gate-weighted, back in token order
         if self.shared is not None:
             y = y + self.shared(x)
-        if self.training and self.aux_free:  # what the next bias update balances
-            self.load += routing.counts.detach()
         return y.view(B, T, D), routing
+
+    def count_load(self, routing):
+        """aux_free, in training: add the copies each expert got to what the next bias update
+        balances. The model calls it after the block, outside activation checkpointing, whose
+        recomputation would count every copy twice."""
+        if self.training and self.aux_free:
+            self.load += routing.counts.detach()
 
     def route(self, x):  # (N, D) -> Routing
         with torch.autocast(x.device.type, enabled=False):  # routing decisions in fp32
@@ -667,9 +677,13 @@ class Transformer(nn.Module):
         x = self.embed(idx) * math.sqrt(self.cfg.d_model)  # (B, T, D)
         routings = []
         for i, block in enumerate(self.blocks):
-            x, routing = block(x, None if caches is None else caches[i], pos)
+            if self.training and self.cfg.activation_checkpointing:  # only x kept; recomputed in backward,
+                x, routing = checkpoint(block, x, use_reentrant=False)  # router noise and dropout alike
+            else:
+                x, routing = block(x, None if caches is None else caches[i], pos)
             if routing is not None:
                 routings.append(routing)
+                block.ffn.count_load(routing)
         return F.linear(self.norm(x), self.embed.weight), routings  # tied head
 
 
@@ -752,12 +766,17 @@ class Muon(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure=None, ok=None):
         """ok: optional 0-dim bool tensor; False leaves parameters and momentum untouched, decided
-        on the device so that skipping a non-finite step needs no host sync."""
-        buckets = []
+        on the device so that skipping a non-finite step needs no host sync. Parameters sharded by
+        FSDP (DTensors) take sharded_muon_update."""
+        buckets, sharded = [], []
         for i, group in enumerate(self.param_groups):
             same_shape = {}
             for p in group["params"]:
-                if p.grad is not None:
+                if p.grad is not None and is_sharded(p):
+                    sharded.append((p, p.grad, self.state[p].setdefault("momentum_buffer", torch.zeros_like(p)),
+                                    group["lr"], group["momentum"], group["nesterov"], group["ns_steps"],
+                                    group["weight_decay"]))
+                elif p.grad is not None:
                     same_shape.setdefault((p.shape[-2:], p.dtype, p.device), []).append(p)
             lr = group["lr"]
             if self.compiled and same_shape:
@@ -768,6 +787,50 @@ class Muon(torch.optim.Optimizer):
                                 group["ns_steps"], group["weight_decay"]))
         if buckets:
             self.update(buckets, ok)
+        if sharded:
+            if not hasattr(self, "owners"):  # the same on every rank: the same shapes in the same order
+                params = [p for group in self.param_groups for p in group["params"] if is_sharded(p)]
+                self.owners = balance_owners(params, dist.get_world_size(), sharded[0][6])
+            sharded_muon_update(sharded, ok, self.owners)
+
+@torch.no_grad()
+def sharded_muon_update(entries, ok, owners):
+    """Muon over parameters FSDP shards on their first dimension, equal to muon_update's result:
+    the momentum, weight decay and update on each rank's shard, Newton-Schulz once per matrix. An
+    expert stack (E, out, in) is orthogonalised where its experts live, with no communication (an
+    uneven split leaves some ranks one more expert, never part of one). A 2-D matrix's rows are
+    gathered to its owner rank (owners: balance_owners), orthogonalised there and sent back; every
+    owner works at once, between one round of gathers and one of scatters. entries: (param, grad,
+    momentum buffer, lr, momentum, nesterov, ns_steps, weight_decay) each."""
+    updates, lrs = [], []
+    for p, grad, buf, lr, momentum, nesterov, ns_steps, weight_decay in entries:
+        g, b, beta = grad.to_local(), buf.to_local(), 1 - momentum
+        if ok is not None:
+            g = torch.where(ok, g, 0.0)  # a NaN must not reach the momentum, even times 0
+            lr, beta = ok * lr, ok * beta
+        b.lerp_(g, beta)
+        updates.append(g.lerp(b, momentum) if nesterov else b)
+        lrs.append(lr)
+    matrices = {i: updates[i] for i, (p, *_) in enumerate(entries) if p.dim() == 2}
+    shapes, owner = {i: entries[i][0].shape for i in matrices}, {i: owners[entries[i][0]] for i in matrices}
+    owned = gather_rows(matrices, shapes, owner)
+    done = {i: newton_schulz(full, entries[i][6]) for i, full in owned.items()}
+    shards = scatter_rows(done, matrices, shapes, owner)
+    for i, ((p, _, _, _, _, _, ns_steps, weight_decay), u, lr) in enumerate(zip(entries, updates, lrs)):
+        local, (rows, cols) = p.to_local(), p.shape[-2:]
+        orthogonal = shards[i] if i in shards else newton_schulz(u, ns_steps)
+        if weight_decay:
+            local.mul_(1 - lr * weight_decay)
+        local.sub_(orthogonal * (lr * max(1.0, rows / cols) ** 0.5))
+
+def balance_owners(params, world, ns_steps):
+    """Which rank orthogonalises each 2-D matrix (param -> rank): the largest first, each to the rank
+    with the fewest Newton-Schulz FLOPs so far."""
+    load, owners = [0] * world, {}
+    for p in sorted((p for p in params if p.dim() == 2), key=lambda p: -newton_schulz_flops(p.shape, ns_steps)):
+        owners[p] = min(range(world), key=lambda r: load[r])
+        load[owners[p]] += newton_schulz_flops(p.shape, ns_steps)
+    return owners
 
 def optimizer_split(model):
     """Which optimizer trains what: Muon the hidden matrices (expert stacks included); AdamW the
@@ -885,6 +948,7 @@ class Runtime:
     compile: bool
     rank: int = 0
     world: int = 1
+    fsdp: bool = False  # the model's weights, gradients and optimizer state sharded over the world (FSDP2)
 
     @property
     def master(self):
@@ -896,10 +960,11 @@ class Runtime:
         return torch.autocast(self.device.type, dtype=self.dtype)
 
 def uses_cuda_graphs(cfg, runtime):
-    """CUDA graphs need one process (DDP's gradient hooks run between the graphs) and one
-    micro-batch per step (a graph's gradients are overwritten by its next replay)."""
+    """CUDA graphs need one process (DDP's gradient hooks run between the graphs), no FSDP (its
+    all-gathers run between them too) and one micro-batch per step (a graph's gradients are
+    overwritten by its next replay)."""
     return (runtime.compile and cfg.cuda_graphs and runtime.device.type == "cuda" and runtime.world == 1
-            and cfg.gradient_accumulation_steps == 1)
+            and not runtime.fsdp and cfg.gradient_accumulation_steps == 1)
 
 @dataclass
 class Progress:
@@ -928,13 +993,15 @@ class Trainer:
         self.size, self.n_moe = model_size(cfg), len(cfg.moe_layer_ids())
         self.graphs = uses_cuda_graphs(cfg, runtime)
         self.wrapped = self.model  # what the training step calls: compiled, and under DDP wrapped
+        if runtime.fsdp:  # in place: each parameter becomes a DTensor, each rank holding a shard
+            shard_model(self.model, runtime)
         if runtime.compile:
             # a fresh start per model: dynamo recompiles a function at most 8 times, then silently runs
             # it eagerly (a sweep's later models would train uncompiled, their speed not comparable),
             # and the previous model's CUDA graphs would keep their memory
             torch._dynamo.reset()
             self.wrapped = torch.compile(self.model, mode="reduce-overhead" if self.graphs else None)
-        if runtime.world > 1:
+        if runtime.world > 1 and not runtime.fsdp:
             # no buffer broadcast: each rank counts its own expert load until update_bias all-reduces it
             ids = [runtime.device.index] if runtime.device.type == "cuda" else None
             self.wrapped = nn.parallel.DistributedDataParallel(self.wrapped, device_ids=ids, broadcast_buffers=False)
@@ -972,10 +1039,9 @@ class Trainer:
         for micro in range(accum):
             first = (step * accum + micro) * self.global_batch + runtime.rank * cfg.batch_size
             x, y = self.stream.batch(first, cfg.batch_size)
-            sync = micro == accum - 1 or runtime.world == 1  # DDP all-reduces gradients on the last one
             if self.graphs:  # the previous step's outputs are dead: its graph's memory may be reused
                 torch.compiler.cudagraph_mark_step_begin()
-            with (contextlib.nullcontext() if sync else self.wrapped.no_sync()), runtime.autocast():
+            with self.gradient_sync(micro == accum - 1), runtime.autocast():
                 ce, lb, z = self.wrapped(x, targets=y)
                 loss = ce + cfg.balance_loss_weight * lb + cfg.z_loss_weight * z
                 self.scaler.scale(loss / accum).backward()
@@ -985,7 +1051,7 @@ class Trainer:
                 self.scaler.unscale_(o)
         # the norm doubles as the finiteness check; a non-finite step is skipped on the device
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
-        ok = torch.isfinite(norm)
+        ok = torch.isfinite(norm.full_tensor() if is_sharded(norm) else norm)  # FSDP: the norm over every shard
         if self.scaler.is_enabled():  # fp16: the scaler skips inf/NaN steps itself (and syncs to do so)
             for o in self.optimizers:
                 self.scaler.step(o)
@@ -1005,6 +1071,14 @@ class Trainer:
             if runtime.device.type == "cuda":
                 torch.cuda.synchronize()
             self.t_first = time.perf_counter()
+
+    def gradient_sync(self, last):
+        """DDP and FSDP reduce gradients after the last micro-batch of a step only."""
+        if self.runtime.fsdp:
+            self.model.set_requires_gradient_sync(last)
+        elif self.runtime.world > 1 and not last:
+            return self.wrapped.no_sync()
+        return contextlib.nullcontext()
 
     def log_losses(self, done, bar):
         """The host sync of a log interval: mean losses, throughput, skipped steps."""
@@ -1107,8 +1181,12 @@ class Trainer:
         saved = dataclasses.replace(self.progress, wall_s=self.progress.wall_s + time.perf_counter() - self.t_start,
                                     eval_s=self.progress.eval_s + self.t_aside,
                                     train_s=self.progress.train_s + self.segment_seconds())
+        # whole tensors: under FSDP every rank gathers every shard (a collective), then rank 0 writes
+        weights, optimizer_states = full_state(self.model.state_dict()), full_state([o.state_dict()
+                                                                                     for o in self.optimizers])
         if self.runtime.master:
-            save_checkpoint(self.ckpt_dir, self.model, self.optimizers, self.schedulers, self.scaler,
+            training = training_state(optimizer_states, self.schedulers, self.scaler, self.runtime.device)
+            save_checkpoint(self.ckpt_dir, weights, training,
                             {"name": self.name, "step": step, "progress": dataclasses.asdict(saved),
                              "running": running, "config": dataclasses.asdict(self.cfg)})
         if self.runtime.world > 1:
@@ -1193,13 +1271,18 @@ def evaluate(model, windows, runtime, batch_size):
     sums = torch.zeros(3, device=runtime.device, dtype=torch.float64)  # loss sum, correct, tokens
     moes = [m for m in model.modules() if isinstance(m, MoE)]
     routing_sums = [torch.zeros(m.E + 4, device=runtime.device) for m in moes]  # Routing.sums, added up
-    for i in range(0, len(shard), batch_size):
-        ids = torch.tensor(list(shard[i : i + batch_size]))
-        x, y = x_all[ids].to(runtime.device), y_all[ids].to(runtime.device)
+    batches = math.ceil(len(shard) / batch_size)
+    if runtime.fsdp:  # each forward all-gathers weights: every rank runs as many, counting only its own windows
+        batches = math.ceil(math.ceil(len(x_all) / runtime.world) / batch_size)
+    for i in range(0, batches * batch_size, batch_size):
+        ids = list(shard[i : i + batch_size])
+        x, y = x_all[ids or [0]].to(runtime.device), y_all[ids or [0]].to(runtime.device)
         with runtime.autocast():
             logits, routings = model.logits_and_routings(x)
-            for total, routing in zip(routing_sums, routings):
+            for total, routing in zip(routing_sums, routings) if ids else ():
                 total += routing.sums()
+        if not ids:  # a rank out of windows ran window 0 for the others' sake
+            continue
         logits = logits.float().flatten(0, 1)
         sums[0] += F.cross_entropy(logits, y.flatten(), reduction="sum")
         sums[1] += (logits.argmax(-1) == y.flatten()).sum()
@@ -1727,12 +1810,12 @@ def run_comparison(cfg, names, out_dir, cache_dir="data_cache", seeds=None, swee
     try:
         rows = train_jobs(state, run, data, runtime, metrics, plan, resume, log)
     except Interrupted as e:
-        if runtime.world > 1:
+        if dist.is_initialized():
             dist.destroy_process_group()
         log(f"checkpoint saved: {e.args[0]}\nresume with: python llm.py --resume {out_dir}")
         raise
     results = write_results(rows, state, grid, run, metrics.records, runtime, log)
-    if runtime.world > 1:
+    if dist.is_initialized():
         dist.destroy_process_group()
     return results
 
@@ -2798,13 +2881,21 @@ CKPT_KEEP = 2  # the newest and the one before it, in case the newest is damaged
 def checkpoint_path(ckpt_dir, step):
     return os.path.join(ckpt_dir, f"step-{step:07d}")
 
-def save_checkpoint(ckpt_dir, model, optimizers, schedulers, scaler, state):
-    """ckpt_dir/step-NNNNNNN/: weights (safetensors), optimizer, scheduler and RNG state (torch.save of
-    tensors and plain containers, loaded with weights_only=True), progress (JSON) and a manifest of
-    sha256 sums. Written into a temporary directory, fsynced, then renamed: a crash at any moment
+def training_state(optimizer_states, schedulers, scaler, device):
+    """What optim.pt holds: the optimizers' state dicts (whole tensors), the schedules', the grad
+    scaler's and the random generators'."""
+    return {"optimizers": optimizer_states, "schedulers": [s.state_dict() for s in schedulers],
+            "scaler": scaler.state_dict(), "rng": torch.get_rng_state(),
+            # this process's own generator: every rank is seeded alike and draws alike, so
+            # rank 0's state is each rank's (get_rng_state_all would hold the others' unused ones)
+            "cuda_rng": [torch.cuda.get_rng_state(device)] if device.type == "cuda" else []}
+
+def save_checkpoint(ckpt_dir, weights, training, state):
+    """ckpt_dir/step-NNNNNNN/: weights (name -> whole tensor, as safetensors), training_state (torch.save
+    of tensors and plain containers, loaded with weights_only=True), progress (JSON) and a manifest
+    of sha256 sums. Written into a temporary directory, fsynced, then renamed: a crash at any moment
     leaves the previous checkpoint whole."""
     import safetensors.torch
-    device = next(model.parameters()).device
     os.makedirs(ckpt_dir, exist_ok=True)
     for stale in glob.glob(os.path.join(ckpt_dir, ".tmp-*")):  # of a write that a kill interrupted
         shutil.rmtree(stale, ignore_errors=True)
@@ -2812,15 +2903,10 @@ def save_checkpoint(ckpt_dir, model, optimizers, schedulers, scaler, state):
     try:
         # serialized in memory and written by write_file, so that a full disk is an OSError naming the file
         optim = io.BytesIO()
-        torch.save({"optimizers": [o.state_dict() for o in optimizers],
-                    "schedulers": [s.state_dict() for s in schedulers], "scaler": scaler.state_dict(),
-                    "rng": torch.get_rng_state(),
-                    # this process's own generator: every rank is seeded alike and draws alike, so
-                    # rank 0's state is each rank's (get_rng_state_all would hold the others' unused ones)
-                    "cuda_rng": [torch.cuda.get_rng_state(device)] if device.type == "cuda" else []}, optim)
+        torch.save(training, optim)
         # the output head is the embedding itself (F.linear on embed.weight), so no tensor is shared
         files = {"model.safetensors": safetensors.torch.save({k: v.detach().contiguous().cpu()
-                                                              for k, v in model.state_dict().items()}),
+                                                              for k, v in weights.items()}),
                  "optim.pt": optim.getvalue(), "state.json": json.dumps(state).encode()}
         for name, data in files.items():
             write_file(os.path.join(tmp, name), data)
@@ -2872,20 +2958,28 @@ def read_progress(path):
     return progress, state.get("running", saved.get("running", [0.0, 0.0, 0.0]))
 
 def load_weights(path, model):
+    """A checkpoint's weights into model; into a sharded one (FSDP), each rank keeps its shards."""
     from safetensors.torch import load_file
-    device = str(next(model.parameters()).device)
-    model.load_state_dict(load_file(os.path.join(path, "model.safetensors"), device=device))
+    weights = load_file(os.path.join(path, "model.safetensors"), device=str(local_device(model)))
+    for name, target in model.state_dict().items():
+        if is_sharded(target):
+            weights[name] = shard_like(weights[name], target)
+    model.load_state_dict(weights)
 
 def restore_checkpoint(path, model, optimizers, schedulers, scaler):
     load_weights(path, model)
     saved = torch.load(os.path.join(path, "optim.pt"), map_location="cpu", weights_only=True)
     for o, sd in zip(optimizers, saved["optimizers"]):
         o.load_state_dict(sd)
+        for p, state in o.state.items():  # whole tensors; a sharded parameter's state is sharded alike
+            for k, v in state.items():
+                if is_sharded(p) and torch.is_tensor(v) and v.shape == p.shape:
+                    state[k] = shard_like(v, p)
     for s, sd in zip(schedulers, saved["schedulers"]):
         s.load_state_dict(sd)
     scaler.load_state_dict(saved["scaler"])
     torch.set_rng_state(saved["rng"])
-    device = next(model.parameters()).device
+    device = local_device(model)
     if saved["cuda_rng"] and device.type == "cuda":  # a list, this process's generator first
         torch.cuda.set_rng_state(saved["cuda_rng"][0], device)
 
@@ -3042,6 +3136,82 @@ def quiet(*args, **kwargs):
 
 
 # ----------------------------------------------------------------------------------------------
+# FSDP: sharding the model, and the collectives its optimizer step and checkpoints need
+
+def is_sharded(t):  # a DTensor: a parameter (or its gradient, or state) FSDP split over the ranks
+    from torch.distributed.tensor import DTensor
+    return isinstance(t, DTensor)
+
+def shard_model(model, runtime):
+    """FSDP2 in place: every block, then the root, fully_shard'ed over the world; each parameter is
+    split on its first dimension (an expert stack: whole experts per rank). On CUDA in bf16 the
+    blocks compute in bf16 and reduce gradients in fp32; on CPU everything stays fp32."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+    bf16 = runtime.device.type == "cuda" and runtime.dtype == torch.bfloat16
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else None
+    for block in model.blocks:
+        fully_shard(block, **({"mp_policy": policy} if policy else {}))
+    fully_shard(model, **({"mp_policy": policy} if policy else {}))
+    register_fsdp_forward_method(model, "logits_and_routings")  # evaluation calls it rather than forward
+    return model
+
+def full_state(value):
+    """value (a state dict, or a list of them) with every DTensor replaced by the whole tensor it
+    shards: a collective, so every rank calls it, with the same structure."""
+    if is_sharded(value):
+        return value.full_tensor()
+    if isinstance(value, dict):
+        return {k: full_state(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(full_state(v) for v in value)
+    return value
+
+def shard_like(whole, target):
+    """This rank's shard of a whole tensor, placed as target (a DTensor) is: every rank holds the whole
+    tensor (read from one checkpoint), so each cuts its own, without communication."""
+    from torch.distributed.tensor import distribute_tensor
+    return distribute_tensor(whole.to(target.device), target.device_mesh, target.placements, src_data_rank=None)
+
+def local_device(model):  # where a model's (or its shards') tensors live
+    p = next(model.parameters())
+    return p.to_local().device if is_sharded(p) else p.device
+
+def row_chunks(rows, world):  # FSDP's split of dim 0: torch.chunk's, ceil(rows / world) per rank
+    chunk = math.ceil(rows / world)
+    return chunk, [max(0, min(chunk, rows - r * chunk)) for r in range(world)]
+
+def gather_rows(locals_, shapes, owners):
+    """Each 2-D matrix whole on its owner rank, from the row shards every rank holds (padded to one
+    chunk, as a gather needs equal sizes). -> {index: full matrix} for the matrices this rank owns."""
+    rank, world, owned = dist.get_rank(), dist.get_world_size(), {}
+    for i, local in locals_.items():
+        (rows, cols), owner = shapes[i], owners[i]
+        chunk, sizes = row_chunks(rows, world)
+        padded = torch.cat([local, local.new_zeros(chunk - local.shape[0], cols)])
+        parts = [torch.empty_like(padded) for _ in range(world)] if rank == owner else None
+        dist.gather(padded, parts, dst=owner)
+        if rank == owner:
+            owned[i] = torch.cat([part[:n] for part, n in zip(parts, sizes)])
+    return owned
+
+def scatter_rows(done, locals_, shapes, owners):
+    """The inverse of gather_rows: each owner's full matrices (done) back to every rank as its row
+    shard, in the dtype of its own (locals_). -> {index: this rank's rows} for every matrix."""
+    rank, world, shards = dist.get_rank(), dist.get_world_size(), {}
+    for i, local in locals_.items():
+        (rows, cols), owner = shapes[i], owners[i]
+        chunk, sizes = row_chunks(rows, world)
+        parts = None
+        if rank == owner:
+            full = done[i].to(local.dtype)
+            parts = list(torch.cat([full, full.new_zeros(chunk * world - rows, cols)]).split(chunk))
+        out = local.new_empty(chunk, cols)
+        dist.scatter(out, parts, src=owner)
+        shards[i] = out[: sizes[rank]]
+    return shards
+
+
+# ----------------------------------------------------------------------------------------------
 # Processes, directories and locks
 
 def make_runtime(cfg):
@@ -3052,13 +3222,16 @@ def make_runtime(cfg):
         torch.set_float32_matmul_precision("high")  # TF32 for whatever runs outside autocast
     else:
         device = torch.device("cpu")
+    backend = "nccl" if device.type == "cuda" else "gloo"
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group(backend)
+    elif cfg.parallel == "fsdp" and not dist.is_initialized():  # FSDP on one process still needs a group
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "auto": torch.float32}[cfg.dtype]
     if cfg.dtype == "auto" and device.type == "cuda":
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() or cfg.parallel == "fsdp" else torch.float16
     compiled = cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda")
-    return Runtime(device=device, dtype=dtype, compile=compiled, rank=rank, world=world)
+    return Runtime(device=device, dtype=dtype, compile=compiled, rank=rank, world=world, fsdp=cfg.parallel == "fsdp")
 
 def make_dir(path, flag):
     """Create path (with its missing parents) and write a file in it, so that a path that cannot hold

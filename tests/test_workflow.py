@@ -850,20 +850,22 @@ def test_a_checkpoint_write_the_os_refuses_is_an_oserror_naming_the_file_and_lea
     optimizers = llm.make_optimizers(model, cfg)
     schedulers = [torch.optim.lr_scheduler.LambdaLR(o, lambda s: 1.0) for o in optimizers]
     scaler = torch.amp.GradScaler("cpu", enabled=False)
+    weights = model.state_dict()
+    training = llm.training_state([o.state_dict() for o in optimizers], schedulers, scaler, torch.device("cpu"))
     ckpt = tmp_path / "ckpt"
     soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
     previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG
     resource.setrlimit(resource.RLIMIT_FSIZE, (4096, hard))
     try:
         with pytest.raises(OSError) as raised:
-            llm.save_checkpoint(str(ckpt), model, optimizers, schedulers, scaler, {"step": 1})
+            llm.save_checkpoint(str(ckpt), weights, training, {"step": 1})
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
         signal.signal(signal.SIGXFSZ, previous)
     assert raised.value.strerror == os.strerror(errno.EFBIG)
     assert raised.value.filename.endswith("model.safetensors") and str(ckpt) in raised.value.filename
     assert os.listdir(ckpt) == []
-    path = llm.save_checkpoint(str(ckpt), model, optimizers, schedulers, scaler, {"step": 1})  # room again
+    path = llm.save_checkpoint(str(ckpt), weights, training, {"step": 1})  # room again
     assert llm.verify_checkpoint(path) is None
 
 
