@@ -175,6 +175,7 @@ class Config:
     cuda_graphs: bool = True  # compiled, 1 GPU, no accumulation: replay each step as CUDA graphs (fewer launches)
     parallel: str = one_of("ddp", "fsdp")  # ddp: every process holds the model | fsdp: weights, grads, state sharded
     activation_checkpointing: bool = False  # recompute each block's activations in backward: less memory, more compute
+    dist_timeout: float = positive(1800.0)  # torchrun: seconds a process waits for the others (the world, a collective)
 
     # evaluation and logging
     eval_every: int = positive(500)  # optimizer steps between evaluations (and one at the end)
@@ -1184,13 +1185,16 @@ class Trainer:
         # whole tensors: under FSDP every rank gathers every shard (a collective), then rank 0 writes
         weights, optimizer_states = full_state(self.model.state_dict()), full_state([o.state_dict()
                                                                                      for o in self.optimizers])
+        failure = None
         if self.runtime.master:
             training = training_state(optimizer_states, self.schedulers, self.scaler, self.runtime.device)
-            save_checkpoint(self.ckpt_dir, weights, training,
-                            {"name": self.name, "step": step, "progress": dataclasses.asdict(saved),
-                             "running": running, "config": dataclasses.asdict(self.cfg)})
-        if self.runtime.world > 1:
-            dist.barrier()
+            try:
+                save_checkpoint(self.ckpt_dir, weights, training,
+                                {"name": self.name, "step": step, "progress": dataclasses.asdict(saved),
+                                 "running": running, "config": dataclasses.asdict(self.cfg)})
+            except OSError as e:  # a full disk: every rank stops, not only rank 0
+                failure = e
+        share_outcome(self.runtime, failure)
         self.t_aside += time.perf_counter() - t0
         return checkpoint_path(self.ckpt_dir, step)
 
@@ -1762,6 +1766,16 @@ def plan_comparison(cfg, names, seeds, grid, data, world, upcycle_from=None, log
         plan.inits = {job.id: make_init(job.config) for job in jobs if job.config.moe_layer_ids()}
     return plan
 
+def prepare_and_plan(cfg, names, seeds, grid, upcycle_from, ladder, cache_dir, resumed, runtime, log):
+    """The data and the Plan, checked against each other (and, resumed: (its saved budget, its
+    out_dir), against the budget a resumed run started with) before new tokens are kept."""
+    data = prepare_data(cfg, cache_dir, log=log, keep=False)
+    plan = plan_comparison(cfg, names, seeds, grid, data, runtime.world, upcycle_from, log, ladder)
+    if resumed:
+        check_budget_kept(resumed[0], plan.budget_record(), resumed[1])
+    save_cache(data)
+    return data, plan
+
 def run_comparison(cfg, names, out_dir, cache_dir="data_cache", seeds=None, sweep=(), upcycle_from=None,
                    resume=False, argv=(), ladder=None):
     """Train every planned model (resuming finished and interrupted ones), print the table, write
@@ -1770,17 +1784,18 @@ def run_comparison(cfg, names, out_dir, cache_dir="data_cache", seeds=None, swee
     runtime, run, grid, seeds = make_runtime(cfg), RunDir(out_dir), parse_sweep(sweep), seeds or [cfg.seed]
     log = print if runtime.master else quiet
     saved = load_run(out_dir, "--resume") if resume else None
-    # the data, once: rank 0 tokenizes and keeps the tokens once the plan fits them; the other ranks
-    # then read them from the cache
-    if runtime.world > 1 and not runtime.master:
-        dist.barrier()
-    data = prepare_data(cfg, cache_dir, log=log, keep=False)
-    plan = plan_comparison(cfg, names, seeds, grid, data, runtime.world, upcycle_from, log, ladder)
-    if saved:
-        check_budget_kept(saved.budget, plan.budget_record(), out_dir)
-    save_cache(data)
-    if runtime.world > 1 and runtime.master:
-        dist.barrier()
+    # the data, once: rank 0 tokenizes and keeps the tokens once the plan fits them, then the other
+    # ranks read them from the cache; an error on rank 0 stops every rank, with its message
+    request = (cfg, names, seeds, grid, upcycle_from, ladder, cache_dir, saved and (saved.budget, out_dir))
+    failure = None
+    if runtime.master:
+        try:
+            data, plan = prepare_and_plan(*request, runtime, log)
+        except (UsageError, TrainingError, OSError) as e:
+            failure = e
+    share_outcome(runtime, failure)
+    if not runtime.master:
+        data, plan = prepare_and_plan(*request, runtime, log)
     if plan.upcycled_from:
         log(f"moe: upcycled from the dense model in {plan.upcycled_from}")
     print_plan(data, runtime, plan, ladder, log)
@@ -3136,6 +3151,54 @@ def quiet(*args, **kwargs):
 
 
 # ----------------------------------------------------------------------------------------------
+# Distributed: launching, a failure that stops every rank, FSDP sharding and its collectives
+
+LAUNCH_VARIABLES = ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")  # what torchrun sets beside WORLD_SIZE
+
+def check_launch(env):
+    """Refuse an incomplete launcher environment in one line: WORLD_SIZE without the rest of what
+    torchrun sets, or values that cannot be."""
+    if "WORLD_SIZE" not in env:
+        return
+    missing = [v for v in LAUNCH_VARIABLES if v not in env]
+    try:
+        world = int(env["WORLD_SIZE"])
+        rank, local_rank, port = (int(env.get(v, 0)) for v in ("RANK", "LOCAL_RANK", "MASTER_PORT"))
+    except ValueError:
+        raise UsageError(f"launch: WORLD_SIZE, RANK, LOCAL_RANK and MASTER_PORT must be integers; got "
+                         f"{', '.join(f'{v}={env.get(v)!r}' for v in ('WORLD_SIZE', *LAUNCH_VARIABLES))}") from None
+    if world > 1 and missing:
+        raise UsageError(f"launch: WORLD_SIZE is {world} but {', '.join(missing)} "
+                         f"{'is' if len(missing) == 1 else 'are'} not set; start it with torchrun --nproc_per_node "
+                         f"{world} llm.py ...")
+    if world < 1 or not 0 <= rank < world or local_rank < 0 or not (0 < port < 65536 or "MASTER_PORT" not in env):
+        raise UsageError(f"launch: RANK {rank} of WORLD_SIZE {world} (LOCAL_RANK {local_rank}, MASTER_PORT {port}) "
+                         f"cannot be")
+
+def share_outcome(runtime, failure):
+    """Rank 0's outcome to every rank: None, or the error it raised there, then raised on every rank
+    with rank 0's message (a UsageError exits 2, anything else 1), so that no rank waits for one
+    that has stopped. A collective: every rank calls it."""
+    if runtime.world > 1:
+        message = torch.zeros(1024, dtype=torch.uint8, device=runtime.device)  # kind, then UTF-8 text
+        if runtime.master and failure is not None:
+            text = first_line(failure).encode()[:1000]
+            message[0] = 2 if isinstance(failure, UsageError) else 1
+            message[1 : 1 + len(text)] = torch.frombuffer(bytearray(text), dtype=torch.uint8)
+        dist.broadcast(message, src=0)
+        kind = int(message[0])
+        if kind and not runtime.master:
+            text = bytes(message[1:].cpu().tolist()).rstrip(b"\0").decode(errors="replace")
+            raise (UsageError if kind == 2 else TrainingError)(f"rank 0 stopped the run: {text}")
+    if failure is not None:
+        raise failure
+
+def lost_a_peer(error):  # a collective's error on a rank whose peer stopped (or timed out)
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1 and (
+        isinstance(error, dist.DistError) or "closed by peer" in str(error) or "reset by peer" in str(error))
+
+
+# ----------------------------------------------------------------------------------------------
 # FSDP: sharding the model, and the collectives its optimizer step and checkpoints need
 
 def is_sharded(t):  # a DTensor: a parameter (or its gradient, or state) FSDP split over the ranks
@@ -3215,6 +3278,7 @@ def scatter_rows(done, locals_, shapes, owners):
 # Processes, directories and locks
 
 def make_runtime(cfg):
+    check_launch(os.environ)
     world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
     if torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
@@ -3222,9 +3286,13 @@ def make_runtime(cfg):
         torch.set_float32_matmul_precision("high")  # TF32 for whatever runs outside autocast
     else:
         device = torch.device("cpu")
-    backend = "nccl" if device.type == "cuda" else "gloo"
+    backend, timeout = "nccl" if device.type == "cuda" else "gloo", datetime.timedelta(seconds=cfg.dist_timeout)
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend)
+        try:
+            dist.init_process_group(backend, timeout=timeout)
+        except (RuntimeError, ValueError) as e:  # a rendezvous timeout is a DistStoreError, a RuntimeError
+            raise UsageError(f"launch: the {world} processes did not form a world within {cfg.dist_timeout:g} s "
+                             f"({first_line(e)}); start every rank with the same MASTER_ADDR and MASTER_PORT") from None
     elif cfg.parallel == "fsdp" and not dist.is_initialized():  # FSDP on one process still needs a group
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "auto": torch.float32}[cfg.dtype]
@@ -3562,12 +3630,14 @@ def start_comparison(argv, scaling=False):
         if len(argv) != 2:
             raise UsageError("--resume RUN_DIR takes no other options: the run keeps its own")
         state = load_run(argv[1], "--resume")
+        check_launch(os.environ)
         with claimed(argv[1], state.cache_dir, resume=True):
             run_comparison(state.base_config, state.models, argv[1], state.cache_dir, state.seeds, state.sweep,
                            state.upcycle_from, resume=True, argv=state.argv,
                            ladder=state.ladder and Ladder(**state.ladder))
         return 0
     cfg, names, preset, args = parse_config(argv, scaling)
+    check_launch(os.environ)
     if args.resume:
         raise UsageError("--resume RUN_DIR takes no other options: the run keeps its own")
     if args.preset is None and preset == "cpu":
@@ -3600,6 +3670,12 @@ def main(argv=None):
     except KeyboardInterrupt:  # a second Ctrl-C, or one before training started: nothing to save
         print("\nllm.py: interrupted", file=sys.stderr)
         return 130
+    except RuntimeError as e:  # torchrun: another rank stopped (its own message says why) or went silent
+        if not lost_a_peer(e):
+            raise
+        print(f"llm.py: rank {dist.get_rank()}: another process of this run stopped or timed out; stopping too "
+              f"({first_line(e)})", file=sys.stderr)
+        return 1
     return 0
 
 if __name__ == "__main__":
