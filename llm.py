@@ -925,6 +925,64 @@ def model_size(cfg, vocab_size=None):
                      weight_bytes=4 * total, grad_bytes=4 * total,
                      optimizer_bytes=4 * muon_params + 8 * (total - muon_params))
 
+@dataclass
+class MemoryPlan:
+    """Bytes one process holds while training (size --world N): the training state, sharded under FSDP."""
+    weights: int  # fp32
+    grads: int
+    optimizer: int
+    activations: int  # what a micro-batch's forward keeps for backward (activation_bytes)
+    gathered: int  # FSDP: the largest block's weights whole, twice (its own and the next one prefetched)
+
+    @property
+    def total(self):
+        return self.weights + self.grads + self.optimizer + self.activations + self.gathered
+
+def memory_plan(cfg, world=1):
+    """Per process: fp32 weights, gradients and optimizer state, each 1/world of the whole under
+    FSDP (every rank whole under DDP), the activations of one micro-batch, and under FSDP the
+    gathered weights in flight."""
+    size, share = model_size(cfg), world if cfg.parallel == "fsdp" else 1
+    with torch.device("meta"):
+        blocks = Transformer(cfg).blocks
+    largest = max(sum(p.numel() for p in block.parameters()) for block in blocks)
+    return MemoryPlan(math.ceil(size.weight_bytes / share), math.ceil(size.grad_bytes / share),
+                      math.ceil(size.optimizer_bytes / share), activation_bytes(cfg),
+                      2 * 2 * largest if cfg.parallel == "fsdp" else 0)
+
+def activation_bytes(cfg):
+    """Bytes the forward of one micro-batch keeps for its backward, counted on a fake model (shapes
+    only, no memory) under bf16 autocast and eager, as on CUDA without torch.compile (which fuses,
+    and keeps less): every tensor autograd saves, each storage once, weights excluded. With
+    activation_checkpointing: each block's input, plus the largest block's own while it is
+    recomputed, plus what lies outside the blocks (the embedding, the head, the loss), an upper
+    bound, as the head's are freed before the blocks' recomputations."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.autograd.graph import saved_tensors_hooks
+    with FakeTensorMode():
+        model = Transformer(dataclasses.replace(cfg, activation_checkpointing=False))  # training mode: dropout too
+        weights, seen, owner = {p.untyped_storage()._cdata for p in model.parameters()}, set(), [None]
+        saved = {i: 0 for i in [None, *range(cfg.n_layers)]}  # block index (None: outside) -> bytes
+
+        def pack(t):
+            storage = t.untyped_storage()
+            if storage._cdata not in weights and storage._cdata not in seen:
+                seen.add(storage._cdata)
+                saved[owner[0]] += storage.nbytes()
+            return t
+
+        for i, block in enumerate(model.blocks):
+            block.register_forward_pre_hook(lambda module, args, i=i: owner.__setitem__(0, i))
+            block.register_forward_hook(lambda module, args, out: owner.__setitem__(0, None))
+        idx = torch.zeros(cfg.batch_size, cfg.max_seq_len, dtype=torch.long)
+        with saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", dtype=torch.bfloat16):
+            model(idx, targets=idx)
+    blocks = [saved[i] for i in range(cfg.n_layers)]
+    if not cfg.activation_checkpointing:
+        return saved[None] + sum(blocks)
+    inputs = cfg.n_layers * cfg.batch_size * cfg.max_seq_len * cfg.d_model * 4  # the fp32 residual stream
+    return saved[None] + inputs + max(blocks)
+
 def dense_matched(cfg):
     """A dense config whose active non-embedding parameters equal the MoE config's within 1%."""
     target = model_size(cfg, 1).active_non_embedding
@@ -1107,7 +1165,10 @@ class Trainer:
 
     def healthy(self):
         """No run of non-finite steps under way, and finite weights: a state worth a checkpoint."""
-        finite = torch.stack([p.isfinite().all() for p in self.model.parameters()]).all()
+        shards = [p.to_local() if is_sharded(p) else p for p in self.model.parameters()]
+        finite = torch.stack([t.isfinite().all() for t in shards]).all().int()
+        if self.runtime.fsdp and self.runtime.world > 1:  # every rank must agree: a checkpoint is a collective
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
         return int(self.streak) == 0 and bool(finite)
 
     def segment_seconds(self):
@@ -1840,9 +1901,13 @@ def print_plan(data, runtime, plan, ladder, log):
     log(f"data: {data.source}, {meta['documents']} documents ({meta['val_documents']} held out), "
         f"train {len(data.train):,} tokens, val {len(data.val):,} tokens, tokenizer {data.tokenizer} "
         f"(vocab {data.vocab_size})")
+    graphs_off = runtime.fsdp and runtime.compile and cfg.cuda_graphs and runtime.device.type == "cuda"
     log(f"device: {runtime.device.type}, {str(runtime.dtype).replace('torch.', '')}, "
         f"compile {'on' if runtime.compile else 'off'}{' (CUDA graphs)' if uses_cuda_graphs(cfg, runtime) else ''}"
-        f"{f', {runtime.world} processes' if runtime.world > 1 else ''}")
+        f"{f', {runtime.world} processes' if runtime.world > 1 else ''}"
+        f"{', FSDP (weights, gradients and optimizer state sharded)' if runtime.fsdp else ''}"
+        f"{' (CUDA graphs off: FSDP gathers weights between them)' if graphs_off else ''}"
+        f"{', activation checkpointing' if cfg.activation_checkpointing else ''}")
     if ladder:
         print_ladder_plan(ladder, budget, jobs, log)
         return
@@ -2732,6 +2797,12 @@ class TrainingError(Exception):
 class Interrupted(Exception):
     """Ctrl-C: a checkpoint was saved at a step boundary; exit status 130."""
 
+class Stopped(Exception):
+    """This rank stopped because rank 0 did, and has said so; code: the exit status."""
+    def __init__(self, code):
+        super().__init__(code)
+        self.code = code
+
 class StopFlag:
     """Set by the first Ctrl-C; the training loop checks it between optimizer steps."""
     requested = False
@@ -3187,9 +3258,13 @@ def share_outcome(runtime, failure):
             message[1 : 1 + len(text)] = torch.frombuffer(bytearray(text), dtype=torch.uint8)
         dist.broadcast(message, src=0)
         kind = int(message[0])
-        if kind and not runtime.master:
+        if kind and not runtime.master:  # said here: torchrun stops every rank once rank 0 has exited
             text = bytes(message[1:].cpu().tolist()).rstrip(b"\0").decode(errors="replace")
-            raise (UsageError if kind == 2 else TrainingError)(f"rank 0 stopped the run: {text}")
+            print(f"llm.py: {'error: ' * (kind == 2)}rank 0 stopped the run: {text}", file=sys.stderr, flush=True)
+        if kind:
+            dist.barrier()  # rank 0 exits only after every rank has said why it stops
+        if kind and not runtime.master:
+            raise Stopped(kind)
     if failure is not None:
         raise failure
 
@@ -3584,7 +3659,11 @@ def experts_main(argv):
 def size_main(argv):
     p = build_parser(prog="llm.py size", description="Parameters, FLOPs per token and training memory of a "
                      "config, computed without building the model.", harness=False)
-    cfg = config_from_args(p.parse_args(argv))
+    p.add_argument("--world", type=int, default=1, help="processes (GPUs) to plan each one's memory for; with "
+                   "--parallel fsdp the training state is split over them")
+    args = p.parse_args(argv)
+    check_options(args, world=(lambda v: v >= 1, "must be at least 1"))
+    cfg = config_from_args(args)
     if not cfg.vocab_size:
         cfg = dataclasses.replace(cfg, vocab_size=49152)
         print("vocab_size 49152 assumed (the SmolLM tokenizer's); set --vocab_size for another")
@@ -3601,7 +3680,21 @@ def size_main(argv):
         print(f"  {k:<22} {getattr(size, k) / 2**20:>12,.1f} MiB")
     total = size.weight_bytes + size.grad_bytes + size.optimizer_bytes
     print(f"  {'training state':<22} {total / 2**20:>12,.1f} MiB (fp32, without activations)")
+    print_memory_plan(cfg, args.world)
     return 0
+
+def print_memory_plan(cfg, world):
+    plan, sharded = memory_plan(cfg, world), cfg.parallel == "fsdp"
+    print(f"per process, {world} process{'es' * (world > 1)} ({cfg.parallel}"
+          f"{', activation checkpointing' if cfg.activation_checkpointing else ''}):")
+    split = f"1/{world} of the whole" if sharded else "the whole on every process"
+    batch = f"batch {cfg.batch_size} x {cfg.max_seq_len}, bf16 autocast, eager; counted on a fake model"
+    for name, value, note in (("weights", plan.weights, f"fp32, {split}"), ("gradients", plan.grads, split),
+                              ("optimizer state", plan.optimizer, split), ("activations", plan.activations, batch),
+                              ("gathered weights", plan.gathered, "the largest block whole, twice, in bf16")):
+        if name != "gathered weights" or sharded:
+            print(f"  {name:<22} {value / 2**20:>12,.1f} MiB ({note})")
+    print(f"  {'total':<22} {plan.total / 2**20:>12,.1f} MiB (besides the allocator's and the framework's own)")
 
 SCALING_HELP = ("A ladder of sizes: at each rung the MoE and dense-matched, on the same data and batch order; "
                 "then loss against training FLOPs and seconds fitted for each family, and the compute multiplier.")
@@ -3665,6 +3758,8 @@ def main(argv=None):
     except OSError as e:  # generate, experts: a file that cannot be written (a comparison's are TrainingErrors)
         print(f"llm.py: {e.filename or 'a file'}: {e.strerror or e}", file=sys.stderr)
         return 1
+    except Stopped as e:
+        return e.code
     except Interrupted:
         return 130
     except KeyboardInterrupt:  # a second Ctrl-C, or one before training started: nothing to save

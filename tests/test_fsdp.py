@@ -1,0 +1,209 @@
+"""Past one process's memory: --parallel fsdp shards weights, gradients and optimizer state over
+the ranks (FSDP2, here 2 gloo processes on CPU) and trains the same model as DDP and as one
+process; Muon orthogonalises each sharded matrix once; checkpoints hold whole tensors, so an FSDP
+run resumes exactly under FSDP and on one process too; activation checkpointing moves no number;
+a launch that cannot work, or an error on one rank, stops every rank in one line."""
+
+import dataclasses
+import glob
+import json
+import os
+import re
+import resource
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+from helpers import ROOT, cpu_runtime, synthetic_data, tiny
+
+import llm
+
+pytestmark = pytest.mark.skipif(not llm.dist.is_available(), reason="this torch build has no torch.distributed")
+TIMEOUT = 300
+# dense and four MoE variants in one run: top-k, aux-free balance, shared experts, both
+MODELS = ["--models", "dense,moe", "--sweep", "balance=aux_loss,aux_free", "n_shared_experts=0,1"]
+
+
+def free_port():
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(args, nproc=2, env=None, check=True, preexec=None):
+    """llm.py under torchrun with nproc gloo processes; the completed process."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
+           "127.0.0.1", "--master_port", str(free_port()), *map(str, args)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **(env or {})}
+    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT, check=False,
+                       preexec_fn=preexec)
+    if check:
+        assert p.returncode == 0, f"exited {p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-6000:]}"
+    return p
+
+
+def rows(out_dir):
+    with open(os.path.join(out_dir, "results.json")) as f:
+        return {m["name"]: m for m in json.load(f)["models"]}
+
+
+@pytest.fixture(scope="module")
+def smoke(corpus_dir, tmp_path_factory):
+    cache = str(tmp_path_factory.mktemp("fsdp-cache"))
+    cfg, *_ = llm.parse_config(["--preset", "smoke", "--data", str(corpus_dir / "*.txt")])
+    llm.prepare_data(cfg, cache, log=lambda *a: None)  # before any launch: no two processes build it at once
+    return ["llm.py", "--preset", "smoke", "--data", str(corpus_dir / "*.txt"), "--cache_dir", cache,
+            "--max_steps", 20, "--eval_every", 10, "--ckpt_every", 10]
+
+
+@pytest.fixture(scope="module")
+def runs(smoke, tmp_path_factory):
+    """The same models trained three ways on the same global batch: out_dir of each."""
+    root = tmp_path_factory.mktemp("fsdp-runs")
+    out = {way: str(root / way) for way in ("fsdp", "ddp", "one")}
+    launch([*smoke, *MODELS, "--batch_size", 4, "--parallel", "fsdp", "--out_dir", out["fsdp"]])
+    launch([*smoke, *MODELS, "--batch_size", 4, "--out_dir", out["ddp"]])
+    assert llm.main([str(a) for a in smoke[1:]] + MODELS + ["--batch_size", "8", "--out_dir", out["one"]]) == 0
+    return out
+
+
+def test_fsdp_trains_every_variant_to_ddp_s_and_one_process_s_losses_over_20_steps(runs):
+    fsdp, ddp, one = (rows(runs[w]) for w in ("fsdp", "ddp", "one"))
+    assert len(fsdp) == 5 and fsdp.keys() == ddp.keys() == one.keys()
+    for name, row in fsdp.items():
+        assert row["steps"] == 20 and row["tokens"] == 20 * 8 * 64
+        # one process sums the global batch's gradients in another order: a dense model moves by
+        # 1e-8, a MoE by up to 4e-4, as a few near-tied router decisions flip
+        alone = 1e-6 if name == "dense" else 1e-3
+        for key in ("val_loss", "train_loss"):
+            assert row[key] == pytest.approx(ddp[name][key], rel=1e-6), (name, key)
+            assert row[key] == pytest.approx(one[name][key], rel=alone), (name, key)
+    with open(os.path.join(runs["fsdp"], "results.json")) as f:
+        assert json.load(f)["environment"]["world_size"] == 2
+
+
+def test_each_rank_holds_about_half_the_state_and_a_sharded_muon_step_equals_an_unsharded_one(tmp_path):
+    """3 experts on 2 ranks: rank 0 holds 2 of each stack, rank 1 one; each rank's parameters,
+    gradients and optimizer state together make the whole, each about half of it, as size plans."""
+    launch(["tests/fsdp_probe.py", tmp_path])
+    ranks = []
+    for r in (0, 1):
+        with open(tmp_path / f"rank{r}.json") as f:
+            ranks.append(json.load(f))
+    whole = ranks[0]["whole_params"]
+    assert [r["local_experts"] for r in ranks] == [2, 1]
+    assert sum(r["params"] for r in ranks) == sum(r["grads"] for r in ranks) == whole
+    for r in ranks:
+        assert 0.35 * whole < r["params"] < 0.65 * whole  # uneven only by the odd expert
+        assert r["plan"]["weights"] == pytest.approx(whole / 2, rel=1e-3)
+        assert 0.35 < r["optimizer"] / (2 * r["plan"]["optimizer"]) < 0.65
+        assert r["max_difference"] <= 1e-6  # Newton-Schulz once per matrix, on its owner: the same update
+
+
+def copy_with_pending(run, job, tmp_path, name):
+    """A copy of a finished run as a kill after the job's step-10 checkpoint would leave it."""
+    copy = str(tmp_path / name)
+    shutil.copytree(run, copy)
+    state = llm.load_run(copy)
+    for j in state.jobs:
+        if j.id == job:
+            j.status, j.row = "pending", None
+    state.save(llm.RunDir(copy))
+    shutil.rmtree(os.path.join(llm.RunDir(copy).ckpt(job), "step-0000020"))
+    return copy
+
+
+def test_an_fsdp_run_resumes_exactly_under_fsdp_and_within_tolerance_on_one_process(runs, tmp_path):
+    job = "moe[balance=aux_free,n_shared_experts=1]"
+    again = copy_with_pending(runs["fsdp"], job, tmp_path, "fsdp-again")
+    launch(["llm.py", "--resume", again])
+    assert (rows(again)[job]["val_loss"], rows(again)[job]["train_loss"]) == \
+        (rows(runs["fsdp"])[job]["val_loss"], rows(runs["fsdp"])[job]["train_loss"])
+    alone = copy_with_pending(runs["fsdp"], job, tmp_path, "one-process")
+    state = llm.load_run(alone)  # the same global batch on one process: 8 windows a step, not 4 a rank
+    state.base_config = dataclasses.replace(state.base_config, batch_size=8, parallel="ddp")
+    for j in state.jobs:
+        j.config = dataclasses.replace(j.config, batch_size=8, parallel="ddp")
+    state.save(llm.RunDir(alone))
+    assert llm.main(["--resume", alone]) == 0
+    assert rows(alone)[job]["val_loss"] == pytest.approx(rows(runs["fsdp"])[job]["val_loss"], rel=1e-3)
+
+
+def test_activation_checkpointing_moves_no_loss_and_plans_less_memory():
+    data = synthetic_data()
+    for kw in ({}, {"balance": "aux_free"}, {"routing": "expert_choice"}):
+        cfg = tiny(vocab_size=64, max_steps=8, eval_every=4, eval_batches=1, batch_size=4, noise_std=0.1,
+                   dropout=0.1, **kw)
+        plain = llm.train_model("m", cfg, data, cpu_runtime())
+        recomputed = llm.train_model("m", dataclasses.replace(cfg, activation_checkpointing=True), data, cpu_runtime())
+        assert (plain["val_loss"], plain["train_loss"]) == (recomputed["val_loss"], recomputed["train_loss"]), kw
+    seed = llm.Config(vocab_size=49152)
+    assert llm.activation_bytes(dataclasses.replace(seed, activation_checkpointing=True)) < \
+        0.6 * llm.activation_bytes(seed)
+
+
+def test_size_plans_each_process_s_memory_under_ddp_and_fsdp(capsys):
+    assert llm.main(["size", "--preset", "smoke", "--vocab_size", "512", "--world", "4", "--parallel", "fsdp"]) == 0
+    out = capsys.readouterr().out
+    size = llm.model_size(llm.Config(**llm.PRESETS["smoke"], vocab_size=512))
+    assert f"weights {size.weight_bytes / 4 / 2**20:,.1f} MiB (fp32, 1/4 of the whole)" in " ".join(out.split())
+    assert "gathered weights" in out and "activations" in out
+    assert llm.main(["size", "--preset", "smoke", "--vocab_size", "512", "--world", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "the whole on every process" in out and "gathered weights" not in out
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"WORLD_SIZE": "2"}, "launch: WORLD_SIZE is 2 but RANK, LOCAL_RANK, MASTER_ADDR, MASTER_PORT are not set"),
+    ({"WORLD_SIZE": "two", "RANK": "0"}, "launch: WORLD_SIZE, RANK, LOCAL_RANK and MASTER_PORT must be integers"),
+    ({"WORLD_SIZE": "2", "RANK": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"},
+     "launch: RANK 2 of WORLD_SIZE 2"),
+])
+def test_an_incomplete_launch_exits_2_in_one_line_before_anything_is_made(env, message, tmp_path):
+    p = subprocess.run([sys.executable, "llm.py", "--preset", "smoke", "--out_dir", tmp_path / "o", "--cache_dir",
+                        tmp_path / "c"], cwd=ROOT, env={**os.environ, **env}, capture_output=True, text=True,
+                       timeout=TIMEOUT, check=False)
+    assert p.returncode == 2 and p.stderr.strip().startswith(f"llm.py: error: {message}"), p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1 and not os.listdir(tmp_path)
+
+
+def test_a_world_that_does_not_form_exits_2_in_one_line_after_the_timeout(smoke, tmp_path):
+    env = {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(free_port())}
+    started = time.monotonic()
+    p = subprocess.run([sys.executable, *map(str, smoke), "--out_dir", tmp_path / "o", "--dist_timeout", "3"],
+                       cwd=ROOT, env={**os.environ, **env}, capture_output=True, text=True, timeout=TIMEOUT,
+                       check=False)
+    assert p.returncode == 2, p.stderr
+    (line,) = [line for line in p.stderr.splitlines() if line.startswith("llm.py")]
+    assert line.startswith("llm.py: error: launch: the 2 processes did not form a world within 3 s")
+    assert time.monotonic() - started < 60 and not (tmp_path / "o").exists()
+
+
+def test_an_error_on_rank_0_stops_every_rank_with_its_message_within_seconds(smoke, tmp_path):
+    """Rank 0 cannot write its first checkpoint (a file-size limit stands in for a full disk): both
+    ranks stop, rank 1 with rank 0's message, and nobody waits at a barrier."""
+    def small_files():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG, not a kill
+        resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, resource.RLIM_INFINITY))
+
+    started = time.monotonic()
+    p = launch([*smoke, "--models", "dense", "--ckpt_every", 5, "--parallel", "fsdp", "--out_dir", tmp_path / "o"],
+               check=False, preexec=small_files)
+    assert time.monotonic() - started < 120 and p.returncode != 0
+    # rank 0's progress bar ends without a newline, so a message may follow it on the same line
+    assert re.search(r"llm\.py: \S+model\.safetensors: File too large; resume with", p.stderr), p.stderr[-3000:]
+    assert re.search(r"llm\.py: rank 0 stopped the run: .*File too large", p.stderr), p.stderr[-3000:]
+    assert not glob.glob(str(tmp_path / "o" / "ckpt" / "*" / "step-*"))
+
+
+def test_fsdp_runs_compiled_and_says_how_it_runs(smoke, tmp_path):
+    p = launch([*smoke, "--models", "dense", "--max_steps", 2, "--parallel", "fsdp", "--compile", "on",
+                "--activation_checkpointing", "true", "--out_dir", tmp_path / "o"])
+    assert ("device: cpu, float32, compile on, 2 processes, FSDP (weights, gradients and optimizer state sharded), "
+            "activation checkpointing") in p.stdout
+    assert rows(tmp_path / "o")["dense"]["steps"] == 2
