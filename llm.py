@@ -10,6 +10,7 @@ the MoE's active compute.
     python llm.py --preset smoke           # a few seconds per model; what the tests run
     python llm.py --models moe,dense-matched --num_experts 16 --expert_top_k 2
     torchrun --nproc_per_node 8 llm.py     # DistributedDataParallel, one data shard per rank
+    torchrun --nproc_per_node 8 llm.py --parallel fsdp            # weights, gradients, optimizer state sharded
     python llm.py --resume runs/<timestamp>                       # continue an interrupted comparison
     python llm.py --seeds 42,43,44                                # mean +- std and Welch tests
     python llm.py --models moe --sweep num_experts=4,8,16 expert_top_k=1,2
