@@ -473,6 +473,14 @@ class Routing(NamedTuple):
         tokens = self.counts.new_tensor(self.shares.shape[0])
         return torch.cat([self.counts, torch.stack([tokens, entropy, z_sum, self.dropped.float()])])
 
+class Router(nn.Linear):
+    """Logits in fp32 whatever the dtype of x and of the weights. A module of its own: FSDP shards it
+    apart from its block, so that its weights are gathered in fp32 too, and gathers them when it is
+    called."""
+
+    def forward(self, x):  # (N, D) -> (N, E)
+        return F.linear(x.float(), self.weight.float())
+
 class MoE(nn.Module):
     """A mixture-of-experts FFN: a router, stacked expert weights, optional shared experts; forward is
     router -> dispatch -> experts -> combine, the routing mode (ROUTING_MODES, above) choosing the
@@ -494,7 +502,7 @@ class MoE(nn.Module):
         self.capacity_factor, self.noise_std = cfg.capacity_factor, cfg.noise_std
         self.norm_topk_prob = cfg.norm_topk_prob
         self.aux_free, self.bias_update_rate = cfg.balance == "aux_free", cfg.bias_update_rate
-        self.router = nn.Linear(cfg.d_model, cfg.num_experts, bias=False)
+        self.router = Router(cfg.d_model, cfg.num_experts, bias=False)
         # stacked like nn.Linear weights, (E, out, in), so each expert is one matrix for Muon
         self.w_up = nn.Parameter(torch.empty(cfg.num_experts, cfg.expert_ff * cfg.up_factor, cfg.d_model))
         self.w_down = nn.Parameter(torch.empty(cfg.num_experts, cfg.d_model, cfg.expert_ff))
@@ -526,7 +534,7 @@ class MoE(nn.Module):
 
     def route(self, x):  # (N, D) -> Routing
         with torch.autocast(x.device.type, enabled=False):  # routing decisions in fp32
-            logits = F.linear(x.float(), self.router.weight.float())  # (N, E)
+            logits = self.router(x)  # (N, E)
         scores, shares = self.score(logits)
         ranked = scores  # what the choice ranks: noise explores, the bias balances; gates stay clean
         if self.training and self.noise_std > 0:
@@ -933,23 +941,31 @@ class MemoryPlan:
     grads: int
     optimizer: int
     activations: int  # what a micro-batch's forward keeps for backward (activation_bytes)
-    gathered: int  # FSDP: the largest block's weights whole, twice (its own and the next one prefetched)
+    in_flight: int  # FSDP: what it gathers whole (see memory_plan); DDP on several processes: its gradient buckets
 
     @property
     def total(self):
-        return self.weights + self.grads + self.optimizer + self.activations + self.gathered
+        return self.weights + self.grads + self.optimizer + self.activations + self.in_flight
 
 def memory_plan(cfg, world=1):
     """Per process: fp32 weights, gradients and optimizer state, each 1/world of the whole under
-    FSDP (every rank whole under DDP), the activations of one micro-batch, and under FSDP the
-    gathered weights in flight."""
+    FSDP (every rank whole under DDP), the activations of one micro-batch, and in flight: under
+    FSDP the root's weights (the embedding and the last norm, gathered in fp32 and kept so from
+    forward to backward), the largest block's weights twice (its own and the next one's, prefetched;
+    in bf16 unless fp32) and its gradient whole in fp32 before the reduce-scatter; under DDP on
+    several processes its buckets, a copy of the gradients."""
     size, share = model_size(cfg), world if cfg.parallel == "fsdp" else 1
     with torch.device("meta"):
-        blocks = Transformer(cfg).blocks
-    largest = max(sum(p.numel() for p in block.parameters()) for block in blocks)
+        model = Transformer(cfg)
+    largest = max(sum(p.numel() for p in block.parameters()) for block in model.blocks)
+    root = sum(p.numel() for name, p in model.named_parameters() if not name.startswith("blocks."))
+    in_flight = 0
+    if cfg.parallel == "fsdp":
+        in_flight = 4 * root + 2 * (4 if cfg.dtype == "fp32" else 2) * largest + 4 * largest
+    elif world > 1:
+        in_flight = size.grad_bytes
     return MemoryPlan(math.ceil(size.weight_bytes / share), math.ceil(size.grad_bytes / share),
-                      math.ceil(size.optimizer_bytes / share), activation_bytes(cfg),
-                      2 * 2 * largest if cfg.parallel == "fsdp" else 0)
+                      math.ceil(size.optimizer_bytes / share), activation_bytes(cfg), in_flight)
 
 def activation_bytes(cfg):
     """Bytes the forward of one micro-batch keeps for its backward, counted on a fake model (shapes
@@ -1133,10 +1149,10 @@ class Trainer:
             self.t_first = time.perf_counter()
 
     def gradient_sync(self, last):
-        """DDP and FSDP reduce gradients after the last micro-batch of a step only."""
-        if self.runtime.fsdp:
-            self.model.set_requires_gradient_sync(last)
-        elif self.runtime.world > 1 and not last:
+        """DDP reduces gradients after the last micro-batch of a step only. FSDP reduce-scatters
+        after each, as it does unasked: between micro-batches no rank then holds a whole gradient
+        (more communication, 1/world of the memory)."""
+        if self.runtime.world > 1 and not self.runtime.fsdp and not last:
             return self.wrapped.no_sync()
         return contextlib.nullcontext()
 
@@ -1244,9 +1260,10 @@ class Trainer:
         saved = dataclasses.replace(self.progress, wall_s=self.progress.wall_s + time.perf_counter() - self.t_start,
                                     eval_s=self.progress.eval_s + self.t_aside,
                                     train_s=self.progress.train_s + self.segment_seconds())
-        # whole tensors: under FSDP every rank gathers every shard (a collective), then rank 0 writes
-        weights, optimizer_states = full_state(self.model.state_dict()), full_state([o.state_dict()
-                                                                                     for o in self.optimizers])
+        # whole tensors on rank 0's CPU (under FSDP gathered one at a time, by every rank), which writes them
+        keep = self.runtime.master
+        weights, optimizer_states = (full_state(self.model.state_dict(), keep),
+                                     full_state([o.state_dict() for o in self.optimizers], keep))
         failure = None
         if self.runtime.master:
             training = training_state(optimizer_states, self.schedulers, self.scaler, self.runtime.device)
@@ -1510,7 +1527,7 @@ def wrap_tokenizer(tok_object=None, name=None):
 
 def encode(tok, docs, budget):
     """Documents -> one token stream, EOS after each document, cut at `budget` tokens."""
-    eos = tok.eos_token_id if tok.eos_token_id is not None else tok.convert_tokens_to_ids(EOS)
+    eos = eos_id(tok)
     out, n = [], 0
     for i in range(0, len(docs), 256):
         for ids in tok(docs[i : i + 256], add_special_tokens=False)["input_ids"]:
@@ -1520,6 +1537,9 @@ def encode(tok, docs, budget):
         if n >= budget:
             break
     return np.concatenate(out)[:budget] if out else np.zeros(0, dtype=np.int64)
+
+def eos_id(tok):  # the token that ends each document
+    return tok.eos_token_id if tok.eos_token_id is not None else tok.convert_tokens_to_ids(EOS)
 
 def check_data_fits(data, cfg):
     """A validation window and two training windows of max_seq_len, at least, and room in the
@@ -1735,6 +1755,7 @@ class Budget:
     capped: bool  # steps < requested_steps: the data is short
     epochs: float  # passes over the training windows that steps make
     windows: int  # training windows per pass
+    step_windows: int | None = None  # windows per optimizer step: batch_size x processes x accumulation
 
 def plan_budget(cfg, jobs, train_tokens, world):
     """Cap every job at the same number of steps: the fewest that any job's max_epochs passes take (a
@@ -1743,8 +1764,25 @@ def plan_budget(cfg, jobs, train_tokens, world):
     jobs = [dataclasses.replace(job, config=dataclasses.replace(job.config, max_steps=min(job.config.max_steps, cap)))
             for job in jobs]
     windows, steps = windows_per_epoch(train_tokens, cfg.max_seq_len), min(cfg.max_steps, cap)
-    epochs = steps * cfg.batch_size * world * cfg.gradient_accumulation_steps / windows
-    return jobs, Budget(cfg.max_steps, cfg.max_epochs, steps, steps < cfg.max_steps, epochs, windows)
+    per_step = cfg.batch_size * world * cfg.gradient_accumulation_steps
+    return jobs, Budget(cfg.max_steps, cfg.max_epochs, steps, steps < cfg.max_steps, steps * per_step / windows,
+                        windows, per_step)
+
+def keep_step_windows(cfg, before, world, log):
+    """A run resumed on another number of processes: the per-process batch that keeps the windows
+    of each optimizer step (what its data order, schedule and budget count), or a UsageError when
+    the processes cannot split them evenly. before: the run's budget record."""
+    step_windows = (before or {}).get("rungs", [before or {}])[0].get("step_windows")
+    per_process = cfg.batch_size * world * cfg.gradient_accumulation_steps
+    if not step_windows or step_windows == per_process:
+        return cfg
+    batch, left = divmod(step_windows, world * cfg.gradient_accumulation_steps)
+    if left or not batch:
+        raise UsageError(f"--resume: the run's steps took {step_windows} windows each, which {world} processes "
+                         f"x {cfg.gradient_accumulation_steps} micro-batches cannot split evenly")
+    log(f"note: resumed on {world} process{'es' * (world > 1)}: batch_size {cfg.batch_size} -> {batch} per process, "
+        f"the same {step_windows} windows a step")
+    return dataclasses.replace(cfg, batch_size=batch)
 
 def check_budget_kept(before, now, out_dir):
     """A resumed run trains to the budget it started with (a run from before budgets were saved: no
@@ -1846,6 +1884,8 @@ def run_comparison(cfg, names, out_dir, cache_dir="data_cache", seeds=None, swee
     runtime, run, grid, seeds = make_runtime(cfg), RunDir(out_dir), parse_sweep(sweep), seeds or [cfg.seed]
     log = print if runtime.master else quiet
     saved = load_run(out_dir, "--resume") if resume else None
+    if saved:  # perhaps on another number of processes
+        cfg = keep_step_windows(cfg, saved.budget, runtime.world, log)
     # the data, once: rank 0 tokenizes and keeps the tokens once the plan fits them, then the other
     # ranks read them from the cache; an error on rank 0 stops every rank, with its message
     request = (cfg, names, seeds, grid, upcycle_from, ladder, cache_dir, saved and (saved.budget, out_dir))
@@ -2325,8 +2365,9 @@ def plan_ladder(cfg, ladder, seeds, train_tokens, world):
                              f"without MoE layers")
         wanted = max(1, math.ceil(ladder.tokens_per_param * model_size(rung).active / per_step))
         steps = min(wanted, epoch_steps(rung, train_tokens, world))
-        epochs = steps * per_step / cfg.max_seq_len / windows
-        budgets.append(Budget(wanted, cfg.max_epochs, steps, steps < wanted, epochs, windows))
+        step_windows = per_step // cfg.max_seq_len
+        budgets.append(Budget(wanted, cfg.max_epochs, steps, steps < wanted, steps * step_windows / windows, windows,
+                              step_windows))
     for seed in seeds:
         suffix = f"-s{seed}" if len(seeds) > 1 else ""
         for i, (value, budget) in enumerate(zip(ladder.values, budgets)):
@@ -2666,15 +2707,19 @@ def plot_scaling(result, path):
 def load_trained(run_dir, model, device, log=print):
     """A finished or checkpointed model of a run, by run id (moe, moe-s43) or name (first seed)."""
     state = load_run(run_dir, ranges=False)
-    job = next((j for j in state.jobs if j.id == model), None) or next((j for j in state.jobs if j.name == model), None)
-    if job is None:
-        raise UsageError(f"--model {model}: not in {run_dir}; it holds {', '.join(j.id for j in state.jobs)}")
+    job = find_job(state, model, run_dir)
     path, _ = latest_checkpoint(RunDir(run_dir).ckpt(job.id), log=log)
     if path is None:
         raise UsageError(f"--model {model}: {run_dir} has no intact checkpoint of it")
     net = Transformer(job.config).to(device).eval()
     load_weights(path, net)
     return net, job.config, state, path
+
+def find_job(state, model, run_dir):  # a run's job by id (moe-s43) or name (its first seed)
+    job = next((j for j in state.jobs if j.id == model), None) or next((j for j in state.jobs if j.name == model), None)
+    if job is None:
+        raise UsageError(f"--model {model}: not in {run_dir}; it holds {', '.join(j.id for j in state.jobs)}")
+    return job
 
 def load_tokenizer(run_dir, state):
     path = RunDir(run_dir).tokenizer
@@ -2776,7 +2821,6 @@ def plot_expert_load(layers, num_experts, path):
     ax.set_xlabel("expert")
     ax.set_ylabel("MoE layer")
     save_figure(fig, path)
-
 
 ################################################################################################
 # MACHINERY
@@ -3047,8 +3091,10 @@ def read_progress(path):
 def load_weights(path, model):
     """A checkpoint's weights into model; into a sharded one (FSDP), each rank keeps its shards."""
     from safetensors.torch import load_file
-    weights = load_file(os.path.join(path, "model.safetensors"), device=str(local_device(model)))
-    for name, target in model.state_dict().items():
+    targets = model.state_dict()
+    sharded = any(is_sharded(t) for t in targets.values())
+    weights = load_file(os.path.join(path, "model.safetensors"), device="cpu" if sharded else str(local_device(model)))
+    for name, target in targets.items():
         if is_sharded(target):
             weights[name] = shard_like(weights[name], target)
     model.load_state_dict(weights)
@@ -3057,11 +3103,13 @@ def restore_checkpoint(path, model, optimizers, schedulers, scaler):
     load_weights(path, model)
     saved = torch.load(os.path.join(path, "optim.pt"), map_location="cpu", weights_only=True)
     for o, sd in zip(optimizers, saved["optimizers"]):
-        o.load_state_dict(sd)
-        for p, state in o.state.items():  # whole tensors; a sharded parameter's state is sharded alike
+        params = [p for group in o.param_groups for p in group["params"]]  # the state dict's indices
+        for index, state in sd["state"].items():  # a sharded parameter's state: sharded alike, on the CPU
+            p = params[index]
             for k, v in state.items():
                 if is_sharded(p) and torch.is_tensor(v) and v.shape == p.shape:
                     state[k] = shard_like(v, p)
+        o.load_state_dict(sd)
     for s, sd in zip(schedulers, saved["schedulers"]):
         s.load_state_dict(sd)
     scaler.load_state_dict(saved["scaler"])
@@ -3254,7 +3302,7 @@ def share_outcome(runtime, failure):
     if runtime.world > 1:
         message = torch.zeros(1024, dtype=torch.uint8, device=runtime.device)  # kind, then UTF-8 text
         if runtime.master and failure is not None:
-            text = first_line(failure).encode()[:1000]
+            text = first_line(failure).encode()[:1000] or b"?"
             message[0] = 2 if isinstance(failure, UsageError) else 1
             message[1 : 1 + len(text)] = torch.frombuffer(bytearray(text), dtype=torch.uint8)
         dist.broadcast(message, src=0)
@@ -3283,33 +3331,44 @@ def is_sharded(t):  # a DTensor: a parameter (or its gradient, or state) FSDP sp
 
 def shard_model(model, runtime):
     """FSDP2 in place: every block, then the root, fully_shard'ed over the world; each parameter is
-    split on its first dimension (an expert stack: whole experts per rank). On CUDA in bf16 the
-    blocks compute in bf16 and reduce gradients in fp32; on CPU everything stays fp32."""
+    split on its first dimension (an expert stack: whole experts per rank). In bf16 the blocks'
+    weights are gathered in bf16 and their gradients reduced in fp32; in fp32 everything stays fp32."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
-    bf16 = runtime.device.type == "cuda" and runtime.dtype == torch.bfloat16
-    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else None
+    policy = MixedPrecisionPolicy()  # fp32 weights gathered, autocast (if any) computing as under DDP
+    if runtime.dtype == torch.bfloat16:  # gathered and computed in bf16, gradients reduced in fp32; the
+        # residual stream between blocks stays fp32, as it does under autocast
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32, cast_forward_inputs=False)
     for block in model.blocks:
-        fully_shard(block, **({"mp_policy": policy} if policy else {}))
-    fully_shard(model, **({"mp_policy": policy} if policy else {}))
+        if block.is_moe:  # routing decisions in fp32: the router's weights gathered in fp32
+            fully_shard(block.ffn.router)
+        fully_shard(block, mp_policy=policy)
+    fully_shard(model)  # the embedding (the tied head) and the last norm in fp32, as autocast keeps them
     register_fsdp_forward_method(model, "logits_and_routings")  # evaluation calls it rather than forward
     return model
 
-def full_state(value):
-    """value (a state dict, or a list of them) with every DTensor replaced by the whole tensor it
-    shards: a collective, so every rank calls it, with the same structure."""
-    if is_sharded(value):
-        return value.full_tensor()
+def full_state(value, keep):
+    """value (a state dict, or a list of them) with every tensor whole and on the CPU, where keep
+    (rank 0: it writes them), else None. A DTensor is gathered one at a time, so no rank's device
+    ever holds more than one whole tensor: a collective, every rank calls it alike."""
+    if torch.is_tensor(value):
+        whole = value.full_tensor() if is_sharded(value) else value
+        return whole.detach().cpu() if keep else None
     if isinstance(value, dict):
-        return {k: full_state(v) for k, v in value.items()}
+        return {k: full_state(v, keep) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return type(value)(full_state(v) for v in value)
+        return type(value)(full_state(v, keep) for v in value)
     return value
 
 def shard_like(whole, target):
-    """This rank's shard of a whole tensor, placed as target (a DTensor) is: every rank holds the whole
-    tensor (read from one checkpoint), so each cuts its own, without communication."""
-    from torch.distributed.tensor import distribute_tensor
-    return distribute_tensor(whole.to(target.device), target.device_mesh, target.placements, src_data_rank=None)
+    """This rank's shard of a whole tensor (read from a checkpoint, on the CPU), placed as target (a
+    DTensor FSDP split on dim 0) is: each rank cuts its own rows on the CPU and moves only those."""
+    from torch.distributed.tensor import DTensor, Shard
+    assert tuple(target.placements) == (Shard(0),), target.placements
+    mesh = target.device_mesh
+    chunks = whole.chunk(mesh.size())
+    local = chunks[mesh.get_local_rank()] if mesh.get_local_rank() < len(chunks) else whole[:0]
+    return DTensor.from_local(local.to(target.to_local().device), mesh, target.placements, run_check=False,
+                              shape=whole.shape, stride=whole.stride())
 
 def local_device(model):  # where a model's (or its shards') tensors live
     p = next(model.parameters())
@@ -3367,13 +3426,15 @@ def make_runtime(cfg):
         try:
             dist.init_process_group(backend, timeout=timeout)
         except (RuntimeError, ValueError) as e:  # a rendezvous timeout is a DistStoreError, a RuntimeError
-            raise UsageError(f"launch: the {world} processes did not form a world within {cfg.dist_timeout:g} s "
-                             f"({first_line(e)}); start every rank with the same MASTER_ADDR and MASTER_PORT") from None
+            raise UsageError(f"launch: the {world} processes could not form a world (waiting at most "
+                             f"{cfg.dist_timeout:g} s: {first_line(e)}); start every rank with the same MASTER_ADDR "
+                             f"and a free MASTER_PORT") from None
     elif cfg.parallel == "fsdp" and not dist.is_initialized():  # FSDP on one process still needs a group
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "auto": torch.float32}[cfg.dtype]
     if cfg.dtype == "auto" and device.type == "cuda":
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() or cfg.parallel == "fsdp" else torch.float16
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32 if cfg.parallel == "fsdp" \
+            else torch.float16  # FSDP here has no fp16 grad scaler
     compiled = cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda")
     return Runtime(device=device, dtype=dtype, compile=compiled, rank=rank, world=world, fsdp=cfg.parallel == "fsdp")
 
@@ -3513,7 +3574,8 @@ def build_parser(prog="llm.py", description=None, harness=True, scaling=False):
                             "default) or one each")
     if harness:
         p.add_argument("--resume", default=None, metavar="RUN_DIR",
-                       help="continue an interrupted comparison (no other options)")
+                       help="continue an interrupted comparison (no other options but --parallel; any number of "
+                            "processes that splits its steps' windows evenly)")
     group = p.add_argument_group("config fields (defaults: the dataclass, before the preset)")
     defaults = Config()
     # the comment beside each field in Config is its help text: one place to document a knob
@@ -3569,6 +3631,10 @@ def parse_config(argv, scaling=False):
             raise UsageError("--sweep varies the moe model: include moe in --models")
         if any(spec.partition("=")[0] == "max_epochs" for spec in args.sweep):
             raise UsageError("--sweep max_epochs: it caps every model of a comparison alike; run one per value")
+        for name in ("parallel", "dist_timeout"):
+            if any(spec.partition("=")[0] == name for spec in args.sweep):
+                raise UsageError(f"--sweep {name}: it sets how the run's processes work, for every model; run one "
+                                 f"per value")
         for point in parse_sweep(args.sweep):
             if not dataclasses.replace(cfg, **point).validate().moe_layer_ids():
                 raise UsageError(f"--sweep: the point {point} leaves the moe model without MoE layers")
@@ -3690,10 +3756,12 @@ def print_memory_plan(cfg, world):
           f"{', activation checkpointing' if cfg.activation_checkpointing else ''}):")
     split = f"1/{world} of the whole" if sharded else "the whole on every process"
     batch = f"batch {cfg.batch_size} x {cfg.max_seq_len}, bf16 autocast, eager; counted on a fake model"
+    flight = ("the root whole, the largest block's weights twice and its gradient once" if sharded
+              else "DDP's gradient buckets")
     for name, value, note in (("weights", plan.weights, f"fp32, {split}"), ("gradients", plan.grads, split),
                               ("optimizer state", plan.optimizer, split), ("activations", plan.activations, batch),
-                              ("gathered weights", plan.gathered, "the largest block whole, twice, in bf16")):
-        if name != "gathered weights" or sharded:
+                              ("in flight", plan.in_flight, flight)):
+        if name != "in flight" or value:
             print(f"  {name:<22} {value / 2**20:>12,.1f} MiB ({note})")
     print(f"  {'total':<22} {plan.total / 2**20:>12,.1f} MiB (besides the allocator's and the framework's own)")
 
@@ -3721,9 +3789,12 @@ def start_comparison(argv, scaling=False):
     if argv and argv[0].startswith("--resume="):  # the one-word form argparse also accepts
         argv = ["--resume", argv[0].partition("=")[2], *argv[1:]]
     if argv and argv[0] == "--resume":
-        if len(argv) != 2:
-            raise UsageError("--resume RUN_DIR takes no other options: the run keeps its own")
+        rest = " ".join(argv[2:]).replace("--parallel=", "--parallel ").split()
+        if len(argv) < 2 or rest and (len(rest) != 2 or rest[0] != "--parallel"):
+            raise UsageError("--resume RUN_DIR takes no other options but --parallel ddp|fsdp: the run keeps its own")
         state = load_run(argv[1], "--resume")
+        if rest:  # the same run, its processes holding the model whole (ddp) or sharded (fsdp)
+            state.base_config = dataclasses.replace(state.base_config, parallel=rest[1]).validate()
         check_launch(os.environ)
         with claimed(argv[1], state.cache_dir, resume=True):
             run_comparison(state.base_config, state.models, argv[1], state.cache_dir, state.seeds, state.sweep,
@@ -3772,6 +3843,9 @@ def main(argv=None):
         print(f"llm.py: rank {dist.get_rank()}: another process of this run stopped or timed out; stopping too "
               f"({first_line(e)})", file=sys.stderr)
         return 1
+    finally:  # a run that stopped on an error took its process group down with it
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
     return 0
 
 if __name__ == "__main__":

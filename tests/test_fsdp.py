@@ -102,6 +102,10 @@ def test_each_rank_holds_about_half_the_state_and_a_sharded_muon_step_equals_an_
         assert r["plan"]["weights"] == pytest.approx(whole / 2, rel=1e-3)
         assert 0.35 < r["optimizer"] / (2 * r["plan"]["optimizer"]) < 0.65
         assert r["max_difference"] <= 1e-6  # Newton-Schulz once per matrix, on its owner: the same update
+        assert r["skipped_change"] == 0.0  # a NaN on rank 1 skipped the step on every rank
+    # each matrix (every expert of every stack counted) orthogonalised once, on one rank
+    assert ranks[0]["orthogonalised"] + ranks[1]["orthogonalised"] == ranks[0]["matrices"]
+    assert 0 < ranks[0]["orthogonalised"] < ranks[0]["matrices"]
 
 
 def copy_with_pending(run, job, tmp_path, name):
@@ -123,14 +127,24 @@ def test_an_fsdp_run_resumes_exactly_under_fsdp_and_within_tolerance_on_one_proc
     launch(["llm.py", "--resume", again])
     assert (rows(again)[job]["val_loss"], rows(again)[job]["train_loss"]) == \
         (rows(runs["fsdp"])[job]["val_loss"], rows(runs["fsdp"])[job]["train_loss"])
-    alone = copy_with_pending(runs["fsdp"], job, tmp_path, "one-process")
-    state = llm.load_run(alone)  # the same global batch on one process: 8 windows a step, not 4 a rank
-    state.base_config = dataclasses.replace(state.base_config, batch_size=8, parallel="ddp")
-    for j in state.jobs:
-        j.config = dataclasses.replace(j.config, batch_size=8, parallel="ddp")
-    state.save(llm.RunDir(alone))
-    assert llm.main(["--resume", alone]) == 0
+    alone = copy_with_pending(runs["fsdp"], job, tmp_path, "one-process")  # 2 processes of 4 windows each
+    assert llm.main(["--resume", alone, "--parallel", "ddp"]) == 0  # one process of 8: the same global batch
     assert rows(alone)[job]["val_loss"] == pytest.approx(rows(runs["fsdp"])[job]["val_loss"], rel=1e-3)
+    assert rows(alone)[job]["config"]["batch_size"] == 8 and rows(alone)[job]["config"]["parallel"] == "ddp"
+
+
+def test_bf16_fsdp_with_accumulation_and_activation_checkpointing_trains_as_bf16_ddp(smoke, tmp_path):
+    """bf16 autocast on CPU: FSDP gathers the blocks' weights in bf16 (the router's and the root's in
+    fp32) and reduce-scatters every micro-batch; DDP casts under autocast and reduces once."""
+    args = [*smoke, "--models", "dense,moe", "--max_steps", 10, "--dtype", "bf16", "--batch_size", 2,
+            "--gradient_accumulation_steps", 2]
+    launch([*args, "--out_dir", tmp_path / "ddp"])
+    launch([*args, "--parallel", "fsdp", "--activation_checkpointing", "true", "--out_dir", tmp_path / "fsdp"])
+    ddp, fsdp = rows(tmp_path / "ddp"), rows(tmp_path / "fsdp")
+    for name in ("dense", "moe"):
+        assert fsdp[name]["tokens"] == ddp[name]["tokens"] == 10 * 8 * 64
+        for key in ("val_loss", "train_loss"):
+            assert fsdp[name][key] == pytest.approx(ddp[name][key], rel=1e-4), (name, key)
 
 
 def test_activation_checkpointing_moves_no_loss_and_plans_less_memory():
@@ -151,10 +165,10 @@ def test_size_plans_each_process_s_memory_under_ddp_and_fsdp(capsys):
     out = capsys.readouterr().out
     size = llm.model_size(llm.Config(**llm.PRESETS["smoke"], vocab_size=512))
     assert f"weights {size.weight_bytes / 4 / 2**20:,.1f} MiB (fp32, 1/4 of the whole)" in " ".join(out.split())
-    assert "gathered weights" in out and "activations" in out
+    assert "in flight" in out and "the root whole, the largest block's weights twice" in out
     assert llm.main(["size", "--preset", "smoke", "--vocab_size", "512", "--world", "4"]) == 0
     out = capsys.readouterr().out
-    assert "the whole on every process" in out and "gathered weights" not in out
+    assert "the whole on every process" in out and "DDP's gradient buckets" in out
 
 
 @pytest.mark.parametrize("env, message", [
@@ -180,7 +194,7 @@ def test_a_world_that_does_not_form_exits_2_in_one_line_after_the_timeout(smoke,
                        check=False)
     assert p.returncode == 2, p.stderr
     (line,) = [line for line in p.stderr.splitlines() if line.startswith("llm.py")]
-    assert line.startswith("llm.py: error: launch: the 2 processes did not form a world within 3 s")
+    assert line.startswith("llm.py: error: launch: the 2 processes could not form a world (waiting at most 3 s")
     assert time.monotonic() - started < 60 and not (tmp_path / "o").exists()
 
 

@@ -82,7 +82,7 @@ def test_a_capped_run_says_so_before_training_gives_every_model_the_same_budget_
             "21 steps (3.91 passes); --max_epochs 0 lifts the cap") in before_training
     results = read_json(out / "results.json")
     assert results["budget"] == {"requested_steps": 30, "max_epochs": 4.0, "steps": 21, "capped": True,
-                                 "epochs": pytest.approx(21 * 8 / 43), "windows": 43}
+                                 "epochs": pytest.approx(21 * 8 / 43), "windows": 43, "step_windows": 8}
     assert results["config"]["max_steps"] == 30  # the run's config is what was asked for
     for row in results["models"]:
         assert row["steps"] == 21 and row["config"]["max_steps"] == 21
