@@ -215,6 +215,30 @@ def test_an_error_on_rank_0_stops_every_rank_with_its_message_within_seconds(smo
     assert not glob.glob(str(tmp_path / "o" / "ckpt" / "*" / "step-*"))
 
 
+def test_an_error_on_rank_1_alone_ends_every_rank_within_seconds(smoke, tmp_path):
+    """Rank 1 fails mid-training (a sitecustomize makes its fourth loss raise) while rank 0 waits in a
+    collective: torchrun ends rank 0 too, and the run exits non-zero with rank 1's message."""
+    inject = tmp_path / "inject"
+    inject.mkdir()
+    (inject / "sitecustomize.py").write_text(
+        "import os\n"
+        "if os.environ.get('RANK') == '1':\n"
+        "    import torch.nn.functional as F\n"
+        "    real, calls = F.cross_entropy, []\n"
+        "    def failing(*args, **kwargs):\n"
+        "        calls.append(1)\n"
+        "        if len(calls) > 3:\n"
+        "            raise RuntimeError('injected failure on rank 1')\n"
+        "        return real(*args, **kwargs)\n"
+        "    F.cross_entropy = failing\n")
+    path = os.pathsep.join(filter(None, [str(inject), os.environ.get("PYTHONPATH")]))
+    started = time.monotonic()
+    p = launch([*smoke, "--models", "dense", "--parallel", "fsdp", "--out_dir", tmp_path / "o"], check=False,
+               env={"PYTHONPATH": path})
+    assert time.monotonic() - started < 120 and p.returncode != 0
+    assert "injected failure on rank 1" in p.stderr, p.stderr[-3000:]
+
+
 def test_fsdp_runs_compiled_and_says_how_it_runs(smoke, tmp_path):
     p = launch([*smoke, "--models", "dense", "--max_steps", 2, "--parallel", "fsdp", "--compile", "on",
                 "--activation_checkpointing", "true", "--out_dir", tmp_path / "o"])
