@@ -17,6 +17,7 @@ the MoE's active compute.
     python llm.py generate --run runs/<timestamp> --model moe --prompt "ROMEO:"
     python llm.py experts --run runs/<timestamp>                  # what each expert prefers
     python llm.py size --preset seed                              # params, FLOPs, memory of a config
+    python llm.py export --run runs/<timestamp> --model moe --out hf/moe   # a Hugging Face model
     python llm.py scaling                                         # a ladder of sizes: the compute multiplier
 
 Every field of Config is a flag (`--d_model 512`); `python llm.py --help` lists them. Results go
@@ -2822,6 +2823,246 @@ def plot_expert_load(layers, num_experts, path):
     ax.set_ylabel("MoE layer")
     save_figure(fig, path)
 
+
+# ----------------------------------------------------------------------------------------------
+# Using trained models: export to Hugging Face
+#
+# An export is a directory that transformers loads with a stock class, no code of ours: the class
+# that holds the model exactly, its config, our weights named and laid out as it expects, the
+# tokenizer and a model card. Where a stock class computes differently, the weights absorb it:
+# - RoPE: torchtune rotates adjacent pairs (2i, 2i+1); Llama and Qwen2-MoE rotate halves (i, i+hd/2).
+#   Each head's q and k rows, reordered evens then odds, make theirs rotate what ours did; q and k
+#   move alike, so no attention score changes. Ernie-4.5 rotates adjacent pairs, as we do.
+# - We scale the embedding by sqrt(d_model) on the way in and tie the head to it: the export's input
+#   embedding is the scaled table, its head the plain one, untied.
+# - Qwen2-MoE multiplies its shared expert by sigmoid(a learned gate): a zero gate gives 1/2, and
+#   the shared expert's down weights doubled make it 1, exactly (both are powers of two).
+# - aux_free's selection bias: Ernie-4.5-MoE adds one to the softmax scores for selection only, as
+#   we do; Qwen2-MoE has none.
+
+@dataclass(frozen=True)
+class HFClass:
+    """A stock transformers class an export can write: what it cannot hold exactly, its config, and
+    where our MoE layer's weights go in it."""
+    config: str  # its config class in transformers
+    moe: bool  # it holds models with MoE layers (else dense ones)
+    refuse: Callable  # (cfg, expert_bias) -> [(what it cannot hold exactly, the option that would fit)]
+    fields: Callable  # cfg -> its config's fields besides the common ones (hf_config)
+    moe_weights: Callable | None = None  # (cfg, our MoE layer's state, its prefix) -> its weights
+    rotates_halves: bool = True  # RoPE on (i, i + hd/2): q and k rows reordered
+
+def rope_halves(w, heads):  # (heads * hd, D) -> the same rows, each head's evens then its odds
+    return w.unflatten(0, (heads, -1, 2)).transpose(1, 2).flatten(0, 2)
+
+def ffn_weights(cfg, up, down, prefix):
+    """A dense FFN's weights: gated (our up holds the gate's rows, then the up's) or not."""
+    if cfg.up_factor == 2:
+        gate, up = up.chunk(2)
+        return {prefix + "gate_proj.weight": gate, prefix + "up_proj.weight": up, prefix + "down_proj.weight": down}
+    return {prefix + "up_proj.weight": up, prefix + "down_proj.weight": down}
+
+def qwen2_moe_weights(cfg, ours, prefix):
+    F_shared = cfg.n_shared_experts * cfg.expert_ff
+    up, down = ours.get("shared.up.weight"), ours.get("shared.down.weight")
+    if up is None:  # Qwen2-MoE always has a shared expert: an empty one adds 0
+        up, down = torch.zeros(2 * F_shared, cfg.d_model), torch.zeros(cfg.d_model, F_shared)
+    return {prefix + "gate.weight": ours["router.weight"], prefix + "experts.gate_up_proj": ours["w_up"],
+            prefix + "experts.down_proj": ours["w_down"],
+            prefix + "shared_expert_gate.weight": torch.zeros(1, cfg.d_model),  # sigmoid(0) = 1/2 ...
+            **ffn_weights(cfg, up, 2 * down, prefix + "shared_expert.")}  # ... times 2 = 1
+
+def ernie_moe_weights(cfg, ours, prefix):
+    out = {prefix + "gate.weight": ours["router.weight"], prefix + "gate.moe_statics.e_score_correction_bias":
+           ours["expert_bias"][None], prefix + "experts.gate_up_proj": ours["w_up"],
+           prefix + "experts.down_proj": ours["w_down"]}
+    if cfg.n_shared_experts:
+        out |= ffn_weights(cfg, ours["shared.up.weight"], ours["shared.down.weight"], prefix + "shared_experts.")
+    return out
+
+def every_kth(ids):
+    """Sorted layer ids as Ernie-4.5-MoE places MoE layers: (start, end, interval), the ids being the
+    i in [start, end] with (i + 1) % interval == 0; or None where no such triple gives them."""
+    step = ids[1] - ids[0] if len(ids) > 1 else ids[0] + 1
+    if all(b - a == step for a, b in itertools.pairwise(ids)) and (ids[0] + 1) % step == 0:
+        return ids[0], ids[-1], step
+    return None
+
+def moe_refusals(cfg):  # what no stock MoE class holds
+    out = []
+    if cfg.ffn != "swiglu":
+        out.append((f"experts of ffn {cfg.ffn}: every stock MoE class has gated experts", "--ffn swiglu"))
+    if cfg.routing != "topk":
+        out.append((f"routing {cfg.routing}: stock classes route top-k with no capacity", "--routing topk"))
+    if cfg.router_score != "softmax":
+        out.append((f"router_score {cfg.router_score}: these stock classes score by softmax", "--router_score softmax"))
+    return out
+
+def qwen2_moe_refusals(cfg, expert_bias):
+    out = moe_refusals(cfg)
+    if expert_bias.any():
+        out.append(("a selection bias (aux_free): Qwen2-MoE has none", "--balance aux_loss"))
+    return out
+
+def ernie_moe_refusals(cfg, expert_bias):
+    out = moe_refusals(cfg)
+    if cfg.expert_top_k < 2 or not cfg.norm_topk_prob:
+        out.append(("gates not renormalised: Ernie-4.5-MoE renormalises every token's gates",
+                    "--norm_topk_prob true --expert_top_k 2 or more"))
+    if every_kth(cfg.moe_layer_ids()) is None:
+        out.append((f"MoE layers {cfg.moe_layer_ids()}: Ernie-4.5-MoE puts them every k-th layer of a range",
+                    "--moe_layers all or alternate"))
+    return out
+
+def ernie_fields(cfg):
+    start, end, interval = every_kth(cfg.moe_layer_ids())
+    return {"intermediate_size": cfg.d_ff, "moe_intermediate_size": cfg.expert_ff, "moe_k": cfg.expert_top_k,
+            "moe_num_experts": cfg.num_experts, "moe_num_shared_experts": cfg.n_shared_experts,
+            "moe_layer_start_index": start, "moe_layer_end_index": end, "moe_layer_interval": interval,
+            "use_bias": False}
+
+HF_CLASSES = {
+    "LlamaForCausalLM": HFClass(
+        "LlamaConfig", moe=False, refuse=lambda cfg, bias: [] if cfg.ffn == "swiglu" else
+        [(f"ffn {cfg.ffn}: Llama's MLP is gated", "--ffn swiglu")],
+        fields=lambda cfg: {"intermediate_size": cfg.d_ff, "attention_bias": False, "mlp_bias": False}),
+    "ArceeForCausalLM": HFClass(  # Llama with an up -> act -> down MLP
+        "ArceeConfig", moe=False, refuse=lambda cfg, bias: [] if cfg.ffn == "silu" else
+        [(f"ffn {cfg.ffn}: Arcee's MLP is up -> SiLU -> down", "--ffn silu")],
+        fields=lambda cfg: {"intermediate_size": cfg.d_ff, "attention_bias": False, "mlp_bias": False}),
+    "Qwen2MoeForCausalLM": HFClass(
+        "Qwen2MoeConfig", moe=True, refuse=qwen2_moe_refusals, moe_weights=qwen2_moe_weights,
+        fields=lambda cfg: {
+            "intermediate_size": cfg.d_ff, "moe_intermediate_size": cfg.expert_ff, "num_experts": cfg.num_experts,
+            "num_experts_per_tok": cfg.expert_top_k, "norm_topk_prob": cfg.norm_topk_prob and cfg.expert_top_k > 1,
+            "shared_expert_intermediate_size": cfg.n_shared_experts * cfg.expert_ff, "decoder_sparse_step": 1,
+            "mlp_only_layers": [i for i in range(cfg.n_layers) if i not in cfg.moe_layer_ids()],
+            "qkv_bias": False, "use_sliding_window": False}),
+    "Ernie4_5_MoeForCausalLM": HFClass(
+        "Ernie4_5_MoeConfig", moe=True, refuse=ernie_moe_refusals, fields=ernie_fields,
+        moe_weights=ernie_moe_weights, rotates_halves=False),
+}
+
+def export_class(cfg, state, name):
+    """The name of the first stock class (HF_CLASSES) that holds the model exactly, or a UsageError
+    that says why each one cannot, with the option to train with instead."""
+    moe_ids = cfg.moe_layer_ids()
+    bias = torch.stack([state[f"blocks.{i}.ffn.expert_bias"] for i in moe_ids]) if moe_ids else torch.zeros(0)
+    why = {}
+    for cls, hf in HF_CLASSES.items():
+        if hf.moe == bool(moe_ids):
+            why[cls] = hf.refuse(cfg, bias)
+            if not why[cls]:
+                return cls
+    raise UsageError(f"export: no stock transformers class holds {name} exactly: " + "; ".join(
+        f"{cls} cannot hold " + ", ".join(f"{r} (train with {fix})" for r, fix in reasons)
+        for cls, reasons in why.items()))
+
+def hf_config(cfg, cls, eos):
+    """The stock class's config for cfg; eos: the end-of-text id, also its bos and pad."""
+    import transformers
+    common = {"vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model, "num_hidden_layers": cfg.n_layers,
+              "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.kv_heads, "head_dim": cfg.head_dim,
+              "max_position_embeddings": cfg.max_seq_len, "hidden_act": "silu", "attention_dropout": 0.0,
+              "rms_norm_eps": torch.finfo(torch.float32).eps,  # nn.RMSNorm's default, in fp32
+              "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_base},
+              "tie_word_embeddings": False, "bos_token_id": eos, "eos_token_id": eos, "pad_token_id": eos}
+    return getattr(transformers, HF_CLASSES[cls].config)(**common, **HF_CLASSES[cls].fields(cfg))
+
+def hf_weights(cfg, cls, state):
+    """Our whole state dict, named and laid out as the stock class cls expects."""
+    hf, hd, moe_ids = HF_CLASSES[cls], cfg.head_dim, cfg.moe_layer_ids()
+    rope = rope_halves if hf.rotates_halves else lambda w, heads: w
+    out = {"model.embed_tokens.weight": state["embed.weight"] * math.sqrt(cfg.d_model),
+           "lm_head.weight": state["embed.weight"], "model.norm.weight": state["norm.weight"]}
+    for i in range(cfg.n_layers):
+        ours, theirs = f"blocks.{i}.", f"model.layers.{i}."
+        q, k, v = state[ours + "attn.qkv.weight"].split([cfg.n_heads * hd, cfg.kv_heads * hd, cfg.kv_heads * hd])
+        out |= {theirs + "self_attn.q_proj.weight": rope(q, cfg.n_heads),
+                theirs + "self_attn.k_proj.weight": rope(k, cfg.kv_heads), theirs + "self_attn.v_proj.weight": v,
+                theirs + "self_attn.o_proj.weight": state[ours + "attn.proj.weight"],
+                theirs + "input_layernorm.weight": state[ours + "norm1.weight"],
+                theirs + "post_attention_layernorm.weight": state[ours + "norm2.weight"]}
+        if i in moe_ids:
+            layer = {k.removeprefix(ours + "ffn."): v for k, v in state.items() if k.startswith(ours + "ffn.")}
+            out |= hf.moe_weights(cfg, layer, theirs + "mlp.")
+        else:
+            out |= ffn_weights(cfg, state[ours + "ffn.up.weight"], state[ours + "ffn.down.weight"], theirs + "mlp.")
+    return {k: v.contiguous() for k, v in out.items()}
+
+EXPORT_TOLERANCE = 1e-4  # the export's logits may differ from ours by this much, relative to the largest one
+
+def write_export(model, cfg, cls, tok, out):
+    """The stock class's model (config, generation config, weights in fp32) and the tokenizer, into
+    out; then out loaded back as a user would, and its logits compared with ours. Returns the
+    largest |difference| and the largest |logit| (ours) on a fixed batch of random tokens."""
+    import transformers
+    with warnings.catch_warnings():  # an empty shared expert (Qwen2-MoE's, when we have none) is meant
+        warnings.filterwarnings("ignore", "Initializing zero-element tensors")
+        with torch.device("meta"):  # no initialisation: every weight is ours
+            hf = transformers.AutoModelForCausalLM.from_config(hf_config(cfg, cls, eos_id(tok)), dtype=torch.float32)
+        hf.load_state_dict(hf_weights(cfg, cls, model.state_dict()), strict=True, assign=True)
+        hf.save_pretrained(out)
+        tok.model_max_length = cfg.max_seq_len
+        tok.save_pretrained(out)
+        theirs = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    idx = torch.randint(cfg.vocab_size, (2, min(64, cfg.max_seq_len)), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours = model(idx)[0]  # (B, T, V)
+        return (theirs(idx).logits - ours).abs().max().item(), ours.abs().max().item()
+
+def model_card(run_dir, job, state, cls, path, gap, out):
+    """README.md of an export: what was trained, on what, its val loss, and the commands."""
+    cfg, size, data, row = job.config, model_size(job.config), state.dataset or {}, job.row or {}
+    loss = (f"{row['val_loss']:.4f} nats per token, the whole held-out set after {row['steps']:,} steps"
+            if job.status == "done" else f"not measured: the run stopped before its final evaluation ({path})")
+    command = "scaling " * (state.ladder is not None) + shlex.join(state.argv)
+    changed = ["the input embedding holds our sqrt(d_model) scale, and the head, tied in training, is its own copy"]
+    if HF_CLASSES[cls].rotates_halves:
+        changed.insert(0, "each head's q and k rows are reordered (evens, then odds) for the class's RoPE, which "
+                          "rotates halves where ours rotated adjacent pairs")
+    if cls == "Qwen2MoeForCausalLM":
+        changed.append("the shared expert's sigmoid gate has zero weights (1/2) and its output weights are doubled"
+                       if cfg.n_shared_experts else "the class's shared expert is empty: it adds 0")
+    if cls == "Ernie4_5_MoeForCausalLM":
+        changed.append("aux_free's selection bias is the router's e_score_correction_bias")
+    tags = "\n".join(f"- {t}" for t in ["llm.py", *["mixture-of-experts"] * bool(cfg.moe_layer_ids())])
+    return f"""---
+library_name: transformers
+pipeline_tag: text-generation
+tags:
+{tags}
+---
+
+# {job.id} of {run_dir}
+
+{describe(job.name, cfg)}.
+
+Trained by llm.py and exported as `{cls}`: transformers loads it with no
+code of ours (fp32 weights).
+
+| | |
+|---|---|
+| parameters | {size.total:,} total, {size.active:,} active per token |
+| data | {data.get("source", "?")}: {data.get("train_tokens", 0):,} training tokens; \
+{data.get("val_tokens", 0):,} held out as whole documents |
+| tokenizer | {data.get("tokenizer", "?")}, vocabulary {cfg.vocab_size:,}; context {cfg.max_seq_len} tokens |
+| val loss | {loss} |
+| trained with | `python llm.py {command}` |
+| exported with | `python llm.py export --run {shlex.quote(run_dir)} --model {shlex.quote(job.id)} \
+--out {shlex.quote(out)}` |
+| checked | fp32 logits within {gap:.1e} of llm.py's, on 2 x {min(64, cfg.max_seq_len)} random tokens |
+
+```python
+from transformers import AutoModelForCausalLM, AutoTokenizer
+tok = AutoTokenizer.from_pretrained("{out}")
+model = AutoModelForCausalLM.from_pretrained("{out}")
+```
+
+What the conversion changed, each exactly:
+{chr(10).join(f"- {c}." for c in changed)}
+"""
+
+
 ################################################################################################
 # MACHINERY
 #
@@ -3768,7 +4009,45 @@ def print_memory_plan(cfg, world):
 SCALING_HELP = ("A ladder of sizes: at each rung the MoE and dense-matched, on the same data and batch order; "
                 "then loss against training FLOPs and seconds fitted for each family, and the compute multiplier.")
 
-SUBCOMMANDS = {"generate": generate_main, "experts": experts_main, "size": size_main,
+def export_main(argv):
+    p = Parser(prog="llm.py export", description="A trained model as a Hugging Face model directory: a stock "
+               "transformers class that holds it exactly, its weights, the tokenizer and a model card; loaded back "
+               "and its logits compared with ours before it is kept.")
+    p.add_argument("--run", required=True, help="a run directory")
+    p.add_argument("--model", default="moe", help="run id or model name, e.g. moe, dense, moe-s43")
+    p.add_argument("--out", required=True, help="the directory to write; it must not exist yet")
+    a = p.parse_args(argv)
+    out = os.path.abspath(a.out)
+    if os.path.lexists(out):
+        raise UsageError(f"--out {a.out}: exists already; export writes a new directory")
+    if not os.path.isdir(os.path.dirname(out)):
+        raise UsageError(f"--out {a.out}: its parent directory does not exist")
+    model, cfg, state, path = load_trained(a.run, a.model, torch.device("cpu"))
+    job = find_job(state, a.model, a.run)
+    cls = export_class(cfg, model.state_dict(), job.id)  # a refusal comes before anything is written
+    tok = load_tokenizer(a.run, state)
+    import transformers
+    transformers.utils.logging.disable_progress_bar()
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.", dir=os.path.dirname(out))
+    try:  # written beside out, then renamed: out holds a whole, checked export or nothing
+        gap, scale = write_export(model, cfg, cls, tok, tmp)
+        if not gap <= EXPORT_TOLERANCE * max(1.0, scale):
+            raise TrainingError(f"export: {cls}'s logits differ from ours by up to {gap:.3g} (largest logit "
+                                f"{scale:.3g}); nothing written")
+        write_file(os.path.join(tmp, "README.md"), model_card(a.run, job, state, cls, path, gap, a.out).encode())
+        umask = os.umask(0)
+        os.umask(umask)
+        for name in os.listdir(tmp):  # as any new file would be, not mkdtemp's owner-only
+            os.chmod(os.path.join(tmp, name), 0o666 & ~umask)
+        os.chmod(tmp, 0o777 & ~umask)
+        os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    print(f"wrote {a.out}: {cls}, {job.id} of {a.run} ({path}); logits within {gap:.1e} of ours")
+    return 0
+
+SUBCOMMANDS = {"generate": generate_main, "experts": experts_main, "size": size_main, "export": export_main,
                "scaling": lambda argv: start_comparison(argv, scaling=True)}
 
 def check_apart(out_dir, cache_dir):

@@ -1,0 +1,251 @@
+"""`llm.py export`: a trained model as a Hugging Face directory that stock transformers classes load
+offline, with our logits, our greedy generations and our tokenizer; and the kinds no stock class
+holds exactly, refused in one line.
+
+Every run here is a smoke run on the `corpus_dir` fixture, a few steps long: the weights need not be
+good, only trained (a routed expert's bias moves, norms leave 1).
+"""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+import transformers
+
+import llm
+
+# Qwen2-MoE's shared expert, empty where ours has none, warns as transformers builds it
+pytestmark = pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")
+
+SUPPORTED = {  # run -> its extra flags and models; each model's export class is checked below
+    "gated": ["--ffn", "swiglu", "--n_layers", "4", "--moe_layers", "alternate", "--n_kv_heads", "2",
+              "--models", "dense,moe"],
+    "shared": ["--ffn", "swiglu", "--n_shared_experts", "1", "--norm_topk_prob", "false", "--moe_layers", "1",
+               "--models", "moe"],
+    "plain": ["--models", "dense,moe"],  # ffn silu: a dense Arcee; its MoE is refused
+    "aux_free": ["--ffn", "swiglu", "--balance", "aux_free", "--n_shared_experts", "1", "--models", "moe"],
+    # each point is refused: capacity routing, expert choice, a sigmoid score, a bias with top-1 gates
+    "routing": ["--ffn", "swiglu", "--models", "moe", "--sweep", "routing=switch,expert_choice"],
+    "bias": ["--ffn", "swiglu", "--balance", "aux_free", "--models", "moe", "--sweep",
+             "router_score=softmax,sigmoid", "expert_top_k=1"],
+}
+
+KINDS = [  # (run, model, stock class): every kind the issue names
+    ("plain", "dense", "ArceeForCausalLM"),  # dense, non-gated SiLU
+    ("gated", "dense", "LlamaForCausalLM"),  # dense SwiGLU, GQA
+    ("gated", "moe", "Qwen2MoeForCausalLM"),  # SwiGLU MoE in alternate layers, GQA, renormalised gates
+    ("shared", "moe", "Qwen2MoeForCausalLM"),  # a shared expert, gates not renormalised, MoE in layer 1 only
+    ("aux_free", "moe", "Ernie4_5_MoeForCausalLM"),  # aux_free's trained selection bias, a shared expert
+]
+
+
+def run_main(argv):
+    try:
+        return llm.main([str(a) for a in argv])
+    except SystemExit as e:  # argparse's own errors
+        return e.code
+
+
+def error_lines(err):
+    return [line for line in err.splitlines() if line.startswith("llm.py")]
+
+
+@pytest.fixture(scope="module")
+def smoke(corpus_dir, tmp_path_factory):
+    cache = str(tmp_path_factory.mktemp("export-cache"))
+    return ["--preset", "smoke", "--data", str(corpus_dir / "*.txt"), "--cache_dir", cache, "--eval_every", 10]
+
+
+@pytest.fixture(scope="module")
+def runs(smoke, tmp_path_factory):
+    root = tmp_path_factory.mktemp("export-runs")
+    out = {}
+    for name, flags in SUPPORTED.items():
+        out[name] = str(root / name)
+        steps = 10 if name in ("gated", "shared", "plain", "aux_free") else 2
+        assert run_main(smoke + ["--max_steps", steps, "--out_dir", out[name], *flags]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def exports(runs, tmp_path_factory):
+    """Each supported kind exported once: (run, model) -> its directory."""
+    root, out = tmp_path_factory.mktemp("exports"), {}
+    for run, model, _ in KINDS:
+        out[run, model] = str(root / f"{run}-{model}")
+        assert run_main(["export", "--run", runs[run], "--model", model, "--out", out[run, model]]) == 0
+    return out
+
+
+def ours(runs, run, model):
+    net, cfg, state, _ = llm.load_trained(runs[run], model, torch.device("cpu"), log=lambda *a: None)
+    return net, cfg, state
+
+
+def held_out_windows(state, cfg, n=4):
+    data = llm.prepare_data(state.base_config, state.cache_dir, log=lambda *a: None)
+    inputs, _ = llm.eval_windows(data.val, cfg.max_seq_len, limit=n)
+    return torch.as_tensor(np.asarray(inputs), dtype=torch.long)
+
+
+@pytest.mark.parametrize("run, model, cls", KINDS)
+def test_the_export_loads_offline_as_its_stock_class_and_gives_our_fp32_logits_on_held_out_windows(
+        runs, exports, run, model, cls):
+    with open(os.path.join(exports[run, model], "config.json")) as f:
+        assert json.load(f)["architectures"] == [cls]
+    hf = transformers.AutoModelForCausalLM.from_pretrained(exports[run, model], dtype=torch.float32).eval()
+    assert type(hf).__name__ == cls
+    net, cfg, state = ours(runs, run, model)
+    idx = held_out_windows(state, cfg)
+    with torch.no_grad():
+        gap = (hf(idx).logits - net(idx)[0]).abs().max().item()
+    assert gap <= 1e-4
+
+
+def test_the_aux_free_bias_reaches_the_export_and_changes_what_it_routes(runs, exports):
+    """torchtitan #3557: an export that drops the bias routes differently. Here it is carried, and
+    dropping it again moves the logits: the test above would catch its loss."""
+    net, cfg, state = ours(runs, "aux_free", "moe")
+    assert all(b.ffn.expert_bias.any() for b in net.blocks if b.is_moe)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(exports["aux_free", "moe"], dtype=torch.float32).eval()
+    idx = held_out_windows(state, cfg)
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if name.endswith("e_score_correction_bias"):
+                p.zero_()
+        assert (hf(idx).logits - net(idx)[0]).abs().max().item() > 1e-3
+
+
+@pytest.mark.parametrize("run, model, cls", KINDS)
+def test_hf_greedy_generation_gives_the_tokens_of_llm_py_generate_top_k_1(runs, exports, run, model, cls, capsys):
+    prompt, n = "ab cd ef", 16
+    assert run_main(["generate", "--run", runs[run], "--model", model, "--prompt", prompt, "--top_k", 1,
+                     "--max_new_tokens", n]) == 0
+    ours_text = capsys.readouterr().out.rstrip("\n")
+    tok = transformers.AutoTokenizer.from_pretrained(exports[run, model])
+    hf = transformers.AutoModelForCausalLM.from_pretrained(exports[run, model], dtype=torch.float32).eval()
+    ids = tok(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    theirs = hf.generate(ids, do_sample=False, max_new_tokens=n)[0]
+    net, *_ = ours(runs, run, model)
+    mine = llm.generate(net, ids, n, temperature=0)[0]
+    # transformers stops at the end-of-text token; llm.py generates on past it
+    assert theirs.tolist() == mine[: len(theirs)].tolist()
+    assert len(theirs) == len(mine) or theirs[-1].item() == tok.eos_token_id
+    if len(theirs) == len(mine):
+        assert tok.decode(theirs, skip_special_tokens=True) == ours_text
+
+
+def test_the_tokenizer_goes_with_the_model_and_round_trips_text_to_the_same_ids(runs, exports):
+    text = "ab cd ef, gh ij!\nkl <|endoftext|> mn"
+    state = llm.load_run(runs["gated"], ranges=False)
+    mine = llm.load_tokenizer(runs["gated"], state)
+    theirs = transformers.AutoTokenizer.from_pretrained(exports["gated", "dense"])
+    ids = theirs(text, add_special_tokens=False)["input_ids"]
+    assert ids == mine(text, add_special_tokens=False)["input_ids"]
+    assert theirs.decode(ids) == text
+    with open(os.path.join(exports["gated", "dense"], "config.json")) as f:
+        config = json.load(f)
+    assert theirs.eos_token == llm.EOS and config["eos_token_id"] == theirs.eos_token_id == llm.eos_id(mine)
+
+
+def test_a_hub_tokenizer_is_saved_beside_the_model(smoke, corpus_dir, tmp_path):
+    """A local stand-in for a Hub tokenizer: a fast tokenizer directory given as --tokenizer."""
+    docs = [p.read_text() for p in sorted(corpus_dir.glob("*.txt"))]
+    hub = llm.wrap_tokenizer(llm.train_bpe(docs, 300))
+    hub.save_pretrained(tmp_path / "hub-tokenizer")
+    run, out = tmp_path / "run", tmp_path / "export"
+    assert run_main(smoke + ["--models", "dense", "--ffn", "swiglu", "--max_steps", 2, "--out_dir", run,
+                             "--tokenizer", tmp_path / "hub-tokenizer", "--vocab_size", 0]) == 0
+    assert run_main(["export", "--run", run, "--model", "dense", "--out", out]) == 0
+    text = "xy zw, ab"
+    theirs = transformers.AutoTokenizer.from_pretrained(out)
+    assert theirs(text)["input_ids"] == hub(text)["input_ids"]
+
+
+@pytest.mark.parametrize("run, model, message", [
+    ("plain", "moe", "experts of ffn silu: every stock MoE class has gated experts (train with --ffn swiglu)"),
+    ("routing", "moe[routing=switch]",
+     "routing switch: stock classes route top-k with no capacity (train with --routing topk)"),
+    ("routing", "moe[routing=expert_choice]", "routing expert_choice"),
+    ("bias", "moe[router_score=sigmoid,expert_top_k=1]", "router_score sigmoid"),
+    ("bias", "moe[router_score=softmax,expert_top_k=1]",
+     "a selection bias (aux_free): Qwen2-MoE has none (train with --balance aux_loss)"),
+    ("bias", "moe[router_score=softmax,expert_top_k=1]", "Ernie-4.5-MoE renormalises every token's gates"),
+])
+def test_a_kind_no_stock_class_holds_exactly_exits_2_in_one_line_and_writes_nothing(
+        runs, tmp_path, run, model, message, capsys):
+    out = tmp_path / "export"
+    assert run_main(["export", "--run", runs[run], "--model", model, "--out", out]) == 2
+    lines = error_lines(capsys.readouterr().err)
+    assert len(lines) == 1 and "no stock transformers class holds" in lines[0] and message in lines[0]
+    assert os.listdir(tmp_path) == []
+
+
+def test_an_export_whose_logits_differ_from_ours_is_never_written(runs, tmp_path, monkeypatch, capsys):
+    """Without the RoPE row permutation Llama's logits differ: export says so, exit 1, no directory."""
+    monkeypatch.setattr(llm, "rope_halves", lambda w, heads: w)
+    assert run_main(["export", "--run", runs["gated"], "--model", "dense", "--out", tmp_path / "export"]) == 1
+    lines = error_lines(capsys.readouterr().err)
+    assert len(lines) == 1 and "LlamaForCausalLM's logits differ from ours" in lines[0]
+    assert "nothing written" in lines[0]
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "gpt5"], "--model gpt5: not in"),
+    (["--out", "{exists}"], "exists already"),
+    (["--out", "{missing}/export"], "its parent directory does not exist"),
+])
+def test_bad_export_arguments_exit_2_in_one_line(runs, tmp_path, args, message, capsys):
+    (tmp_path / "exists").mkdir()
+    args = [a.format(exists=tmp_path / "exists", missing=tmp_path / "missing") for a in args]
+    argv = ["export", "--run", runs["gated"], "--model", "dense", "--out", tmp_path / "new", *args]
+    assert run_main(argv) == 2
+    lines = error_lines(capsys.readouterr().err)
+    assert len(lines) == 1 and message in lines[0]
+    assert sorted(os.listdir(tmp_path)) == ["exists"]
+
+
+def test_the_model_card_names_the_run_its_data_val_loss_and_commands(runs, exports):
+    with open(os.path.join(exports["gated", "moe"], "README.md")) as f:
+        card = f.read()
+    state = llm.load_run(runs["gated"], ranges=False)
+    job = llm.find_job(state, "moe", runs["gated"])
+    assert card.startswith("---\nlibrary_name: transformers\n")
+    assert f"{job.row['val_loss']:.4f} nats per token" in card and f"after {job.row['steps']:,} steps" in card
+    assert "Qwen2MoeForCausalLM" in card and "held out as whole documents" in card
+    assert "--n_kv_heads 2" in card  # the training command, as run.json recorded it
+    assert f"python llm.py export --run {runs['gated']} --model moe" in card
+    assert "q and k rows are reordered" in card and "sqrt(d_model)" in card
+
+
+@pytest.mark.parametrize("ids, placed", [
+    ([0, 1, 2, 3], (0, 3, 1)), ([1, 3, 5], (1, 5, 2)), ([2, 3], (2, 3, 1)), ([3], (3, 3, 4)), ([2, 5], (2, 5, 3)),
+    ([0, 2], None), ([1, 2, 5], None),
+])
+def test_moe_layers_are_placed_as_ernie_places_them_or_refused(ids, placed):
+    """Ernie-4.5-MoE's layer i is MoE when start <= i <= end and (i + 1) % interval == 0."""
+    assert llm.every_kth(ids) == placed
+    if placed:
+        start, end, interval = placed
+        assert [i for i in range(8) if start <= i <= end and (i + 1) % interval == 0] == ids
+
+
+def test_rope_halves_makes_a_rotation_of_halves_apply_torchtune_s_rotation_of_adjacent_pairs():
+    """q, k (per head) permuted evens-then-odds, then rotated as Llama does, equal the permutation of
+    torchtune's rotation; the permutation is the same for q and k, so their dot products agree."""
+    from torchtune.modules import RotaryPositionalEmbeddings
+    heads, hd, T = 2, 8, 5
+    x = torch.randn(1, T, heads, hd)
+    ours = RotaryPositionalEmbeddings(hd, T)(x)  # (1, T, heads, hd)
+    w = torch.eye(heads * hd)
+    perm = llm.rope_halves(w, heads)  # the rows of the identity: the permutation itself
+    xp = (x.flatten(2) @ perm.T).view(1, T, heads, hd)
+    freqs = 1.0 / 10000 ** (torch.arange(0, hd, 2).float() / hd)
+    angles = torch.arange(T).float()[:, None] * freqs  # (T, hd/2)
+    cos, sin = torch.cat([angles.cos()] * 2, -1)[None, :, None], torch.cat([angles.sin()] * 2, -1)[None, :, None]
+    half = torch.cat([-xp[..., hd // 2:], xp[..., : hd // 2]], -1)
+    theirs = xp * cos + half * sin
+    assert torch.allclose(theirs, (ours.flatten(2) @ perm.T).view(1, T, heads, hd), atol=1e-6)
