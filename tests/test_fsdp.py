@@ -133,6 +133,23 @@ def test_an_fsdp_run_resumes_exactly_under_fsdp_and_within_tolerance_on_one_proc
     assert rows(alone)[job]["config"]["batch_size"] == 8 and rows(alone)[job]["config"]["parallel"] == "ddp"
 
 
+def test_an_fsdp_run_resumes_on_four_processes_and_refuses_three_that_cannot_split_its_steps(runs, tmp_path):
+    """Its steps took 8 windows (2 processes of 4): 4 processes take 2 each, with whole experts (4 over
+    4 ranks); 3 processes cannot split 8 windows, which is one line and exit 2, before anything runs."""
+    job = "moe[balance=aux_free,n_shared_experts=1]"
+    wider = copy_with_pending(runs["fsdp"], job, tmp_path, "four")
+    launch(["llm.py", "--resume", wider], nproc=4)
+    assert rows(wider)[job]["val_loss"] == pytest.approx(rows(runs["fsdp"])[job]["val_loss"], rel=1e-3)
+    assert rows(wider)[job]["config"]["batch_size"] == 2 and rows(wider)[job]["steps"] == 20
+    uneven = copy_with_pending(runs["fsdp"], job, tmp_path, "three")
+    p = launch(["llm.py", "--resume", uneven], nproc=3, check=False)
+    lines = {line for line in p.stderr.splitlines() if line.startswith("llm.py:")}
+    message = ("llm.py: error: --resume: the run's steps took 8 windows each, which 3 processes x 1 micro-batches "
+               "cannot split evenly")
+    # each rank exits 2 with the line; torchrun itself then exits 1
+    assert p.returncode != 0 and "(exitcode: 2)" in p.stderr and lines == {message}, p.stderr[-3000:]
+
+
 def test_bf16_fsdp_with_accumulation_and_activation_checkpointing_trains_as_bf16_ddp(smoke, tmp_path):
     """bf16 autocast on CPU: FSDP gathers the blocks' weights in bf16 (the router's and the root's in
     fp32) and reduce-scatters every micro-batch; DDP casts under autocast and reduces once."""
