@@ -2850,6 +2850,7 @@ class HFClass:
     fields: Callable  # cfg -> its config's fields besides the common ones (hf_config)
     moe_weights: Callable | None = None  # (cfg, our MoE layer's state, its prefix) -> its weights
     rotates_halves: bool = True  # RoPE on (i, i + hd/2): q and k rows reordered
+    notes: Callable = lambda cfg: []  # cfg -> what else the model card should say of the conversion
 
 def rope_halves(w, heads):  # (heads * hd, D) -> the same rows, each head's evens then its odds
     return w.unflatten(0, (heads, -1, 2)).transpose(1, 2).flatten(0, 2)
@@ -2882,7 +2883,7 @@ def ernie_moe_weights(cfg, ours, prefix):
 def every_kth(ids):
     """Sorted layer ids as Ernie-4.5-MoE places MoE layers: (start, end, interval), the ids being the
     i in [start, end] with (i + 1) % interval == 0; or None where no such triple gives them."""
-    step = ids[1] - ids[0] if len(ids) > 1 else ids[0] + 1
+    step = ids[1] - ids[0] if len(ids) > 1 else ids[0] + 1  # one layer: every (i + 1)-th from it, up to it
     if all(b - a == step for a, b in itertools.pairwise(ids)) and (ids[0] + 1) % step == 0:
         return ids[0], ids[-1], step
     return None
@@ -2913,6 +2914,12 @@ def ernie_moe_refusals(cfg, expert_bias):
                     "--moe_layers all or alternate"))
     return out
 
+def qwen2_moe_notes(cfg):
+    shared = ("the shared expert's sigmoid gate has zero weights (1/2) and its output weights are doubled"
+              if cfg.n_shared_experts else "the class's shared expert is empty: it adds 0")
+    bf16 = "loaded in bf16, the class routes in bf16 where llm.py routes in fp32: in fp32 it picks the same experts"
+    return [shared, bf16]
+
 def ernie_fields(cfg):
     start, end, interval = every_kth(cfg.moe_layer_ids())
     return {"intermediate_size": cfg.d_ff, "moe_intermediate_size": cfg.expert_ff, "moe_k": cfg.expert_top_k,
@@ -2931,6 +2938,7 @@ HF_CLASSES = {
         fields=lambda cfg: {"intermediate_size": cfg.d_ff, "attention_bias": False, "mlp_bias": False}),
     "Qwen2MoeForCausalLM": HFClass(
         "Qwen2MoeConfig", moe=True, refuse=qwen2_moe_refusals, moe_weights=qwen2_moe_weights,
+        notes=qwen2_moe_notes,
         fields=lambda cfg: {
             "intermediate_size": cfg.d_ff, "moe_intermediate_size": cfg.expert_ff, "num_experts": cfg.num_experts,
             "num_experts_per_tok": cfg.expert_top_k, "norm_topk_prob": cfg.norm_topk_prob and cfg.expert_top_k > 1,
@@ -2939,7 +2947,8 @@ HF_CLASSES = {
             "qkv_bias": False, "use_sliding_window": False}),
     "Ernie4_5_MoeForCausalLM": HFClass(
         "Ernie4_5_MoeConfig", moe=True, refuse=ernie_moe_refusals, fields=ernie_fields,
-        moe_weights=ernie_moe_weights, rotates_halves=False),
+        moe_weights=ernie_moe_weights, rotates_halves=False,
+        notes=lambda cfg: ["aux_free's selection bias is the router's e_score_correction_bias"]),
 }
 
 def export_class(cfg, state, name):
@@ -2990,11 +2999,23 @@ def hf_weights(cfg, cls, state):
     return {k: v.contiguous() for k, v in out.items()}
 
 EXPORT_TOLERANCE = 1e-4  # the export's logits may differ from ours by this much, relative to the largest one
+EXPORT_CHECK = (2, 256)  # random token windows the check runs (at most max_seq_len long)
+
+@dataclass
+class ExportCheck:
+    """The export, loaded back as a user would, against our model: fp32 logits on random tokens."""
+    gap: float  # the largest |difference|
+    scale: float  # the largest |logit| of ours
+    shape: tuple[int, int]  # (windows, positions) checked
+    params: int  # parameters the export holds (its head untied)
+
+    @property
+    def exact(self):
+        return self.gap <= EXPORT_TOLERANCE * max(1.0, self.scale)
 
 def write_export(model, cfg, cls, tok, out):
-    """The stock class's model (config, generation config, weights in fp32) and the tokenizer, into
-    out; then out loaded back as a user would, and its logits compared with ours. Returns the
-    largest |difference| and the largest |logit| (ours) on a fixed batch of random tokens."""
+    """The stock class's model (config, generation config, fp32 weights) and the tokenizer into out,
+    then out loaded back and checked against ours (ExportCheck)."""
     import transformers
     with warnings.catch_warnings():  # an empty shared expert (Qwen2-MoE's, when we have none) is meant
         warnings.filterwarnings("ignore", "Initializing zero-element tensors")
@@ -3002,66 +3023,74 @@ def write_export(model, cfg, cls, tok, out):
             hf = transformers.AutoModelForCausalLM.from_config(hf_config(cfg, cls, eos_id(tok)), dtype=torch.float32)
         hf.load_state_dict(hf_weights(cfg, cls, model.state_dict()), strict=True, assign=True)
         hf.save_pretrained(out)
-        tok.model_max_length = cfg.max_seq_len
         tok.save_pretrained(out)
         theirs = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
-    idx = torch.randint(cfg.vocab_size, (2, min(64, cfg.max_seq_len)), generator=torch.Generator().manual_seed(0))
+    shape = (EXPORT_CHECK[0], min(EXPORT_CHECK[1], cfg.max_seq_len))
+    idx = torch.randint(cfg.vocab_size, shape, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ours = model(idx)[0]  # (B, T, V)
-        return (theirs(idx).logits - ours).abs().max().item(), ours.abs().max().item()
+        gap = (theirs(idx).logits - ours).abs().max().item()
+    return ExportCheck(gap, ours.abs().max().item(), shape, theirs.num_parameters())
 
-def model_card(run_dir, job, state, cls, path, gap, out):
-    """README.md of an export: what was trained, on what, its val loss, and the commands."""
-    cfg, size, data, row = job.config, model_size(job.config), state.dataset or {}, job.row or {}
-    loss = (f"{row['val_loss']:.4f} nats per token, the whole held-out set after {row['steps']:,} steps"
-            if job.status == "done" else f"not measured: the run stopped before its final evaluation ({path})")
-    command = "scaling " * (state.ladder is not None) + shlex.join(state.argv)
-    changed = ["the input embedding holds our sqrt(d_model) scale, and the head, tied in training, is its own copy"]
+def export_tokenizer(tok, cfg, local):
+    """The run's tokenizer as the export's: its end-of-text token also pads (and, for the BPE trained
+    here, begins), as the config says; it encodes as it did in training."""
+    eos = tok.convert_ids_to_tokens(eos_id(tok))
+    tok.pad_token = tok.pad_token or eos
+    if local:
+        tok.bos_token = eos  # the BPE adds no special token: this only names it
+    tok.model_max_length = cfg.max_seq_len
+    return tok
+
+def model_card(run_dir, job, state, cls, path, check, out, vocab):
+    """README.md of an export: what was trained, on what data, its val loss, and the commands."""
+    cfg, size, data = job.config, model_size(job.config), state.dataset or {}
+    progress, _ = read_progress(path)
+    loss = (f"{progress.row['val_loss']:.4f} nats per token on the whole held-out set, for these weights (step "
+            f"{progress.step:,})" if progress.row else f"not measured for these weights (step {progress.step:,}; "
+            f"the run's metrics.jsonl holds its periodic evaluations)")
+    changed = [("the input embedding holds our sqrt(d_model) scale, and the head, tied to it in training, is its "
+               "own copy"), *HF_CLASSES[cls].notes(cfg)]
     if HF_CLASSES[cls].rotates_halves:
         changed.insert(0, "each head's q and k rows are reordered (evens, then odds) for the class's RoPE, which "
                           "rotates halves where ours rotated adjacent pairs")
-    if cls == "Qwen2MoeForCausalLM":
-        changed.append("the shared expert's sigmoid gate has zero weights (1/2) and its output weights are doubled"
-                       if cfg.n_shared_experts else "the class's shared expert is empty: it adds 0")
-    if cls == "Ernie4_5_MoeForCausalLM":
-        changed.append("aux_free's selection bias is the router's e_score_correction_bias")
-    tags = "\n".join(f"- {t}" for t in ["llm.py", *["mixture-of-experts"] * bool(cfg.moe_layer_ids())])
+    tags = "".join(f"\n- {t}" for t in ["llm.py", *["mixture-of-experts"] * bool(cfg.moe_layer_ids())])
+    changes = "".join(f"\n- {c}." for c in changed)
     return f"""---
 library_name: transformers
 pipeline_tag: text-generation
-tags:
-{tags}
+tags:{tags}
 ---
 
-# {job.id} of {run_dir}
+# {job.id}, trained by llm.py
 
 {describe(job.name, cfg)}.
 
-Trained by llm.py and exported as `{cls}`: transformers loads it with no
-code of ours (fp32 weights).
+Exported as `{cls}`: transformers loads it with no code of ours (fp32 weights).
 
 | | |
 |---|---|
-| parameters | {size.total:,} total, {size.active:,} active per token |
+| parameters | {size.total:,} as trained, {size.active:,} active per token; the export holds {check.params:,} \
+(its head untied) |
 | data | {data.get("source", "?")}: {data.get("train_tokens", 0):,} training tokens; \
 {data.get("val_tokens", 0):,} held out as whole documents |
-| tokenizer | {data.get("tokenizer", "?")}, vocabulary {cfg.vocab_size:,}; context {cfg.max_seq_len} tokens |
+| tokenizer | {data.get("tokenizer", "?")}, {vocab:,} tokens (embedding rows: {cfg.vocab_size:,}); context \
+{cfg.max_seq_len} tokens |
 | val loss | {loss} |
-| trained with | `python llm.py {command}` |
+| trained with | `python llm.py {shlex.join(state.argv)}` |
 | exported with | `python llm.py export --run {shlex.quote(run_dir)} --model {shlex.quote(job.id)} \
 --out {shlex.quote(out)}` |
-| checked | fp32 logits within {gap:.1e} of llm.py's, on 2 x {min(64, cfg.max_seq_len)} random tokens |
+| checked | fp32 logits within {check.gap:.1e} of llm.py's (largest {check.scale:.1f}), on {check.shape[0]} x \
+{check.shape[1]} random tokens |
 
 ```python
 from transformers import AutoModelForCausalLM, AutoTokenizer
-tok = AutoTokenizer.from_pretrained("{out}")
-model = AutoModelForCausalLM.from_pretrained("{out}")
+tok = AutoTokenizer.from_pretrained({json.dumps(out)})
+model = AutoModelForCausalLM.from_pretrained({json.dumps(out)})
 ```
 
-What the conversion changed, each exactly:
-{chr(10).join(f"- {c}." for c in changed)}
+The conversion (the logits above are its check):{changes}
 """
-
 
 ################################################################################################
 # MACHINERY
@@ -4022,19 +4051,22 @@ def export_main(argv):
         raise UsageError(f"--out {a.out}: exists already; export writes a new directory")
     if not os.path.isdir(os.path.dirname(out)):
         raise UsageError(f"--out {a.out}: its parent directory does not exist")
+    if not os.access(os.path.dirname(out), os.W_OK | os.X_OK):
+        raise UsageError(f"--out {a.out}: cannot write in {os.path.dirname(out)}")
     model, cfg, state, path = load_trained(a.run, a.model, torch.device("cpu"))
     job = find_job(state, a.model, a.run)
     cls = export_class(cfg, model.state_dict(), job.id)  # a refusal comes before anything is written
-    tok = load_tokenizer(a.run, state)
+    tok = export_tokenizer(load_tokenizer(a.run, state), cfg, local=os.path.exists(RunDir(a.run).tokenizer))
     import transformers
     transformers.utils.logging.disable_progress_bar()
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.", dir=os.path.dirname(out))
     try:  # written beside out, then renamed: out holds a whole, checked export or nothing
-        gap, scale = write_export(model, cfg, cls, tok, tmp)
-        if not gap <= EXPORT_TOLERANCE * max(1.0, scale):
-            raise TrainingError(f"export: {cls}'s logits differ from ours by up to {gap:.3g} (largest logit "
-                                f"{scale:.3g}); nothing written")
-        write_file(os.path.join(tmp, "README.md"), model_card(a.run, job, state, cls, path, gap, a.out).encode())
+        check = write_export(model, cfg, cls, tok, tmp)
+        if not check.exact:
+            raise TrainingError(f"export: {cls}'s logits differ from ours by up to {check.gap:.3g} (largest logit "
+                                f"{check.scale:.3g}); nothing written")
+        card = model_card(a.run, job, state, cls, path, check, a.out, len(tok))
+        write_file(os.path.join(tmp, "README.md"), card.encode())
         umask = os.umask(0)
         os.umask(umask)
         for name in os.listdir(tmp):  # as any new file would be, not mkdtemp's owner-only
@@ -4044,7 +4076,7 @@ def export_main(argv):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    print(f"wrote {a.out}: {cls}, {job.id} of {a.run} ({path}); logits within {gap:.1e} of ours")
+    print(f"wrote {a.out}: {cls}, {job.id} of {a.run} ({path}); logits within {check.gap:.1e} of ours")
     return 0
 
 SUBCOMMANDS = {"generate": generate_main, "experts": experts_main, "size": size_main, "export": export_main,

@@ -8,6 +8,8 @@ good, only trained (a routed expert's bias moves, norms leave 1).
 
 import json
 import os
+import shlex
+import shutil
 
 import numpy as np
 import pytest
@@ -21,7 +23,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:Initializing zero-element tensor
 
 SUPPORTED = {  # run -> its extra flags and models; each model's export class is checked below
     "gated": ["--ffn", "swiglu", "--n_layers", "4", "--moe_layers", "alternate", "--n_kv_heads", "2",
-              "--models", "dense,moe"],
+              "--models", "dense,moe", "--ckpt_every", "5"],
     "shared": ["--ffn", "swiglu", "--n_shared_experts", "1", "--norm_topk_prob", "false", "--moe_layers", "1",
                "--models", "moe"],
     "plain": ["--models", "dense,moe"],  # ffn silu: a dense Arcee; its MoE is refused
@@ -148,6 +150,10 @@ def test_the_tokenizer_goes_with_the_model_and_round_trips_text_to_the_same_ids(
     with open(os.path.join(exports["gated", "dense"], "config.json")) as f:
         config = json.load(f)
     assert theirs.eos_token == llm.EOS and config["eos_token_id"] == theirs.eos_token_id == llm.eos_id(mine)
+    # with transformers' defaults (special tokens added) it encodes as training did, and pads with EOS
+    assert theirs(text)["input_ids"] == ids
+    assert theirs.pad_token_id == theirs.bos_token_id == config["pad_token_id"] == config["bos_token_id"]
+    assert theirs(["ab", "ab cd ef"], padding=True)["input_ids"][0][-1] == theirs.eos_token_id
 
 
 def test_a_hub_tokenizer_is_saved_beside_the_model(smoke, corpus_dir, tmp_path):
@@ -214,11 +220,24 @@ def test_the_model_card_names_the_run_its_data_val_loss_and_commands(runs, expor
     state = llm.load_run(runs["gated"], ranges=False)
     job = llm.find_job(state, "moe", runs["gated"])
     assert card.startswith("---\nlibrary_name: transformers\n")
-    assert f"{job.row['val_loss']:.4f} nats per token" in card and f"after {job.row['steps']:,} steps" in card
+    assert f"{job.row['val_loss']:.4f} nats per token on the whole held-out set, for these weights (step 10)" in card
     assert "Qwen2MoeForCausalLM" in card and "held out as whole documents" in card
-    assert "--n_kv_heads 2" in card  # the training command, as run.json recorded it
+    assert f"python llm.py {shlex.join(state.argv)}`" in card  # the training command, as run.json recorded it
     assert f"python llm.py export --run {runs['gated']} --model moe" in card
     assert "q and k rows are reordered" in card and "sqrt(d_model)" in card
+
+
+def test_the_card_of_an_earlier_checkpoint_does_not_give_the_final_val_loss(runs, tmp_path, capsys):
+    """The final checkpoint damaged, export takes the one before (step 5 of 10): the val loss the run
+    measured at step 10 is not these weights'."""
+    run = tmp_path / "run"
+    shutil.copytree(runs["gated"], run)
+    with open(run / "ckpt" / "dense" / "step-0000010" / "model.safetensors", "r+b") as f:
+        f.truncate(100)
+    assert run_main(["export", "--run", run, "--model", "dense", "--out", tmp_path / "export"]) == 0
+    card = (tmp_path / "export" / "README.md").read_text()
+    assert "not measured for these weights (step 5;" in card and "nats per token" not in card
+    assert "step-0000005" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("ids, placed", [
