@@ -1385,7 +1385,8 @@ def expert_stats(sums, E):
     f = counts / counts.sum()
     return {"load": [round(v, 5) for v in f.tolist()], "load_cv": (f.std(unbiased=False) / f.mean()).item(),
             "max_load": (f.max() * E).item(), "min_load": (f.min() * E).item(),
-            "router_entropy": entropy / tokens / math.log(E), "dropped_fraction": dropped / tokens,
+            "router_entropy": entropy / tokens / math.log(E) if E > 1 else 0.0,  # one expert: no choice, 0
+            "dropped_fraction": dropped / tokens,
             "router_z": z_sum / tokens, "dead_experts": [i for i, v in enumerate(f.tolist()) if v * E < 0.1]}
 
 

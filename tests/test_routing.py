@@ -508,3 +508,11 @@ def test_evaluation_and_expert_analysis_read_routing_from_the_model_and_leave_it
     for layer, n, want in zip(layers, copies, expected):
         assert layer["load"] == pytest.approx((n / n.sum()).tolist(), abs=1e-6)
         assert layer["load"] == pytest.approx(want["load"], abs=1e-5)  # assignment and counts agree
+
+
+def test_a_single_expert_layer_reports_a_router_entropy_of_0_and_its_whole_load():
+    """One expert leaves the router no choice: its entropy, normalised by log E = 0, is 0, not a
+    division by zero at the end of training (num_experts=1 is the first point of a sweep over E)."""
+    layer = llm.MoE(tiny(num_experts=1, expert_top_k=1))
+    s = llm.expert_stats(layer.route(torch.randn(8, 32)).sums(), 1)
+    assert s["router_entropy"] == 0.0 and s["load"] == [1.0] and s["load_cv"] == 0.0
