@@ -3177,6 +3177,23 @@ def atomic_write(path, data: bytes):
             raise OSError(e.errno, e.strerror, path) from None
         raise
 
+@contextlib.contextmanager
+def new_directory(path):
+    """A directory that appears whole or not at all: filled under a hidden name beside path (yielded),
+    then given the permissions of any new file and renamed to path; removed on any error."""
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.", dir=os.path.dirname(path))
+    try:
+        yield tmp
+        umask = os.umask(0)
+        os.umask(umask)
+        for name in os.listdir(tmp):  # not mkdtemp's owner-only
+            os.chmod(os.path.join(tmp, name), 0o666 & ~umask)
+        os.chmod(tmp, 0o777 & ~umask)
+        os.rename(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
 def fsync_dir(path):  # makes a rename in it durable
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -3943,7 +3960,7 @@ def generate_main(argv):
     device = default_device()
     model, _, state, path = load_trained(a.run, a.model, device)
     tok = load_tokenizer(a.run, state)
-    idx = torch.tensor([tok(a.prompt, add_special_tokens=False)["input_ids"] or [tok.eos_token_id]], device=device)
+    idx = torch.tensor([tok(a.prompt, add_special_tokens=False)["input_ids"] or [eos_id(tok)]], device=device)
     generator = torch.Generator(device=device).manual_seed(a.seed)
     t0 = time.perf_counter()
     out = generate(model, idx, a.max_new_tokens, a.temperature, a.top_k, a.top_p, generator, use_cache=not a.no_cache)
@@ -4060,23 +4077,13 @@ def export_main(argv):
     tok = export_tokenizer(load_tokenizer(a.run, state), cfg, local=os.path.exists(RunDir(a.run).tokenizer))
     import transformers
     transformers.utils.logging.disable_progress_bar()
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.", dir=os.path.dirname(out))
-    try:  # written beside out, then renamed: out holds a whole, checked export or nothing
+    with new_directory(out) as tmp:  # out holds a whole, checked export or nothing
         check = write_export(model, cfg, cls, tok, tmp)
         if not check.exact:
             raise TrainingError(f"export: {cls}'s logits differ from ours by up to {check.gap:.3g} (largest logit "
                                 f"{check.scale:.3g}); nothing written")
         card = model_card(a.run, job, state, cls, path, check, a.out, len(tok))
         write_file(os.path.join(tmp, "README.md"), card.encode())
-        umask = os.umask(0)
-        os.umask(umask)
-        for name in os.listdir(tmp):  # as any new file would be, not mkdtemp's owner-only
-            os.chmod(os.path.join(tmp, name), 0o666 & ~umask)
-        os.chmod(tmp, 0o777 & ~umask)
-        os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     print(f"wrote {a.out}: {cls}, {job.id} of {a.run} ({path}); logits within {check.gap:.1e} of ours")
     return 0
 

@@ -240,6 +240,15 @@ def test_the_card_of_an_earlier_checkpoint_does_not_give_the_final_val_loss(runs
     assert "step-0000005" in capsys.readouterr().out
 
 
+def test_the_export_gets_the_permissions_of_any_new_directory_and_file_not_a_temporary_s(exports):
+    umask = os.umask(0)
+    os.umask(umask)
+    out = exports["gated", "dense"]
+    assert os.stat(out).st_mode & 0o777 == 0o777 & ~umask
+    for name in os.listdir(out):
+        assert os.stat(os.path.join(out, name)).st_mode & 0o777 == 0o666 & ~umask, name
+
+
 @pytest.mark.parametrize("ids, placed", [
     ([0, 1, 2, 3], (0, 3, 1)), ([1, 3, 5], (1, 5, 2)), ([2, 3], (2, 3, 1)), ([3], (3, 3, 4)), ([2, 5], (2, 5, 3)),
     ([0, 2], None), ([1, 2, 5], None),

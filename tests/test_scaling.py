@@ -307,25 +307,30 @@ def test_a_bad_ladder_exits_2_in_one_line_before_anything_trains(argv, message, 
     assert not out.exists() and not cache.exists()
 
 
-def test_a_damaged_ladder_in_run_json_exits_2_naming_it(ladder_run, tmp_path, capsys):
+def copy_with_run_json(ladder_run, tmp_path, edit):
+    """A copy of the ladder run whose run.json edit(state) changed; returns its directory."""
     import shutil
     run = tmp_path / "run"
     shutil.copytree(ladder_run, run)
     state = read_json(run / "run.json")
-    state["ladder"]["values"] = [48, 32, 16]
+    edit(state)
     (run / "run.json").write_text(json.dumps(state))
+    return run
+
+
+def test_a_damaged_ladder_in_run_json_exits_2_naming_it(ladder_run, tmp_path, capsys):
+    run = copy_with_run_json(ladder_run, tmp_path, lambda state: state["ladder"].update(values=[48, 32, 16]))
     assert llm.main(["--resume", str(run)]) == 2
     assert "run.json: ladder: --ladder d_model=48,32,16: the sizes must grow" in capsys.readouterr().err
 
 
 def test_a_ladder_resumed_on_other_data_exits_2_naming_each_rung_s_budget(ladder_run, tmp_path, capsys):
-    import shutil
-    run = tmp_path / "run"
-    shutil.copytree(ladder_run, run)
-    state = read_json(run / "run.json")
-    before = [(b["steps"], b["windows"]) for b in state["budget"]["rungs"]]
-    state["budget"]["rungs"][1]["steps"] += 5  # as if the data had been longer when the ladder started
-    (run / "run.json").write_text(json.dumps(state))
+    before = [(b["steps"], b["windows"]) for b in read_json(os.path.join(ladder_run, "run.json"))["budget"]["rungs"]]
+
+    def longer(state):  # as if the data had been longer when the ladder started
+        state["budget"]["rungs"][1]["steps"] += 5
+
+    run = copy_with_run_json(ladder_run, tmp_path, longer)
     assert llm.main(["--resume", str(run)]) == 2
     was = ", ".join(f"{s + 5 * (i == 1)} steps over {w}" for i, (s, w) in enumerate(before))
     assert f"the run's budget was {was} training windows, now {', '.join(f'{s} over {w}' for s, w in before)}" in \
@@ -333,12 +338,7 @@ def test_a_ladder_resumed_on_other_data_exits_2_naming_each_rung_s_budget(ladder
 
 
 def test_a_ladder_budget_damaged_in_run_json_exits_2_naming_it(ladder_run, tmp_path, capsys):
-    import shutil
-    run = tmp_path / "run"
-    shutil.copytree(ladder_run, run)
-    state = read_json(run / "run.json")
-    state["budget"]["rungs"] = [1, 2, 3]
-    (run / "run.json").write_text(json.dumps(state))
+    run = copy_with_run_json(ladder_run, tmp_path, lambda state: state["budget"].update(rungs=[1, 2, 3]))
     assert llm.main(["--resume", str(run)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.endswith("run.json: budget: rungs[0] is not an object") and len(err.splitlines()) == 1
