@@ -3169,6 +3169,7 @@ def atomic_write(path, data: bytes):
     os.close(fd)
     try:
         write_file(tmp, data)
+        os.chmod(tmp, 0o666 & ~current_umask())  # as any new file: not mkstemp's owner-only
         os.replace(tmp, path)
     except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
@@ -3184,15 +3185,18 @@ def new_directory(path):
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.", dir=os.path.dirname(path))
     try:
         yield tmp
-        umask = os.umask(0)
-        os.umask(umask)
         for name in os.listdir(tmp):  # not mkdtemp's owner-only
-            os.chmod(os.path.join(tmp, name), 0o666 & ~umask)
-        os.chmod(tmp, 0o777 & ~umask)
+            os.chmod(os.path.join(tmp, name), 0o666 & ~current_umask())
+        os.chmod(tmp, 0o777 & ~current_umask())
         os.rename(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+def current_umask():  # the process's umask (reading it means setting it; set straight back)
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
 
 def fsync_dir(path):  # makes a rename in it durable
     fd = os.open(path, os.O_RDONLY)

@@ -1007,3 +1007,13 @@ def test_two_runs_building_one_token_cache_at_once_both_use_it(data_glob, tmp_pa
     assert [e for e in os.listdir(root) if e.startswith(".tmp")] == []
     again, why = llm.load_cache(data.cache_dir)
     assert why == "ok" and np.array_equal(again.train, data.train)
+
+
+def test_a_run_s_files_get_the_permissions_of_any_new_file(finished_run):
+    """Files written atomically (through a temporary file, which is owner-only) end as any new file
+    would under the umask, so that others can read a shared run's results."""
+    umask = os.umask(0)
+    os.umask(umask)
+    manifest = glob.glob(os.path.join(finished_run, "ckpt", "moe", "step-*", "manifest.json"))[0]
+    for path in (os.path.join(finished_run, "results.json"), os.path.join(finished_run, "run.json"), manifest):
+        assert os.stat(path).st_mode & 0o777 == 0o666 & ~umask, path
