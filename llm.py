@@ -909,9 +909,16 @@ class ModelSize:
     muon_params: int
     adamw_params: int
     muon_flops_per_step: int  # Newton-Schulz matmul FLOPs of one Muon step, over every matrix
+    optimizer_flops_per_step: int  # the whole optimizer step: Newton-Schulz and both optimizers' elementwise work
     weight_bytes: int  # fp32 weights
     grad_bytes: int
     optimizer_bytes: int  # Muon: one momentum buffer; AdamW: two moments
+
+# Elementwise FLOPs per parameter of one optimizer step, beside Newton-Schulz's matmuls. Muon: the momentum
+# lerp (3), the Nesterov lerp (3), the norm (2) and division (1) before Newton-Schulz, the shape scale (1),
+# weight decay (1) and the update (1). AdamW: the first moment (3), the second (4), its square root with
+# bias correction and eps (3), the update (3) and weight decay (1).
+MUON_ELEMENTWISE_FLOPS, ADAMW_ELEMENTWISE_FLOPS = 12, 14
 
 def model_size(cfg, vocab_size=None):
     """The ModelSize of a config (vocab_size: instead of cfg's, e.g. 1 to leave the embedding out)."""
@@ -927,11 +934,13 @@ def model_size(cfg, vocab_size=None):
     muon = optimizer_split(model)[0]
     ns_steps = inspect.signature(Muon).parameters["ns_steps"].default  # as make_optimizers builds it
     embed, muon_params = params["embed.weight"].numel(), sum(p.numel() for p in muon)
+    newton_schulz = sum(newton_schulz_flops(p.shape, ns_steps) for p in muon)
     return ModelSize(total=total, active=round(active), non_embedding=total - embed,
                      active_non_embedding=round(active) - embed, expert=expert,
                      flops_per_token=round(6 * (active - vectors) + attention), muon_params=muon_params,
                      adamw_params=total - muon_params,
-                     muon_flops_per_step=sum(newton_schulz_flops(p.shape, ns_steps) for p in muon),
+                     muon_flops_per_step=newton_schulz, optimizer_flops_per_step=newton_schulz
+                     + MUON_ELEMENTWISE_FLOPS * muon_params + ADAMW_ELEMENTWISE_FLOPS * (total - muon_params),
                      weight_bytes=4 * total, grad_bytes=4 * total,
                      optimizer_bytes=4 * muon_params + 8 * (total - muon_params))
 
@@ -1087,7 +1096,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.dtype == torch.float16)
         self.stream = TrainWindows(data.train, cfg.max_seq_len, cfg.seed, runtime.device)
         # evaluation: every val window at the end, a fixed sample of them before; training windows alike
-        self.val = eval_windows(data.val, cfg.max_seq_len)
+        self.val, self.val_tokens = eval_windows(data.val, cfg.max_seq_len), len(data.val)
         self.train_windows = eval_windows(data.train, cfg.max_seq_len, limit=len(self.val[0]), seed=cfg.seed + 1)
         n = cfg.eval_batches * cfg.batch_size * runtime.world
         self.val_sample, self.train_sample = ((x[:n], y[:n]) for x, y in (self.val, self.train_windows))
@@ -1284,6 +1293,7 @@ class Trainer:
         wall = self.progress.wall_s + time.perf_counter() - self.t_start  # every segment of a resumed run
         return {"name": self.name, "total_params": size.total, "active_params": size.active,
                 "non_embedding_params": size.non_embedding, "flops_per_token": size.flops_per_token,
+                "optimizer_flops_per_step": size.optimizer_flops_per_step, "val_tokens": self.val_tokens,
                 "val_loss": final["val_loss"], "val_accuracy": final["val_accuracy"],
                 "val_perplexity": final["val_perplexity"], "train_loss": final["train_loss"], "experts": experts,
                 "batch_level_routing": final["batch_level_routing"],
@@ -1696,6 +1706,7 @@ class Job:
     config: Config
     point: dict | None = None  # a sweep's MoE: its grid point
     rung: int | None = None  # a ladder's job: the index of its rung
+    tuning: bool = False  # a ladder's tuning job: it trains at its point on a tuned rung, and reads the tuning half
     status: str = "pending"  # pending | done
     row: dict | None = None  # its result row, once done
 
@@ -1859,7 +1870,8 @@ def plan_comparison(cfg, names, seeds, grid, data, world, upcycle_from=None, log
     else:
         jobs = plan_jobs(resolved, names, seeds, grid)
     for job in jobs:  # a sweep may lengthen the windows or shrink the vocabulary past the data's
-        check_data_fits(data, job.config)
+        for part in held_apart(data) if ladder and ladder.tune else [data]:  # tuning reads half, the verdict half
+            check_data_fits(part, job.config)
     if not ladder:
         jobs, budget = plan_budget(resolved, jobs, len(data.train), world)
     plan = Plan(resolved, jobs, budget, inits={})
@@ -1927,13 +1939,13 @@ def run_comparison(cfg, names, out_dir, cache_dir="data_cache", seeds=None, swee
         state.save(run)
     # training, then the table and the files
     try:
-        rows = train_jobs(state, run, data, runtime, metrics, plan, resume, log)
+        tuning = train_all(state, run, data, runtime, metrics, plan, resume, ladder, log)
     except Interrupted as e:
         if dist.is_initialized():
             dist.destroy_process_group()
         log(f"checkpoint saved: {e.args[0]}\nresume with: python llm.py --resume {out_dir}")
         raise
-    results = write_results(rows, state, grid, run, metrics.records, runtime, log)
+    results = write_results(state, grid, run, metrics.records, runtime, log, tuning)
     if dist.is_initialized():
         dist.destroy_process_group()
     return results
@@ -1987,12 +1999,28 @@ def describe(name, cfg):
 def fmt_count(n):
     return "-" if n is None else f"{n / 1e9:.2f}G" if n >= 1e9 else f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}K"
 
-def train_jobs(state, run, data, runtime, metrics, plan, resume, log):
-    """Train every job not done yet, in order, saving run.json after each; returns all their rows.
-    plan: its inits upcycle the MoE jobs' fresh models."""
+def train_all(state, run, data, runtime, metrics, plan, resume, ladder, log):
+    """Train every job not done yet; a tuned ladder in two phases: its tuning jobs, which read one half
+    of the validation documents, then each family at its chosen point, read on the other half (the
+    verdict's). Returns the Tuning, or None."""
+    if not (ladder and ladder.tune):
+        train_jobs(state.jobs, state, run, data, runtime, metrics, plan, resume, log)
+        return None
+    tune_half, verdict_half = held_apart(data)
+    train_jobs([job for job in state.jobs if job.tuning], state, run, tune_half, runtime, metrics, plan, resume, log)
+    tuning = tune_ladder(state.jobs, ladder, log)
+    if runtime.master:
+        state.save(run)
+    train_jobs([job for job in state.jobs if not job.tuning], state, run, verdict_half, runtime, metrics, plan, resume,
+               log)
+    return tuning
+
+def train_jobs(jobs, state, run, data, runtime, metrics, plan, resume, log):
+    """Train each of jobs not done yet, in order, saving run.json (state) after each. plan: its inits
+    upcycle the MoE jobs' fresh models."""
     stop, inits = StopFlag(), plan.inits
     with ctrl_c_stops(stop, log):
-        for job in state.jobs:
+        for job in jobs:
             if job.status == "done":
                 log(f"\n=== {job.id} === finished earlier: val loss {job.row['val_loss']:.4f}")
                 continue
@@ -2013,17 +2041,24 @@ def train_jobs(state, run, data, runtime, metrics, plan, resume, log):
             job.status, job.row = "done", row
             if runtime.master:
                 state.save(run)
-    return [job.row for job in state.jobs]
 
-def write_results(rows, state, grid, run, records, runtime, log):
+def write_results(state, grid, run, records, runtime, log, tuning=None):
     """Print the table; write results.json and loss_curves.png, for a sweep sweep.json and sweep.png,
-    and for a ladder its verdict across scale, scaling.json and scaling.png."""
+    and for a ladder its verdict across scale, scaling.json and scaling.png. A tuned ladder's tuning
+    models have their own table and their own place in results.json ("tuning"), apart from the rungs."""
+    rows = [job.row for job in state.jobs if not job.tuning]
+    tuned = {job.id for job in state.jobs if job.tuning}
+    records = [r for r in records if r["model"] not in tuned]
     summary, comparisons = summarize(rows, records)
     results = {"dataset": state.dataset, "config": dataclasses.asdict(state.base_config), "seeds": state.seeds,
                "budget": state.budget, "models": rows, "summary": summary, "comparisons": comparisons,
                "environment": environment(runtime, state.base_config)}
+    if tuning:
+        results["tuning"] = {**dataclasses.asdict(tuning), "models": [job.row for job in state.jobs if job.tuning]}
     if not runtime.master:
         return results
+    if tuning:
+        log("\n" + format_tuning(tuning, state.ladder["field"]))
     log("\n" + format_table(rows, records, state.argv))
     atomic_write(run.results, json.dumps(results, indent=1).encode())
     plot_curves(records, run.curves)
@@ -2039,7 +2074,8 @@ def write_results(rows, state, grid, run, records, runtime, log):
         written += ", sweep.json, sweep.png"
     if state.ladder:
         budgets = [Budget(**b) for b in state.budget["rungs"]]
-        scaling = scaling_analysis(rows, records, Ladder(**state.ladder), state.seeds, budgets, state.base_config)
+        scaling = scaling_analysis(rows, records, Ladder(**state.ladder), state.seeds, budgets, state.base_config,
+                                   tuning)
         atomic_write(run.scaling, json.dumps(json_ready(scaling), indent=1).encode())
         plot_scaling(scaling, run.scaling_plot)
         log("\nacross scale:\n" + format_scaling(scaling))
@@ -2331,8 +2367,10 @@ class Ladder:
     values: list[int]
     tokens_per_param: float  # training tokens per active parameter of each rung's MoE (embeddings included)
     fit_E: str = "shared"  # shared: one irreducible loss E for both families (the same data) | separate
+    tune: str = ""  # --tune's specs ("muon_lr=0.01,0.02 adamw_lr=..."): each family tuned on the smallest rungs
+    tune_rungs: int = 2  # how many of the smallest rungs tuning trains
 
-def parse_ladder(spec, tokens_per_param, fit_E):
+def parse_ladder(spec, tokens_per_param, fit_E, tune="", tune_rungs=2):
     """"d_model=32,64,96" -> a Ladder; a UsageError for anything that cannot be a ladder."""
     field_name, _, values = spec.partition("=")
     if field_name not in LADDER_FIELDS:
@@ -2349,11 +2387,34 @@ def parse_ladder(spec, tokens_per_param, fit_E):
         raise UsageError(f"--tokens_per_param must be a positive number; got {tokens_per_param}")
     if fit_E not in ("shared", "separate"):
         raise UsageError(f"--fit_E must be shared or separate; got {fit_E!r}")
-    return Ladder(field_name, values, tokens_per_param, fit_E)
+    if tune and not 1 <= tune_rungs <= len(values):
+        raise UsageError(f"--tune_rungs must lie in 1..{len(values)} (the ladder's rungs); got {tune_rungs}")
+    parse_tune(tune)
+    return Ladder(field_name, values, tokens_per_param, fit_E, tune, tune_rungs)
+
+# What --tune may vary: the optimizer's and the schedule's fields, which both families have (a router's
+# weights would tune dense-matched to no purpose), and dropout.
+TUNABLE = ("muon_lr", "adamw_lr", "muon_momentum", "weight_decay", "grad_clip", "warmup_frac", "decay_frac",
+           "min_lr_frac", "dropout")
+
+def parse_tune(tune):
+    """"muon_lr=0.01,0.02 adamw_lr=0.001,0.003" -> the grid of points tuning tries (a list of {field: value})."""
+    if not tune:
+        return []
+    specs = tune.split()
+    for spec in specs:
+        if spec.partition("=")[0] not in TUNABLE:
+            raise UsageError(f"--tune {spec}: expected FIELD=V1,V2,... with FIELD one of {', '.join(TUNABLE)}")
+    grid = parse_sweep(specs)
+    if len(grid) < 2:
+        raise UsageError(f"--tune {tune}: give at least two values to choose from")
+    return grid
 
 def plan_ladder(cfg, ladder, seeds, train_tokens, world):
-    """Every job of a ladder in training order (per seed, per rung: the MoE, then dense-matched) and
-    each rung's Budget: tokens_per_param times the MoE's active parameters, capped at max_epochs."""
+    """Every job of a ladder in training order and each rung's Budget: tokens_per_param times the
+    MoE's active parameters, capped at max_epochs. Tuning first (the first seed, the smallest
+    tune_rungs rungs, each grid point, the MoE then dense-matched), then per seed, per rung, the MoE
+    and dense-matched at the base config, until tune_ladder gives each family its tuned point."""
     jobs, budgets, per_step = [], [], cfg.batch_size * world * cfg.gradient_accumulation_steps * cfg.max_seq_len
     windows = windows_per_epoch(train_tokens, cfg.max_seq_len)
     for value in ladder.values:
@@ -2370,14 +2431,86 @@ def plan_ladder(cfg, ladder, seeds, train_tokens, world):
         step_windows = per_step // cfg.max_seq_len
         budgets.append(Budget(wanted, cfg.max_epochs, steps, steps < wanted, steps * step_windows / windows, windows,
                               step_windows))
+
+    def twins(i, seed, point=None):  # a rung's MoE and dense-matched, at a tuning point or the base config
+        moe = dataclasses.replace(LADDER_FIELDS[ladder.field](cfg, ladder.values[i]), seed=seed,
+                                  max_steps=budgets[i].steps, **(point or {}))
+        return (("moe", moe.validate()), ("dense-matched", dense_matched(moe)))
+
+    for i in range(ladder.tune_rungs if ladder.tune else 0):
+        for point in parse_tune(ladder.tune):
+            label = f"{ladder.field}={ladder.values[i]}," + ",".join(f"{k}={v}" for k, v in point.items())
+            jobs += [Job(f"tune:{name}[{label}]", f"{name}[{label}]", seeds[0], config, point, i, tuning=True)
+                     for name, config in twins(i, seeds[0], point)]
     for seed in seeds:
         suffix = f"-s{seed}" if len(seeds) > 1 else ""
-        for i, (value, budget) in enumerate(zip(ladder.values, budgets)):
-            moe = dataclasses.replace(LADDER_FIELDS[ladder.field](cfg, value), seed=seed, max_steps=budget.steps)
-            for name, config in (("moe", moe), ("dense-matched", dense_matched(moe))):
-                label = f"{name}[{ladder.field}={value}]"
-                jobs.append(Job(label + suffix, label, seed, config, rung=i))
+        for i, value in enumerate(ladder.values):
+            label = f"[{ladder.field}={value}]"
+            jobs += [Job(name + label + suffix, name + label, seed, config, rung=i) for name, config in twins(i, seed)]
     return jobs, budgets
+
+def family(name):  # a ladder job's family, from its name: moe[d_model=64] -> moe
+    return name.partition("[")[0]
+
+def held_apart(data):
+    """A tuned ladder's validation tokens cut at their middle: (the tuning's half, the verdict's half).
+    The split put whole documents there in a random order, so each half is a random half of the held-out
+    documents (one may straddle the cut): tuning chooses on text the verdict never reads."""
+    mid = len(data.val) // 2
+    return dataclasses.replace(data, val=data.val[:mid]), dataclasses.replace(data, val=data.val[mid:])
+
+@dataclass
+class Tuning:
+    """What tuning chose: per family, each grid point's loss on the tuning half at each tuned rung, and
+    the point with the lowest mean over them, carried unchanged up the ladder."""
+    fields: list[str]
+    rungs: list[int]  # the tuned rungs' values
+    losses: dict  # family -> [{"point": {...}, "losses": [one per tuned rung], "mean": ...}] in grid order
+    best: dict  # family -> its point
+    best_per_rung: dict  # family -> [the best point at each tuned rung alone]
+
+def pick_tuned(jobs, ladder):
+    """Each family's best point from its finished tuning jobs (their val_loss: the tuning half)."""
+    grid, rungs = parse_tune(ladder.tune), range(ladder.tune_rungs)
+    loss = {(family(j.name), j.rung, tuple(j.point.items())): j.row["val_loss"] for j in jobs if j.tuning}
+    table, best, per_rung = {}, {}, {}
+    for fam in ("moe", "dense-matched"):
+        table[fam] = [{"point": p, "losses": [loss[fam, i, tuple(p.items())] for i in rungs]} for p in grid]
+        for entry in table[fam]:
+            entry["mean"] = float(np.mean(entry["losses"]))
+        best[fam] = min(table[fam], key=lambda e: e["mean"])["point"]  # the first of equals: the grid's order
+        per_rung[fam] = [min(table[fam], key=lambda e, i=i: e["losses"][i])["point"] for i in rungs]
+    return Tuning(list(grid[0]), ladder.values[: ladder.tune_rungs], table, best, per_rung)
+
+def tune_ladder(jobs, ladder, log):
+    """Once tuning has finished: each family's ladder jobs set to its best point (a resumed ladder picks
+    the same, from the same rows). Returns the Tuning."""
+    tuning = pick_tuned(jobs, ladder)
+    for fam, point in tuning.best.items():
+        per_rung = "; ".join(f"{ladder.field} {v}: {fmt_point(p)}" for v, p in zip(tuning.rungs,
+                                                                                  tuning.best_per_rung[fam]))
+        log(f"tuning: {fam} takes {fmt_point(point)} up the ladder (lowest mean loss on the tuning half; "
+            f"best at each tuned rung alone: {per_rung})")
+    for job in jobs:
+        if not job.tuning and job.rung is not None:
+            job.point = tuning.best[family(job.name)]
+            job.config = dataclasses.replace(job.config, **job.point).validate()
+    return tuning
+
+def format_tuning(tuning, field):
+    """Tuning's table: each family's loss on the tuning half at each point and tuned rung, and its choice."""
+    rungs = f"{field} " + ", ".join(map(str, tuning.rungs))
+    lines = [(f"tuning (val loss on the tuning half of the validation documents, at {rungs}; the lowest mean is "
+              f"carried up the ladder):")]
+    for fam, entries in tuning.losses.items():
+        for e in entries:
+            mark = "  <- chosen" if e["point"] == tuning.best[fam] else ""
+            lines.append(f"  {fam:<14} {fmt_point(e['point']):<32} " + "  ".join(f"{v:.4f}" for v in e["losses"])
+                         + f"  mean {e['mean']:.4f}{mark}")
+    return "\n".join(lines)
+
+def fmt_point(point):
+    return ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in point.items())
 
 def print_ladder_plan(ladder, budgets, jobs, log):  # before training: each rung's steps and what capped them
     log(f"ladder: {ladder.field} = {', '.join(map(str, ladder.values))}; each rung trains the MoE and dense-matched "
@@ -2386,9 +2519,19 @@ def print_ladder_plan(ladder, budgets, jobs, log):  # before training: each rung
         capped = (f", capped at max_epochs {budget.max_epochs:g} (asked {budget.requested_steps} steps): repeated data"
                   if budget.capped else "")
         log(f"  {ladder.field} {value}: {budget.steps} steps, {budget.epochs:.2f} passes{capped}")
-    for job in jobs:
-        if job.seed == jobs[0].seed:
+    ladder_jobs = [job for job in jobs if not job.tuning]
+    for job in ladder_jobs:
+        if job.seed == ladder_jobs[0].seed:
             log(describe(job.name, job.config))
+    if ladder.tune:
+        # every job's steps take the same tokens: FLOPs per token times steps are in proportion to its FLOPs
+        flops = [model_size(j.config).flops_per_token * j.config.max_steps for j in jobs]
+        tuning = sum(f for f, j in zip(flops, jobs) if j.tuning)
+        grid = parse_tune(ladder.tune)
+        log(f"tuning: {' x '.join(ladder.tune.split())} ({len(grid)} points) for each family on "
+            f"{ladder.field} {', '.join(map(str, ladder.values[: ladder.tune_rungs]))}: "
+            f"{sum(j.tuning for j in jobs)} more models, {tuning / (sum(flops) - tuning):.0%} of the ladder's training "
+            f"FLOPs; each family chooses on one half of the validation documents, the verdict reads the other")
 
 @dataclass
 class PowerLaw:
@@ -2401,11 +2544,11 @@ class PowerLaw:
     def __call__(self, C):
         return self.E + self.A * (np.asarray(C, dtype=float) / self.C0) ** -self.alpha
 
-    def inverse(self, loss):  # the compute at which the curve reaches loss; inf below its floor E
+    def inverse(self, loss):  # the compute at which the curve reaches loss: inf below its floor E, or past any float
         if loss <= self.E:
             return math.inf
         log_c = math.log(self.C0) + (math.log(self.A) - math.log(loss - self.E)) / self.alpha
-        return math.exp(min(max(log_c, -690.0), 690.0))  # a flat curve (alpha near 0): very late, or at once
+        return math.exp(log_c) if log_c < 709 else math.inf  # never clamped: a clamp would print as a number
 
 @dataclass
 class Fit:
@@ -2490,15 +2633,23 @@ def cost_to_reach(loss, costs, losses, law, floor=0.0):
     cost = law().inverse(loss)
     return cost, "extrapolated" if math.isfinite(cost) else "unreachable"
 
-def multipliers(points, fit, floor):
+def dense_rests_on_a_bound(fit):  # its extrapolation would read a parameter the fit pinned to a bound
+    return any(b.startswith(("E ", "dense-matched")) for b in fit.on_bounds)
+
+def multipliers(points, fit, floor, guard=True):
     """Per rung: the cost dense-matched needs to reach the MoE's loss over the MoE's cost at that
     rung, and how the dense cost was read. points: family -> (cost, loss) arrays, a point per rung;
-    fit(): the Fit to extrapolate with, made on first use; floor: dense-matched's fitted E."""
+    fit(): the Fit to extrapolate with, made on first use; floor: dense-matched's fitted E. guard: an
+    extrapolation from a dense-matched law that rests on a bound is not measurable (None): its value
+    would be the bound's, not the data's."""
     (moe_cost, moe_loss), (dense_cost, dense_loss) = points["moe"], points["dense-matched"]
     out = []
     for c, loss in zip(moe_cost, moe_loss):
         need, how = cost_to_reach(loss, dense_cost, dense_loss, lambda: fit().laws["dense-matched"], floor)
-        out.append((need / c, how))
+        if guard and how == "extrapolated" and dense_rests_on_a_bound(fit()):
+            out.append((None, "not measurable"))
+        else:
+            out.append((need / c, how))
     return out
 
 def family_points(rungs, measure, seed=None):
@@ -2508,33 +2659,39 @@ def family_points(rungs, measure, seed=None):
     return {f: (np.array([np.mean([v[measure] for v in pick(r[f])]) for r in rungs]),
                 np.array([np.mean([v["loss"] for v in pick(r[f])]) for r in rungs])) for f in ("moe", "dense-matched")}
 
+def twins(rung):  # a rung's (MoE, dense-matched) points, paired by seed: they share its batch order
+    dense = {p["seed"]: p for p in rung["dense-matched"]}
+    return [(p, dense[p["seed"]]) for p in rung["moe"] if p["seed"] in dense]
+
 def multiplier_intervals(rungs, seeds, fit, measure, shared_E):
     """Each rung's multiplier and its 95% interval, with the method named: over seeds when there are
     several, else from the fit's uncertainty."""
     if len(seeds) > 1:
-        return intervals_over_seeds(rungs, seeds, fit, measure, shared_E)
+        return intervals_over_seeds(rungs, fit, measure)
     return intervals_by_bootstrap(family_points(rungs, measure), fit, shared_E)
 
-def intervals_over_seeds(rungs, seeds, fit, measure, shared_E):
-    """A multiplier per seed (extrapolated, where needed, by that seed's own fit), their geometric
-    mean, and a t-interval of their logs."""
+def intervals_over_seeds(rungs, fit, measure):
+    """Each rung's multiplier read at the MoE's mean loss over seeds on dense-matched's mean points,
+    and its 95% interval from the twins' loss differences (MoE minus dense-matched, seed by seed: what
+    a shared seed and batch order do to both cancels), their variance pooled over every rung: a
+    t-interval of the rung's mean difference on rungs x (seeds - 1) degrees of freedom, read through
+    dense-matched's points as the loss itself is."""
     from scipy import stats
-    floor, per_seed = fit.laws["dense-matched"].E, []
-    for seed in seeds:
-        points = family_points(rungs, measure, seed)
-        own_fit = functools.cache(lambda points=points: fit_power_laws(points, shared_E, start=fit))
-        per_seed.append(multipliers(points, own_fit, floor))
-    out = []
-    for i in range(len(rungs)):
-        logs, hows = np.log([m[i][0] for m in per_seed]), {m[i][1] for m in per_seed}
-        how = next(h for h in ("unreachable", "extrapolated", "interpolated") if h in hows)  # the weakest
-        if not np.isfinite(logs).all():
-            out.append({"value": math.inf, "ci95": None, "how": how})
-            continue
-        half = stats.t.ppf(0.975, len(logs) - 1) * logs.std(ddof=1) / math.sqrt(len(logs))
-        out.append({"value": float(np.exp(logs.mean())), "how": how,
-                    "ci95": [float(np.exp(logs.mean() - half)), float(np.exp(logs.mean() + half))]})
-    return out, f"over {len(seeds)} seeds: their geometric mean, and a t-interval of the log multiplier"
+    points, floor = family_points(rungs, measure), fit.laws["dense-matched"].E
+    diffs = [np.array([m["loss"] - d["loss"] for m, d in twins(r)]) for r in rungs]
+    dof = sum(len(d) - 1 for d in diffs)
+    spread = math.sqrt(sum(((d - d.mean()) ** 2).sum() for d in diffs) / dof)
+    half, out = stats.t.ppf(0.975, dof) * spread, []
+    for i, (value, how) in enumerate(multipliers(points, lambda: fit, floor)):
+        moe_cost, dense_loss = points["moe"][0][i], points["dense-matched"][1][i]
+        ends = None
+        if value is not None and math.isfinite(value):  # the lower loss is the larger multiplier
+            ends = [cost_to_reach(dense_loss + diffs[i].mean() + sign * half / math.sqrt(len(diffs[i])),
+                                  *points["dense-matched"], lambda: fit.laws["dense-matched"], floor)[0] / moe_cost
+                    for sign in (1, -1)]
+        out.append({"value": value, "ci95": ends, "how": how})
+    return out, (f"over {len(rungs[0]['moe'])} seeds: read at the mean losses; a t-interval of each rung's twins' loss "
+                 f"difference, its variance pooled over the rungs ({dof} degrees of freedom)")
 
 def intervals_by_bootstrap(points, fit, shared_E, draws=300):
     """A parametric bootstrap: every loss redrawn around its observed value, the multiplier read again
@@ -2551,40 +2708,217 @@ def intervals_by_bootstrap(points, fit, shared_E, draws=300):
         sigma = fit.sigma * math.sqrt(fit.dof / rng.chisquare(fit.dof))
         noisy = {f: (c, loss + rng.normal(0, sigma, len(loss))) for f, (c, loss) in points.items()}
         refit = functools.cache(lambda noisy=noisy: fit_power_laws(noisy, shared_E, start=fit))
-        samples.append([m for m, _ in multipliers(noisy, refit, floor)])
+        samples.append([m for m, _ in multipliers(noisy, refit, floor, guard=False)])
     samples = np.array(samples)
     for i, m in enumerate(found):
-        if math.isfinite(m["value"]):  # lower and higher: an inf among the draws stays inf, never nan
+        if m["value"] is not None and math.isfinite(m["value"]):  # lower and higher: an inf stays inf, never nan
             m["ci95"] = [float(np.percentile(samples[:, i], 2.5, method="lower")),
                          float(np.percentile(samples[:, i], 97.5, method="higher"))]
     return found, (f"from the fit: parametric bootstrap, each loss redrawn around its value with the fits' "
                    f"residual sigma ({fit.sigma:.4f}, {fit.dof} degrees of freedom), {draws} draws")
 
-MEASURES = {"compute": "training FLOPs", "seconds": "training seconds"}  # what a ladder's losses are fitted against
+# The pooled multiplier: dense-matched's law and the MoE's points fitted at once,
+#     L_dense(C) = E + A (C / C0)^-alpha,   L_moe(C) = E_moe + A (k(C) C / C0)^-alpha,
+#     log k(C) = a + b log(C / C0)   (C0: the points' geometric mean),
+# so that every rung's twins inform one multiplier k, and b says whether it changes with scale. With
+# E_moe = E (fit_E shared) these are the two families' power laws, reparameterised so that k and its
+# drift are parameters with standard errors; fit_E separate gives the MoE a floor of its own, and k(C)
+# is then read through the laws.
+POOLED_PARAMS = ("E", "log_A", "alpha", "a", "b", "E_moe")
+
+@dataclass
+class Reading:
+    """The pooled multiplier at one cost: dense-matched's cost to reach the MoE's loss over the MoE's,
+    its 95% interval and the two-sided p-value of k = 1."""
+    at: float  # the MoE's cost (FLOPs or seconds)
+    value: float
+    ci95: list
+    p_value: float
+
+@dataclass
+class Pooled:
+    """fit_pooled's result. pooled, top and drift are None when it is not measurable (why: the reason)."""
+    params: dict  # E, A, alpha, a, b (and E_moe)
+    C0: float
+    noise: str  # common: one sigma for every loss | paired: one for the twins' sums, one for their differences
+    sigma: dict
+    dof: float
+    on_bounds: list  # the parameters the fit left on a bound
+    pooled: Reading | None  # where the ladder measures k best: where a and b are uncorrelated
+    top: Reading | None  # at the largest rung's MoE cost
+    drift: dict | None  # b, its 95% interval and p-value (b = 0: k does not change with scale)
+    curve: list  # [cost, k, low, high] across the ladder's costs, for the plot
+    why: str | None = None
+
+def fit_pooled(pairs, shared_E=True, paired=False):
+    """One multiplier pooled over a ladder's twins. pairs: (MoE cost, MoE loss, dense cost, dense loss)
+    arrays, one entry per twin pair (a rung and seed); the last rung's are the last entries. Least
+    squares on the twins' sums and differences; noise common (one sigma for every loss, the twins taken
+    as independent: with one seed a second sigma would rest on too few residuals) or paired (several
+    seeds): a rung effect the twins share cancels in their difference, so the differences, which carry
+    k, get their own sigma and the sums theirs (at least the differences': a shared effect only adds),
+    each from its share of the residuals, and the fit is weighted by them once. Intervals and p-values:
+    Student's t on the differences' degrees of freedom (paired) or the residuals' (common), from the
+    Jacobian's covariance."""
+    from scipy import stats
+    from scipy.optimize import least_squares
+    cm, ym, cd, yd = (np.asarray(v, dtype=float) for v in pairs)
+    xm, xd, n = np.log(cm), np.log(cd), len(ym)
+    x0 = float(np.mean(np.concatenate([xm, xd])))
+    names = POOLED_PARAMS[: 5 if shared_E else 6]
+
+    def residuals(q, w=(1.0, 1.0)):  # (2n,): the twins' sums, then their differences, each over its sigma
+        E, log_a, alpha, a, b = q[:5]
+        rm = (E if shared_E else q[5]) + np.exp(log_a - alpha * ((1 + b) * (xm - x0) + a)) - ym
+        rd = E + np.exp(log_a - alpha * (xd - x0)) - yd
+        return np.concatenate([(rm + rd) * w[0], (rm - rd) * w[1]]) / math.sqrt(2)
+
+    fit, bounds = pooled_least_squares(residuals, ym, yd, shared_E)
+    J, r = fit.jac, fit.fun
+    if paired:
+        leverage = np.diag(J @ np.linalg.pinv(J.T @ J) @ J.T)  # how much of each residual the parameters absorb
+        dof, dof_sum = n - leverage[n:].sum(), n - leverage[:n].sum()
+        s_diff = math.sqrt(r[n:] @ r[n:] / dof) if dof > 0 else 0.0
+        s_sum = max(math.sqrt(r[:n] @ r[:n] / dof_sum) if dof_sum > 0 else 0.0, s_diff)
+        sigma = {"sum": s_sum, "difference": s_diff}
+        if s_diff > 0:
+            fit = least_squares(residuals, fit.x, bounds=bounds, x_scale="jac", args=((1 / s_sum, 1 / s_diff),))
+        cov = np.linalg.pinv(fit.jac.T @ fit.jac)
+    else:
+        dof = 2 * n - len(names)
+        sigma = {"common": math.sqrt(2 * fit.cost / dof) if dof > 0 else 0.0}
+        cov = np.linalg.pinv(J.T @ J) * sigma["common"] ** 2
+    q = fit.x
+    params = {**dict(zip(names, map(float, q))), "A": float(math.exp(q[1]))}
+    on_bounds = [f"{name} {v:.3g}" for name, v, active in zip(names, q, fit.active_mask) if active]
+    out = Pooled(params, math.exp(x0), "paired" if paired else "common", sigma, float(dof), on_bounds, None, None,
+                 None, [])
+    if dof <= 0:
+        out.why = "as many parameters as points: no residual spread to judge k by"
+    elif on_bounds:
+        out.why = f"the fit rests on a bound ({', '.join(on_bounds)}): the losses do not follow its form"
+    else:
+        read_pooled(out, q, cov, x0, xm, shared_E, stats.t.ppf(0.975, dof))
+    return out
+
+def pooled_least_squares(residuals, ym, yd, shared_E):
+    """The best of three starts of the pooled fit (E at 0, half and nine tenths of the losses' floor),
+    within its bounds: E at least 0 and below the losses it must stay under, alpha in [0.001, 5]."""
+    from scipy.optimize import least_squares
+    lowest_dense, lowest_moe = float(yd.min()), float(ym.min())
+    floor = min(lowest_dense, lowest_moe) if shared_E else lowest_dense
+    below = lambda v: v - 1e-9 * max(1.0, abs(v))
+    lower = [min(0.0, floor - 1.0), -np.inf, 1e-3, -np.inf, -np.inf] + ([] if shared_E else [min(0.0, lowest_moe - 1)])
+    upper = [below(floor), np.inf, 5.0, np.inf, np.inf] + ([] if shared_E else [below(lowest_moe)])
+    best = None
+    for share in (0.0, 0.5, 0.9):
+        x0 = [share * floor, math.log(max(yd.mean() - share * floor, 1e-6)), 0.3, 0.0, 0.0]
+        x0 += [] if shared_E else [share * lowest_moe]
+        with np.errstate(over="ignore", invalid="ignore"):  # a trial step far out overflows; the solver steps back
+            result = least_squares(residuals, np.clip(x0, lower, upper), bounds=(lower, upper), x_scale="jac")
+        if best is None or result.cost < best.cost:
+            best = result
+    return best, (lower, upper)
+
+def read_pooled(out, q, cov, x0, xm, shared_E, t):
+    """The pooled fit's readings, each a t-interval by the delta method: k where the ladder measures
+    it best, k at the largest rung, the drift b, and k(C) across the ladder."""
+    from scipy import stats
+    dof = out.dof
+
+    def log_k(q, x):  # dense-matched's log cost to reach the MoE's loss at log cost x, less x
+        if shared_E:
+            return q[3] + q[4] * (x - x0)
+        gap = q[5] + math.exp(q[1] - q[2] * ((1 + q[4]) * (x - x0) + q[3])) - q[0]
+        return x0 + (q[1] - math.log(gap)) / q[2] - x if gap > 0 else math.inf
+
+    def read(x):
+        value = log_k(q, x)
+        if not math.isfinite(value):
+            return None
+        steps = 1e-6 * np.maximum(1.0, np.abs(q))
+        grad = np.array([(log_k(q + e, x) - log_k(q - e, x)) / (2 * h) for e, h in zip(np.diag(steps), steps)])
+        se = math.sqrt(max(float(grad @ cov @ grad), 0.0))
+        p = 2 * stats.t.sf(abs(value) / se, dof) if se > 0 else float(value == 0)
+        return Reading(math.exp(x), math.exp(value), [math.exp(value - t * se), math.exp(value + t * se)], float(p))
+
+    top = float(xm[-1])  # the largest rung: its seeds' mean log cost
+    top = float(np.mean([x for x in xm if x >= top - 1e-9])) if len(xm) else top
+    best = x0 - cov[3, 4] / cov[4, 4] if cov[4, 4] > 0 else x0  # Var(a + b (x - x0)) is least there
+    out.pooled, out.top = read(min(max(best, xm.min()), xm.max())), read(top)
+    se_b = math.sqrt(max(cov[4, 4], 0.0))
+    out.drift = {"b": float(q[4]), "ci95": [float(q[4] - t * se_b), float(q[4] + t * se_b)],
+                 "p_value": float(2 * stats.t.sf(abs(q[4]) / se_b, dof)) if se_b > 0 else None}
+    out.curve = [[r.at, r.value, *r.ci95] for x in np.linspace(xm.min(), xm.max(), 40) if (r := read(x))]
+
+# What a ladder's losses are fitted against. compute is the headline: what the hardware pays, the
+# optimizer's step included (Muon orthogonalises every expert, routed to or not).
+MEASURES = {"compute": "training and optimizer FLOPs", "model_compute": "training FLOPs alone (the model's)",
+            "seconds": "training seconds"}
+UNITS = {"compute": "FLOPs", "model_compute": "FLOPs", "seconds": "s"}
 
 def ladder_rungs(rows, records, ladder):
-    """Per rung, its value, its result rows, and each family's points, one per seed: compute (FLOPs
-    per token times the tokens trained), training seconds (the final evaluation's clock), the final
-    val loss."""
+    """Per rung, its value, its result rows, and each family's points, one per seed: compute (the
+    model's FLOPs per token times the tokens trained, plus the optimizer's FLOPs per step times the
+    steps), the model's compute alone, training seconds (the final evaluation's clock), the final val
+    loss, and the fields tuning chose (or the learning rates)."""
     seconds = {r["model"]: r.get("train_seconds") for r in records if r["kind"] == "eval" and r.get("final")}
+    shown = list(parse_tune(ladder.tune)[0]) if ladder.tune else ["muon_lr", "adamw_lr"]
     rungs = [{"value": v, "moe": [], "dense-matched": [], "rows": []} for v in ladder.values]
     for row in rows:
-        family = "moe" if row["name"].startswith("moe") else "dense-matched"
         rungs[row["rung"]]["rows"].append(row)
-        rungs[row["rung"]][family].append({
-            "seed": row["seed"], "loss": row["val_loss"], "compute": row["flops_per_token"] * row["tokens"],
-            "seconds": seconds.get(row["id"]) or row["train_time_s"], "active_params": row["active_params"],
-            "tokens": row["tokens"],  # and the tied output head's share of the FLOPs per token
+        optimizer = row["optimizer_flops_per_step"] if "optimizer_flops_per_step" in row else \
+            model_size(config_from_saved(row["config"])).optimizer_flops_per_step  # a row of an earlier llm.py
+        model, time_s = row["flops_per_token"] * row["tokens"], seconds.get(row["id"]) or row["train_time_s"]
+        rungs[row["rung"]][family(row["name"])].append({
+            "seed": row["seed"], "loss": row["val_loss"], "compute": model + optimizer * row["steps"],
+            "model_compute": model, "optimizer_share": optimizer * row["steps"] / (model + optimizer * row["steps"]),
+            "seconds": time_s, "active_params": row["active_params"], "tokens": row["tokens"],
+            "tokens_per_s": row["tokens"] / time_s if time_s else None, "tuned": {k: row["config"][k] for k in shown},
+            # the tied output head's share of the model's FLOPs per token
             "head_share": 6 * row["config"]["vocab_size"] * row["config"]["d_model"] / row["flops_per_token"]})
     return rungs
 
-def scaling_analysis(rows, records, ladder, seeds, budgets, cfg):
-    """The ladder's verdict: for each measure (compute, seconds), both families' power laws fitted
-    to every point, and each rung's multiplier with its 95% interval; then the notes that apply."""
+def ladder_pairs(rungs, measure):
+    """The twins of every rung and seed as fit_pooled takes them, the largest rung's last."""
+    pairs = [(m[measure], m["loss"], d[measure], d["loss"]) for r in rungs for m, d in twins(r)]
+    return tuple(np.array(v) for v in zip(*pairs))
+
+def timing_trouble(rungs, field):
+    """Why a ladder's training seconds cannot carry a fit, or None. Each family's seconds must grow
+    from rung to rung, seed by seed (a larger model takes longer), and one job's throughput must agree
+    across its seeds within 25%: otherwise the rungs were timed under different load, and a fit
+    against seconds would measure the machine, not the models."""
+    for fam in ("moe", "dense-matched"):
+        for seed in sorted({p["seed"] for r in rungs for p in r[fam]}):
+            timed = [(r["value"], next(p["seconds"] for p in r[fam] if p["seed"] == seed)) for r in rungs]
+            if any(not s or s <= 0 for _, s in timed):
+                return f"{fam} has a rung without training seconds"
+            for (v1, s1), (v2, s2) in itertools.pairwise(timed):
+                if s2 <= s1:
+                    return (f"{fam}'s training seconds do not grow with its rungs ({field} {v1}: {s1:.1f} s, "
+                            f"{field} {v2}: {s2:.1f} s): the rungs were timed under different load")
+        for r in rungs:
+            speeds = [p["tokens_per_s"] for p in r[fam]]
+            if len(speeds) > 1 and max(speeds) > 1.25 * min(speeds):
+                return (f"{fam} at {field} {r['value']} trained at {min(speeds):,.0f} to {max(speeds):,.0f} tokens "
+                        f"per second over its seeds: the rungs were timed under different load")
+    return None
+
+def scaling_analysis(rows, records, ladder, seeds, budgets, cfg, tuning=None):
+    """The ladder's verdict, for each measure (compute with and without the optimizer, seconds): both
+    families' power laws fitted to every point, each rung's multiplier with its 95% interval, and the
+    pooled multiplier (fit_pooled); a measure whose points cannot carry a fit is skipped, with why.
+    Then the notes that apply and the sentence."""
     rungs, shared = ladder_rungs(rows, records, ladder), ladder.fit_E == "shared"
     result = {"ladder": dataclasses.asdict(ladder), "rungs": rungs, "budgets": [dataclasses.asdict(b) for b in budgets],
-              "fits": {}, "multipliers": {}, "methods": {}}
+              "headline": "compute", "fits": {}, "multipliers": {}, "methods": {}, "pooled": {}, "skipped": {},
+              "tuning": tuning and dataclasses.asdict(tuning)}
+    trouble = {"seconds": timing_trouble(rungs, ladder.field)}
     for measure in MEASURES:
+        if trouble.get(measure):
+            result["skipped"][measure] = trouble[measure]
+            continue
         every = {f: tuple(np.array([p[k] for r in rungs for p in r[f]]) for k in (measure, "loss"))
                  for f in ("moe", "dense-matched")}
         fit = fit_power_laws(every, shared)
@@ -2593,113 +2927,196 @@ def scaling_analysis(rows, records, ladder, seeds, budgets, cfg):
                                    "sigma": fit.sigma, "dof": fit.dof, "shared_E": shared, "on_bounds": fit.on_bounds}
         result["multipliers"][measure], result["methods"][measure] = multiplier_intervals(rungs, seeds, fit, measure,
                                                                                            shared)
+        result["pooled"][measure] = dataclasses.asdict(fit_pooled(ladder_pairs(rungs, measure), shared, len(seeds) > 1))
     result["notes"] = ladder_notes(result, ladder, budgets, cfg)
     result["verdict"] = ladder_verdict(result)
     return result
 
 def ladder_notes(result, ladder, budgets, cfg):  # cfg: the base config
     """What the reader of a ladder must know before trusting it, where it applies."""
-    notes, dof = [], result["fits"]["compute"]["dof"]
+    notes, rungs, field = [], result["rungs"], ladder.field
+    dof = result["fits"]["compute"]["dof"]
     if len(ladder.values) < 5:
-        notes.append(f"{len(ladder.values)} rungs: the fits keep {dof} degree{'s' * (dof != 1)} of freedom beyond "
-                     f"their parameters, so the intervals are wide and an extrapolated multiplier leans on the "
-                     f"fitted form")
+        notes.append(f"{len(ladder.values)} rungs: the per-family fits keep {dof} degree{'s' * (dof != 1)} of freedom "
+                     f"beyond their parameters, so the per-rung intervals are wide and an extrapolated multiplier "
+                     f"leans on the fitted form; the pooled multiplier uses every rung at once")
     for measure, what in MEASURES.items():
-        if result["fits"][measure]["on_bounds"]:
+        if result["fits"].get(measure, {}).get("on_bounds"):
             notes.append(f"the fit against {what} rests on a bound ({', '.join(result['fits'][measure]['on_bounds'])}):"
-                         f" the losses do not follow L = E + A C^-alpha well here, and what it extrapolates is weak")
+                         f" the losses do not follow L = E + A C^-alpha well here, and what it extrapolates is not "
+                         f"measurable")
+        if measure in result["skipped"]:
+            notes.append(f"no fit against {what}: {result['skipped'][measure]}")
     capped = [(v, b) for v, b in zip(ladder.values, budgets) if b.capped]
     if capped:
-        notes.append(f"max_epochs caps {ladder.field} " + ", ".join(f"{v} ({b.epochs:.1f} passes)" for v, b in capped)
+        notes.append(f"max_epochs caps {field} " + ", ".join(f"{v} ({b.epochs:.1f} passes)" for v, b in capped)
                      + f": these rungs see repeated data, not {ladder.tokens_per_param:g} fresh tokens per parameter")
     repeated = [(v, b) for v, b in zip(ladder.values, budgets) if b.epochs > 1 and not b.capped]
     if repeated:
-        notes.append(f"{ladder.field} " + ", ".join(f"{v} ({b.epochs:.2f} passes)" for v, b in repeated)
+        notes.append(f"{field} " + ", ".join(f"{v} ({b.epochs:.2f} passes)" for v, b in repeated)
                      + ": these rungs see part of their data more than once")
-    notes.append(f"every rung trains at muon_lr {cfg.muon_lr:g} and adamw_lr {cfg.adamw_lr:g}: the learning rates are "
-                 f"not tuned per size; a --sweep muon_lr=... at one rung's size is how to check them")
-    head = [r["moe"][0]["head_share"] for r in result["rungs"]]
+    notes += tuning_notes(result["tuning"], ladder, cfg)
+    share = {f: [r[f][0]["optimizer_share"] for r in rungs] for f in ("moe", "dense-matched")}
+    moe, dense = share["moe"], share["dense-matched"]
+    notes.append(f"the optimizer's step (Newton-Schulz on every matrix, every expert included, routed to or not) is "
+                 f"{moe[0]:.0%} of the MoE's compute at {field} {ladder.values[0]} and {moe[-1]:.0%} at "
+                 f"{ladder.values[-1]}, against {dense[0]:.0%} and {dense[-1]:.0%} of dense-matched's: the headline "
+                 f"counts it (the hardware pays it; under DDP every process does)")
+    head = [r["moe"][0]["head_share"] for r in rungs]
     if head[0] > 0.25:  # a share the experts cannot touch
-        notes.append(f"the output head is {head[0]:.0%} of the MoE's training FLOPs per token at {ladder.field} "
+        notes.append(f"the output head is {head[0]:.0%} of the MoE's training FLOPs per token at {field} "
                      f"{ladder.values[0]} and {head[-1]:.0%} at {ladder.values[-1]}; the experts change only the rest")
     return notes
 
+def tuning_notes(tuning, ladder, cfg):
+    """How each family's learning rates (or other tuned fields) were set, and where the choice is weak."""
+    if not tuning:
+        return [(f"every rung trains at muon_lr {cfg.muon_lr:g} and adamw_lr {cfg.adamw_lr:g} for both families: "
+                 f"the learning rates are not tuned per size or family; --tune muon_lr=... tunes them")]
+    grid = parse_tune(ladder.tune)
+    chosen = "; ".join(f"{fam}: {fmt_point(point)}" for fam, point in tuning["best"].items())
+    notes = [(f"each family trains at its own tuned point ({chosen}), chosen on {ladder.field} "
+              f"{', '.join(map(str, tuning['rungs']))} and carried up unchanged: beyond the tuned rungs the optimum "
+              f"may drift")]
+    for fam, point in tuning["best"].items():
+        if len({tuple(p.items()) for p in tuning["best_per_rung"][fam]}) > 1:
+            notes.append(f"{fam}'s best point moved between the tuned rungs ("
+                         + "; ".join(fmt_point(p) for p in tuning["best_per_rung"][fam]) + ")")
+        edge = [k for k, v in point.items() if v in (min(g[k] for g in grid), max(g[k] for g in grid))
+                and len({g[k] for g in grid}) > 1]
+        if edge:
+            notes.append(f"{fam}'s best {', '.join(edge)} is at the edge of the grid: its optimum may lie beyond it")
+    return notes
+
+def say_pooled(p, unit):
+    """What one pooled fit allows one to say: not measurable (and why); not distinguishable from 1
+    while its interval holds 1; a direction only when the interval excludes 1."""
+    if p["why"]:
+        return f"not measurable: {p['why']}"
+    k, (lo, hi), pv, at = p["pooled"]["value"], p["pooled"]["ci95"], p["pooled"]["p_value"], p["pooled"]["at"]
+    where = f"pooled over the rungs, read at {at:.2g} {unit}"
+    if lo <= 1 <= hi:
+        said = f"not distinguishable from 1: k = {k:.2f} [{lo:.2f}, {hi:.2f}] (p = {pv:.2g} for k = 1; {where})"
+    elif lo > 1:
+        said = f"the MoE needs {k:.2f}x less [{lo:.2f}, {hi:.2f}] than dense-matched (p = {pv:.2g}; {where})"
+    else:
+        said = (f"the MoE needs {1 / k:.2f}x [{1 / hi:.2f}, {1 / lo:.2f}] what dense-matched needs "
+                f"(p = {pv:.2g}; {where})")
+    top = p["top"]
+    if top:
+        said += (f"; at the largest rung k = {top['value']:.2f} [{top['ci95'][0]:.2f}, {top['ci95'][1]:.2f}]")
+    d = p["drift"]
+    if d["ci95"][0] > 0 or d["ci95"][1] < 0:
+        said += (f"; the advantage {'grows' if d['b'] > 0 else 'shrinks'} with scale (b = {d['b']:.2f} "
+                 f"[{d['ci95'][0]:.2f}, {d['ci95'][1]:.2f}], p = {d['p_value']:.2g})")
+    else:
+        said += (f"; not shown to change with scale (b = {d['b']:.2f} [{d['ci95'][0]:.2f}, {d['ci95'][1]:.2f}]"
+                 + (f", p = {d['p_value']:.2g})" if d["p_value"] is not None else ")"))
+    return said
+
 def ladder_verdict(result):
-    """One plain sentence, at the largest rung: the compute and the training time the MoE needs to
-    reach its loss, against what dense-matched needs to reach it."""
-    top, (m, t) = result["rungs"][-1], (result["multipliers"][k][-1] for k in MEASURES)
-    flops = np.mean([p["compute"] for p in top["moe"]])
+    """The sentences: the pooled multiplier in compute, the optimizer's FLOPs counted (the headline),
+    then without them, then in training seconds; each says only what its interval allows."""
+    lines = []
+    for measure, what in MEASURES.items():
+        head = " (the headline)" if measure == result["headline"] else ""
+        if measure in result["skipped"]:
+            lines.append(f"in {what}: not measured ({result['skipped'][measure]})")
+        else:
+            lines.append(f"in {what}{head}: {say_pooled(result['pooled'][measure], UNITS[measure])}")
+    return "\n".join(lines)
 
-    def times(x):  # "less" (x >= 1) or not, the factor, and its interval in the same sense
-        less = x["value"] >= 1
-        ci = x["ci95"] if less or not x["ci95"] else [1 / x["ci95"][1], 1 / x["ci95"][0]]
-        return less, f"{x['value'] if less else 1 / x['value']:.2f}x", f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else ""
+def fmt_multiplier(x):
+    if x is None or x["value"] is None:
+        return "not measurable" if x else "-"
+    if not math.isfinite(x["value"]):
+        return "unreachable"
+    ci = f" [{fmt_ratio(x['ci95'][0])}, {fmt_ratio(x['ci95'][1])}]" if x["ci95"] else ""
+    return f"{fmt_ratio(x['value'])}{ci} {x['how'][:6]}."
 
-    if not math.isfinite(m["value"]):
-        return (f"at {flops:.2g} FLOPs the MoE reaches a loss that dense-matched's fitted curve never does "
-                f"(below its floor E): no finite multiplier")
-    less, factor, ci = times(m)
-    said = (f"with {factor} less compute{ci} than dense-matched" if less
-            else f"with {factor} the compute{ci} of dense-matched")
-    if math.isfinite(t["value"]):
-        less_time, factor, ci = times(t)
-        said += (f", {'and' if less_time == less else 'but'} with "
-                 + (f"{factor} less training time{ci}" if less_time else f"{factor} its training time{ci}"))
-    return (f"at {flops:.2g} FLOPs the MoE reaches its loss {said} (the dense-matched cost {m['how']} in compute, "
-            f"{t['how']} in time)")
+def fmt_ratio(v):  # 1.23, or 4.5e+06 for a bootstrap draw's far end
+    return f"{v:.2f}" if v < 1000 else f"{v:.2g}"
 
 def format_scaling(result):
-    """The ladder's table (a line per rung), its fits, its verdict and its notes."""
-    ladder, rungs = result["ladder"], result["rungs"]
-
-    def mult(x):
-        if not math.isfinite(x["value"]):
-            return "unreachable"
-        ci = f" [{x['ci95'][0]:.2f}, {x['ci95'][1]:.2f}]" if x["ci95"] else ""
-        return f"{x['value']:.2f}{ci} {x['how'][:6]}."
-
-    head = ["rung", "active", "tokens", "FLOPs", "head", "moe loss", "dense-m. loss", "compute x (95%)",
-            "time x (95%)"]
-    cells = [head] + [[f"{ladder['field']} {r['value']}", fmt_count(np.mean([p["active_params"] for p in r["moe"]])),
-                       fmt_count(np.mean([p["tokens"] for p in r["moe"]])),
-                       f"{np.mean([p['compute'] for p in r['moe']]):.2e}", f"{r['moe'][0]['head_share']:.0%}",
-                       f"{np.mean([p['loss'] for p in r['moe']]):.4f}",
-                       f"{np.mean([p['loss'] for p in r['dense-matched']]):.4f}",
-                       mult(result["multipliers"]["compute"][i]), mult(result["multipliers"]["seconds"][i])]
+    """The ladder's table (a line per rung), its pooled multipliers, its fits, the verdict and the notes."""
+    ladder, rungs, mult = result["ladder"], result["rungs"], result["multipliers"]
+    mean = lambda r, f, k: np.mean([p[k] for p in r[f]])
+    tuned = lambda r, f: "/".join(f"{v:g}" for v in r[f][0]["tuned"].values())
+    shown = "/".join(rungs[0]["moe"][0]["tuned"])
+    head = ["rung", "active", "tokens", "FLOPs", "optimizer", "head", f"moe {shown}", f"dense-m. {shown}", "moe loss",
+            "dense-m. loss", "compute x (95%)", "time x (95%)"]
+    cells = [head] + [[f"{ladder['field']} {r['value']}", fmt_count(mean(r, "moe", "active_params")),
+                       fmt_count(mean(r, "moe", "tokens")), f"{mean(r, 'moe', 'compute'):.2e}",
+                       f"{mean(r, 'moe', 'optimizer_share'):.0%}/{mean(r, 'dense-matched', 'optimizer_share'):.0%}",
+                       f"{r['moe'][0]['head_share']:.0%}", tuned(r, "moe"), tuned(r, "dense-matched"),
+                       f"{mean(r, 'moe', 'loss'):.4f}", f"{mean(r, 'dense-matched', 'loss'):.4f}",
+                       fmt_multiplier(mult["compute"][i]) if "compute" in mult else "-",
+                       fmt_multiplier(mult["seconds"][i]) if "seconds" in mult else "-"]
                       for i, r in enumerate(rungs)]
     widths = [max(len(row[i]) for row in cells) for i in range(len(head))]
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
              for row in cells]
     lines.insert(1, "-" * len(lines[0]))
-    lines.append("x: the compute (or training seconds) dense-matched needs to reach the MoE's loss, over the MoE's; "
-                 "above 1 the MoE is cheaper")
+    lines += ["FLOPs: training and optimizer, the MoE's; optimizer: its share of the MoE's and of dense-matched's",
+              ("x: the compute (or training seconds) dense-matched needs to reach the MoE's loss, over the MoE's; "
+               "above 1 the MoE is cheaper"),
+              "pooled multiplier k (every rung fitted at once, log k = a + b log(C / C0)):"]
     for measure, what in MEASURES.items():
-        fit = result["fits"][measure]
-        laws = "; ".join(f"{f}: E {law['E']:.3f}, A {law['A']:.3f}, alpha {law['alpha']:.3f}"
-                         for f, law in fit["families"].items())
-        lines.append(f"fit of loss against {what}, L = E + A (C / {next(iter(fit['families'].values()))['C0']:.3g})"
-                     f"^-alpha{' (E shared)' if fit['shared_E'] else ''}: {laws}"
-                     + (f"; residual sigma {fit['sigma']:.4f}" if fit["sigma"] is not None else ""))
-        lines.append(f"  intervals ({measure}): {result['methods'][measure]}")
-    lines.append("verdict: " + result["verdict"])
+        p = result["pooled"].get(measure)
+        noise = p and (f"; noise {p['noise']}: sigma " + (f"{p['sigma']['common']:.4f}" if p["noise"] == "common" else
+                                                          f"of the twins' sums {p['sigma']['sum']:.4f}, of their "
+                                                          f"differences {p['sigma']['difference']:.4f}")
+                       + f", {p['dof']:.3g} degree{'s' * (p['dof'] != 1)} of freedom")
+        lines.append(f"  {what}: " + (say_pooled(p, UNITS[measure]) + noise if p else
+                                       f"not fitted ({result['skipped'][measure]})"))
+    for measure, what in MEASURES.items():
+        fit = result["fits"].get(measure)
+        if fit:
+            laws = "; ".join(f"{f}: E {law['E']:.3f}, A {law['A']:.3f}, alpha {law['alpha']:.3f}"
+                             for f, law in fit["families"].items())
+            lines.append(f"fit of loss against {what}, L = E + A (C / {next(iter(fit['families'].values()))['C0']:.3g})"
+                         f"^-alpha{' (E shared)' if fit['shared_E'] else ''}: {laws}"
+                         + (f"; residual sigma {fit['sigma']:.4f}" if fit["sigma"] is not None else ""))
+            lines.append(f"  per-rung intervals ({measure}): {result['methods'][measure]}")
+    lines.append("verdict:\n" + "\n".join(f"  {line}" for line in result["verdict"].splitlines()))
     lines += [f"note: {note}" for note in result["notes"]]
     return "\n".join(lines)
 
 def plot_scaling(result, path):
-    """Left: val loss against training FLOPs, right: against training seconds, both on log axes; each
-    family's points (one per rung and seed) and its fitted curve."""
-    fig, axes = pyplot().subplots(1, 2, figsize=(13, 4.8))
-    for ax, (measure, what) in zip(axes, MEASURES.items()):
+    """Left: val loss against training and optimizer FLOPs; middle: against training seconds, both on
+    log axes with each family's points and fitted curve; right: the pooled multiplier k(C) in compute
+    with its 95% band, beside each rung's multiplier."""
+    fig, axes = pyplot().subplots(1, 3, figsize=(18, 4.8))
+    for ax, measure in zip(axes, ("compute", "seconds")):
+        if measure not in result["fits"]:
+            ax.set_title(f"not fitted: {result['skipped'][measure]}"[:90], fontsize=8)
+            continue
         fit = result["fits"][measure]["families"]
-        for colour, family in zip(("C0", "C3"), ("moe", "dense-matched")):
-            points = [(p[measure], p["loss"]) for r in result["rungs"] for p in r[family]]
-            ax.plot(*zip(*points), "o", color=colour, label=f"{family} (rungs)")
+        for colour, fam in zip(("C0", "C3"), ("moe", "dense-matched")):
+            points = [(p[measure], p["loss"]) for r in result["rungs"] for p in r[fam]]
+            ax.plot(*zip(*points), "o", color=colour, label=f"{fam} (rungs)")
             c = np.geomspace(min(p[0] for p in points) / 2, max(p[0] for p in points) * 2, 100)
-            law = PowerLaw(**{k: fit[family][k] for k in ("E", "A", "alpha", "C0")})
-            ax.plot(c, law(c), "-", color=colour, alpha=0.7, label=f"{family} fit (alpha {law.alpha:.2f})")
+            law = PowerLaw(**{k: fit[fam][k] for k in ("E", "A", "alpha", "C0")})
+            ax.plot(c, law(c), "-", color=colour, alpha=0.7, label=f"{fam} fit (alpha {law.alpha:.2f})")
         ax.set_xscale("log")
-        finish_axes(ax, what, "validation loss")
+        finish_axes(ax, MEASURES[measure], "validation loss")
         ax.legend(fontsize=8)
+    ax, pooled = axes[2], result["pooled"]["compute"]
+    if pooled["curve"]:
+        c, k, lo, hi = np.array(pooled["curve"]).T
+        ax.plot(c, k, "-", color="C2", label="pooled k(C)")
+        ax.fill_between(c, lo, hi, color="C2", alpha=0.2, label="95% interval")
+    per_rung = [(np.mean([p["compute"] for p in r["moe"]]), m) for r, m in zip(result["rungs"],
+                                                                               result["multipliers"]["compute"])]
+    shown = [(c, m) for c, m in per_rung if m["value"] is not None and math.isfinite(m["value"])]
+    for c, m in shown:
+        lo, hi = m["ci95"] or (m["value"], m["value"])
+        ax.errorbar([c], [m["value"]], yerr=[[m["value"] - lo], [min(hi, 1e6) - m["value"]]], fmt="o", color="C1")
+    ax.axhline(1.0, color="grey", linestyle=":")
+    ax.set_xscale("log")
+    finish_axes(ax, MEASURES["compute"], "compute multiplier k (above 1: the MoE is cheaper)")
+    ax.set_title(pooled["why"][:90] if pooled["why"] else "", fontsize=8)
+    ax.legend(fontsize=8)
     save_figure(fig, path)
 
 
@@ -3510,7 +3927,8 @@ def load_run(run_dir, flag="--run", ranges=True):
     if state.ladder is not None:  # checked field by field, then as --ladder is; its budget holds a Budget per rung
         ladder = from_saved(Ladder, state.ladder, f"{flag} {run_dir}: run.json: ladder")
         try:
-            parse_ladder(f"{ladder.field}={','.join(map(str, ladder.values))}", ladder.tokens_per_param, ladder.fit_E)
+            parse_ladder(f"{ladder.field}={','.join(map(str, ladder.values))}", ladder.tokens_per_param, ladder.fit_E,
+                         ladder.tune, ladder.tune_rungs)
         except UsageError as e:
             raise UsageError(f"{flag} {run_dir}: run.json: ladder: {e}") from None
         rungs = state.budget.get("rungs") if state.budget is not None else []
@@ -3863,7 +4281,14 @@ def build_parser(prog="llm.py", description=None, harness=True, scaling=False):
                             "max_epochs passes (max_steps does not apply); default: the preset's")
         p.add_argument("--fit_E", choices=("shared", "separate"), default="shared",
                        help="the irreducible loss E of L = E + A C^-alpha: one for both families (the same data; the "
-                            "default) or one each")
+                            "default, which tests/bench_scaling_coverage.py found recovers a known multiplier best) "
+                            "or one each")
+        p.add_argument("--tune", nargs="+", default=[], metavar="FIELD=V1,V2",
+                       help="train each family at each value (a grid, with several fields) on the smallest rungs, "
+                            "choose each family's best on one half of the validation documents (the verdict reads "
+                            f"the other) and carry it up the ladder; FIELD one of {', '.join(TUNABLE)}")
+        p.add_argument("--tune_rungs", type=int, default=None,
+                       help="how many of the smallest rungs --tune trains (default 2)")
     if harness:
         p.add_argument("--resume", default=None, metavar="RUN_DIR",
                        help="continue an interrupted comparison (no other options but --parallel; any number of "
@@ -3896,7 +4321,15 @@ def parse_config(argv, scaling=False):
         spec, per_param = LADDERS[preset]
         per_param = per_param if args.tokens_per_param is None else args.tokens_per_param
         args.models, args.sweep, args.upcycle_from = "moe,dense-matched", [], None
-        args.ladder = parse_ladder(args.ladder or spec, per_param, args.fit_E)
+        if args.tune_rungs is not None and not args.tune:
+            raise UsageError("--tune_rungs: it says how many rungs --tune trains; give --tune too")
+        args.ladder = parse_ladder(args.ladder or spec, per_param, args.fit_E, " ".join(args.tune),
+                                   2 if args.tune_rungs is None else args.tune_rungs)
+        for point in parse_tune(args.ladder.tune):  # each point must make a config that trains
+            try:
+                dataclasses.replace(cfg, **point).validate()
+            except UsageError as e:
+                raise UsageError(f"--tune: the point {fmt_point(point)}: {e}") from None
         if args.max_steps is not None:
             raise UsageError("--max_steps: a ladder's rungs train --tokens_per_param tokens per parameter each, "
                              "whatever max_steps says")
@@ -4031,10 +4464,15 @@ def size_main(argv):
     for k in ("total", "active", "non_embedding", "active_non_embedding", "expert", "muon_params", "adamw_params",
               "flops_per_token"):
         print(f"  {k:<22} {getattr(size, k):>14,}")
+    # per optimizer step: the model's forward and backward on its tokens, beside the optimizer's own work
     step_flops = size.flops_per_token * cfg.batch_size * cfg.gradient_accumulation_steps * cfg.max_seq_len
-    print(f"  {'muon_flops_per_step':<22} {size.muon_flops_per_step:>14,} ({size.muon_flops_per_step / step_flops:.1%} "
-          f"of a step's training FLOPs at batch {cfg.batch_size} x {cfg.gradient_accumulation_steps} x "
-          f"{cfg.max_seq_len})")
+    batch = f"batch {cfg.batch_size} x {cfg.gradient_accumulation_steps} x {cfg.max_seq_len}"
+    print(f"  {'training_flops_per_step':<24} {step_flops:>12,} (flops_per_token x the tokens of a step, {batch})")
+    for k, what in (("muon_flops_per_step", "Newton-Schulz, every matrix and every expert"),
+                    ("optimizer_flops_per_step", "Newton-Schulz and both optimizers' elementwise work")):
+        value = getattr(size, k)
+        print(f"  {k:<24} {value:>12,} ({what}: {value / (step_flops + size.optimizer_flops_per_step):.1%} of a step's "
+              f"training and optimizer FLOPs)")
     for k in ("weight_bytes", "grad_bytes", "optimizer_bytes"):
         print(f"  {k:<22} {getattr(size, k) / 2**20:>12,.1f} MiB")
     total = size.weight_bytes + size.grad_bytes + size.optimizer_bytes

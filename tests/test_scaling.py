@@ -51,9 +51,11 @@ def test_the_fit_recovers_a_known_power_law_from_noisy_points_within_its_stated_
     assert 0.005 < fit.sigma < 0.02
 
 
-def ladder_rows(losses, seconds=None, seeds=(42,)):
+def ladder_rows(losses, seconds=None, seeds=(42,), optimizer=None):
     """results.json rows and final eval records of a ladder, made up: losses[family][seed] lists a
-    loss per rung at compute C (FLOPs per token x tokens), seconds likewise (default: C / 1e11)."""
+    loss per rung at model compute C (FLOPs per token x tokens), seconds likewise (default: C / 1e11);
+    optimizer[family]: its optimizer's FLOPs as a share of C (default none)."""
+    optimizer = optimizer or {}
     rows, records = [], []
     for family, by_seed in losses.items():
         for seed in seeds:
@@ -61,16 +63,18 @@ def ladder_rows(losses, seconds=None, seeds=(42,)):
                 run_id = f"{family}[d_model={rung}]-s{seed}"
                 rows.append({"id": run_id, "name": f"{family}[d_model={rung}]", "seed": seed, "rung": rung,
                              "val_loss": float(loss), "flops_per_token": 1e6, "tokens": c / 1e6, "active_params": 1e5,
-                             "train_time_s": 0.0, "config": {"vocab_size": 100, "d_model": 64 * (rung + 1)}})
+                             "steps": 100, "optimizer_flops_per_step": optimizer.get(family, 0.0) * c / 100,
+                             "train_time_s": 0.0, "config": {"vocab_size": 100, "d_model": 64 * (rung + 1),
+                                                             "muon_lr": 0.02, "adamw_lr": 0.003}})
                 t = (seconds or {}).get(family, {}).get(seed, C / 1e11)[rung]
                 records.append({"model": run_id, "kind": "eval", "final": True, "train_seconds": float(t)})
     return rows, records
 
 
-def analyse(losses, seeds=(42,), seconds=None, fit_E="shared", budgets=None):
+def analyse(losses, seeds=(42,), seconds=None, fit_E="shared", budgets=None, optimizer=None):
     ladder = llm.Ladder("d_model", list(range(len(C))), 1.0, fit_E)
     budgets = budgets or [llm.Budget(1, 4.0, 1, False, 0.1, 100) for _ in C]
-    rows, records = ladder_rows(losses, seconds, seeds)
+    rows, records = ladder_rows(losses, seconds, seeds, optimizer)
     return llm.scaling_analysis(rows, records, ladder, list(seeds), budgets, llm.Config(vocab_size=100, d_model=64))
 
 
@@ -100,19 +104,26 @@ def test_one_seed_intervals_hold_the_truth_about_95_percent_of_the_time_even_wit
     assert sum(held) / len(held) >= 0.85
 
 
-def test_over_seeds_the_multiplier_is_the_geometric_mean_with_a_t_interval_of_the_logs():
-    """Each seed's MoE reaches dense-matched's loss at k times its compute (k = 1.5, 2, 2.5): at the
-    first rung, read between dense-matched's points, the multipliers are exactly those k."""
+def test_over_seeds_each_rung_s_interval_is_a_t_interval_of_its_twins_loss_difference_pooled_over_the_rungs():
+    """Each seed's MoE reaches dense-matched's loss at k times its compute (k = 1.5, 2, 2.5 for seeds 42,
+    43, 44). The first rung's multiplier is read at the MoE's mean loss on dense-matched's curve, and
+    its interval is that loss +- t(10 dof) x the twins' differences' spread pooled over all 5 rungs /
+    sqrt(3), read on the same curve: exact, since the first rung lies between dense-matched's points."""
     from scipy import stats
-    dense, ks = law(2.0, 3.0, 0.3), {42: 1.5, 43: 2.0, 44: 2.5}
+    E, A, alpha = 2.0, 3.0, 0.3
+    dense, ks = law(E, A, alpha), {42: 1.5, 43: 2.0, 44: 2.5}
     result = analyse({"moe": {s: dense(k * C) for s, k in ks.items()}, "dense-matched": {s: dense(C) for s in ks}},
                      seeds=tuple(ks), fit_E="separate")
-    logs = np.log(list(ks.values()))
-    half = stats.t.ppf(0.975, 2) * logs.std(ddof=1) / math.sqrt(3)
+    diffs = np.array([dense(k * C) - dense(C) for k in ks.values()])  # (seeds, rungs)
+    spread = math.sqrt(((diffs - diffs.mean(axis=0)) ** 2).sum() / (5 * 2))
+    half = stats.t.ppf(0.975, 10) * spread / math.sqrt(3)
+    inverse = lambda loss: 1e14 * ((loss - E) / A) ** (-1 / alpha) / C[0]
+    mean_loss = np.mean([dense(k * C[0]) for k in ks.values()])
     first = result["multipliers"]["compute"][0]
     assert first["how"] == "interpolated"
-    assert first["value"] == pytest.approx(math.exp(logs.mean()), rel=1e-9)
-    assert first["ci95"] == pytest.approx([math.exp(logs.mean() - half), math.exp(logs.mean() + half)], rel=1e-9)
+    assert first["value"] == pytest.approx(inverse(mean_loss), rel=1e-6)
+    assert first["ci95"] == pytest.approx([inverse(mean_loss + half), inverse(mean_loss - half)], rel=1e-6)
+    assert "pooled over the rungs (10 degrees of freedom)" in result["methods"]["compute"]
 
 
 def test_a_moe_that_matches_a_denser_model_reads_its_multiplier_from_dense_matched_s_curve():
@@ -124,7 +135,11 @@ def test_a_moe_that_matches_a_denser_model_reads_its_multiplier_from_dense_match
     assert [m["how"] for m in ms] == ["interpolated"] * 4 + ["extrapolated"]
     # exact both ways: interpolated in log C and log(L - E), with the fitted E; extrapolated by the fit
     assert [m["value"] for m in ms] == pytest.approx([2.0] * 5, rel=1e-6)
-    assert result["verdict"].startswith("at 1e+16 FLOPs the MoE reaches its loss with 2.00x less compute [")
+    pooled = result["pooled"]["compute"]
+    assert pooled["pooled"]["value"] == pytest.approx(2.0, rel=1e-6)
+    assert pooled["drift"]["b"] == pytest.approx(0, abs=1e-6)
+    assert result["verdict"].startswith("in training and optimizer FLOPs (the headline): the MoE needs 2.00x less "
+                                        "[2.00, 2.00] than dense-matched")
 
 
 def test_a_moe_loss_below_dense_matched_s_fitted_floor_is_unreachable():
@@ -133,7 +148,7 @@ def test_a_moe_loss_below_dense_matched_s_fitted_floor_is_unreachable():
     result = analyse({"moe": {42: moe}, "dense-matched": {42: dense}}, fit_E="separate")
     last = result["multipliers"]["compute"][-1]
     assert last["how"] == "unreachable" and last["value"] == math.inf and last["ci95"] is None
-    assert "never does" in result["verdict"]
+    assert llm.format_scaling(result).splitlines()[6].endswith("unreachable")
 
 
 def test_the_time_multiplier_reads_seconds_as_the_compute_multiplier_reads_flops():
@@ -144,18 +159,21 @@ def test_the_time_multiplier_reads_seconds_as_the_compute_multiplier_reads_flops
                      seconds={"moe": {42: 2 * C / 1e11}, "dense-matched": {42: C / 1e11}})
     assert [m["value"] for m in result["multipliers"]["compute"]] == pytest.approx([1.0] * len(C))
     assert [m["value"] for m in result["multipliers"]["seconds"]] == pytest.approx([0.5] * len(C))
-    assert result["verdict"].startswith("at 1e+16 FLOPs the MoE reaches its loss with 1.00x less compute")
-    assert "than dense-matched, but with 2.00x its training time" in result["verdict"]
+    compute, _, seconds = result["verdict"].splitlines()
+    assert compute.startswith("in training and optimizer FLOPs (the headline): not distinguishable from 1: k = 1.00 "
+                              "[1.00, 1.00] (p = ")
+    assert seconds.startswith("in training seconds: the MoE needs 2.00x [2.00, 2.00] what dense-matched needs")
 
 
 def test_a_multiplier_below_one_is_said_as_its_inverse_with_its_interval_inverted_too():
     rng = np.random.default_rng(3)
     losses = {f: {42: law(2.0, 3.0, 0.3)(C) + rng.normal(0, 0.01, len(C))} for f in ("moe", "dense-matched")}
     result = analyse(losses, seconds={"moe": {42: 2 * C / 1e11}, "dense-matched": {42: C / 1e11}})
-    t = result["multipliers"]["seconds"][-1]
+    t = result["pooled"]["seconds"]["pooled"]
     lo, hi = t["ci95"]
-    assert t["value"] < 1 and lo < t["value"] < hi  # a real interval, not a point
-    assert f"with {1 / t['value']:.2f}x its training time [{1 / hi:.2f}, {1 / lo:.2f}]" in result["verdict"]
+    assert t["value"] < 1 and lo < t["value"] < hi < 1  # a real interval, not a point, and it excludes 1
+    assert (f"in training seconds: the MoE needs {1 / t['value']:.2f}x [{1 / hi:.2f}, {1 / lo:.2f}] what dense-matched "
+            f"needs (p = {t['p_value']:.2g};") in result["verdict"]
 
 
 def test_an_interval_whose_draws_cannot_all_reach_the_loss_ends_at_inf_and_is_null_in_json():
@@ -209,15 +227,16 @@ def test_a_width_rung_keeps_the_head_size_the_ffn_ratio_and_the_depth():
 
 
 SMOKE_LADDER = ["--preset", "smoke", "--eval_every", "20", "--ckpt_every", "10"]  # its default ladder
+TUNED = ["--tune", "muon_lr=0.01,0.03", "--tune_rungs", "1"]  # each family tuned on the smallest rung
 
 
 @pytest.fixture(scope="module")
 def ladder_run(corpus_dir, tmp_path_factory):
-    """A tiny ladder trained once, uninterrupted: its out_dir."""
+    """A tiny tuned ladder trained once, uninterrupted: its out_dir."""
     root = tmp_path_factory.mktemp("ladder")
     out = root / "run"
-    assert llm.main(["scaling", *SMOKE_LADDER, "--data", str(corpus_dir / "*.txt"), "--cache_dir", str(root / "cache"),
-                     "--out_dir", str(out)]) == 0
+    assert llm.main(["scaling", *SMOKE_LADDER, *TUNED, "--data", str(corpus_dir / "*.txt"), "--cache_dir",
+                     str(root / "cache"), "--out_dir", str(out)]) == 0
     return out
 
 
@@ -235,32 +254,56 @@ def test_a_ladder_trains_each_rung_s_moe_and_dense_matched_on_tokens_per_paramet
         assert moe["steps"] == dense["steps"] == math.ceil(0.5 * moe["active_params"] / (8 * 64))
         assert dense["active_params"] == pytest.approx(moe["active_params"], rel=0.01)
     assert [c["baseline"] for c in results["comparisons"]] == [f"dense-matched[d_model={v}]" for v in (32, 48, 64)]
-    assert len(scaling["multipliers"]["compute"]) == len(scaling["multipliers"]["seconds"]) == 3
-    assert scaling["verdict"].startswith("at ") and "FLOPs the MoE reaches its loss" in scaling["verdict"]
-    assert any("learning rates are not tuned per size" in n for n in scaling["notes"])
-    assert any("output head" in n for n in scaling["notes"])
+    assert len(scaling["multipliers"]["compute"]) == len(scaling["multipliers"]["model_compute"]) == 3
+    # the rungs' seconds carry a fit unless the machine's load made them non-monotone, which the verdict then says
+    assert len(scaling["multipliers"].get("seconds", [])) == 3 or "seconds" in scaling["skipped"]
+    assert scaling["verdict"].startswith("in training and optimizer FLOPs (the headline): ")
+    assert any("each family trains at its own tuned point" in n for n in scaling["notes"])
+    assert any("optimizer's step" in n for n in scaling["notes"]) and any("output head" in n for n in scaling["notes"])
     assert (ladder_run / "scaling.png").read_bytes().startswith(b"\x89PNG")
     assert read_json(ladder_run / "run.json")["ladder"] == {"field": "d_model", "values": [32, 48, 64],
-                                                            "tokens_per_param": 0.5, "fit_E": "shared"}
+                                                            "tokens_per_param": 0.5, "fit_E": "shared",
+                                                            "tune": "muon_lr=0.01,0.03", "tune_rungs": 1}
     assert [r["rows"][0]["name"] for r in scaling["rungs"]] == [f"moe[d_model={v}]" for v in (32, 48, 64)]
 
 
-def test_a_ladder_killed_mid_run_and_resumed_ends_as_an_uninterrupted_one(ladder_run, corpus_dir, tmp_path):
+def test_each_family_takes_the_value_its_tuning_runs_did_best_with_on_their_half_of_the_validation_text(ladder_run):
+    """Tuning trains both families at each muon_lr on the smallest rung and reads them on one half of the
+    validation tokens; each family's ladder then trains at its own best, and is read on the other half."""
+    results, scaling = read_json(ladder_run / "results.json"), read_json(ladder_run / "scaling.json")
+    tuning, val_tokens = results["tuning"], results["dataset"]["val_tokens"]
+    assert [m["name"] for m in tuning["models"]] == [f"{f}[d_model=32,muon_lr={v}]" for v in (0.01, 0.03)
+                                                     for f in ("moe", "dense-matched")]
+    assert {m["val_tokens"] for m in tuning["models"]} == {val_tokens // 2}
+    assert {m["val_tokens"] for m in results["models"]} == {val_tokens - val_tokens // 2}
+    for fam in ("moe", "dense-matched"):
+        runs = {m["config"]["muon_lr"]: m["val_loss"] for m in tuning["models"] if m["name"].startswith(fam + "[")}
+        best = min(runs, key=runs.get)
+        assert tuning["best"][fam] == {"muon_lr": best}
+        assert {m["config"]["muon_lr"] for m in results["models"] if m["name"].startswith(fam + "[")} == {best}
+        assert [r[fam][0]["tuned"] for r in scaling["rungs"]] == [{"muon_lr": best}] * 3
+
+
+def test_a_ladder_killed_mid_tuning_and_resumed_ends_as_an_uninterrupted_one(ladder_run, corpus_dir, tmp_path):
+    """Killed while tuning's second model trains: the resumed ladder finishes tuning from its checkpoint,
+    chooses as the uninterrupted one did and ends with the same rungs, fits and multipliers, bit for bit."""
     cache = str(ladder_run.parent / "cache")
     out = str(tmp_path / "killed")
-    proc = smoke_process(["scaling", *SMOKE_LADDER, "--data", str(corpus_dir / "*.txt"), "--cache_dir", cache],
+    proc = smoke_process(["scaling", *SMOKE_LADDER, *TUNED, "--data", str(corpus_dir / "*.txt"), "--cache_dir", cache],
                          out, str(tmp_path), "ladder")
-    wait_for_files(os.path.join(out, "ckpt", "moe_d_model_48_", "step-*"), proc)  # rung 0 done, rung 1 part-way
+    wait_for_files(os.path.join(out, "ckpt", "tune_dense-matched_d_model_32_muon_lr_0.01_", "step-*"), proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=60)
     assert proc.returncode == -signal.SIGKILL, "the ladder finished before it could be killed"
     assert llm.main(["scaling", "--resume", out]) == 0
     whole, resumed = (read_json(os.path.join(d, "scaling.json")) for d in (ladder_run, out))
+    assert whole["tuning"] == resumed["tuning"]
     for a, b in zip(whole["rungs"], resumed["rungs"]):  # the same losses and compute, to the last bit
         for family in ("moe", "dense-matched"):
             assert [(p["loss"], p["compute"]) for p in a[family]] == [(p["loss"], p["compute"]) for p in b[family]]
     assert whole["fits"]["compute"] == resumed["fits"]["compute"]
     assert whole["multipliers"]["compute"] == resumed["multipliers"]["compute"]  # the seeded bootstrap too
+    assert whole["pooled"]["compute"] == resumed["pooled"]["compute"]
 
 
 def test_a_ladder_whose_data_caps_its_larger_rungs_says_so(corpus_dir, tmp_path, capsys):
