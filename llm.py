@@ -1729,21 +1729,21 @@ def plan_jobs(cfg, names, seeds, grid):
                 jobs.append(Job(label + suffix, label, seed, config, point))
     return jobs
 
-def parse_sweep(specs):
+def parse_sweep(specs, flag="--sweep"):
     """["num_experts=4,8", "expert_top_k=1,2"] -> the grid as a list of {field: value} dicts."""
     types = {f.name: type(getattr(Config(), f.name)) for f in fields(Config)}
     axes = []
     for spec in specs:
         name, _, values = spec.partition("=")
         if name not in types or not values:
-            raise UsageError(f"--sweep {spec}: expected FIELD=V1,V2 with FIELD a config field")
+            raise UsageError(f"{flag} {spec}: expected FIELD=V1,V2 with FIELD a config field")
         convert = parse_bool if types[name] is bool else types[name]
         try:
             axis = [(name, convert(v.strip())) for v in values.split(",")]
         except (ValueError, argparse.ArgumentTypeError):
-            raise UsageError(f"--sweep {spec}: values must be {types[name].__name__}") from None
+            raise UsageError(f"{flag} {spec}: values must be {types[name].__name__}") from None
         if len(set(axis)) < len(axis) or name in {other[0][0] for other in axes}:
-            raise UsageError(f"--sweep {spec}: a value or field given twice")
+            raise UsageError(f"{flag} {spec}: a value or field given twice")
         axes.append(axis)
     grid = [{}]
     for axis in axes:
@@ -2405,7 +2405,7 @@ def parse_tune(tune):
     for spec in specs:
         if spec.partition("=")[0] not in TUNABLE:
             raise UsageError(f"--tune {spec}: expected FIELD=V1,V2,... with FIELD one of {', '.join(TUNABLE)}")
-    grid = parse_sweep(specs)
+    grid = parse_sweep(specs, "--tune")
     if len(grid) < 2:
         raise UsageError(f"--tune {tune}: give at least two values to choose from")
     return grid
@@ -2686,20 +2686,25 @@ def intervals_over_seeds(rungs, fit, measure):
         moe_cost, dense_loss = points["moe"][0][i], points["dense-matched"][1][i]
         ends = None
         if value is not None and math.isfinite(value):  # the lower loss is the larger multiplier
-            ends = [cost_to_reach(dense_loss + diffs[i].mean() + sign * half / math.sqrt(len(diffs[i])),
-                                  *points["dense-matched"], lambda: fit.laws["dense-matched"], floor)[0] / moe_cost
-                    for sign in (1, -1)]
+            reads = [cost_to_reach(dense_loss + diffs[i].mean() + sign * half / math.sqrt(len(diffs[i])),
+                                   *points["dense-matched"], lambda: fit.laws["dense-matched"], floor)
+                     for sign in (1, -1)]
+            if not (dense_rests_on_a_bound(fit) and any(h == "extrapolated" for _, h in reads)):
+                ends = [cost / moe_cost for cost, _ in reads]
         out.append({"value": value, "ci95": ends, "how": how})
     return out, (f"over {len(rungs[0]['moe'])} seeds: read at the mean losses; a t-interval of each rung's twins' loss "
                  f"difference, its variance pooled over the rungs ({dof} degrees of freedom)")
 
-def intervals_by_bootstrap(points, fit, shared_E, draws=300):
+BOOTSTRAP_DRAWS = 300
+
+def intervals_by_bootstrap(points, fit, shared_E, draws=None):
     """A parametric bootstrap: every loss redrawn around its observed value, the multiplier read again
     (refitted where it extrapolates), 300 draws of a fixed generator, so that a resumed ladder ends
     alike. The spread is the fits' residual sigma, itself drawn from its own uncertainty (sigma^2
     dof / chi2(dof) each draw): with few degrees of freedom a fixed sigma would make the intervals
-    too narrow. An interval's end is inf where more than 2.5% of the draws never reach the loss."""
-    floor = fit.laws["dense-matched"].E
+    too narrow. An interval's end is inf where more than 2.5% of the draws never reach the loss; a
+    rung has no interval where more than 5% of the draws extrapolate from a refit on a bound."""
+    floor, draws = fit.laws["dense-matched"].E, draws or BOOTSTRAP_DRAWS
     found = [{"value": m, "ci95": None, "how": how} for m, how in multipliers(points, lambda: fit, floor)]
     if not fit.sigma:
         return found, "none: the fit has no residual spread to draw from (as many parameters as points)"
@@ -2708,12 +2713,14 @@ def intervals_by_bootstrap(points, fit, shared_E, draws=300):
         sigma = fit.sigma * math.sqrt(fit.dof / rng.chisquare(fit.dof))
         noisy = {f: (c, loss + rng.normal(0, sigma, len(loss))) for f, (c, loss) in points.items()}
         refit = functools.cache(lambda noisy=noisy: fit_power_laws(noisy, shared_E, start=fit))
-        samples.append([m for m, _ in multipliers(noisy, refit, floor, guard=False)])
+        samples.append([math.nan if m is None else m for m, _ in multipliers(noisy, refit, floor)])
     samples = np.array(samples)
     for i, m in enumerate(found):
-        if m["value"] is not None and math.isfinite(m["value"]):  # lower and higher: an inf stays inf, never nan
-            m["ci95"] = [float(np.percentile(samples[:, i], 2.5, method="lower")),
-                         float(np.percentile(samples[:, i], 97.5, method="higher"))]
+        drawn = samples[:, i][~np.isnan(samples[:, i])]  # a draw whose refit rests on a bound measured nothing
+        # lower and higher: an inf stays inf, never nan; past 5% of draws unmeasured, no interval at all
+        if m["value"] is not None and math.isfinite(m["value"]) and len(drawn) >= 0.95 * draws:
+            m["ci95"] = [float(np.percentile(drawn, 2.5, method="lower")),
+                         float(np.percentile(drawn, 97.5, method="higher"))]
     return found, (f"from the fit: parametric bootstrap, each loss redrawn around its value with the fits' "
                    f"residual sigma ({fit.sigma:.4f}, {fit.dof} degrees of freedom), {draws} draws")
 
@@ -2748,6 +2755,7 @@ class Pooled:
     top: Reading | None  # at the largest rung's MoE cost
     drift: dict | None  # b, its 95% interval and p-value (b = 0: k does not change with scale)
     curve: list  # [cost, k, low, high] across the ladder's costs, for the plot
+    rss: float = 0.0  # the residual sum of squares of the unweighted fit (floor_test compares two)
     why: str | None = None
 
 def fit_pooled(pairs, shared_E=True, paired=False):
@@ -2774,7 +2782,7 @@ def fit_pooled(pairs, shared_E=True, paired=False):
         return np.concatenate([(rm + rd) * w[0], (rm - rd) * w[1]]) / math.sqrt(2)
 
     fit, bounds = pooled_least_squares(residuals, ym, yd, shared_E)
-    J, r = fit.jac, fit.fun
+    J, r, rss = fit.jac, fit.fun, float(fit.fun @ fit.fun)
     if paired:
         leverage = np.diag(J @ np.linalg.pinv(J.T @ J) @ J.T)  # how much of each residual the parameters absorb
         dof, dof_sum = n - leverage[n:].sum(), n - leverage[:n].sum()
@@ -2792,7 +2800,7 @@ def fit_pooled(pairs, shared_E=True, paired=False):
     params = {**dict(zip(names, map(float, q))), "A": float(math.exp(q[1]))}
     on_bounds = [f"{name} {v:.3g}" for name, v, active in zip(names, q, fit.active_mask) if active]
     out = Pooled(params, math.exp(x0), "paired" if paired else "common", sigma, float(dof), on_bounds, None, None,
-                 None, [])
+                 None, [], rss)
     if dof <= 0:
         out.why = "as many parameters as points: no residual spread to judge k by"
     elif on_bounds:
@@ -2928,9 +2936,24 @@ def scaling_analysis(rows, records, ladder, seeds, budgets, cfg, tuning=None):
         result["multipliers"][measure], result["methods"][measure] = multiplier_intervals(rungs, seeds, fit, measure,
                                                                                            shared)
         result["pooled"][measure] = dataclasses.asdict(fit_pooled(ladder_pairs(rungs, measure), shared, len(seeds) > 1))
+    if shared and "compute" in result["pooled"]:
+        result["floor_test"] = floor_test(ladder_pairs(rungs, "compute"), result["pooled"]["compute"]["rss"])
     result["notes"] = ladder_notes(result, ladder, budgets, cfg)
     result["verdict"] = ladder_verdict(result)
     return result
+
+def floor_test(pairs, shared_rss):
+    """Whether the MoE's points ask for a floor of their own: an F-test of the pooled fit with E shared
+    (shared_rss) against one with the MoE's own E_moe (one parameter more), both unweighted. With E
+    shared, a MoE whose floor lies lower is read with k too low at the largest rung
+    (tests/bench_scaling_coverage.py shows how much); separate E costs most of the power to tell k
+    from 1, so shared is the default and this test says when it is in doubt."""
+    from scipy import stats
+    separate = fit_pooled(pairs, shared_E=False)
+    if separate.dof <= 0 or separate.rss <= 0:
+        return None
+    F = max(shared_rss - separate.rss, 0.0) / (separate.rss / separate.dof)
+    return {"F": F, "dof": separate.dof, "p_value": float(stats.f.sf(F, 1, separate.dof))}
 
 def ladder_notes(result, ladder, budgets, cfg):  # cfg: the base config
     """What the reader of a ladder must know before trusting it, where it applies."""
@@ -2955,6 +2978,11 @@ def ladder_notes(result, ladder, budgets, cfg):  # cfg: the base config
     if repeated:
         notes.append(f"{field} " + ", ".join(f"{v} ({b.epochs:.2f} passes)" for v, b in repeated)
                      + ": these rungs see part of their data more than once")
+    floor = result.get("floor_test")
+    if floor and floor["p_value"] < 0.05:
+        notes.append(f"the MoE's points ask for a floor of their own (F-test against E shared: p = "
+                     f"{floor['p_value']:.2g}): with E shared, k at the largest rung may be read low; --fit_E separate "
+                     f"fits one, at the cost of wide intervals")
     notes += tuning_notes(result["tuning"], ladder, cfg)
     share = {f: [r[f][0]["optimizer_share"] for r in rungs] for f in ("moe", "dense-matched")}
     moe, dense = share["moe"], share["dense-matched"]
@@ -3031,7 +3059,7 @@ def fmt_multiplier(x):
         return "not measurable" if x else "-"
     if not math.isfinite(x["value"]):
         return "unreachable"
-    ci = f" [{fmt_ratio(x['ci95'][0])}, {fmt_ratio(x['ci95'][1])}]" if x["ci95"] else ""
+    ci = f" [{fmt_ratio(x['ci95'][0])}, {fmt_ratio(x['ci95'][1])}]" if x["ci95"] else " [no interval]"
     return f"{fmt_ratio(x['value'])}{ci} {x['how'][:6]}."
 
 def fmt_ratio(v):  # 1.23, or 4.5e+06 for a bootstrap draw's far end

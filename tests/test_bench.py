@@ -29,3 +29,17 @@ def test_the_moe_bench_runs_on_cpu_checks_ours_times_and_profiles_every_candidat
     heaviest = layer["ours"]["profile"]["top"]  # --profile: where the time goes, heaviest first
     assert heaviest and heaviest[0]["ms_per_call"] >= heaviest[-1]["ms_per_call"] > 0
     assert any(op["name"] == "aten::_grouped_mm" for op in heaviest)
+
+
+def test_the_scaling_coverage_bench_prints_its_table_and_the_targets_for_a_tiny_ladder():
+    tiny = ["--rungs", "4", "--seeds", "1", "--scenarios", "k=1.2", "--rho", "0.5", "--fit_E", "shared", "--ladders",
+            "3", "--per_rung_ladders", "1", "--jobs", "1"]
+    p = subprocess.run([sys.executable, "tests/bench_scaling_coverage.py", *tiny], cwd=ROOT, capture_output=True,
+                       text=True, timeout=120, check=False)
+    assert p.returncode == 0, p.stderr[-2000:]
+    lines = p.stdout.splitlines()
+    assert lines[0].startswith("| rungs | seeds | scenario | rho | fit_E | ladders |")
+    row = [c.strip() for c in lines[2].strip("|").split("|")]  # the header, its rule, then one row per configuration
+    assert row[:6] == ["4", "1", "k=1.2", "0.5", "shared", "3"] and row[14] == "1"  # 3 ladders, 1 with the bootstrap
+    assert all(c.endswith("%") for c in row[6:14] + row[15:18]), row
+    assert any(line.startswith("targets, 4 rungs, 1 seed, fit_E shared, rho 0.5: ") for line in lines)

@@ -4,9 +4,11 @@ read by interpolation between dense-matched's points or extrapolated from its fi
 interval. The analysis is checked on synthetic points whose answer is known; the ladder itself on
 tiny smoke ladders, a run killed mid-ladder, and bad ladders."""
 
+import dataclasses
 import json
 import math
 import os
+import re
 import signal
 
 import numpy as np
@@ -203,6 +205,168 @@ def test_a_fit_left_on_a_bound_has_no_standard_error_there_and_a_note_says_so():
     assert any("rests on a bound" in n for n in result["notes"])
 
 
+def twins_pairs(moe, dense, costs=C):
+    """fit_pooled's input: the twins (MoE cost, MoE loss, dense cost, dense loss), one per rung (and seed)."""
+    costs = np.asarray(costs, dtype=float)
+    return costs, np.asarray(moe, dtype=float), costs, np.asarray(dense, dtype=float)
+
+
+def test_the_pooled_fit_recovers_a_known_multiplier_and_its_drift_with_scale():
+    """The MoE reaches dense-matched's loss at k(C) = 1.3 (C / 1e14)^0.1 times its compute: the pooled fit
+    finds a = log 1.3 and b = 0.1 (C0 = 1e14, the points' geometric mean), k at the largest rung 1.3 x 100^0.1,
+    and zero-width intervals, since the points lie on the law."""
+    dense = law(2.0, 3.0, 0.3)
+    p = llm.fit_pooled(twins_pairs(dense(1.3 * (C / 1e14) ** 0.1 * C), dense(C)))
+    assert p.why is None and p.C0 == pytest.approx(1e14)
+    assert p.params["a"] == pytest.approx(math.log(1.3), abs=1e-6) and p.params["b"] == pytest.approx(0.1, abs=1e-6)
+    assert p.top.at == pytest.approx(1e16) and p.top.value == pytest.approx(1.3 * 100**0.1, rel=1e-5)
+    assert p.top.ci95 == pytest.approx([p.top.value] * 2, rel=1e-5)
+    assert p.drift["ci95"][0] > 0  # the advantage grows with scale, and says so
+    assert p.pooled.value == pytest.approx(1.3 * (p.pooled.at / 1e14) ** 0.1, rel=1e-5)
+
+
+@pytest.mark.parametrize("k", [1.0, 1.2])
+def test_pooled_intervals_hold_a_known_multiplier_about_95_percent_of_the_time_and_exclude_1_when_it_is_not_1(k):
+    """80 ladders of the cpu ladder's 4 rungs, law and noise (sigma 0.02), one seed: the pooled interval
+    holds the true k in at least 87% of them, and excludes 1 in at most 10% at k = 1 and in at least 80%
+    at k = 1.2 (tests/bench_scaling_coverage.py measures these closely, over many more ladders)."""
+    rng, costs = np.random.default_rng(11), np.array([3.81e11, 2.65e12, 9.17e12, 2.33e13])
+    dense = law(3.437, 0.767, 0.41, 3.83e12)
+    held = excluded = 0
+    for _ in range(80):
+        p = llm.fit_pooled(twins_pairs(dense(k * costs) + rng.normal(0, 0.02, 4), dense(costs) + rng.normal(0, 0.02, 4),
+                                       costs))
+        lo, hi = p.pooled.ci95
+        held += lo <= k <= hi
+        excluded += not lo <= 1 <= hi
+    assert held / 80 >= 0.87
+    assert excluded / 80 <= 0.10 if k == 1.0 else excluded / 80 >= 0.80
+
+
+def test_with_seeds_the_pooled_fit_pairs_the_twins_so_a_rung_effect_they_share_cancels_in_k():
+    """Three seeds whose rungs each move both twins by a shared 0.03 (their own noise: 0.003): paired, the
+    twins' differences get their own small sigma and k's interval is several times narrower than with one
+    sigma for every loss; both hold the truth."""
+    rng, dense = np.random.default_rng(5), law(2.0, 3.0, 0.3)
+    costs = np.tile(C, 3)
+    shared = rng.normal(0, 0.03, len(costs))
+    pairs = twins_pairs(dense(1.2 * costs) + shared + rng.normal(0, 0.003, len(costs)),
+                        dense(costs) + shared + rng.normal(0, 0.003, len(costs)), costs)
+    paired, common = llm.fit_pooled(pairs, paired=True), llm.fit_pooled(pairs, paired=False)
+    assert paired.noise == "paired" and paired.sigma["difference"] < paired.sigma["sum"] / 3
+    width = {name: math.log(p.pooled.ci95[1] / p.pooled.ci95[0])
+             for name, p in (("paired", paired), ("common", common))}
+    assert width["paired"] < width["common"] / 2
+    for p in (paired, common):
+        assert p.pooled.ci95[0] <= 1.2 <= p.pooled.ci95[1]
+
+
+def test_the_sentence_names_a_direction_only_when_the_interval_excludes_1_and_gives_the_p_value_otherwise():
+    """Twenty noisy ladders of one law (k = 1) or of k = 1.15: the interval spans 1 exactly when p >= 0.05
+    (one t distribution for both), and the sentence says 'not distinguishable from 1' then, a direction
+    otherwise."""
+    rng, dense, said = np.random.default_rng(2), law(2.0, 3.0, 0.3), set()
+    for i in range(20):
+        k = 1.0 if i % 2 else 1.15
+        pooled = llm.fit_pooled(twins_pairs(dense(k * C) + rng.normal(0, 0.02, len(C)),
+                                            dense(C) + rng.normal(0, 0.02, len(C))))
+        sentence = llm.say_pooled(dataclasses.asdict(pooled), "FLOPs")
+        spans = pooled.pooled.ci95[0] <= 1 <= pooled.pooled.ci95[1]
+        assert spans == (pooled.pooled.p_value >= 0.05)
+        assert sentence.startswith("not distinguishable from 1: k = ") == spans
+        assert ("less [" in sentence or "what dense-matched needs" in sentence) == (not spans)
+        said.add(spans)
+    assert said == {True, False}  # both cases were met
+
+
+def test_the_optimizer_s_flops_count_in_the_headline_compute_and_not_in_the_model_s_alone():
+    """The same losses against the model's FLOPs, and an optimizer that adds half of them for the MoE and a
+    quarter for dense-matched: the model-FLOPs multiplier is 1, the headline's 1.25 / 1.5, at every rung and
+    pooled."""
+    same = {42: law(2.0, 3.0, 0.3)(C)}
+    result = analyse({"moe": same, "dense-matched": same}, optimizer={"moe": 0.5, "dense-matched": 0.25})
+    assert [m["value"] for m in result["multipliers"]["model_compute"]] == pytest.approx([1.0] * len(C), rel=1e-6)
+    assert [m["value"] for m in result["multipliers"]["compute"]] == pytest.approx([1.25 / 1.5] * len(C), rel=1e-6)
+    assert result["pooled"]["compute"]["pooled"]["value"] == pytest.approx(1.25 / 1.5, rel=1e-6)
+    assert result["rungs"][0]["moe"][0]["optimizer_share"] == pytest.approx(1 / 3)
+    assert any("the optimizer's step" in n and "33% of the MoE's compute" in n for n in result["notes"])
+
+
+@pytest.mark.parametrize("trouble", ["not monotone", "load between seeds"])
+def test_training_seconds_that_do_not_grow_with_the_rungs_or_disagree_between_seeds_are_not_fitted(trouble):
+    """A loaded machine: one rung's seconds lower than the one below it, or one seed's run at half the
+    other's speed. The fit against seconds is skipped, and the verdict says why instead of a number."""
+    same = {s: law(2.0, 3.0, 0.3)(C) for s in (42, 43)}
+    seconds = {f: {s: C / 1e11 for s in (42, 43)} for f in ("moe", "dense-matched")}
+    if trouble == "not monotone":
+        seconds["moe"][42] = np.array([10.0, 100.0, 50.0, 1000.0, 1e4])
+    else:
+        seconds["dense-matched"][43] = 2 * C / 1e11
+    result = analyse({"moe": same, "dense-matched": same}, seeds=(42, 43), seconds=seconds)
+    assert "seconds" not in result["fits"] and "seconds" not in result["pooled"]
+    why = result["skipped"]["seconds"]
+    assert ("do not grow with its rungs (d_model 1: 100.0 s, d_model 2: 50.0 s)" if trouble == "not monotone"
+            else "dense-matched at d_model 0 trained at 50,000 to 100,000 tokens per second over its seeds") in why
+    assert result["verdict"].splitlines()[2] == f"in training seconds: not measured ({why})"
+    json.dumps(llm.json_ready(result), allow_nan=False)
+
+
+def test_a_fit_that_rests_on_a_bound_is_said_not_measurable_and_no_clamped_figure_is_printed(monkeypatch):
+    """dense-matched does not improve with compute, so its alpha sits on its bound: every multiplier it
+    would extrapolate, and the pooled one, are 'not measurable' with the reason, never a number such as
+    the 1.29e+298 a clamped inverse once printed."""
+    rng = np.random.default_rng(0)
+    flat = {42: np.full(len(C), 3.0) + rng.normal(0, 0.002, len(C))}
+    monkeypatch.setattr(llm, "BOOTSTRAP_DRAWS", 20)  # every draw refits on the bound: slow, and beside the point
+    result = analyse({"moe": {42: law(2.0, 3.0, 0.3)(C)}, "dense-matched": flat}, fit_E="separate")
+    hows = [m["how"] for m in result["multipliers"]["compute"]]
+    assert "not measurable" in hows and all(m["value"] is None for m in result["multipliers"]["compute"]
+                                            if m["how"] == "not measurable")
+    pooled = result["pooled"]["compute"]
+    assert pooled["pooled"] is None and pooled["why"].startswith("the fit rests on a bound (")
+    printed = llm.format_scaling(result)
+    assert "in training and optimizer FLOPs (the headline): not measurable: the fit rests on a bound" in printed
+    assert not re.search(r"e\+\d{3}", printed)  # no figure of 1e100 or more anywhere
+
+
+def test_a_moe_whose_floor_lies_below_dense_matched_s_is_flagged_by_a_test_of_e_shared():
+    """The MoE's law has a floor of 1.5 against dense-matched's 2.0: the F-test of a separate E rejects E
+    shared, and a note says the largest rung's k may be read low; one law for both passes it silently."""
+    rng, dense = np.random.default_rng(4), law(2.0, 3.0, 0.3)
+    lower = analyse({"moe": {42: law(1.5, 3.0, 0.3)(1.2 * C) + rng.normal(0, 0.002, len(C))},
+                     "dense-matched": {42: dense(C) + rng.normal(0, 0.002, len(C))}})
+    assert lower["floor_test"]["p_value"] < 0.01
+    assert any(n.startswith("the MoE's points ask for a floor of their own") for n in lower["notes"])
+    same = analyse({"moe": {42: dense(1.2 * C) + rng.normal(0, 0.002, len(C))},
+                    "dense-matched": {42: dense(C) + rng.normal(0, 0.002, len(C))}})
+    assert same["floor_test"]["p_value"] > 0.05 and not any("floor of their own" in n for n in same["notes"])
+
+
+def test_a_power_law_read_beyond_any_float_is_inf_not_a_clamped_number():
+    flat = llm.PowerLaw(E=2.0, A=1.0, alpha=0.001, C0=1e12)
+    assert flat.inverse(2.5) == math.inf and flat.inverse(1.0) == math.inf
+    assert llm.PowerLaw(E=2.0, A=1.0, alpha=0.5, C0=1e12).inverse(3.0) == pytest.approx(1e12)
+
+
+def test_tuning_picks_each_family_s_lowest_mean_loss_on_its_tuning_runs_over_the_tuned_rungs():
+    """Each family's tuning rows (their val loss: the tuning half) decide alone: the MoE's best mean over
+    two rungs is muon_lr 0.02 though 0.04 wins its first rung; dense-matched's is 0.04; the ladder's own
+    rows, whatever they say, do not count."""
+    ladder = llm.Ladder("d_model", [32, 64, 96], 1.0, tune="muon_lr=0.01,0.02,0.04", tune_rungs=2)
+    losses = {"moe": {0.01: [5.0, 4.0], 0.02: [4.8, 3.7], 0.04: [4.7, 3.9]},
+              "dense-matched": {0.01: [5.1, 4.1], 0.02: [5.0, 4.0], 0.04: [4.9, 3.95]}}
+    jobs = [llm.Job(f"tune:{f}[{i},{lr}]", f"{f}[d_model={v},muon_lr={lr}]", 42, llm.Config(), {"muon_lr": lr}, i,
+                    tuning=True, status="done", row={"val_loss": loss})
+            for f, by_lr in losses.items() for lr, per_rung in by_lr.items() for i, (v, loss) in
+            enumerate(zip((32, 64), per_rung))]
+    jobs += [llm.Job(f"{f}[d_model=32]", f"{f}[d_model=32]", 42, llm.Config(), rung=0, status="done",
+                     row={"val_loss": 0.1}) for f in ("moe", "dense-matched")]
+    tuning = llm.tune_ladder(jobs, ladder, log=lambda *a: None)
+    assert tuning.best == {"moe": {"muon_lr": 0.02}, "dense-matched": {"muon_lr": 0.04}}
+    assert tuning.best_per_rung["moe"] == [{"muon_lr": 0.04}, {"muon_lr": 0.02}]
+    assert [j.config.muon_lr for j in jobs if not j.tuning] == [0.02, 0.04]  # each family's ladder at its own
+
+
 # ----------------------------------------------------------------------------------------------
 # Ladders
 
@@ -334,6 +498,14 @@ BAD = [
     (["--fit_E", "both"], "argument --fit_E: invalid choice: 'both'"),
     (["--sweep", "num_experts=4,8"], "unrecognized arguments: --sweep"),
     (["--models", "dense"], "unrecognized arguments: --models"),
+    (["--tune", "d_model=32,64"], "--tune d_model=32,64: expected FIELD=V1,V2,... with FIELD one of muon_lr"),
+    (["--tune", "muon_lr=0.01"], "--tune muon_lr=0.01: give at least two values to choose from"),
+    (["--tune", "muon_lr=0.01,x"], "--tune muon_lr=0.01,x: values must be float"),
+    (["--tune", "muon_lr=0.01,-1"], "--tune: the point muon_lr -1: muon_lr must be positive; got -1.0"),
+    (["--tune", "warmup_frac=0.1,0.9"], "--tune: the point warmup_frac 0.9: warmup_frac + decay_frac must not exceed"),
+    (["--tune", "muon_lr=0.01,0.02", "--tune_rungs", "4"], "--tune_rungs must lie in 1..3 (the ladder's rungs); got 4"),
+    (["--tune", "muon_lr=0.01,0.02", "--tune_rungs", "0"], "--tune_rungs must lie in 1..3"),
+    (["--tune_rungs", "1"], "--tune_rungs: it says how many rungs --tune trains; give --tune too"),
 ]
 
 
@@ -365,6 +537,14 @@ def test_a_damaged_ladder_in_run_json_exits_2_naming_it(ladder_run, tmp_path, ca
     run = copy_with_run_json(ladder_run, tmp_path, lambda state: state["ladder"].update(values=[48, 32, 16]))
     assert llm.main(["--resume", str(run)]) == 2
     assert "run.json: ladder: --ladder d_model=48,32,16: the sizes must grow" in capsys.readouterr().err
+
+
+def test_a_ladder_whose_tuning_is_damaged_in_run_json_exits_2_naming_it(ladder_run, tmp_path, capsys):
+    run = copy_with_run_json(ladder_run, tmp_path, lambda state: state["ladder"].update(tune="d_model=8,16"))
+    assert llm.main(["--resume", str(run)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "run.json: ladder: --tune d_model=8,16: expected FIELD=V1,V2,... with FIELD one of muon_lr" in err
+    assert len(err.splitlines()) == 1
 
 
 def test_a_ladder_resumed_on_other_data_exits_2_naming_each_rung_s_budget(ladder_run, tmp_path, capsys):

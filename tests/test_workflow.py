@@ -349,6 +349,8 @@ def test_size_calculator_agrees_with_the_built_model(name):
     with FlopCounterMode(display=False) as flops:
         muon.step()
     assert size.muon_flops_per_step == flops.get_total_flops()  # the Newton-Schulz matmuls, counted by torch
+    # the whole step: those matmuls, and per parameter Muon's and AdamW's elementwise arithmetic
+    assert size.optimizer_flops_per_step == size.muon_flops_per_step + 12 * numel(muon) + 14 * numel(adamw)
     adamw.step()
     state = sum(v.numel() * v.element_size() for opt in (muon, adamw) for st in opt.state.values()
                 for k, v in st.items() if k != "step" and torch.is_tensor(v))
@@ -359,7 +361,8 @@ def test_size_cli_prints_totals_and_rejects_a_bad_config(capsys):
     assert run_main(["size", "--preset", "seed"]) == 0
     out = capsys.readouterr().out
     expected = llm.model_size(dataclasses.replace(llm.Config(), vocab_size=49152))
-    for key in ("total", "active", "muon_params", "adamw_params", "flops_per_token"):
+    for key in ("total", "active", "muon_params", "adamw_params", "flops_per_token", "muon_flops_per_step",
+                "optimizer_flops_per_step"):
         line = next(l for l in out.splitlines() if l.split()[:1] == [key])
         assert line.split()[1] == f"{getattr(expected, key):,}"
     assert "training state" in out and "MiB" in out
