@@ -2702,8 +2702,8 @@ def intervals_by_bootstrap(points, fit, shared_E, draws=None):
     (refitted where it extrapolates), 300 draws of a fixed generator, so that a resumed ladder ends
     alike. The spread is the fits' residual sigma, itself drawn from its own uncertainty (sigma^2
     dof / chi2(dof) each draw): with few degrees of freedom a fixed sigma would make the intervals
-    too narrow. An interval's end is inf where more than 2.5% of the draws never reach the loss; a
-    rung has no interval where more than 5% of the draws extrapolate from a refit on a bound."""
+    too narrow. An interval's end is inf where more than 2.5% of the draws never reach the loss, or
+    extrapolate from a refit that rests on a bound (then the lower end is 0 too: unmeasured)."""
     floor, draws = fit.laws["dense-matched"].E, draws or BOOTSTRAP_DRAWS
     found = [{"value": m, "ci95": None, "how": how} for m, how in multipliers(points, lambda: fit, floor)]
     if not fit.sigma:
@@ -2716,11 +2716,12 @@ def intervals_by_bootstrap(points, fit, shared_E, draws=None):
         samples.append([math.nan if m is None else m for m, _ in multipliers(noisy, refit, floor)])
     samples = np.array(samples)
     for i, m in enumerate(found):
-        drawn = samples[:, i][~np.isnan(samples[:, i])]  # a draw whose refit rests on a bound measured nothing
-        # lower and higher: an inf stays inf, never nan; past 5% of draws unmeasured, no interval at all
-        if m["value"] is not None and math.isfinite(m["value"]) and len(drawn) >= 0.95 * draws:
-            m["ci95"] = [float(np.percentile(drawn, 2.5, method="lower")),
-                         float(np.percentile(drawn, 97.5, method="higher"))]
+        # a draw whose refit rests on a bound measured nothing: it may lie anywhere, so it counts as 0 for
+        # the lower end and as inf for the upper (wider, never narrower); lower and higher: never nan
+        if m["value"] is not None and math.isfinite(m["value"]):
+            unmeasured = np.isnan(samples[:, i])
+            m["ci95"] = [float(np.percentile(np.where(unmeasured, 0.0, samples[:, i]), 2.5, method="lower")),
+                         float(np.percentile(np.where(unmeasured, math.inf, samples[:, i]), 97.5, method="higher"))]
     return found, (f"from the fit: parametric bootstrap, each loss redrawn around its value with the fits' "
                    f"residual sigma ({fit.sigma:.4f}, {fit.dof} degrees of freedom), {draws} draws")
 
