@@ -2022,7 +2022,8 @@ def train_jobs(jobs, state, run, data, runtime, metrics, plan, resume, log):
     with ctrl_c_stops(stop, log):
         for job in jobs:
             if job.status == "done":
-                log(f"\n=== {job.id} === finished earlier: val loss {job.row['val_loss']:.4f}")
+                loss = job.row.get("val_loss")
+                log(f"\n=== {job.id} === finished earlier: " + ("diverged" if loss is None else f"val loss {loss:.4f}"))
                 continue
             resume_from = None
             if resume:
@@ -2033,8 +2034,14 @@ def train_jobs(jobs, state, run, data, runtime, metrics, plan, resume, log):
                 metrics.drop_after(job.id, saved["step"] if saved else None)  # they will be logged again
             log(f"\n=== {job.id} ===")
             with GPUMonitor(runtime.device.index or 0) as monitor:
-                row = train_model(job.id, job.config, data, runtime, metrics, ckpt_dir=run.ckpt(job.id),
-                                  resume_from=resume_from, init=inits.get(job.id), stop=stop)
+                try:
+                    row = train_model(job.id, job.config, data, runtime, metrics, ckpt_dir=run.ckpt(job.id),
+                                      resume_from=resume_from, init=inits.get(job.id), stop=stop)
+                except TrainingError as e:  # a learning rate grid may hold one too high: tuning goes on without it
+                    if not job.tuning:
+                        raise
+                    log(f"{job.id}: diverged, left out of tuning's choice ({first_line(e)})")
+                    row = {"val_loss": None, "diverged": first_line(e), "config": dataclasses.asdict(job.config)}
             row.update(id=job.id, name=job.name, seed=job.seed, point=job.point, rung=job.rung,
                        gpu_utilization_pct=monitor.summary().get("mean_utilization_pct"),
                        upcycled_from=plan.upcycled_from if job.id in inits else None)
@@ -2412,9 +2419,9 @@ def parse_tune(tune):
 
 def plan_ladder(cfg, ladder, seeds, train_tokens, world):
     """Every job of a ladder in training order and each rung's Budget: tokens_per_param times the
-    MoE's active parameters, capped at max_epochs. Tuning first (the first seed, the smallest
-    tune_rungs rungs, each grid point, the MoE then dense-matched), then per seed, per rung, the MoE
-    and dense-matched at the base config, until tune_ladder gives each family its tuned point."""
+    MoE's active parameters, capped at max_epochs. Tuning first (a seed apart from the ladder's, the
+    smallest tune_rungs rungs, each grid point, the MoE then dense-matched), then per seed, per rung,
+    the MoE and dense-matched at the base config, until tune_ladder gives each family its point."""
     jobs, budgets, per_step = [], [], cfg.batch_size * world * cfg.gradient_accumulation_steps * cfg.max_seq_len
     windows = windows_per_epoch(train_tokens, cfg.max_seq_len)
     for value in ladder.values:
@@ -2432,21 +2439,25 @@ def plan_ladder(cfg, ladder, seeds, train_tokens, world):
         budgets.append(Budget(wanted, cfg.max_epochs, steps, steps < wanted, steps * step_windows / windows, windows,
                               step_windows))
 
-    def twins(i, seed, point=None):  # a rung's MoE and dense-matched, at a tuning point or the base config
+    def rung_jobs(i, seed, point=None):  # a rung's MoE and dense-matched, at a tuning point or the base config
         moe = dataclasses.replace(LADDER_FIELDS[ladder.field](cfg, ladder.values[i]), seed=seed,
                                   max_steps=budgets[i].steps, **(point or {}))
         return (("moe", moe.validate()), ("dense-matched", dense_matched(moe)))
 
+    # tuning trains on a seed of its own: on a ladder seed, the chosen point's tuning model would be the
+    # verdict's model itself, its lucky draw of initialisation and batch order picked for it
+    tune_seed = next(s % 2**32 for s in itertools.count(max(seeds) + 1) if s % 2**32 not in seeds)
     for i in range(ladder.tune_rungs if ladder.tune else 0):
         for point in parse_tune(ladder.tune):
             label = f"{ladder.field}={ladder.values[i]}," + ",".join(f"{k}={v}" for k, v in point.items())
-            jobs += [Job(f"tune:{name}[{label}]", f"{name}[{label}]", seeds[0], config, point, i, tuning=True)
-                     for name, config in twins(i, seeds[0], point)]
+            jobs += [Job(f"tune:{name}[{label}]", f"{name}[{label}]", tune_seed, config, point, i, tuning=True)
+                     for name, config in rung_jobs(i, tune_seed, point)]
     for seed in seeds:
         suffix = f"-s{seed}" if len(seeds) > 1 else ""
         for i, value in enumerate(ladder.values):
             label = f"[{ladder.field}={value}]"
-            jobs += [Job(name + label + suffix, name + label, seed, config, rung=i) for name, config in twins(i, seed)]
+            jobs += [Job(name + label + suffix, name + label, seed, config, rung=i)
+                     for name, config in rung_jobs(i, seed)]
     return jobs, budgets
 
 def family(name):  # a ladder job's family, from its name: moe[d_model=64] -> moe
@@ -2476,10 +2487,14 @@ def pick_tuned(jobs, ladder):
     table, best, per_rung = {}, {}, {}
     for fam in ("moe", "dense-matched"):
         table[fam] = [{"point": p, "losses": [loss[fam, i, tuple(p.items())] for i in rungs]} for p in grid]
-        for entry in table[fam]:
-            entry["mean"] = float(np.mean(entry["losses"]))
-        best[fam] = min(table[fam], key=lambda e: e["mean"])["point"]  # the first of equals: the grid's order
-        per_rung[fam] = [min(table[fam], key=lambda e, i=i: e["losses"][i])["point"] for i in rungs]
+        for entry in table[fam]:  # a point that diverged on any tuned rung (a loss of None) is out
+            entry["mean"] = None if None in entry["losses"] else float(np.mean(entry["losses"]))
+        trained = [e for e in table[fam] if e["mean"] is not None]
+        if not trained:
+            raise TrainingError(f"tuning: {fam} diverged at every point of --tune {ladder.tune}; try lower values")
+        best[fam] = min(trained, key=lambda e: e["mean"])["point"]  # the first of equals: the grid's order
+        per_rung[fam] = [min((e for e in table[fam] if e["losses"][i] is not None), key=lambda e, i=i: e["losses"][i])
+                         ["point"] for i in rungs]
     return Tuning(list(grid[0]), ladder.values[: ladder.tune_rungs], table, best, per_rung)
 
 def tune_ladder(jobs, ladder, log):
@@ -2505,8 +2520,9 @@ def format_tuning(tuning, field):
     for fam, entries in tuning.losses.items():
         for e in entries:
             mark = "  <- chosen" if e["point"] == tuning.best[fam] else ""
-            lines.append(f"  {fam:<14} {fmt_point(e['point']):<32} " + "  ".join(f"{v:.4f}" for v in e["losses"])
-                         + f"  mean {e['mean']:.4f}{mark}")
+            lines.append(f"  {fam:<14} {fmt_point(e['point']):<32} "
+                         + "  ".join("diverged" if v is None else f"{v:.4f}" for v in e["losses"])
+                         + (f"  mean {e['mean']:.4f}{mark}" if e["mean"] is not None else ""))
     return "\n".join(lines)
 
 def fmt_point(point):
