@@ -2067,7 +2067,7 @@ def write_results(state, grid, run, records, runtime, log, tuning=None):
     if tuning:
         log("\n" + format_tuning(tuning, state.ladder["field"]))
     log("\n" + format_table(rows, records, state.argv))
-    atomic_write(run.results, json.dumps(results, indent=1).encode())
+    atomic_write(run.results, json.dumps(json_ready(results), indent=1).encode())  # strict JSON: no NaN, no inf
     plot_curves(records, run.curves)
     written = "results.json, metrics.jsonl, loss_curves.png"
     if grid:
@@ -2540,14 +2540,16 @@ def print_ladder_plan(ladder, budgets, jobs, log):  # before training: each rung
         if job.seed == ladder_jobs[0].seed:
             log(describe(job.name, job.config))
     if ladder.tune:
-        # every job's steps take the same tokens: FLOPs per token times steps are in proportion to its FLOPs
-        flops = [model_size(j.config).flops_per_token * j.config.max_steps for j in jobs]
+        tokens = budgets[0].step_windows * jobs[0].config.max_seq_len  # a step's, the same for every job
+        flops = [(s.flops_per_token * tokens + s.optimizer_flops_per_step) * j.config.max_steps
+                 for j, s in ((j, model_size(j.config)) for j in jobs)]
         tuning = sum(f for f, j in zip(flops, jobs) if j.tuning)
         grid = parse_tune(ladder.tune)
         log(f"tuning: {' x '.join(ladder.tune.split())} ({len(grid)} points) for each family on "
             f"{ladder.field} {', '.join(map(str, ladder.values[: ladder.tune_rungs]))}: "
             f"{sum(j.tuning for j in jobs)} more models, {tuning / (sum(flops) - tuning):.0%} of the ladder's training "
-            f"FLOPs; each family chooses on one half of the validation documents, the verdict reads the other")
+            f"and optimizer FLOPs; each family chooses on one half of the validation documents, the verdict reads the "
+            f"other")
 
 @dataclass
 class PowerLaw:
@@ -2652,28 +2654,32 @@ def cost_to_reach(loss, costs, losses, law, floor=0.0):
 def dense_rests_on_a_bound(fit):  # its extrapolation would read a parameter the fit pinned to a bound
     return any(b.startswith(("E ", "dense-matched")) for b in fit.on_bounds)
 
-def multipliers(points, fit, floor, guard=True):
+def dense_floor(fit):
+    """The floor to interpolate dense-matched's points above: its fitted E, or 0 (plain log-log) when
+    E sits on a bound, where log(loss - E) would follow the bound, not the data."""
+    on_bound = any(b.startswith(("E ", "dense-matched E")) for b in fit.on_bounds)
+    return 0.0 if on_bound else fit.laws["dense-matched"].E
+
+def multipliers(points, fit, floor):
     """Per rung: the cost dense-matched needs to reach the MoE's loss over the MoE's cost at that
     rung, and how the dense cost was read. points: family -> (cost, loss) arrays, a point per rung;
-    fit(): the Fit to extrapolate with, made on first use; floor: dense-matched's fitted E. guard: an
-    extrapolation from a dense-matched law that rests on a bound is not measurable (None): its value
-    would be the bound's, not the data's."""
+    fit(): the Fit to extrapolate with, made on first use; floor: dense_floor's. What only a
+    dense-matched law resting on a bound could say (an extrapolation, an unreachable loss) is not
+    measurable (None): it would be the bound's answer, not the data's."""
     (moe_cost, moe_loss), (dense_cost, dense_loss) = points["moe"], points["dense-matched"]
     out = []
     for c, loss in zip(moe_cost, moe_loss):
         need, how = cost_to_reach(loss, dense_cost, dense_loss, lambda: fit().laws["dense-matched"], floor)
-        if guard and how == "extrapolated" and dense_rests_on_a_bound(fit()):
+        if how != "interpolated" and dense_rests_on_a_bound(fit()):
             out.append((None, "not measurable"))
         else:
             out.append((need / c, how))
     return out
 
-def family_points(rungs, measure, seed=None):
-    """family -> (cost, loss) arrays over the rungs: one seed's points, or (seed None) each rung's
-    mean over seeds."""
-    pick = (lambda vs: [v for v in vs if v["seed"] == seed]) if seed is not None else (lambda vs: vs)
-    return {f: (np.array([np.mean([v[measure] for v in pick(r[f])]) for r in rungs]),
-                np.array([np.mean([v["loss"] for v in pick(r[f])]) for r in rungs])) for f in ("moe", "dense-matched")}
+def family_points(rungs, measure):
+    """family -> (cost, loss) arrays over the rungs: each rung's mean over its seeds."""
+    return {f: (np.array([np.mean([v[measure] for v in r[f]]) for r in rungs]),
+                np.array([np.mean([v["loss"] for v in r[f]]) for r in rungs])) for f in ("moe", "dense-matched")}
 
 def twins(rung):  # a rung's (MoE, dense-matched) points, paired by seed: they share its batch order
     dense = {p["seed"]: p for p in rung["dense-matched"]}
@@ -2693,7 +2699,7 @@ def intervals_over_seeds(rungs, fit, measure):
     t-interval of the rung's mean difference on rungs x (seeds - 1) degrees of freedom, read through
     dense-matched's points as the loss itself is."""
     from scipy import stats
-    points, floor = family_points(rungs, measure), fit.laws["dense-matched"].E
+    points, floor = family_points(rungs, measure), dense_floor(fit)
     diffs = [np.array([m["loss"] - d["loss"] for m, d in twins(r)]) for r in rungs]
     dof = sum(len(d) - 1 for d in diffs)
     spread = math.sqrt(sum(((d - d.mean()) ** 2).sum() for d in diffs) / dof)
@@ -2705,7 +2711,7 @@ def intervals_over_seeds(rungs, fit, measure):
             reads = [cost_to_reach(dense_loss + diffs[i].mean() + sign * half / math.sqrt(len(diffs[i])),
                                    *points["dense-matched"], lambda: fit.laws["dense-matched"], floor)
                      for sign in (1, -1)]
-            if not (dense_rests_on_a_bound(fit) and any(h == "extrapolated" for _, h in reads)):
+            if not (dense_rests_on_a_bound(fit) and any(h != "interpolated" for _, h in reads)):
                 ends = [cost / moe_cost for cost, _ in reads]
         out.append({"value": value, "ci95": ends, "how": how})
     return out, (f"over {len(rungs[0]['moe'])} seeds: read at the mean losses; a t-interval of each rung's twins' loss "
@@ -2720,7 +2726,7 @@ def intervals_by_bootstrap(points, fit, shared_E, draws=None):
     dof / chi2(dof) each draw): with few degrees of freedom a fixed sigma would make the intervals
     too narrow. An interval's end is inf where more than 2.5% of the draws never reach the loss, or
     extrapolate from a refit that rests on a bound (then the lower end is 0 too: unmeasured)."""
-    floor, draws = fit.laws["dense-matched"].E, draws or BOOTSTRAP_DRAWS
+    floor, draws = dense_floor(fit), draws or BOOTSTRAP_DRAWS
     found = [{"value": m, "ci95": None, "how": how} for m, how in multipliers(points, lambda: fit, floor)]
     if not fit.sigma:
         return found, "none: the fit has no residual spread to draw from (as many parameters as points)"
@@ -2776,8 +2782,8 @@ class Pooled:
     why: str | None = None
 
 def fit_pooled(pairs, shared_E=True, paired=False):
-    """One multiplier pooled over a ladder's twins. pairs: (MoE cost, MoE loss, dense cost, dense loss)
-    arrays, one entry per twin pair (a rung and seed); the last rung's are the last entries. Least
+    """One multiplier pooled over a ladder's twins. pairs: (MoE cost, MoE loss, dense cost, dense loss,
+    rung index) arrays, one entry per twin pair (a rung and seed), as ladder_pairs makes them. Least
     squares on the twins' sums and differences; noise common (one sigma for every loss, the twins taken
     as independent: with one seed a second sigma would rest on too few residuals) or paired (several
     seeds): a rung effect the twins share cancels in their difference, so the differences, which carry
@@ -2787,7 +2793,7 @@ def fit_pooled(pairs, shared_E=True, paired=False):
     Jacobian's covariance."""
     from scipy import stats
     from scipy.optimize import least_squares
-    cm, ym, cd, yd = (np.asarray(v, dtype=float) for v in pairs)
+    cm, ym, cd, yd, rung = (np.asarray(v, dtype=float) for v in pairs)
     xm, xd, n = np.log(cm), np.log(cd), len(ym)
     x0 = float(np.mean(np.concatenate([xm, xd])))
     names = POOLED_PARAMS[: 5 if shared_E else 6]
@@ -2823,7 +2829,8 @@ def fit_pooled(pairs, shared_E=True, paired=False):
     elif on_bounds:
         out.why = f"the fit rests on a bound ({', '.join(on_bounds)}): the losses do not follow its form"
     else:
-        read_pooled(out, q, cov, x0, xm, shared_E, stats.t.ppf(0.975, dof))
+        top = float(np.mean(xm[rung == rung.max()]))  # the largest rung's MoE cost: its seeds' geometric mean
+        read_pooled(out, q, cov, x0, xm, top, shared_E, stats.t.ppf(0.975, dof))
     return out
 
 def pooled_least_squares(residuals, ym, yd, shared_E):
@@ -2845,9 +2852,10 @@ def pooled_least_squares(residuals, ym, yd, shared_E):
             best = result
     return best, (lower, upper)
 
-def read_pooled(out, q, cov, x0, xm, shared_E, t):
+def read_pooled(out, q, cov, x0, xm, top, shared_E, t):
     """The pooled fit's readings, each a t-interval by the delta method: k where the ladder measures
-    it best, k at the largest rung, the drift b, and k(C) across the ladder."""
+    it best, k at the largest rung (top: its log cost), the drift b, and k(C) across the ladder. A
+    reading without a finite standard error, or whose interval overflows a float, is not measurable."""
     from scipy import stats
     dof = out.dof
 
@@ -2859,21 +2867,26 @@ def read_pooled(out, q, cov, x0, xm, shared_E, t):
 
     def read(x):
         value = log_k(q, x)
-        if not math.isfinite(value):
-            return None
         steps = 1e-6 * np.maximum(1.0, np.abs(q))
-        grad = np.array([(log_k(q + e, x) - log_k(q - e, x)) / (2 * h) for e, h in zip(np.diag(steps), steps)])
-        se = math.sqrt(max(float(grad @ cov @ grad), 0.0))
-        p = 2 * stats.t.sf(abs(value) / se, dof) if se > 0 else float(value == 0)
+        with np.errstate(invalid="ignore"):
+            grad = np.array([(log_k(q + e, x) - log_k(q - e, x)) / (2 * h) for e, h in zip(np.diag(steps), steps)])
+            se = math.sqrt(max(float(grad @ cov @ grad), 0.0)) if np.isfinite(grad).all() else math.nan
+        if not (math.isfinite(value) and math.isfinite(se) and abs(value) + t * se < 700):
+            return None
+        p = 2 * stats.t.sf(abs(value) / se, dof) if se > 0 else float(value == 0)  # se 0: points on the law
         return Reading(math.exp(x), math.exp(value), [math.exp(value - t * se), math.exp(value + t * se)], float(p))
 
-    top = float(xm[-1])  # the largest rung: its seeds' mean log cost
-    top = float(np.mean([x for x in xm if x >= top - 1e-9])) if len(xm) else top
-    best = x0 - cov[3, 4] / cov[4, 4] if cov[4, 4] > 0 else x0  # Var(a + b (x - x0)) is least there
+    # with E shared log k is the line a + b (x - x0): its variance is least at x0 - cov(a, b) / var(b); with
+    # the MoE's own floor that point is where the line's parameters are best pinned, a guide only
+    best = x0 - cov[3, 4] / cov[4, 4] if cov[4, 4] > 0 else x0
     out.pooled, out.top = read(min(max(best, xm.min()), xm.max())), read(top)
+    if out.pooled is None:
+        out.why = ("the MoE's fitted loss lies below dense-matched's fitted floor where k is read: no compute "
+                   "brings dense-matched there" if not shared_E else "k's standard error is not finite")
     se_b = math.sqrt(max(cov[4, 4], 0.0))
-    out.drift = {"b": float(q[4]), "ci95": [float(q[4] - t * se_b), float(q[4] + t * se_b)],
-                 "p_value": float(2 * stats.t.sf(abs(q[4]) / se_b, dof)) if se_b > 0 else None}
+    if shared_E:  # with the MoE's own floor, b is not k's drift: k(C) bends through the two laws (the curve)
+        out.drift = {"b": float(q[4]), "ci95": [float(q[4] - t * se_b), float(q[4] + t * se_b)],
+                     "p_value": float(2 * stats.t.sf(abs(q[4]) / se_b, dof)) if se_b > 0 else None}
     out.curve = [[r.at, r.value, *r.ci95] for x in np.linspace(xm.min(), xm.max(), 40) if (r := read(x))]
 
 # What a ladder's losses are fitted against. compute is the headline: what the hardware pays, the
@@ -2905,8 +2918,9 @@ def ladder_rungs(rows, records, ladder):
     return rungs
 
 def ladder_pairs(rungs, measure):
-    """The twins of every rung and seed as fit_pooled takes them, the largest rung's last."""
-    pairs = [(m[measure], m["loss"], d[measure], d["loss"]) for r in rungs for m, d in twins(r)]
+    """The twins of every rung and seed as fit_pooled takes them: (MoE cost, MoE loss, dense cost, dense
+    loss, rung index) arrays."""
+    pairs = [(m[measure], m["loss"], d[measure], d["loss"], i) for i, r in enumerate(rungs) for m, d in twins(r)]
     return tuple(np.array(v) for v in zip(*pairs))
 
 def timing_trouble(rungs, field):
@@ -2953,23 +2967,26 @@ def scaling_analysis(rows, records, ladder, seeds, budgets, cfg, tuning=None):
         result["multipliers"][measure], result["methods"][measure] = multiplier_intervals(rungs, seeds, fit, measure,
                                                                                            shared)
         result["pooled"][measure] = dataclasses.asdict(fit_pooled(ladder_pairs(rungs, measure), shared, len(seeds) > 1))
-    if shared and "compute" in result["pooled"]:
-        result["floor_test"] = floor_test(ladder_pairs(rungs, "compute"), result["pooled"]["compute"]["rss"])
+    if shared:
+        result["floor_test"] = floor_test(rungs)
     result["notes"] = ladder_notes(result, ladder, budgets, cfg)
     result["verdict"] = ladder_verdict(result)
     return result
 
-def floor_test(pairs, shared_rss):
+def floor_test(rungs):
     """Whether the MoE's points ask for a floor of their own: an F-test of the pooled fit with E shared
-    (shared_rss) against one with the MoE's own E_moe (one parameter more), both unweighted. With E
-    shared, a MoE whose floor lies lower is read with k too low at the largest rung
+    against one with the MoE's own E_moe (one parameter more), on each rung's mean over seeds (the
+    seeds of a rung share its twins' rung effect: as separate points they would count it several
+    times). With E shared, a MoE whose floor lies lower is read with k too low at the largest rung
     (tests/bench_scaling_coverage.py shows how much); separate E costs most of the power to tell k
     from 1, so shared is the default and this test says when it is in doubt."""
     from scipy import stats
-    separate = fit_pooled(pairs, shared_E=False)
+    means = family_points(rungs, "compute")
+    pairs = (*means["moe"], *means["dense-matched"], np.arange(len(rungs)))
+    shared, separate = fit_pooled(pairs), fit_pooled(pairs, shared_E=False)
     if separate.dof <= 0 or separate.rss <= 0:
         return None
-    F = max(shared_rss - separate.rss, 0.0) / (separate.rss / separate.dof)
+    F = max(shared.rss - separate.rss, 0.0) / (separate.rss / separate.dof)
     return {"F": F, "dof": separate.dof, "p_value": float(stats.f.sf(F, 1, separate.dof))}
 
 def ladder_notes(result, ladder, budgets, cfg):  # cfg: the base config
@@ -2987,6 +3004,9 @@ def ladder_notes(result, ladder, budgets, cfg):  # cfg: the base config
                          f"measurable")
         if measure in result["skipped"]:
             notes.append(f"no fit against {what}: {result['skipped'][measure]}")
+    if "seconds" in result["fits"]:
+        notes.append("the time intervals take each run's training seconds as exact: the load of the machine when "
+                     "each rung trained moves them, and no interval holds that")
     capped = [(v, b) for v, b in zip(ladder.values, budgets) if b.capped]
     if capped:
         notes.append(f"max_epochs caps {field} " + ", ".join(f"{v} ({b.epochs:.1f} passes)" for v, b in capped)
@@ -3006,7 +3026,7 @@ def ladder_notes(result, ladder, budgets, cfg):  # cfg: the base config
     notes.append(f"the optimizer's step (Newton-Schulz on every matrix, every expert included, routed to or not) is "
                  f"{moe[0]:.0%} of the MoE's compute at {field} {ladder.values[0]} and {moe[-1]:.0%} at "
                  f"{ladder.values[-1]}, against {dense[0]:.0%} and {dense[-1]:.0%} of dense-matched's: the headline "
-                 f"counts it (the hardware pays it; under DDP every process does)")
+                 f"counts it once a step, as one device pays it (under DDP every process repeats it)")
     head = [r["moe"][0]["head_share"] for r in rungs]
     if head[0] > 0.25:  # a share the experts cannot touch
         notes.append(f"the output head is {head[0]:.0%} of the MoE's training FLOPs per token at {field} "
@@ -3028,7 +3048,7 @@ def tuning_notes(tuning, ladder, cfg):
             notes.append(f"{fam}'s best point moved between the tuned rungs ("
                          + "; ".join(fmt_point(p) for p in tuning["best_per_rung"][fam]) + ")")
         edge = [k for k, v in point.items() if v in (min(g[k] for g in grid), max(g[k] for g in grid))
-                and len({g[k] for g in grid}) > 1]
+                and len({g[k] for g in grid}) > 2]  # of two values, one is always at an edge
         if edge:
             notes.append(f"{fam}'s best {', '.join(edge)} is at the edge of the grid: its optimum may lie beyond it")
     return notes
@@ -3040,22 +3060,25 @@ def say_pooled(p, unit):
         return f"not measurable: {p['why']}"
     k, (lo, hi), pv, at = p["pooled"]["value"], p["pooled"]["ci95"], p["pooled"]["p_value"], p["pooled"]["at"]
     where = f"pooled over the rungs, read at {at:.2g} {unit}"
-    if lo <= 1 <= hi:
-        said = f"not distinguishable from 1: k = {k:.2f} [{lo:.2f}, {hi:.2f}] (p = {pv:.2g} for k = 1; {where})"
-    elif lo > 1:
+    if lo > 1:
         said = f"the MoE needs {k:.2f}x less [{lo:.2f}, {hi:.2f}] than dense-matched (p = {pv:.2g}; {where})"
-    else:
+    elif hi < 1:
         said = (f"the MoE needs {1 / k:.2f}x [{1 / hi:.2f}, {1 / lo:.2f}] what dense-matched needs "
                 f"(p = {pv:.2g}; {where})")
-    top = p["top"]
-    if top:
-        said += (f"; at the largest rung k = {top['value']:.2f} [{top['ci95'][0]:.2f}, {top['ci95'][1]:.2f}]")
-    d = p["drift"]
-    if d["ci95"][0] > 0 or d["ci95"][1] < 0:
-        said += (f"; the advantage {'grows' if d['b'] > 0 else 'shrinks'} with scale (b = {d['b']:.2f} "
-                 f"[{d['ci95'][0]:.2f}, {d['ci95'][1]:.2f}], p = {d['p_value']:.2g})")
     else:
-        said += (f"; not shown to change with scale (b = {d['b']:.2f} [{d['ci95'][0]:.2f}, {d['ci95'][1]:.2f}]"
+        said = f"not distinguishable from 1: k = {k:.2f} [{lo:.2f}, {hi:.2f}] (p = {pv:.2g} for k = 1; {where})"
+    top = p["top"]
+    said += (f"; at the largest rung k = {top['value']:.2f} [{top['ci95'][0]:.2f}, {top['ci95'][1]:.2f}]" if top else
+             "; at the largest rung not measurable (the MoE's fitted loss there lies below dense-matched's floor, "
+             "or its interval overflows)")
+    d = p["drift"]
+    if d is None:
+        said += "; with the MoE's own floor k bends with scale: k(C) in scaling.json and scaling.png"
+    elif d["ci95"][0] > 0 or d["ci95"][1] < 0:
+        said += (f"; the advantage {'grows' if d['b'] > 0 else 'shrinks'} with scale (b = {d['b']:.3f} "
+                 f"[{d['ci95'][0]:.3f}, {d['ci95'][1]:.3f}], p = {d['p_value']:.2g})")
+    else:
+        said += (f"; not shown to change with scale (b = {d['b']:.3f} [{d['ci95'][0]:.3f}, {d['ci95'][1]:.3f}]"
                  + (f", p = {d['p_value']:.2g})" if d["p_value"] is not None else ")"))
     return said
 
@@ -3121,7 +3144,9 @@ def format_scaling(result):
                              for f, law in fit["families"].items())
             lines.append(f"fit of loss against {what}, L = E + A (C / {next(iter(fit['families'].values()))['C0']:.3g})"
                          f"^-alpha{' (E shared)' if fit['shared_E'] else ''}: {laws}"
-                         + (f"; residual sigma {fit['sigma']:.4f}" if fit["sigma"] is not None else ""))
+                         + (f"; residual sigma {fit['sigma']:.4f}" if fit["sigma"] is not None else "")
+                         + (f"; on a bound, so not a measurement: {', '.join(fit['on_bounds'])}"
+                            if fit["on_bounds"] else ""))
             lines.append(f"  per-rung intervals ({measure}): {result['methods'][measure]}")
     lines.append("verdict:\n" + "\n".join(f"  {line}" for line in result["verdict"].splitlines()))
     lines += [f"note: {note}" for note in result["notes"]]
@@ -3154,11 +3179,16 @@ def plot_scaling(result, path):
     per_rung = [(np.mean([p["compute"] for p in r["moe"]]), m) for r, m in zip(result["rungs"],
                                                                                result["multipliers"]["compute"])]
     shown = [(c, m) for c, m in per_rung if m["value"] is not None and math.isfinite(m["value"])]
+    values = [m["value"] for _, m in shown] + [v for row in pooled["curve"] for v in row[1:]] + [1.0]
+    low, high = min(values) / 4, max(values) * 4  # an interval's end of 0 or inf is drawn at the panel's edge
     for c, m in shown:
-        lo, hi = m["ci95"] or (m["value"], m["value"])
-        ax.errorbar([c], [m["value"]], yerr=[[m["value"] - lo], [min(hi, 1e6) - m["value"]]], fmt="o", color="C1")
+        lo, hi = (min(max(v, low), high) for v in (m["ci95"] or (m["value"], m["value"])))
+        ax.errorbar([c], [m["value"]], yerr=[[m["value"] - lo], [hi - m["value"]]], fmt="o", color="C1",
+                    label="per rung (95%)" if c == shown[0][0] else None)
     ax.axhline(1.0, color="grey", linestyle=":")
     ax.set_xscale("log")
+    ax.set_yscale("log")  # a multiplier and its inverse sit as far from 1
+    ax.set_ylim(low, high)
     finish_axes(ax, MEASURES["compute"], "compute multiplier k (above 1: the MoE is cheaper)")
     ax.set_title(pooled["why"][:90] if pooled["why"] else "", fontsize=8)
     ax.legend(fontsize=8)
@@ -3969,6 +3999,8 @@ def load_run(run_dir, flag="--run", ranges=True):
     for i, job in enumerate(state.jobs):
         if job.status not in ("pending", "done") or (job.status == "done" and not isinstance(job.row, dict)):
             raise UsageError(f"{flag} {run_dir}: run.json: jobs[{i}]: status {job.status!r} without a result row")
+        if job.status == "done":
+            check_row(job, f"{flag} {run_dir}: run.json: jobs[{i}]: row", state.ladder is not None)
     if state.ladder is not None:  # checked field by field, then as --ladder is; its budget holds a Budget per rung
         ladder = from_saved(Ladder, state.ladder, f"{flag} {run_dir}: run.json: ladder")
         try:
@@ -3982,6 +4014,23 @@ def load_run(run_dir, flag="--run", ranges=True):
         for i, budget in enumerate(rungs):
             from_saved(Budget, budget, f"{flag} {run_dir}: run.json: budget: rungs[{i}]")
     return state
+
+# What the verdicts read of a finished job's result row: every row, and a ladder's rows besides
+ROW_KEYS = {"val_loss": float}
+LADDER_ROW_KEYS = {"steps": int, "tokens": int, "flops_per_token": int, "active_params": int, "train_time_s": float,
+                   "config": dict}
+
+def check_row(job, where, ladder):
+    """A done job's row holds what the verdicts read, each of its kind (a number where a float is
+    wanted); a tuning job that diverged has no val_loss, and is read for nothing else."""
+    if job.tuning and job.row.get("diverged") and job.row.get("val_loss") is None:
+        return
+    for key, kind in {**ROW_KEYS, **(LADDER_ROW_KEYS if ladder else {})}.items():
+        value = job.row.get(key)
+        ok = is_a(value, kind) or kind is float and is_a(value, int)
+        if not ok or ladder and kind is float and not math.isfinite(value):  # a ladder fits them: finite
+            raise UsageError(f"{where}: {key} must be {'a finite number' if kind is float else kind.__name__}; "
+                             f"got {value!r:.60}")
 
 def read_metrics_for_resume(path, rewrite=True):
     """The records of an interrupted run's metrics.jsonl. It is appended to line by line, so a kill
@@ -4328,7 +4377,7 @@ def build_parser(prog="llm.py", description=None, harness=True, scaling=False):
                        help="the irreducible loss E of L = E + A C^-alpha: one for both families (the same data; the "
                             "default, which tests/bench_scaling_coverage.py found recovers a known multiplier best) "
                             "or one each")
-        p.add_argument("--tune", nargs="+", default=[], metavar="FIELD=V1,V2",
+        p.add_argument("--tune", nargs="+", action="extend", default=[], metavar="FIELD=V1,V2",
                        help="train each family at each value (a grid, with several fields) on the smallest rungs, "
                             "choose each family's best on one half of the validation documents (the verdict reads "
                             f"the other) and carry it up the ladder; FIELD one of {', '.join(TUNABLE)}")

@@ -11,6 +11,7 @@ import os
 import re
 import signal
 
+import helpers
 import numpy as np
 import pytest
 from helpers import smoke_process, wait_for_files
@@ -206,9 +207,11 @@ def test_a_fit_left_on_a_bound_has_no_standard_error_there_and_a_note_says_so():
 
 
 def twins_pairs(moe, dense, costs=C):
-    """fit_pooled's input: the twins (MoE cost, MoE loss, dense cost, dense loss), one per rung (and seed)."""
+    """fit_pooled's input: the twins (MoE cost, MoE loss, dense cost, dense loss, rung), one per rung and
+    seed; a rung is a distinct cost."""
     costs = np.asarray(costs, dtype=float)
-    return costs, np.asarray(moe, dtype=float), costs, np.asarray(dense, dtype=float)
+    rung = np.searchsorted(np.unique(costs), costs)
+    return costs, np.asarray(moe, dtype=float), costs, np.asarray(dense, dtype=float), rung
 
 
 def test_the_pooled_fit_recovers_a_known_multiplier_and_its_drift_with_scale():
@@ -342,6 +345,19 @@ def test_a_moe_whose_floor_lies_below_dense_matched_s_is_flagged_by_a_test_of_e_
     assert same["floor_test"]["p_value"] > 0.05 and not any("floor of their own" in n for n in same["notes"])
 
 
+def test_with_the_moe_s_own_floor_k_is_read_through_both_laws_and_no_drift_is_claimed_from_b():
+    """fit_E separate: the MoE's floor (1.5) lies below dense-matched's (2.0), so k grows with C along a curve,
+    not a line: the pooled readings are dense-matched's cost to reach the MoE's fitted loss, exact on noiseless
+    points, and the sentence makes no claim from b, which is no longer k's drift."""
+    dense, moe = law(2.0, 3.0, 0.3), law(1.5, 3.0, 0.3)
+    p = llm.fit_pooled(twins_pairs(moe(C) + 1e-4 * np.sin(np.arange(5)), dense(C)), shared_E=False)
+    truth = lambda c: 1e14 * ((moe(c) - 2.0) / 3.0) ** (-1 / 0.3) / c
+    assert p.why is None and p.drift is None
+    assert p.pooled.value == pytest.approx(truth(p.pooled.at), rel=0.02)
+    assert p.top.value == pytest.approx(truth(1e16), rel=0.05) and p.top.value > p.pooled.value
+    assert "with the MoE's own floor k bends with scale" in llm.say_pooled(dataclasses.asdict(p), "FLOPs")
+
+
 def test_a_power_law_read_beyond_any_float_is_inf_not_a_clamped_number():
     flat = llm.PowerLaw(E=2.0, A=1.0, alpha=0.001, C0=1e12)
     assert flat.inverse(2.5) == math.inf and flat.inverse(1.0) == math.inf
@@ -446,6 +462,39 @@ def test_each_family_takes_the_value_its_tuning_runs_did_best_with_on_their_half
         assert tuning["best"][fam] == {"muon_lr": best}
         assert {m["config"]["muon_lr"] for m in results["models"] if m["name"].startswith(fam + "[")} == {best}
         assert [r[fam][0]["tuned"] for r in scaling["rungs"]] == [{"muon_lr": best}] * 3
+
+
+def test_a_tuning_point_that_diverges_is_left_out_of_the_choice_and_a_ladder_model_that_does_stops_the_run(
+        monkeypatch, tmp_path):
+    """max_bad_steps ends a model with a TrainingError: a tuning model's is recorded as diverged (no val loss)
+    and tuning chooses among the others; a ladder model's ends the run, as in any comparison."""
+    def train_model(name, cfg, *args, **kwargs):
+        if cfg.muon_lr == 0.04:
+            raise llm.TrainingError(f"{name}: 10 optimizer steps in a row had a non-finite loss")
+        return {"val_loss": 5.0 - cfg.muon_lr}
+
+    monkeypatch.setattr(llm, "train_model", train_model)
+    ladder = llm.Ladder("d_model", [32, 64, 96], 1.0, tune="muon_lr=0.01,0.04", tune_rungs=1)
+    jobs = [llm.Job(f"tune:{f}[{lr}]", f"{f}[d_model=32,muon_lr={lr}]", 43, llm.Config(muon_lr=lr), {"muon_lr": lr}, 0,
+                    tuning=True) for lr in (0.01, 0.04) for f in ("moe", "dense-matched")]
+    state = llm.RunState([], llm.Config(), [], [42], [], None, "", "", jobs)
+    plan = llm.Plan(llm.Config(), jobs, [], inits={})
+    runtime, run = helpers.cpu_runtime(), llm.RunDir(str(tmp_path))
+    llm.train_jobs(jobs, state, run, None, runtime, None, plan, False, log=lambda *a: None)
+    assert [j.row["val_loss"] for j in jobs] == [4.99, 4.99, None, None] and "non-finite" in jobs[2].row["diverged"]
+    tuning = llm.pick_tuned(jobs, ladder)
+    assert tuning.best == {"moe": {"muon_lr": 0.01}, "dense-matched": {"muon_lr": 0.01}}
+    assert "diverged" in llm.format_tuning(tuning, "d_model")
+    rung = llm.Job("moe[d_model=32]", "moe[d_model=32]", 42, llm.Config(muon_lr=0.04), rung=0)
+    with pytest.raises(llm.TrainingError, match="non-finite"):
+        llm.train_jobs([rung], state, run, None, runtime, None, plan, False, log=lambda *a: None)
+
+
+def test_a_ladder_job_s_row_damaged_in_run_json_exits_2_naming_the_field(ladder_run, tmp_path, capsys):
+    run = copy_with_run_json(ladder_run, tmp_path, lambda state: state["jobs"][-1]["row"].update(steps="many"))
+    assert llm.main(["--resume", str(run)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("run.json: jobs[9]: row: steps must be int; got 'many'") and len(err.splitlines()) == 1
 
 
 def test_a_ladder_killed_mid_tuning_and_resumed_ends_as_an_uninterrupted_one(ladder_run, corpus_dir, tmp_path):
