@@ -1918,6 +1918,8 @@ def run_comparison(cfg, names, out_dir, cache_dir="data_cache", seeds=None, swee
     # run.json: a new run's plan, or a resumed run's with what it has finished
     if resume:
         state = saved
+        if ladder:  # its fit_E may be read anew (--resume RUN --fit_E): the rest is the run's own
+            state.ladder = dataclasses.asdict(ladder)
         if state.llm_py_sha256 != CODE_SHA256:
             log("note: llm.py changed since this run started; a resumed model is exact only with the same code")
         finished = {job.id: job.row for job in state.jobs if job.status == "done"}
@@ -3068,7 +3070,8 @@ def say_pooled(p, unit):
     else:
         said = f"not distinguishable from 1: k = {k:.2f} [{lo:.2f}, {hi:.2f}] (p = {pv:.2g} for k = 1; {where})"
     top = p["top"]
-    said += (f"; at the largest rung k = {top['value']:.2f} [{top['ci95'][0]:.2f}, {top['ci95'][1]:.2f}]" if top else
+    said += (f"; at the largest rung k = {fmt_ratio(top['value'])} [{fmt_ratio(top['ci95'][0])}, "
+             f"{fmt_ratio(top['ci95'][1])}]" if top else
              "; at the largest rung not measurable (the MoE's fitted loss there lies below dense-matched's floor, "
              "or its interval overflows)")
     d = p["drift"]
@@ -4644,12 +4647,20 @@ def start_comparison(argv, scaling=False):
     if argv and argv[0].startswith("--resume="):  # the one-word form argparse also accepts
         argv = ["--resume", argv[0].partition("=")[2], *argv[1:]]
     if argv and argv[0] == "--resume":
-        rest = " ".join(argv[2:]).replace("--parallel=", "--parallel ").split()
-        if len(argv) < 2 or rest and (len(rest) != 2 or rest[0] != "--parallel"):
-            raise UsageError("--resume RUN_DIR takes no other options but --parallel ddp|fsdp: the run keeps its own")
+        rest = " ".join(argv[2:]).replace("--parallel=", "--parallel ").replace("--fit_E=", "--fit_E ").split()
+        options = dict(zip(rest[::2], rest[1::2]))
+        if len(argv) < 2 or len(rest) % 2 or len(options) < len(rest) // 2 or set(options) - {"--parallel", "--fit_E"}:
+            raise UsageError("--resume RUN_DIR takes no other options but --parallel ddp|fsdp (and, for a ladder, "
+                             "--fit_E shared|separate): the run keeps its own")
         state = load_run(argv[1], "--resume")
-        if rest:  # the same run, its processes holding the model whole (ddp) or sharded (fsdp)
-            state.base_config = dataclasses.replace(state.base_config, parallel=rest[1]).validate()
+        if "--parallel" in options:  # the same run, its processes holding the model whole (ddp) or sharded (fsdp)
+            state.base_config = dataclasses.replace(state.base_config, parallel=options["--parallel"]).validate()
+        if "--fit_E" in options:  # the same trained models, their verdict read with E shared or separate
+            if state.ladder is None:
+                raise UsageError(f"--fit_E: {argv[1]} is not a ladder (llm.py scaling)")
+            if options["--fit_E"] not in ("shared", "separate"):
+                raise UsageError(f"--fit_E must be shared or separate; got {options['--fit_E']!r}")
+            state.ladder["fit_E"] = options["--fit_E"]
         check_launch(os.environ)
         with claimed(argv[1], state.cache_dir, resume=True):
             run_comparison(state.base_config, state.models, argv[1], state.cache_dir, state.seeds, state.sweep,

@@ -98,6 +98,8 @@ CLI = [
     (["--upcycle_from", "{file}"], "--upcycle_from {file}: no such directory"),
     (["--resume", "{run}", "--max_steps", "5"], "--resume RUN_DIR takes no other options"),
     (["--max_steps", "5", "--resume", "{run}"], "--resume RUN_DIR takes no other options"),
+    (["--resume", "{run}", "--fit_E", "separate"], "--fit_E: {run} is not a ladder (llm.py scaling)"),
+    (["--resume", "{run}", "--fit_E"], "--resume RUN_DIR takes no other options"),
 ]
 
 PATHS = [

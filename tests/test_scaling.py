@@ -588,6 +588,19 @@ def test_a_damaged_ladder_in_run_json_exits_2_naming_it(ladder_run, tmp_path, ca
     assert "run.json: ladder: --ladder d_model=48,32,16: the sizes must grow" in capsys.readouterr().err
 
 
+def test_a_finished_ladder_resumed_with_fit_e_separate_reads_its_verdict_anew_and_trains_nothing(ladder_run, tmp_path,
+                                                                                                 capsys):
+    run = copy_with_run_json(ladder_run, tmp_path, lambda state: None)
+    assert llm.main(["scaling", "--resume", str(run), "--fit_E", "separate"]) == 0
+    printed = capsys.readouterr().out
+    assert "finished earlier" in printed and " ===\n" not in printed.replace("finished earlier", "")
+    scaling = read_json(run / "scaling.json")
+    assert scaling["ladder"]["fit_E"] == "separate" and not scaling["fits"]["compute"]["shared_E"]
+    assert read_json(run / "results.json")["models"] == read_json(ladder_run / "results.json")["models"]
+    assert llm.main(["--resume", str(run), "--fit_E", "both"]) == 2
+    assert "--fit_E must be shared or separate; got 'both'" in capsys.readouterr().err
+
+
 def test_a_ladder_whose_tuning_is_damaged_in_run_json_exits_2_naming_it(ladder_run, tmp_path, capsys):
     run = copy_with_run_json(ladder_run, tmp_path, lambda state: state["ladder"].update(tune="d_model=8,16"))
     assert llm.main(["--resume", str(run)]) == 2
