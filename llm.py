@@ -3192,6 +3192,10 @@ def plot_scaling(result, path):
     ax.set_xscale("log")
     ax.set_yscale("log")  # a multiplier and its inverse sit as far from 1
     ax.set_ylim(low, high)
+    from matplotlib import ticker
+    ax.yaxis.set_major_locator(ticker.LogLocator(base=2))  # 0.5, 1, 2, 4: read as they are
+    ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.yaxis.set_minor_formatter(ticker.NullFormatter())
     finish_axes(ax, MEASURES["compute"], "compute multiplier k (above 1: the MoE is cheaper)")
     ax.set_title(pooled["why"][:90] if pooled["why"] else "", fontsize=8)
     ax.legend(fontsize=8)
