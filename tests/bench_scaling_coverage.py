@@ -19,7 +19,8 @@ scenario, rho, fit_E) it reports, for the pooled multiplier (llm.fit_pooled): ho
 interval of k holds the truth at the pooled reading's cost and at the largest rung, how often it
 excludes 1 (power; the false-positive rate under k=1.0), the bias (geometric mean of estimate /
 truth, minus 1, over the measurable ladders), how often the drift test rejects b = 0 (its
-false-positive rate under the constant-k scenarios, its power under drift); and for the per-rung
+false-positive rate under the constant-k scenarios, its power under drift; "-" with fit_E
+separate, where b is not k's drift); and for the per-rung
 intervals (llm.multiplier_intervals: a t-interval over seeds, or one seed's parametric bootstrap):
 their coverage over every rung and at the largest, and how often the largest rung's excludes 1.
 A ladder that is not measurable (fit_pooled's `why`, a per-rung value of None, an unreachable
@@ -139,8 +140,8 @@ def read_pooled(cfg, rungs):
                 out["cover" + key] = holds(reading.ci95, truth)
                 out["log_err" + key] = log_error(reading.value, truth)
                 out["excludes_1" + key] = excludes_one(reading.ci95)
-        lo, hi = p.drift["ci95"]
-        out["drift_rejects"] = lo > 0 or hi < 0
+        # fit_E separate: k(C) bends through the two laws and b is not its drift, so there is no test to score
+        out["drift_rejects"] = None if p.drift is None else p.drift["ci95"][0] > 0 or p.drift["ci95"][1] < 0
     return out
 
 
@@ -185,7 +186,7 @@ def summarise(results):
             "excludes_1_top": share([p["excludes_1_top"] for p in pooled]),
             "bias": geometric_bias([p["log_err"] for p in pooled]),
             "bias_top": geometric_bias([p["log_err_top"] for p in pooled]),
-            "drift_rejects": share([p["drift_rejects"] for p in pooled]),
+            "drift_rejects": share([p["drift_rejects"] for p in pooled if p["drift_rejects"] is not None]),
             "per_rung_ladders": len(per_rung), "rung_cover": share([c for r in per_rung for c in r["covers"]]),
             "rung_cover_top": share([r["covers"][-1] for r in per_rung]),
             "rung_top_excludes_1": share([r["top_excludes_1"] for r in per_rung])}

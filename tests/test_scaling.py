@@ -447,6 +447,19 @@ def test_a_ladder_trains_each_rung_s_moe_and_dense_matched_on_tokens_per_paramet
     assert [r["rows"][0]["name"] for r in scaling["rungs"]] == [f"moe[d_model={v}]" for v in (32, 48, 64)]
 
 
+def test_the_smoke_ladder_states_nothing_that_only_a_bound_could_say(ladder_run):
+    """Three tiny rungs leave fits on their bounds (E at 0, say): whatever only such a fit could give, the
+    pooled multiplier or a per-rung one read beyond dense-matched's points, is 'not measurable', never a
+    number, and the printed verdict holds no figure of 1e100 or more."""
+    scaling = read_json(ladder_run / "scaling.json")
+    for measure, pooled in scaling["pooled"].items():
+        if pooled["on_bounds"]:
+            assert pooled["pooled"] is None and pooled["why"].startswith("the fit rests on a bound")
+        if any(b.startswith(("E ", "dense-matched")) for b in scaling["fits"][measure]["on_bounds"]):
+            assert all(m["value"] is None for m in scaling["multipliers"][measure] if m["how"] != "interpolated")
+    assert not re.search(r"e\+\d{3}", scaling["verdict"] + " ".join(scaling["notes"]))
+
+
 def test_each_family_takes_the_value_its_tuning_runs_did_best_with_on_their_half_of_the_validation_text(ladder_run):
     """Tuning trains both families at each muon_lr on the smallest rung and reads them on one half of the
     validation tokens; each family's ladder then trains at its own best, and is read on the other half."""
