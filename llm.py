@@ -36,6 +36,7 @@ entry; the CLI, validation, sweeps and size accounting follow.
 """
 
 import argparse
+import collections
 import contextlib
 import dataclasses
 import datetime
@@ -154,6 +155,7 @@ class Config:
     max_tokens: int = positive(27_000_000)  # tokens kept, at most; the default run sees its data ~1.4 times
     val_fraction: float = within(0.05, "(0, 1)")  # share of documents held out for validation
     bpe_vocab_size: int = positive(8192)  # vocabulary of the BPE trained locally (embedded corpus, files): >= 257
+    tokenize_workers: int = non_negative(0)  # processes that tokenize a new token cache; 0: one per CPU core
     max_seq_len: int = positive(512)  # tokens per training window
     hub_timeout: float = non_negative(3.0)  # seconds to wait for the Hugging Face Hub before falling back
 
@@ -1097,9 +1099,9 @@ class Trainer:
         self.stream = TrainWindows(data.train, cfg.max_seq_len, cfg.seed, runtime.device)
         # evaluation: every val window at the end, a fixed sample of them before; training windows alike
         self.val, self.val_tokens = eval_windows(data.val, cfg.max_seq_len), len(data.val)
-        self.train_windows = eval_windows(data.train, cfg.max_seq_len, limit=len(self.val[0]), seed=cfg.seed + 1)
+        self.train_windows = eval_windows(data.train, cfg.max_seq_len, limit=len(self.val), seed=cfg.seed + 1)
         n = cfg.eval_batches * cfg.batch_size * runtime.world
-        self.val_sample, self.train_sample = ((x[:n], y[:n]) for x, y in (self.val, self.train_windows))
+        self.val_sample, self.train_sample = self.val.head(n), self.train_windows.head(n)
         self.global_batch = cfg.batch_size * runtime.world
         self.tokens_per_step = self.global_batch * cfg.gradient_accumulation_steps * cfg.max_seq_len
         self.progress, running = Progress(), [0.0, 0.0, 0.0]
@@ -1356,21 +1358,20 @@ def train_model(name, cfg, data, runtime, log_metrics=lambda record: None, ckpt_
 
 @torch.no_grad()
 def evaluate(model, windows, runtime, batch_size):
-    """Mean token loss, accuracy and perplexity over windows (x, y), sharded over ranks, and the
-    routing statistics of each MoE layer (expert_stats)."""
+    """Mean token loss, accuracy and perplexity over Windows, sharded over ranks (each reads its
+    own), and the routing statistics of each MoE layer (expert_stats)."""
     was_training = model.training
     model.eval()
-    x_all, y_all = windows
-    shard = range(runtime.rank, len(x_all), runtime.world)
+    shard = range(runtime.rank, len(windows), runtime.world)
     sums = torch.zeros(3, device=runtime.device, dtype=torch.float64)  # loss sum, correct, tokens
     moes = [m for m in model.modules() if isinstance(m, MoE)]
     routing_sums = [torch.zeros(m.E + 4, device=runtime.device) for m in moes]  # Routing.sums, added up
     batches = math.ceil(len(shard) / batch_size)
     if runtime.fsdp:  # each forward all-gathers weights: every rank runs as many, counting only its own windows
-        batches = math.ceil(math.ceil(len(x_all) / runtime.world) / batch_size)
+        batches = math.ceil(math.ceil(len(windows) / runtime.world) / batch_size)
     for i in range(0, batches * batch_size, batch_size):
         ids = list(shard[i : i + batch_size])
-        x, y = x_all[ids or [0]].to(runtime.device), y_all[ids or [0]].to(runtime.device)
+        x, y = (to_device(w, runtime.device) for w in windows.batch(ids or [0]))
         with runtime.autocast():
             logits, routings = model.logits_and_routings(x)
             for total, routing in zip(routing_sums, routings) if ids else ():
@@ -1406,23 +1407,64 @@ def expert_stats(sums, E):
 EOS = "<|endoftext|>"
 BYTE_BPE_MIN_VOCAB = 256 + 1  # a byte-level BPE holds at least its 256-byte alphabet and EOS
 
+class Tokens:
+    """A token stream kept as shards (memory-mapped files of the token cache, or arrays) and read a
+    few windows at a time: the corpus stays on disk, and a batch reads only its own tokens. A slice
+    is a narrower view of the same shards."""
+
+    def __init__(self, shards, start=0, stop=None):
+        self.shards = list(shards)
+        self.ends = np.cumsum([len(s) for s in self.shards], dtype=np.int64)  # (S,) where each shard ends
+        total = int(self.ends[-1]) if self.shards else 0
+        self.start, self.stop = start, total if stop is None else stop
+
+    def __len__(self):
+        return self.stop - self.start
+
+    def __getitem__(self, s):
+        if not isinstance(s, slice) or s.step not in (None, 1):
+            raise TypeError("Tokens take a contiguous slice; read windows with .windows()")
+        a, b, _ = s.indices(len(self))
+        return Tokens(self.shards, self.start + a, self.start + max(a, b))
+
+    def __array__(self, dtype=None, copy=None):  # np.asarray(tokens): every token, in memory
+        a = self.read(self.start, self.stop)
+        return a.astype(dtype) if dtype is not None else np.array(a)
+
+    def read(self, a, b):  # stream positions a .. b-1: a slice of one shard, or pieces of several
+        pieces = []
+        while a < b:
+            s = int(np.searchsorted(self.ends, a, side="right"))
+            first = int(self.ends[s]) - len(self.shards[s])
+            pieces.append(self.shards[s][a - first : min(b, int(self.ends[s])) - first])
+            a = min(b, int(self.ends[s]))
+        return pieces[0] if len(pieces) == 1 else np.concatenate(pieces) if pieces else np.zeros(0, np.int64)
+
+    def windows(self, starts, length):  # (n,) starts in this view -> (n, length) int64, one read each
+        out = np.empty((len(starts), length), dtype=np.int64)
+        for row, a in zip(out, np.asarray(starts, dtype=np.int64) + self.start):
+            row[:] = self.read(int(a), int(a) + length)
+        return out
+
 @dataclass
 class Data:
-    train: np.ndarray  # (N_train,) token ids
-    val: np.ndarray  # (N_val,)
+    train: Tokens  # (N_train,) token ids: the training documents, each followed by EOS
+    val: Tokens  # (N_val,) the held-out documents
     vocab_size: int
     source: str
     tokenizer: str
     meta: dict = field(default_factory=dict)
     cache_dir: str = ""
-    in_cache: bool = True  # False: tokenized just now, held in memory until save_cache writes them
-    bpe: object = None  # tokenized just now with a BPE trained here: save_cache writes it beside them
+    staging: object = None  # tokenized just now into a Staging directory, which save_cache moves to cache_dir
+
+    def __post_init__(self):  # arrays (tests, benchmarks) are one in-memory shard
+        self.train, self.val = (t if isinstance(t, Tokens) else Tokens([t]) for t in (self.train, self.val))
 
 def prepare_data(cfg, cache_root="data_cache", log=print, keep=True):
-    """Resolve the source, then load its tokens from the cache, or read, split and tokenize them and
-    (keep) save them there. keep=False leaves new tokens in memory: the caller checks them against
-    what it will train and calls save_cache, so that tokens a run cannot use are never kept.
-    check_data_fits(data, cfg) always runs."""
+    """Resolve the source, then load its tokens from the cache, or read, split and tokenize them into
+    a staging directory and (keep) move it into the cache. keep=False leaves new tokens staged: the
+    caller checks them against what it will train, then calls save_cache (or discard_staged), so that
+    tokens a run cannot use are never kept. check_data_fits(data, cfg) always runs."""
     if cfg.data == "auto":
         smollm = dataclasses.replace(cfg, data="smollm")
         path, _ = cache_dir_for(smollm, cache_root, source_spec(smollm))
@@ -1445,73 +1487,39 @@ def prepare_data(cfg, cache_root="data_cache", log=print, keep=True):
             raise UsageError(f"--data {cfg.data}: the Hugging Face Hub is unreachable and {path} holds no cached "
                              f"tokens; use --data shakespeare or a local text file")
         log(f"data: tokenizing {source.name} into {path}")
-        data = tokenize(cfg, source, key, path)
-    check_data_fits(data, cfg)
-    if keep:
-        save_cache(data)
+        data = tokenize(cfg, source, key, path, log)
+    try:
+        check_data_fits(data, cfg)
+        if keep:
+            save_cache(data)
+    except BaseException:
+        discard_staged(data)
+        raise
     return data
 
-def tokenize(cfg, source, key, path):
-    """Read, hold out whole documents, tokenize: the Data of cache directory path, not yet saved."""
-    docs = read_documents(cfg, source)[: cfg.num_documents]
-    train_docs, val_docs = split_documents(docs, cfg.val_fraction, cfg.seed)
-    bpe = None
-    if source.tokenizer == "bpe":  # trained on the training split only, so no validation text leaks into it
-        bpe = train_bpe(train_docs, cfg.bpe_vocab_size)
-        tok = wrap_tokenizer(tok_object=bpe)
-    else:
-        tok = wrap_tokenizer(name=source.tokenizer)
-    train_budget = int(cfg.max_tokens * (1 - cfg.val_fraction))
-    train = encode(tok, train_docs, train_budget)
-    val = encode(tok, val_docs, cfg.max_tokens - train_budget)
-    dtype = np.uint16 if len(tok) <= 2**16 else np.uint32
-    meta = {"key": key, "source": source.name, "tokenizer": source.tokenizer, "vocab_size": len(tok),
-            "dtype": np.dtype(dtype).name, "documents": len(docs), "train_documents": len(train_docs),
-            "val_documents": len(val_docs), "train_tokens": len(train), "val_tokens": len(val)}
-    return Data(train=train.astype(dtype), val=val.astype(dtype), vocab_size=len(tok), source=source.name,
-                tokenizer=source.tokenizer, meta=meta, cache_dir=path, in_cache=False, bpe=bpe)
+# The honest split: whole documents are held out before any windowing, so no validation window
+# shares text with a training window. Two rules, one per kind of source:
 
-def read_documents(cfg, source):
-    """The source's documents, at most num_documents: text files, each file one document, or a Hub
-    dataset streamed (its "text" field, or its first string field)."""
-    docs = []
-    if source.local:
-        for path in (embedded_files() if source.name == "shakespeare" else local_files(cfg.data))[: cfg.num_documents]:
-            try:
-                with open(path, encoding="utf-8") as f:
-                    text = f.read()
-            except (OSError, UnicodeDecodeError) as e:
-                raise UsageError(f"--data {cfg.data}: could not read the text files: {path}: {first_line(e)}") from None
-            if "\0" in text:
-                raise UsageError(f"--data {cfg.data}: could not read the text files: {path} is binary (NUL bytes)")
-            docs += [text] if text.strip() else []
-    else:
-        import datasets
-        try:
-            for row in datasets.load_dataset(*source.ident["hf"], split="train", streaming=True):
-                text = row.get("text")
-                if text is None:  # no "text" column: the first string field
-                    text = next((v for v in row.values() if isinstance(v, str)), None)
-                docs += [text] if text else []
-                if len(docs) >= cfg.num_documents:
-                    break
-        except Exception as e:  # noqa: BLE001  (the datasets library raises many kinds)
-            name = ":".join(filter(None, source.ident["hf"]))
-            raise UsageError(f"--data {cfg.data}: could not read dataset {name} ({first_line(e)})") from None
-    if not docs:
-        raise UsageError(f"--data {cfg.data}: it holds no text")
-    return docs
+def held_out(n, val_fraction, seed):
+    """n documents whose number is known before reading them (files): (training order, held-out
+    order) of their indices. A seeded permutation's first round(n * val_fraction) are held out, at
+    least one document on each side."""
+    order = np.random.default_rng(seed).permutation(n)
+    n_val = min(n - 1, max(1, round(n * val_fraction)))
+    return order[n_val:], order[:n_val]
 
-def split_documents(docs, val_fraction, seed):
-    """Hold out whole documents (one long text: its contiguous tail) before any windowing."""
-    if len(docs) == 1:
-        cut = int(len(docs[0]) * (1 - val_fraction))
-        return [docs[0][:cut]], [docs[0][cut:]]
-    order = np.random.default_rng(seed).permutation(len(docs))
-    n_val = min(len(docs) - 1, max(1, round(len(docs) * val_fraction)))
-    return [docs[i] for i in order[n_val:]], [docs[i] for i in order[:n_val]]
+def held_out_draws(val_fraction, seed, block=2**16):
+    """A stream of documents of unknown length (a Hub dataset): document i is held out by its own
+    seeded draw, made without knowing how many follow."""
+    for b in itertools.count():
+        yield from (np.random.default_rng([seed, b]).random(block) < val_fraction).tolist()
 
-def train_bpe(docs, vocab_size):
+def split_text(text, val_fraction):  # one document alone: its contiguous tail is held out
+    cut = int(len(text) * (1 - val_fraction))
+    return text[:cut], text[cut:]
+
+def train_bpe(texts, vocab_size):
+    """A byte-level BPE trained on texts (an iterable, read once), with EOS as its special token."""
     if vocab_size < BYTE_BPE_MIN_VOCAB:  # the trainer would keep 257 tokens without a word
         raise UsageError(f"bpe_vocab_size must be at least {BYTE_BPE_MIN_VOCAB} for the locally trained BPE (its "
                          f"256-byte alphabet and the end-of-text token); got {vocab_size}")
@@ -1521,7 +1529,7 @@ def train_bpe(docs, vocab_size):
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS], show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(docs, trainer)
+    tok.train_from_iterator(texts, trainer)
     return tok
 
 def wrap_tokenizer(tok_object=None, name=None):
@@ -1536,19 +1544,6 @@ def wrap_tokenizer(tok_object=None, name=None):
             raise UsageError(f"--tokenizer {name}: could not load it ({first_line(e)})") from None
     tok.model_max_length = int(1e12)  # we window ourselves; silence the per-document length warning
     return tok
-
-def encode(tok, docs, budget):
-    """Documents -> one token stream, EOS after each document, cut at `budget` tokens."""
-    eos = eos_id(tok)
-    out, n = [], 0
-    for i in range(0, len(docs), 256):
-        for ids in tok(docs[i : i + 256], add_special_tokens=False)["input_ids"]:
-            ids.append(eos)
-            out.append(np.asarray(ids, dtype=np.int64))
-            n += len(ids)
-        if n >= budget:
-            break
-    return np.concatenate(out)[:budget] if out else np.zeros(0, dtype=np.int64)
 
 def eos_id(tok):  # the token that ends each document
     return tok.eos_token_id if tok.eos_token_id is not None else tok.convert_tokens_to_ids(EOS)
@@ -1565,54 +1560,75 @@ def check_data_fits(data, cfg):
 def windows_per_epoch(n_tokens, seq_len):  # non-overlapping training windows, whatever an epoch's offset
     return (n_tokens - seq_len) // seq_len
 
+def to_device(w, device):
+    """A host batch to the device. CUDA: from pinned memory without blocking, so the host reads the
+    next batch while the device still runs this step."""
+    if device.type != "cuda":
+        return w.to(device)
+    return w.pin_memory().to(device, non_blocking=True)
+
 class TrainWindows:
     """Deterministic stream of training windows, the same for every model and world size.
 
     Epoch e is the train tokens cut into non-overlapping windows of max_seq_len + 1 tokens from a
     random offset, in a random order; both come from (seed, e) alone. Global sample j is window
     j % n of epoch j // n, so micro-batch i is a pure function of i: resuming or sharding over
-    ranks only needs the index.
+    ranks only needs the index. A batch reads its own windows from the tokens on the host (each
+    rank only its own), then copies them to the device.
     """
 
     def __init__(self, tokens, seq_len, seed, device):
-        self.seq_len, self.seed, self.device = seq_len, seed, device
-        self.tokens = torch.from_numpy(tokens.astype(np.int64)).to(device)  # (N,)
+        self.tokens, self.seq_len, self.seed, self.device = tokens, seq_len, seed, torch.device(device)
         self.n = windows_per_epoch(len(tokens), seq_len)
-        self.span = torch.arange(seq_len + 1, device=device)
         self._epochs = {}
 
-    def _starts(self, epoch):  # (n,) window starts of an epoch, on the device: one copy per epoch
+    def _starts(self, epoch):  # (n,) window starts of an epoch
         if epoch not in self._epochs:
             rng = np.random.default_rng([self.seed, epoch])
             offset = int(rng.integers(0, self.seq_len))
-            starts = torch.from_numpy(offset + rng.permutation(self.n) * self.seq_len).to(self.device)
+            starts = offset + rng.permutation(self.n) * self.seq_len
             self._epochs = {e: v for e, v in self._epochs.items() if e == epoch - 1}  # keep the previous one
             self._epochs[epoch] = starts
         return self._epochs[epoch]
 
     def batch(self, first, count):
-        """Samples first .. first+count-1 as (x, y), each (count, seq_len): device indexing only."""
+        """Samples first .. first+count-1 as (x, y) on the device, each (count, seq_len)."""
         parts, j = [], first
         while j < first + count:  # a batch spans two epochs at most (unless an epoch is tiny)
             e, k = divmod(j, self.n)
             take = min(first + count - j, self.n - k)
             parts.append(self._starts(e)[k : k + take])
             j += take
-        starts = parts[0] if len(parts) == 1 else torch.cat(parts)
-        w = self.tokens[starts[:, None] + self.span]  # (count, seq_len + 1)
+        w = torch.from_numpy(self.tokens.windows(np.concatenate(parts), self.seq_len + 1))  # (count, seq_len + 1)
+        w = to_device(w, self.device)
+        return w[:, :-1], w[:, 1:]
+
+@dataclass
+class Windows:
+    """Evaluation windows: non-overlapping (seq_len + 1)-token spans of a token stream, read a batch
+    at a time."""
+    tokens: Tokens
+    starts: np.ndarray  # (n,) where each window starts
+    seq_len: int
+
+    def __len__(self):
+        return len(self.starts)
+
+    def head(self, n):  # the first n windows
+        return Windows(self.tokens, self.starts[:n], self.seq_len)
+
+    def batch(self, ids):  # windows ids -> (x, y) on the host, each (len(ids), seq_len)
+        w = torch.from_numpy(self.tokens.windows(self.starts[np.asarray(ids, dtype=np.int64)], self.seq_len + 1))
         return w[:, :-1], w[:, 1:]
 
 def eval_windows(tokens, seq_len, limit=None, seed=None):
-    """Non-overlapping windows (x, y) of a token array, optionally a seeded sample of `limit` of them."""
+    """Non-overlapping windows of a token stream, optionally a seeded sample of `limit` of them."""
+    tokens = tokens if isinstance(tokens, Tokens) else Tokens([tokens])
     n = (len(tokens) - 1) // seq_len
     starts = np.arange(n) * seq_len
     if seed is not None:
         starts = starts[np.random.default_rng(seed).permutation(n)]
-    if limit is not None:
-        starts = starts[:limit]
-    idx = starts[:, None] + np.arange(seq_len + 1)
-    w = torch.from_numpy(tokens[idx].astype(np.int64))  # (n, seq_len + 1)
-    return w[:, :-1], w[:, 1:]
+    return Windows(tokens, starts[:limit], seq_len)
 
 SMOLLM_DATASET = ("HuggingFaceTB/smollm-corpus", "cosmopedia-v2")
 
@@ -1884,9 +1900,13 @@ def prepare_and_plan(cfg, names, seeds, grid, upcycle_from, ladder, cache_dir, r
     """The data and the Plan, checked against each other (and, resumed: (its saved budget, its
     out_dir), against the budget a resumed run started with) before new tokens are kept."""
     data = prepare_data(cfg, cache_dir, log=log, keep=False)
-    plan = plan_comparison(cfg, names, seeds, grid, data, runtime.world, upcycle_from, log, ladder)
-    if resumed:
-        check_budget_kept(resumed[0], plan.budget_record(), resumed[1])
+    try:
+        plan = plan_comparison(cfg, names, seeds, grid, data, runtime.world, upcycle_from, log, ladder)
+        if resumed:
+            check_budget_kept(resumed[0], plan.budget_record(), resumed[1])
+    except BaseException:
+        discard_staged(data)
+        raise
     save_cache(data)
     return data, plan
 
@@ -3291,8 +3311,8 @@ def expert_analysis(model, windows, batch_size, vocab_size, min_count=20, top=10
     device = next(model.parameters()).device
     routed = [torch.zeros(vocab_size, moe.E, device=device) for _, moe in moes]  # (V, E) copies per token, expert
     seen = torch.zeros(vocab_size, device=device)
-    for start in range(0, len(windows[0]), batch_size):
-        x = windows[0][start : start + batch_size].to(device)
+    for start in range(0, len(windows), batch_size):
+        x = windows.batch(range(start, min(start + batch_size, len(windows))))[0].to(device)
         _, routings = model.logits_and_routings(x)
         flat = x.flatten()
         seen.index_add_(0, flat, torch.ones_like(flat, dtype=torch.float))
@@ -3719,15 +3739,17 @@ def file_sha256(path):
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
-def ours(names):  # a directory this program writes: a run's out_dir, or a token cache entry
-    return "run.lock" in names or {"run.json", "metrics.jsonl"} <= set(names) \
-        or {"meta.json", "train.npy", "val.npy"} <= set(names)
+def ours(names):  # a directory this program writes: a run's out_dir, or a token cache entry (train.npy: before 3)
+    shards = any(n.startswith("train-") and n.endswith(".bin") or n == "train.npy" for n in names)
+    return "run.lock" in names or {"run.json", "metrics.jsonl"} <= set(names) or "meta.json" in names and shards
 
 
 # ----------------------------------------------------------------------------------------------
-# Token caches
+# Token caches: documents streamed through worker processes into fixed-size shards
 
-CACHE_VERSION = 2  # 2: meta.json holds the sha256 of each file
+CACHE_VERSION = 3  # 3: tokens in fixed-size shards (train-00000.bin, ...), each with its sha256 in meta.json
+SHARD_TOKENS = 2**26  # tokens per shard file (128 MiB as uint16): no file, and no write, the size of the corpus
+TASK_BYTES = 2**20  # text one worker task tokenizes, at most (but one document): what is in flight is bounded
 
 def cache_dir_for(cfg, cache_root, source):
     """The cache directory of these tokens and its key: everything that changes them."""
@@ -3738,8 +3760,312 @@ def cache_dir_for(cfg, cache_root, source):
     slug = "".join(c if c.isalnum() else "_" for c in source.name)[:40]
     return os.path.join(cache_root, f"{slug}-{digest}"), key
 
-def load_cache(path):
-    """The Data of a cache directory, or None with the reason (missing, or what is damaged)."""
+def tokenize(cfg, source, key, path, log):
+    """Read the source's documents, hold out whole ones, and tokenize them through worker processes
+    into shards of a staging directory beside path: the Data of its tokens, memory-mapped, which
+    save_cache moves to path. Nothing holds the corpus: not its text, not its tokens."""
+    workers = cfg.tokenize_workers or os.cpu_count() or 1
+    staging, t0 = Staging(os.path.dirname(path) or ".", log), time.perf_counter()
+    try:
+        if source.local:
+            with worker_pool(workers) as pool:  # reads every file once, to check and count it
+                docs = LocalDocuments(cfg, source, pool)
+        else:
+            docs = StreamDocuments(cfg, source)
+        tok = source_tokenizer(cfg, source, docs, staging.dir)
+        if source.tokenizer == "bpe":
+            log(f"data: read the documents and trained the BPE in {time.perf_counter() - t0:.1f} s")
+        dtype = np.dtype(np.uint16 if len(tok) <= 2**16 else np.uint32)
+        train_budget = int(cfg.max_tokens * (1 - cfg.val_fraction))
+        budgets, t1 = {False: train_budget, True: cfg.max_tokens - train_budget}, time.perf_counter()
+        with worker_pool(workers, start_worker, (tok.backend_tokenizer.to_str(), eos_id(tok), dtype)) as pool:
+            writers = write_shards(docs, budgets, staging.dir, dtype, pool)
+        train, val, seconds = writers[False], writers[True], time.perf_counter() - t1
+        log(f"data: tokenized {docs.documents:,} documents into {train.n + val.n:,} tokens in {seconds:.1f} s "
+            f"({(train.n + val.n) / seconds:,.0f} tokens/s, {workers} worker{'s' * (workers > 1)})")
+        if train.n < budgets[False] or val.n < budgets[True]:
+            log(f"data: the source holds fewer tokens than --max_tokens {cfg.max_tokens:,} asks for: train "
+                f"{train.n:,} of {budgets[False]:,}, val {val.n:,} of {budgets[True]:,}; all of them are used")
+        if docs.val_documents == 0:
+            raise UsageError(f"--data {cfg.data}: none of its {docs.documents} documents was held out (each is, with "
+                             f"probability val_fraction {cfg.val_fraction}); raise --val_fraction or --num_documents")
+        meta = {"key": key, "source": source.name, "tokenizer": source.tokenizer, "vocab_size": len(tok),
+                "dtype": dtype.name, "documents": docs.documents, "val_documents": docs.val_documents,
+                "train_documents": docs.documents - docs.val_documents, "train_tokens": train.n, "val_tokens": val.n,
+                "shards": {"train": train.shards, "val": val.shards}, "sha256": {**train.sha256, **val.sha256}}
+        if source.tokenizer == "bpe":
+            meta["sha256"]["tokenizer.json"] = file_sha256(os.path.join(staging.dir, "tokenizer.json"))
+        atomic_write(os.path.join(staging.dir, "meta.json"), json.dumps(meta, indent=1).encode())
+        data, why = load_cache(staging.dir, verify=False)
+        if data is None:
+            raise OSError(f"the tokens just written do not read back: {why}")
+    except BaseException:
+        staging.remove()
+        raise
+    data.cache_dir, data.staging = path, staging
+    return data
+
+def source_tokenizer(cfg, source, docs, staging_dir):
+    """The source's tokenizer, or a BPE trained here on the training documents alone (so no
+    validation text shapes it), saved beside the tokens."""
+    if source.tokenizer != "bpe":
+        return wrap_tokenizer(name=source.tokenizer)
+    texts = (read_text(item) if docs.paths else item for held, item in docs.items() if not held)
+    bpe = train_bpe(texts, cfg.bpe_vocab_size)
+    bpe.save(os.path.join(staging_dir, "tokenizer.json"))
+    return wrap_tokenizer(tok_object=bpe)
+
+class LocalDocuments:
+    """Text files, each one document: checked and counted before anything is tokenized (so that the
+    split is held_out's over their number), then read by the workers in the split's order, held-out
+    documents first. One file alone is one text, its tail held out (split_text)."""
+
+    def __init__(self, cfg, source, pool):
+        files = (embedded_files() if source.name == "shakespeare" else local_files(cfg.data))[: cfg.num_documents]
+        kept = []
+        for path, problem in zip(files, ordered_map(pool, check_text_file, files)):
+            if problem:
+                raise UsageError(f"--data {cfg.data}: could not read the text files: {path}{problem}")
+            kept += [path] if problem is None else []
+        if not kept:
+            raise UsageError(f"--data {cfg.data}: it holds no text")
+        self.documents, self.paths = len(kept), len(kept) > 1
+        if len(kept) == 1:
+            head, tail = split_text(read_text(kept[0]), cfg.val_fraction)
+            self.sequence, self.val_documents = [(True, tail), (False, head)], 1
+            return
+        train, val = held_out(len(kept), cfg.val_fraction, cfg.seed)
+        self.sequence = [(True, kept[i]) for i in val] + [(False, kept[i]) for i in train]
+        self.val_documents = len(val)
+
+    def items(self):  # (held out, path or text) in tokenizing order
+        return iter(self.sequence)
+
+class StreamDocuments:
+    """A Hub dataset, streamed: each document held out by its own seeded draw (held_out_draws) and
+    counted as it is read, at most num_documents of them."""
+
+    paths = False
+
+    def __init__(self, cfg, source):
+        self.cfg, self.source, self.documents, self.val_documents = cfg, source, 0, 0
+
+    def items(self):
+        cfg, name = self.cfg, ":".join(filter(None, self.source.ident["hf"]))
+        self.documents = self.val_documents = 0
+        draws = held_out_draws(cfg.val_fraction, cfg.seed)
+        try:
+            import datasets
+            for row in datasets.load_dataset(*self.source.ident["hf"], split="train", streaming=True):
+                text = row.get("text")
+                if text is None:  # no "text" column: the first string field
+                    text = next((v for v in row.values() if isinstance(v, str)), None)
+                if not text:
+                    continue
+                held = next(draws)
+                self.documents, self.val_documents = self.documents + 1, self.val_documents + held
+                yield held, text
+                if self.documents >= cfg.num_documents:
+                    break
+        except Exception as e:  # noqa: BLE001  (the datasets library raises many kinds)
+            raise UsageError(f"--data {cfg.data}: could not read dataset {name} ({first_line(e)})") from None
+        if not self.documents:
+            raise UsageError(f"--data {cfg.data}: it holds no text")
+
+def read_text(path):
+    with open(path, encoding="utf-8") as f:
+        return f.read()
+
+def check_text_file(path):  # in a worker: None (text), "" (no text: skipped), or what is wrong with it
+    try:
+        text = read_text(path)
+    except (OSError, UnicodeDecodeError) as e:
+        return f": {first_line(e)}"
+    if "\0" in text:
+        return " is binary (NUL bytes)"
+    return None if text.strip() else ""
+
+WORKER = {}  # a tokenizing worker's tokenizer, EOS id and dtype, set once by start_worker in its process
+
+def start_worker(tokenizer_json, eos, dtype):
+    from tokenizers import Tokenizer
+    tok = Tokenizer.from_str(tokenizer_json)
+    tok.no_truncation()
+    tok.no_padding()
+    WORKER.update(tok=tok, eos=np.array([eos], dtype=dtype), dtype=dtype)
+
+def encode_task(task):
+    """In a worker: (held out, items are paths, items) -> (held out, their tokens, EOS after each)."""
+    held, paths, items = task
+    texts = [read_text(p) for p in items] if paths else items
+    encoded = WORKER["tok"].encode_batch(texts, add_special_tokens=False)
+    pieces = [piece for e in encoded for piece in (np.array(e.ids, dtype=WORKER["dtype"]), WORKER["eos"])]
+    return held, np.concatenate(pieces)
+
+def tokenize_tasks(docs, writers):
+    """Runs of one split's documents, up to TASK_BYTES of text each; a full split's are skipped
+    unread, and the source is read no further once both are full."""
+    held, run, size = None, [], 0
+    for h, item in docs.items():
+        if writers[h].full:
+            if all(w.full for w in writers.values()):
+                break
+            continue
+        if run and (h != held or size >= TASK_BYTES):
+            yield held, docs.paths, run
+            run, size = [], 0
+        held, size = h, size + (os.path.getsize(item) if docs.paths else len(item))
+        run.append(item)
+    if run:
+        yield held, docs.paths, run
+
+def write_shards(docs, budgets, directory, dtype, pool):
+    """Every task's tokens, in order, into its split's shards: {held out: ShardWriter}."""
+    writers = {held: ShardWriter(directory, "val" if held else "train", budget, dtype)
+               for held, budget in budgets.items()}
+    bar = tqdm(total=sum(budgets.values()), unit="tok", unit_scale=True, desc="tokenizing", leave=False,
+               disable=not sys.stderr.isatty(), dynamic_ncols=True)
+    for held, ids in ordered_map(pool, encode_task, tokenize_tasks(docs, writers)):
+        bar.update(writers[held].write(ids))
+        bar.set_postfix_str(f"{docs.documents:,} documents", refresh=False)
+        if all(w.full for w in writers.values()):
+            break
+    bar.close()
+    for w in writers.values():
+        w.close()
+    return writers
+
+class ShardWriter:
+    """One split's tokens, written as they arrive into shard files of SHARD_TOKENS tokens (the last
+    shorter), each hashed as it is written, up to a budget."""
+
+    def __init__(self, directory, split, budget, dtype):
+        self.directory, self.split, self.budget, self.dtype = directory, split, budget, dtype
+        self.n, self.shards, self.sha256 = 0, [], {}  # tokens written; [[file, tokens]] closed
+        self.file = self.hash = None
+
+    @property
+    def full(self):
+        return self.n >= self.budget
+
+    def write(self, ids):  # -> how many of ids fit the budget and were written
+        ids = np.ascontiguousarray(ids[: self.budget - self.n], dtype=self.dtype)
+        done = 0
+        while done < len(ids):
+            if self.file is None:
+                name = f"{self.split}-{len(self.shards):05d}.bin"
+                # open across writes, closed by close(): a shard fills over many tasks
+                self.file = open(os.path.join(self.directory, name), "wb")  # noqa: SIM115
+                self.hash = hashlib.sha256()
+                self.shards.append([name, 0])
+            part = ids[done : done + SHARD_TOKENS - self.shards[-1][1]]
+            try:
+                self.file.write(part.data)
+            except OSError as e:  # a full disk: name the shard (a failed write names no file)
+                raise OSError(e.errno, e.strerror, self.file.name) from None
+            self.hash.update(part.data)
+            self.shards[-1][1] += len(part)
+            done += len(part)
+            if self.shards[-1][1] == SHARD_TOKENS:
+                self.close()
+        self.n += done
+        return done
+
+    def close(self):  # the open shard, flushed to disk and its hash recorded
+        if self.file is not None:
+            self.file.flush()
+            os.fsync(self.file.fileno())
+            self.file.close()
+            self.sha256[self.shards[-1][0]], self.file = self.hash.hexdigest(), None
+
+@contextlib.contextmanager
+def worker_pool(workers, initializer=None, args=()):
+    """A pool of worker processes, or None for one worker: the work then runs in this process."""
+    if workers <= 1:
+        if initializer is not None:
+            initializer(*args)
+        try:
+            yield None
+        finally:
+            WORKER.clear()
+        return
+    import multiprocessing
+    context = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
+    before = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per worker (the processes are the parallelism)
+    try:
+        pool = context.Pool(workers, initializer, args)
+    finally:
+        if before is None:
+            del os.environ["TOKENIZERS_PARALLELISM"]
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = before
+    try:
+        yield pool
+    finally:
+        pool.terminate()
+        pool.join()
+
+def ordered_map(pool, fn, tasks, ahead=None):
+    """fn over tasks, results in order, at most `ahead` tasks in flight (Pool.imap would read every
+    task at once: a streamed corpus into memory). No pool: here, one at a time."""
+    if pool is None:
+        yield from map(fn, tasks)
+        return
+    ahead, pending = ahead or 4 * pool._processes, collections.deque()
+    for task in tasks:
+        pending.append(pool.apply_async(fn, (task,)))
+        if len(pending) >= ahead:
+            yield pending.popleft().get()
+    while pending:
+        yield pending.popleft().get()
+
+class Staging:
+    """A hidden directory beside the cache entries that new tokens are written into, locked (flock)
+    by the process writing it; save_cache renames it into the entry. A killed tokenization is not
+    resumed: the next one removes what it left (its lock is free) and starts again."""
+
+    def __init__(self, root, log):
+        import fcntl
+        os.makedirs(root, exist_ok=True)
+        for name in os.listdir(root):
+            lock = os.path.join(root, name, "lock")
+            if name.startswith(".tmp-cache-") and os.path.exists(lock):
+                fd = os.open(lock, os.O_RDONLY)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+                    log(f"data: removed {os.path.join(root, name)}, left by a tokenization that was stopped")
+                except BlockingIOError:
+                    pass  # another llm.py is tokenizing into it
+                finally:
+                    os.close(fd)
+        self.dir = tempfile.mkdtemp(dir=root, prefix=".tmp-cache-")
+        # locked before it takes its name, so that no sweep above ever sees it free
+        self.lock = os.open(os.path.join(self.dir, ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
+        fcntl.flock(self.lock, fcntl.LOCK_EX)
+        os.rename(os.path.join(self.dir, ".lock"), os.path.join(self.dir, "lock"))
+
+    def release(self):  # the lock file goes, then the lock: the directory is about to become an entry
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(self.dir, "lock"))
+        if self.lock is not None:
+            os.close(self.lock)
+            self.lock = None
+
+    def remove(self):
+        shutil.rmtree(self.dir, ignore_errors=True)
+        self.release()
+
+def open_shards(path, meta, split):  # a split's shards, memory-mapped read-only
+    dtype = np.dtype(meta["dtype"])
+    return Tokens([np.memmap(os.path.join(path, name), dtype=dtype, mode="r", shape=(n,))
+                   for name, n in meta["shards"][split]])
+
+def load_cache(path, verify=True):
+    """The Data of a cache directory (its tokens memory-mapped), or None with the reason: missing, or
+    what is damaged (a shard missing, truncated or not matching its sha256; verify=False checks the
+    sizes only)."""
     meta_path = os.path.join(path, "meta.json")
     if not os.path.exists(meta_path):
         return None, "missing"
@@ -3748,51 +4074,62 @@ def load_cache(path):
             meta = json.load(f)
         if not isinstance(meta, dict):
             return None, "meta.json is not an object"
-        arrays = {}
+        itemsize = np.dtype(meta["dtype"]).itemsize
         for split in ("train", "val"):
-            a = np.load(os.path.join(path, f"{split}.npy"), mmap_mode="r", allow_pickle=False)
-            if a.shape != (meta[f"{split}_tokens"],) or a.dtype != np.dtype(meta["dtype"]):
-                return None, (f"{split}.npy has shape {a.shape} {a.dtype}, "
-                              f"meta says ({meta[f'{split}_tokens']},) {meta['dtype']}")
-            arrays[split] = np.asarray(a)
-        if max(int(arrays["train"].max()), int(arrays["val"].max())) >= meta["vocab_size"]:
-            return None, "token ids exceed the vocabulary"
-        for name, digest in meta["sha256"].items():  # flipped bits, a truncated tokenizer.json
-            if file_sha256(os.path.join(path, name)) != digest:
-                return None, f"{name} does not match its checksum"
-    except (OSError, EOFError, ValueError, KeyError, TypeError) as e:  # np.load raises EOFError on an empty file
+            shards = meta["shards"][split]
+            if sum(n for _, n in shards) != meta[f"{split}_tokens"]:
+                return None, f"the {split} shards do not add up to meta.json's {split}_tokens"
+            for name, n in shards:
+                size = os.path.getsize(os.path.join(path, name))
+                if size != n * itemsize or name not in meta["sha256"]:
+                    return None, f"{name} holds {size} bytes, meta.json says {n * itemsize}"
+        if verify:
+            from concurrent.futures import ThreadPoolExecutor  # hashing releases the GIL: shards in parallel
+            names = sorted(meta["sha256"])
+            with ThreadPoolExecutor(min(8, len(names))) as threads:
+                for name, digest in zip(names, threads.map(lambda n: file_sha256(os.path.join(path, n)), names)):
+                    if digest != meta["sha256"][name]:  # flipped bits, a truncated tokenizer.json
+                        return None, f"{name} does not match its checksum"
+        data = Data(train=open_shards(path, meta, "train"), val=open_shards(path, meta, "val"),
+                    vocab_size=meta["vocab_size"], source=meta["source"], tokenizer=meta["tokenizer"], meta=meta,
+                    cache_dir=path)
+    except (OSError, ValueError, KeyError, TypeError) as e:
         return None, f"unreadable ({first_line(e)})"
-    return Data(train=arrays["train"], val=arrays["val"], vocab_size=meta["vocab_size"], source=meta["source"],
-                tokenizer=meta["tokenizer"], meta=meta, cache_dir=path), "ok"
+    return data, "ok"
 
 def save_cache(data):
-    """Write tokens that prepare_data built into their cache directory, which appears whole or not at
-    all; tokens read from the cache are there already."""
-    if data.in_cache:
+    """Move tokens that prepare_data staged into their cache directory, which appears whole or not
+    at all; tokens read from the cache are there already. If another run built the same entry
+    meanwhile, theirs stays and this Data reads it."""
+    staging = data.staging
+    if staging is None:
         return
     path = data.cache_dir
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=os.path.dirname(path) or ".", prefix=".tmp-cache-")
     try:
-        for split in ("train", "val"):
-            np.save(os.path.join(tmp, f"{split}.npy"), getattr(data, split), allow_pickle=False)
-        if data.bpe is not None:
-            data.bpe.save(os.path.join(tmp, "tokenizer.json"))
-        data.meta["sha256"] = {name: file_sha256(os.path.join(tmp, name)) for name in sorted(os.listdir(tmp))}
-        atomic_write(os.path.join(tmp, "meta.json"), json.dumps(data.meta, indent=1).encode())
-        # another run sharing this cache directory may have built the same tokens meanwhile: theirs stay
-        if load_cache(path)[0] is None:
+        theirs, _ = load_cache(path)
+        staging.release()
+        if theirs is None:
             shutil.rmtree(path, ignore_errors=True)
-            os.replace(tmp, path)
-        shutil.rmtree(tmp, ignore_errors=True)
+            os.replace(staging.dir, path)
+            fsync_dir(os.path.dirname(os.path.abspath(path)))
+        else:
+            shutil.rmtree(staging.dir, ignore_errors=True)
+            data.train, data.val = theirs.train, theirs.val
     except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if load_cache(path)[0] is None:
+        staging.remove()
+        theirs, _ = load_cache(path)  # another run's rename came first: theirs stays
+        if theirs is None:
             raise
+        data.train, data.val = theirs.train, theirs.val
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        staging.remove()
         raise
-    data.in_cache, data.bpe = True, None
+    data.staging = None
+
+def discard_staged(data):  # tokens a run could not use: their staging directory goes
+    if data.staging is not None:
+        data.staging.remove()
+        data.staging = None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -4542,7 +4879,7 @@ def experts_main(argv):
             print(f"  expert {e['expert']} ({e['load']:.3f}): " + ", ".join(
                 f"{t['text']!r} {t['routed']}/{t['seen']}" for t in e["tokens"]))
     run = RunDir(a.run)
-    report = {"run": a.run, "model": a.model, "checkpoint": path, "windows": len(windows[0]),
+    report = {"run": a.run, "model": a.model, "checkpoint": path, "windows": len(windows),
               "min_count": a.min_count, "layers": layers}
     atomic_write(run.experts, json.dumps(report, indent=1).encode())
     plot_expert_load(layers, cfg.num_experts, run.experts_plot)
@@ -4630,8 +4967,31 @@ def export_main(argv):
     print(f"wrote {a.out}: {cls}, {job.id} of {a.run} ({path}); logits within {check.gap:.1e} of ours")
     return 0
 
+def prepare_main(argv):
+    p = build_parser(prog="llm.py prepare", description="Tokenize a source into the token cache without training "
+                     "(a long job, run ahead on a CPU box). Give it the preset and data flags of the run it prepares: "
+                     "that run finds the tokens by their key (source, tokenizer, bpe_vocab_size, num_documents, "
+                     "max_tokens, val_fraction, seed).", harness=False)
+    p.add_argument("--cache_dir", default="data_cache", help="token cache")
+    args = p.parse_args(argv)
+    cfg = config_from_args(args)
+    if args.preset is None and not torch.cuda.is_available():
+        print("preset cpu (no CUDA device here): the tokens a cpu-preset run reads; for a GPU run, give --preset seed")
+    made = make_dir(args.cache_dir, "--cache_dir")
+    try:
+        data = prepare_data(cfg, args.cache_dir)
+    except BaseException:
+        remove_empty(made)
+        raise
+    meta, path = data.meta, data.cache_dir
+    size = sum(os.path.getsize(os.path.join(path, name)) for name in os.listdir(path))
+    print(f"{path}: {size / 2**20:,.1f} MiB; {meta['documents']:,} documents ({meta['val_documents']:,} held out), "
+          f"train {len(data.train):,} tokens, val {len(data.val):,} tokens, tokenizer {data.tokenizer} "
+          f"(vocab {data.vocab_size})")
+    return 0
+
 SUBCOMMANDS = {"generate": generate_main, "experts": experts_main, "size": size_main, "export": export_main,
-               "scaling": lambda argv: start_comparison(argv, scaling=True)}
+               "prepare": prepare_main, "scaling": lambda argv: start_comparison(argv, scaling=True)}
 
 def check_apart(out_dir, cache_dir):
     """A run's files and the token caches, which runs share, in separate directories: neither the same

@@ -132,6 +132,17 @@ DATA = [
     (["--data", "{corpus}", "--bpe_vocab_size", "256"],
      "bpe_vocab_size must be at least 257 for the locally trained BPE (its 256-byte alphabet and the end-of-text"),
     (["--data", "{corpus}", "--sweep", "vocab_size=0,10"], "vocab_size (10) is smaller than the tokenizer's"),
+    (["--tokenize_workers", "-1"], "tokenize_workers must not be negative"),
+]
+
+PREPARE = [  # llm.py prepare: the same line, and no cache entry or staging directory left
+    (["--data", "{binary}"], "could not read the text files: {binary}/b.txt is binary (NUL bytes)"),
+    (["--data", "{blank}"], "it holds no text"),
+    (["--data", "no/such/file.txt"], "--data no/such/file.txt: no such file"),
+    (["--data", "{corpus}", "--max_seq_len", "100000"], "too little text"),
+    (["--data", "{corpus}", "--tokenize_workers", "-2"], "tokenize_workers must not be negative"),
+    (["--data", "{corpus}", "--cache_dir", "{file}"], "--cache_dir {file} is a file, not a directory"),
+    (["--data", "{corpus}", "--out_dir", "{out}"], "unrecognized arguments: --out_dir"),
 ]
 
 RUN_FILES = [  # run.json of a run directory, damaged as named; the command reads it
@@ -210,6 +221,12 @@ def test_bad_input_exits_2_with_one_line_naming_it_and_leaves_nothing(argv, mess
     assert message.format(**places) in line
 
 
+@pytest.mark.parametrize("argv, message", PREPARE, ids=[" ".join(a)[:60] for a, _ in PREPARE])
+def test_bad_input_to_prepare_exits_2_with_one_line_and_leaves_no_cache(argv, message, places, tmp_path, capsys):
+    argv = ["prepare", *SMOKE, *argv] + (["--cache_dir", places["cache"]] if "--cache_dir" not in argv else [])
+    assert message.format(**places) in run_case(argv, places, tmp_path, capsys, harness=False)
+
+
 @pytest.mark.parametrize("argv, damage, message", RUN_FILES, ids=[m[:50] for _, _, m in RUN_FILES])
 def test_a_damaged_run_json_exits_2_naming_the_field(argv, damage, message, places, tmp_path, capsys):
     state = damage if isinstance(damage, str) else json.dumps(
@@ -227,7 +244,7 @@ def test_bad_generate_and_experts_options_exit_2_before_reading_the_run(argv, me
 
 
 def test_there_are_at_least_sixty_cases():
-    assert len(CONFIG + CLI + PATHS + DATA + RUN_FILES + OPTIONS) >= 60
+    assert len(CONFIG + CLI + PATHS + DATA + PREPARE + RUN_FILES + OPTIONS) >= 60
 
 
 def test_a_run_made_before_the_paths_rule_with_its_cache_inside_it_still_resumes(corpus_dir, tmp_path, capsys):

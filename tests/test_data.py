@@ -7,6 +7,7 @@ to disk) by pointing llm.SMOLLM_DATASET / llm.SMOLLM_TOKENIZER at them. Every ca
 tmp_path, never in the repository.
 """
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -63,7 +64,8 @@ def corpus_data(corpus_dir, tmp_path_factory):
 
 def test_validation_windows_never_appear_in_training_at_any_shift(corpus_data):
     train_runs = ngrams([corpus_data.train])
-    val_x, val_y = llm.eval_windows(corpus_data.val, SEQ)
+    windows = llm.eval_windows(corpus_data.val, SEQ)
+    val_x, val_y = windows.batch(range(len(windows)))
     assert len(val_x) > 50
     # y is x shifted by one, so the targets are validation text too
     assert torch.equal(val_x[:, 1:], val_y[:, :-1])
@@ -97,31 +99,37 @@ def test_leak_checker_flags_the_original_tutorial_split(corpus_data):
 # Held-out split
 
 
-def test_split_documents_holds_out_whole_documents_deterministically():
-    docs = [f"document number {i} " * 5 for i in range(40)]
-    train, val = llm.split_documents(docs, 0.1, seed=1)
-    assert len(val) >= 1 and len(train) >= 1
-    assert set(train).isdisjoint(val)
-    assert sorted(train + val) == sorted(docs)  # every document whole, in exactly one split
-    assert len(val) == 4
-    assert llm.split_documents(docs, 0.1, seed=1) == (train, val)
-    assert llm.split_documents(docs, 0.1, seed=2)[1] != val
+def test_held_out_holds_out_whole_documents_deterministically():
+    train, val = llm.held_out(40, 0.1, seed=1)
+    assert len(val) == 4 and len(train) == 36
+    assert set(train.tolist()).isdisjoint(val.tolist())
+    assert sorted(train.tolist() + val.tolist()) == list(range(40))  # every document in exactly one split
+    assert all(np.array_equal(a, b) for a, b in zip(llm.held_out(40, 0.1, seed=1), (train, val)))
+    assert not np.array_equal(llm.held_out(40, 0.1, seed=2)[1], val)
 
 
-def test_split_documents_keeps_at_least_one_document_on_each_side():
-    docs = ["a b c", "d e f", "g h i"]
-    train, val = llm.split_documents(docs, 0.01, seed=0)  # 0.03 documents rounds to 0
+def test_held_out_keeps_at_least_one_document_on_each_side():
+    train, val = llm.held_out(3, 0.01, seed=0)  # 0.03 documents rounds to 0
     assert len(val) == 1 and len(train) == 2
-    train, val = llm.split_documents(docs, 0.99, seed=0)
+    train, val = llm.held_out(3, 0.99, seed=0)
     assert len(val) == 2 and len(train) == 1
+
+
+def test_a_streamed_document_is_held_out_by_its_own_draw_whatever_follows_it():
+    draws = llm.held_out_draws(0.1, seed=3, block=64)
+    first = [next(draws) for _ in range(1000)]  # across 16 blocks
+    again = llm.held_out_draws(0.1, seed=3, block=64)
+    assert [next(again) for _ in range(1000)] == first  # a pure function of (seed, index)
+    assert 60 <= sum(first) <= 140  # about val_fraction of them
+    other = llm.held_out_draws(0.1, seed=4, block=64)
+    assert [next(other) for _ in range(1000)] != first
 
 
 def test_a_single_document_is_split_into_its_head_for_training_and_contiguous_tail_for_validation():
     doc = "".join(chr(ord("a") + i % 26) for i in range(1000))
-    train, val = llm.split_documents([doc], 0.1, seed=0)
-    assert len(train) == 1 and len(val) == 1
-    assert train[0] + val[0] == doc
-    assert len(val[0]) == 100
+    train, val = llm.split_text(doc, 0.1)
+    assert train + val == doc
+    assert len(val) == 100
 
 
 # ----------------------------------------------------------------------------------------------
@@ -148,12 +156,11 @@ def test_cache_is_built_once_and_then_reused(corpus_dir, tmp_path, monkeypatch):
     assert (second.vocab_size, second.source, second.tokenizer) == (first.vocab_size, first.source, first.tokenizer)
 
 
-def test_cache_files_are_plain_uint16_arrays_with_a_descriptive_meta(corpus_data, corpus_dir):
+def test_cache_files_are_plain_uint16_shards_with_a_descriptive_meta(corpus_data, corpus_dir):
     d = corpus_data.cache_dir
-    assert {"meta.json", "tokenizer.json", "train.npy", "val.npy"} <= set(os.listdir(d))
-    train = np.load(os.path.join(d, "train.npy"), allow_pickle=False)
-    val = np.load(os.path.join(d, "val.npy"), allow_pickle=False)
-    assert train.dtype == np.uint16 and val.dtype == np.uint16  # a 300-token vocabulary fits
+    assert set(os.listdir(d)) == {"meta.json", "tokenizer.json", "train-00000.bin", "val-00000.bin"}
+    train = np.fromfile(os.path.join(d, "train-00000.bin"), dtype=np.uint16)  # a 300-token vocabulary fits
+    val = np.fromfile(os.path.join(d, "val-00000.bin"), dtype=np.uint16)
     assert np.array_equal(train, corpus_data.train) and np.array_equal(val, corpus_data.val)
     with open(os.path.join(d, "meta.json")) as f:
         meta = json.load(f)
@@ -162,6 +169,8 @@ def test_cache_files_are_plain_uint16_arrays_with_a_descriptive_meta(corpus_data
     assert meta["vocab_size"] == 300 == corpus_data.vocab_size
     assert meta["dtype"] == "uint16"
     assert (meta["train_tokens"], meta["val_tokens"]) == (len(train), len(val))
+    assert meta["shards"] == {"train": [["train-00000.bin", len(train)]], "val": [["val-00000.bin", len(val)]]}
+    assert meta["sha256"]["train-00000.bin"] == llm.file_sha256(os.path.join(d, "train-00000.bin"))
     assert meta["documents"] == 20
     assert meta["train_documents"] + meta["val_documents"] == 20 and meta["val_documents"] >= 1
     assert int(max(train.max(), val.max())) < meta["vocab_size"]
@@ -188,6 +197,11 @@ def write(path, data: bytes):
         f.write(data)
 
 
+def append(path, data: bytes):
+    with open(path, "ab") as f:
+        f.write(data)
+
+
 def rewrite_meta(d, **changes):
     path = os.path.join(d, "meta.json")
     with open(path) as f:
@@ -200,23 +214,25 @@ def meta_of(d):
         return json.load(f)
 
 
+def shard(d, split, i=0):
+    return os.path.join(d, f"{split}-{i:05d}.bin")
+
+
 CORRUPTIONS = {
-    "train.npy truncated to half": lambda d: truncate_half(os.path.join(d, "train.npy")),
+    "train shard truncated to half": lambda d: truncate_half(shard(d, "train")),
     "meta.json garbage bytes": lambda d: write(os.path.join(d, "meta.json"), b"\xff\xfe{garbage"),
     "meta.json not JSON": lambda d: write(os.path.join(d, "meta.json"), b"{\"train_tokens\": 12,"),
-    "val.npy not an npy file": lambda d: write(os.path.join(d, "val.npy"), b"this is not an array"),
+    "val shard missing": lambda d: os.remove(shard(d, "val")),
+    "val shard one byte longer": lambda d: append(shard(d, "val"), b"\0"),
     "meta.json token count wrong": lambda d: rewrite_meta(d, train_tokens=7),
-    "train.npy ids beyond the vocabulary": lambda d: np.save(
-        os.path.join(d, "train.npy"), np.full(meta_of(d)["train_tokens"], 65000, dtype=np.uint16)),
-    "meta.json deleted, arrays left": lambda d: os.remove(os.path.join(d, "meta.json")),
+    "meta.json without its shards": lambda d: rewrite_meta(d, shards=None),
+    "train shard ids beyond the vocabulary": lambda d: np.full(meta_of(d)["train_tokens"], 65000, np.uint16).tofile(
+        shard(d, "train")),
+    "meta.json deleted, shards left": lambda d: os.remove(os.path.join(d, "meta.json")),
     # the same size and still valid ids: only the checksums in meta.json can tell
-    "train.npy one bit flipped": lambda d: flip_last_bit(os.path.join(d, "train.npy")),
+    "train shard one bit flipped": lambda d: flip_last_bit(shard(d, "train")),
     "tokenizer.json truncated to half": lambda d: truncate_half(os.path.join(d, "tokenizer.json")),
-    # BUG (llm.py load_cache): np.load raises EOFError on an empty file, and load_cache catches
-    # only OSError/ValueError/KeyError, so prepare_data crashes instead of rebuilding.
-    "train.npy empty (0 bytes)": lambda d: write(os.path.join(d, "train.npy"), b""),
-    # BUG (llm.py load_cache): valid JSON that is not an object makes meta["train_tokens"] raise
-    # TypeError, which load_cache does not catch, so prepare_data crashes instead of rebuilding.
+    "train shard empty (0 bytes)": lambda d: write(shard(d, "train"), b""),
     "meta.json valid JSON but not an object": lambda d: write(os.path.join(d, "meta.json"), b"[]"),
 }
 
@@ -240,7 +256,7 @@ def test_damaged_cache_is_reported_and_rebuilt_to_identical_tokens(damage, prist
 
     messages = []
     data = llm.prepare_data(cfg, cache_root=str(root), log=messages.append)
-    if damage != "meta.json deleted, arrays left":  # without meta.json the cache is just missing
+    if damage != "meta.json deleted, shards left":  # without meta.json the cache is just missing
         assert any("damaged" in m and cache in m for m in messages), messages
     assert any("tokenizing" in m for m in messages), messages  # it was rebuilt
     assert np.array_equal(data.train, original.train)
@@ -279,6 +295,138 @@ def test_cache_key_changes_when_a_source_file_changes(tmp_path):
     (src / "a.txt").write_text("one two three four\n")
     after = llm.cache_dir_for(cfg, str(tmp_path / "cache"), llm.source_spec(cfg))[0]
     assert before != after
+
+
+# ----------------------------------------------------------------------------------------------
+# Streaming into shards: bounded memory, any number of workers, the same tokens
+
+
+def test_a_token_stream_reads_windows_across_shard_boundaries_as_one_array():
+    parts = [np.arange(0, 7, dtype=np.uint16), np.arange(7, 10, dtype=np.uint16), np.arange(10, 30, dtype=np.uint16)]
+    tokens, whole = llm.Tokens(parts), np.arange(30)
+    assert len(tokens) == 30 and np.array_equal(np.asarray(tokens), whole)
+    starts = np.array([0, 5, 6, 8, 9, 20])  # inside a shard, across one boundary, across two
+    assert np.array_equal(tokens.windows(starts, 6), whole[starts[:, None] + np.arange(6)])
+    view = tokens[4:25]  # a slice is a view of the same shards
+    assert len(view) == 21 and np.array_equal(np.asarray(view), whole[4:25])
+    starts = np.array([0, 3, 15])
+    assert np.array_equal(view.windows(starts, 6), whole[4:25][starts[:, None] + np.arange(6)])
+    assert np.array_equal(np.asarray(view[2:5]), whole[6:9])
+
+
+def test_tokens_in_many_shards_are_the_tokens_of_one_and_give_the_same_batches(corpus_dir, corpus_data, tmp_path,
+                                                                              monkeypatch):
+    monkeypatch.setattr(llm, "SHARD_TOKENS", 1000)
+    data = llm.prepare_data(corpus_cfg(corpus_dir), cache_root=str(tmp_path / "cache"), log=quiet)
+    assert len(data.meta["shards"]["train"]) == -(-len(data.train) // 1000) > 10  # every shard full but the last
+    assert all(n == 1000 for _, n in data.meta["shards"]["train"][:-1])
+    assert np.array_equal(np.asarray(data.train), np.asarray(corpus_data.train))
+    assert np.array_equal(np.asarray(data.val), np.asarray(corpus_data.val))
+    many, one = (llm.TrainWindows(d.train, SEQ, seed=0, device="cpu") for d in (data, corpus_data))
+    for first in (0, 37, many.n - 4):
+        assert all(torch.equal(a, b) for a, b in zip(many.batch(first, 16), one.batch(first, 16)))
+    assert llm.load_cache(data.cache_dir)[1] == "ok"
+
+
+def test_the_tokens_are_the_same_whatever_the_number_of_tokenizing_workers(corpus_dir, corpus_data, tmp_path,
+                                                                          monkeypatch):
+    monkeypatch.setattr(llm, "TASK_BYTES", 20_000)  # several tasks per split, so that the workers interleave
+    for workers in (1, 3):
+        cfg = corpus_cfg(corpus_dir, tokenize_workers=workers)
+        data = llm.prepare_data(cfg, cache_root=str(tmp_path / f"w{workers}"), log=quiet)
+        assert np.array_equal(np.asarray(data.train), np.asarray(corpus_data.train)), workers
+        assert np.array_equal(np.asarray(data.val), np.asarray(corpus_data.val)), workers
+
+
+def test_tasks_in_flight_are_bounded_so_a_streamed_corpus_is_never_read_ahead_whole():
+    drawn = []
+
+    def tasks():
+        for i in range(100):
+            drawn.append(i)
+            yield i
+
+    with llm.worker_pool(2) as pool:
+        for got, i in enumerate(llm.ordered_map(pool, abs, tasks(), ahead=3)):
+            assert got == i  # in order
+            assert len(drawn) <= got + 1 + 3  # never more than `ahead` tasks beyond what was consumed
+
+
+def test_a_stopped_tokenization_leaves_a_staging_directory_the_next_one_removes(corpus_dir, tmp_path):
+    import fcntl
+    root = tmp_path / "cache"
+    root.mkdir()
+    stale, busy = root / ".tmp-cache-stale", root / ".tmp-cache-busy"
+    for d in (stale, busy):
+        d.mkdir()
+        (d / "lock").write_text("")
+        (d / "train-00000.bin").write_bytes(b"\0" * 10)
+    holder = os.open(busy / "lock", os.O_RDWR)
+    fcntl.flock(holder, fcntl.LOCK_EX)  # another llm.py tokenizing right now
+    try:
+        messages = []
+        data = llm.prepare_data(corpus_cfg(corpus_dir, num_documents=4), cache_root=str(root), log=messages.append)
+        assert not stale.exists() and busy.exists()
+        assert any("removed" in m and str(stale) in m for m in messages), messages
+    finally:
+        os.close(holder)
+    assert sorted(os.listdir(root)) == sorted([".tmp-cache-busy", os.path.basename(data.cache_dir)])
+    assert set(os.listdir(data.cache_dir)) == {"meta.json", "tokenizer.json", "train-00000.bin", "val-00000.bin"}
+
+
+def test_a_disk_that_fills_mid_write_leaves_no_cache_and_names_the_shard(corpus_dir, tmp_path, monkeypatch):
+    import errno
+    real_write, calls = llm.ShardWriter.write, []
+
+    def fills_up(self, ids):
+        calls.append(1)
+        if len(calls) == 3:
+            raise OSError(errno.ENOSPC, "No space left on device", self.file.name if self.file else "?")
+        return real_write(self, ids)
+
+    monkeypatch.setattr(llm, "TASK_BYTES", 20_000)
+    monkeypatch.setattr(llm.ShardWriter, "write", fills_up)
+    root = tmp_path / "cache"
+    with pytest.raises(OSError, match="No space left"):
+        llm.prepare_data(corpus_cfg(corpus_dir), cache_root=str(root), log=quiet)
+    assert os.listdir(root) == []  # no entry, no staging directory
+
+
+def test_a_write_that_fails_names_its_shard_file(tmp_path):
+    w = llm.ShardWriter(str(tmp_path), "train", 100, np.dtype(np.uint16))
+    w.write(np.arange(5))
+    w.file.close()  # any failing write: the OS error of a full disk names no file
+    w.file = open(os.devnull, "rb")  # noqa: SIM115
+    with pytest.raises(OSError) as e:
+        w.write(np.arange(5))
+    assert e.value.filename == os.devnull
+
+
+def test_a_max_tokens_the_source_cannot_fill_says_how_many_it_holds(corpus_dir, tmp_path):
+    messages = []
+    data = llm.prepare_data(corpus_cfg(corpus_dir, max_tokens=10**9), cache_root=str(tmp_path / "c"),
+                            log=messages.append)
+    said = [m for m in messages if "--max_tokens 1,000,000,000" in m]
+    assert len(said) == 1 and f"train {len(data.train):,} of" in said[0] and f"val {len(data.val):,} of" in said[0]
+    messages.clear()
+    llm.prepare_data(corpus_cfg(corpus_dir, max_tokens=20_000), cache_root=str(tmp_path / "d"), log=messages.append)
+    assert not any("--max_tokens" in m for m in messages), messages
+
+
+def test_prepare_tokenizes_without_training_and_a_run_then_finds_the_cache(corpus_dir, tmp_path, capsys):
+    cache = str(tmp_path / "cache")
+    flags = ["--preset", "smoke", "--data", str(corpus_dir / "*.txt"), "--bpe_vocab_size", "300"]
+    assert llm.main(["prepare", *flags, "--cache_dir", cache, "--tokenize_workers", "2"]) == 0
+    out = capsys.readouterr().out
+    (entry,) = os.listdir(cache)
+    size = sum(os.path.getsize(os.path.join(cache, entry, n)) for n in os.listdir(os.path.join(cache, entry)))
+    said = out.strip().splitlines()[-1]
+    assert said.startswith(f"{os.path.join(cache, entry)}: {size / 2**20:,.1f} MiB; 20 documents"), said
+    messages = []  # the run's config, with the same data flags: the same key, nothing tokenized again
+    cfg = llm.Config(**{**llm.PRESETS["smoke"], "data": str(corpus_dir / "*.txt"), "bpe_vocab_size": 300})
+    data = llm.prepare_data(cfg, cache_root=cache, log=messages.append)
+    assert data.cache_dir == os.path.join(cache, entry) and not any("tokenizing" in m for m in messages), messages
+    assert f"train {len(data.train):,} tokens, val {len(data.val):,} tokens" in said
 
 
 # ----------------------------------------------------------------------------------------------
@@ -350,6 +498,20 @@ def test_ddp_shards_concatenate_to_the_single_process_batch(corpus_data):
         assert torch.equal(torch.cat(xs), x) and torch.equal(torch.cat(ys), y)
 
 
+def test_a_rank_reads_only_its_own_windows_from_the_token_store(corpus_data, monkeypatch):
+    w = llm.TrainWindows(corpus_data.train, SEQ, seed=5, device="cpu")
+    read = []
+    real = llm.Tokens.windows
+    monkeypatch.setattr(llm.Tokens, "windows", lambda self, starts, length: read.append(starts) or real(
+        self, starts, length))
+    global_batch, world, first = 8, 4, 16
+    for r in range(world):
+        w.batch(first + r * 2, 2)
+    everything = np.concatenate([w._starts(0)[first : first + global_batch]])
+    assert [len(s) for s in read] == [2] * world  # each rank its own two windows, nothing more
+    assert np.array_equal(np.concatenate(read), everything)
+
+
 # ----------------------------------------------------------------------------------------------
 # The SmolLM path, on a local stand-in
 
@@ -394,7 +556,8 @@ def test_smollm_source_is_tokenized_with_its_tokenizer_and_then_chosen_by_auto_f
     # the cached tokens are the stand-in's documents through the stand-in's tokenizer, EOS-separated
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(tok_dir)
-    first_doc = data.train[: list(data.train).index(tok.eos_token_id)]
+    train = np.asarray(data.train)
+    first_doc = train[: list(train).index(tok.eos_token_id)]
     assert tok.decode(first_doc.tolist()) in texts
 
     set_hub(monkeypatch, False)
@@ -403,6 +566,35 @@ def test_smollm_source_is_tokenized_with_its_tokenizer_and_then_chosen_by_auto_f
     assert auto.source == "smollm" and auto.cache_dir == data.cache_dir
     assert np.array_equal(auto.train, data.train)
     assert any("auto -> smollm (cached)" in m for m in messages), messages
+
+
+def test_a_streamed_source_is_split_by_each_documents_draw_and_read_no_further_than_its_tokens_need(
+        smollm, tmp_path, monkeypatch):
+    _, texts = smollm
+    set_hub(monkeypatch, True)
+    cfg = llm.Config(data="smollm", max_seq_len=SEQ, val_fraction=0.3)
+    data = llm.prepare_data(cfg, cache_root=str(tmp_path / "all"), log=quiet)
+    draws = llm.held_out_draws(0.3, cfg.seed)
+    held = [next(draws) for _ in texts]
+    assert data.meta["documents"] == 30 and data.meta["val_documents"] == sum(held) > 0
+    tok = llm.wrap_tokenizer(name=llm.SMOLLM_TOKENIZER)
+    expect = [tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for t in texts]
+    assert np.asarray(data.val).tolist() == [i for ids, h in zip(expect, held) if h for i in ids]  # reading order
+    assert np.asarray(data.train).tolist() == [i for ids, h in zip(expect, held) if not h for i in ids]
+    # a budget both splits fill early: the stream is not read to its end (one document per task here)
+    monkeypatch.setattr(llm, "TASK_BYTES", 1)
+    small = llm.prepare_data(dataclasses.replace(cfg, max_tokens=1000, tokenize_workers=1),
+                             cache_root=str(tmp_path / "small"), log=quiet)
+    assert small.meta["documents"] < 30
+    assert np.array_equal(np.asarray(small.train), np.asarray(data.train)[: len(small.train)])
+
+
+def test_a_stream_that_holds_no_document_out_is_a_usage_error(smollm, tmp_path, monkeypatch):
+    set_hub(monkeypatch, True)
+    with pytest.raises(llm.UsageError, match="none of its 30 documents was held out"):
+        llm.prepare_data(llm.Config(data="smollm", max_seq_len=SEQ, val_fraction=1e-6),
+                         cache_root=str(tmp_path / "cache"), log=quiet)
+    assert os.listdir(tmp_path / "cache") == []
 
 
 def test_smollm_without_cache_or_hub_is_a_usage_error_naming_the_hub(smollm, tmp_path, monkeypatch):
@@ -453,12 +645,12 @@ def test_shakespeare_holds_out_whole_plays_and_trains_its_bpe_on_the_training_pl
     assert tok.get_vocab_size() == data.vocab_size == 512
     # the validation stream starts at the first line of a play, and that play is nowhere in training
     plays = [pathlib.Path(f).read_text(encoding="utf-8") for f in llm.embedded_files()[:8]]
-    val_head = tok.decode(data.val[:300].tolist())
+    val_head = tok.decode(np.asarray(data.val[:300]).tolist())
     held_out = [p for p in plays if p.startswith(val_head)]
     assert len(held_out) == 1, val_head[:200]
     title = held_out[0].splitlines()[0]
     assert title.startswith("# ")
-    train_text = tok.decode(data.train.tolist())
+    train_text = tok.decode(np.asarray(data.train).tolist())
     assert title not in train_text
     assert any(p.splitlines()[0] in train_text for p in plays)  # control: training plays' titles are found
 
@@ -479,7 +671,7 @@ def test_bpe_vocabulary_is_learned_from_training_documents_only(tmp_path):
     assert data.meta["val_documents"] == 1
     from tokenizers import Tokenizer
     tok = Tokenizer.from_file(os.path.join(data.cache_dir, "tokenizer.json"))
-    val_text = tok.decode(data.val.tolist())
+    val_text = tok.decode(np.asarray(data.val).tolist())
     held_out = [w for w in made_up if w in val_text]
     assert len(held_out) == 1
     for w in made_up:

@@ -88,7 +88,8 @@ def ours(runs, run, model):
 
 def held_out_windows(state, cfg, n=4):
     data = llm.prepare_data(state.base_config, state.cache_dir, log=lambda *a: None)
-    inputs, _ = llm.eval_windows(data.val, cfg.max_seq_len, limit=n)
+    windows = llm.eval_windows(data.val, cfg.max_seq_len, limit=n)
+    inputs, _ = windows.batch(range(len(windows)))
     return torch.as_tensor(np.asarray(inputs), dtype=torch.long)
 
 

@@ -491,8 +491,8 @@ def test_evaluation_and_expert_analysis_read_routing_from_the_model_and_leave_it
     sums = [torch.zeros(m.E + 4) for m in moes]  # the same batches, routed by the model itself
     copies = [torch.zeros(m.E) for m in moes]
     with torch.no_grad():
-        for i in range(0, len(windows[0]), 4):
-            _, routings = model.logits_and_routings(windows[0][i : i + 4])
+        for i in range(0, len(windows), 4):
+            _, routings = model.logits_and_routings(windows.batch(range(i, min(i + 4, len(windows))))[0])
             for s, n, m, r in zip(sums, copies, moes, routings):
                 s += r.sums()
                 n += m.assignment(r).sum(0)

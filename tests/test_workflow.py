@@ -470,7 +470,7 @@ def test_upcycled_moe_starts_as_the_dense_model(finished_run, smoke, data_glob, 
     moe = llm.Transformer(cfg)
     init(moe)
     moe.eval()
-    x, _ = llm.eval_windows(data.val, cfg.max_seq_len, limit=3)
+    x, _ = llm.eval_windows(data.val, cfg.max_seq_len, limit=3).batch(range(3))
     with torch.no_grad():
         want, got = dense(x)[0], moe(x)[0]
         fresh = llm.Transformer(cfg).eval()(x)[0]
@@ -826,8 +826,10 @@ def test_data_dir_reads_its_regular_files_recursively_in_order_skipping_hidden_o
         (d / name).write_text(f"the document {name}\n")
     assert llm.local_files(str(d)) == [str(d / "a/z.md"), str(d / "b.txt"), str(d / "c")]
     cfg = llm.Config(data=str(d), val_fraction=0.34)
-    docs = llm.read_documents(cfg, llm.source_spec(cfg))
-    assert docs == ["the document a/z.md\n", "the document b.txt\n", "the document c\n"]
+    docs = llm.LocalDocuments(cfg, llm.source_spec(cfg), pool=None)
+    texts = [text for _, text in docs.items()] if not docs.paths else [llm.read_text(p) for _, p in docs.items()]
+    assert sorted(texts) == ["the document a/z.md\n", "the document b.txt\n", "the document c\n"]
+    assert docs.documents == 3 and docs.val_documents == 1
 
 
 def test_two_fresh_runs_started_at_once_on_one_out_dir_one_trains_the_other_exits_2(smoke, tmp_path):
