@@ -392,6 +392,22 @@ def test_a_disk_that_fills_mid_write_leaves_no_cache_and_names_the_shard(corpus_
     assert os.listdir(root) == []  # no entry, no staging directory
 
 
+def test_prepare_on_a_full_disk_exits_1_with_one_line_naming_the_shard_and_leaves_no_cache(
+        corpus_dir, tmp_path, monkeypatch, capsys):
+    import errno
+
+    def full(self, ids):
+        raise OSError(errno.ENOSPC, "No space left on device", os.path.join(self.directory, "train-00000.bin"))
+
+    monkeypatch.setattr(llm.ShardWriter, "write", full)
+    cache = tmp_path / "cache"
+    code = llm.main(["prepare", "--preset", "smoke", "--data", str(corpus_dir / "*.txt"), "--cache_dir", str(cache)])
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and len(err.splitlines()) == 1, err
+    assert err.startswith("llm.py: ") and err.endswith("train-00000.bin: No space left on device"), err
+    assert not cache.exists()
+
+
 def test_a_write_that_fails_names_its_shard_file(tmp_path):
     w = llm.ShardWriter(str(tmp_path), "train", 100, np.dtype(np.uint16))
     w.write(np.arange(5))
