@@ -1175,7 +1175,9 @@ class Trainer:
         ce, lb, z = (self.running / n).tolist()
         progress.skipped_steps += int(self.skipped)
         self.running.zero_(), self.skipped.zero_()
-        tps, lr = self.tokens_per_second(done), self.optimizers[0].param_groups[0]["lr"]
+        # the lr the last step used: the group's lr has already moved on to the next step's
+        lr = self.optimizers[0].param_groups[0]["initial_lr"] * lr_factor(done - 1, cfg)
+        tps = self.tokens_per_second(done)
         self.log_metrics({"model": self.name, "kind": "train", "step": done, "tokens": done * self.tokens_per_step,
                           "loss": ce, "lb_loss": lb / per_layer, "z_loss": z / per_layer, "lr": lr,
                           "tokens_per_s": tps, "skipped_steps": progress.skipped_steps})

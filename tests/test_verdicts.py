@@ -98,9 +98,18 @@ def test_the_learning_rate_schedule_is_laid_over_the_capped_budget_and_ends_at_i
     cfg = llm.Config(**{**read_json(out / "results.json")["config"], "max_steps": 21})
     lrs = [r["lr"] for r in read_metrics(out) if r["kind"] == "train"]
     assert len(lrs) == 21
-    # the lr logged after step s is the next step's: the floor is reached after the capped last step
-    assert lrs[-1] == pytest.approx(cfg.muon_lr * cfg.min_lr_frac)
-    assert lrs == [pytest.approx(cfg.muon_lr * llm.lr_factor(s, cfg)) for s in range(1, 22)]
+    # the lr logged at step s is the one step s used, down to the capped last step's
+    assert lrs == [pytest.approx(cfg.muon_lr * llm.lr_factor(s, cfg)) for s in range(21)]
+    assert cfg.muon_lr * cfg.min_lr_frac <= lrs[-1] < lrs[-2]  # cosine reaches its floor one step after the end
+
+
+def test_the_last_logged_learning_rate_of_a_wsd_run_is_its_floor_not_past_it(short, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run_main(short + ["--models", "dense", "--log_every", 1, "--schedule", "wsd", "--out_dir", out]) == 0
+    capsys.readouterr()
+    config = read_json(out / "results.json")["config"]
+    lrs = [r["lr"] for r in read_metrics(out) if r["kind"] == "train"]
+    assert lrs[-1] == pytest.approx(config["muon_lr"] * config["min_lr_frac"]) and min(lrs) > 0
 
 
 def test_max_epochs_0_trains_the_requested_steps_on_short_data(short, tmp_path, capsys):
