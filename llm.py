@@ -3245,11 +3245,21 @@ def find_job(state, model, run_dir):  # a run's job by id (moe-s43) or name (its
     return job
 
 def load_tokenizer(run_dir, state):
+    """The run's tokenizer: its own tokenizer.json (the BPE trained on its training documents), or the
+    Hub tokenizer it names. A damaged file, or one whose ids the run's models cannot embed, is a
+    UsageError naming it."""
     path = RunDir(run_dir).tokenizer
-    if os.path.exists(path):
-        from tokenizers import Tokenizer
-        return wrap_tokenizer(tok_object=Tokenizer.from_file(path))
-    return wrap_tokenizer(name=state.dataset["tokenizer"])
+    if not os.path.exists(path):
+        return wrap_tokenizer(name=state.dataset["tokenizer"])
+    from tokenizers import Tokenizer
+    try:
+        tok = wrap_tokenizer(tok_object=Tokenizer.from_file(path))
+    except Exception as e:  # noqa: BLE001  (the tokenizers library raises plain Exceptions)
+        raise UsageError(f"{path} is not a tokenizer the run saved ({first_line(e)})") from None
+    if len(tok) > state.dataset["vocab_size"]:
+        raise UsageError(f"{path} holds {len(tok)} tokens, more than the run's vocabulary of "
+                         f"{state.dataset['vocab_size']}: not the tokenizer it trained with")
+    return tok
 
 class KVCache(nn.Module):
     """Keys and values of the positions decoded so far, preallocated to max_seq_len."""

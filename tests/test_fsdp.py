@@ -265,12 +265,15 @@ def test_fsdp_runs_compiled_and_says_how_it_runs(smoke, tmp_path):
     assert rows(tmp_path / "o")["dense"]["steps"] == 2
 
 
-def test_fsdp_on_one_process_trains_exactly_as_a_plain_run(smoke, tmp_path):
-    """World 1: FSDP's one-process group shards nothing away, and moves no number."""
+def test_fsdp_on_one_process_trains_as_a_plain_run_within_fp32_rounding(smoke, tmp_path):
+    """World 1: FSDP's one-process group shards nothing away, and moves no number beyond rounding:
+    its DTensors take other kernels (the gradient norm over per-parameter norms, for one), whose
+    fp32 sums may round differently on another CPU (9e-8 apart on an Intel Xeon, equal on an AMD
+    EPYC), far below what a changed computation moves (1e-3 or more at 10 steps)."""
     args = [str(a) for a in smoke[1:]] + ["--models", "dense,moe", "--max_steps", "10", "--eval_every", "5"]
     assert llm.main(args + ["--out_dir", str(tmp_path / "plain")]) == 0
     assert llm.main(args + ["--parallel", "fsdp", "--out_dir", str(tmp_path / "fsdp")]) == 0
     assert not llm.dist.is_initialized()  # the run took its group down again
     plain, fsdp, keys = rows(tmp_path / "plain"), rows(tmp_path / "fsdp"), ("val_loss", "train_loss")
     for name in ("dense", "moe"):
-        assert [fsdp[name][k] for k in keys] == [plain[name][k] for k in keys]
+        assert [fsdp[name][k] for k in keys] == pytest.approx([plain[name][k] for k in keys], rel=1e-6, abs=0)

@@ -275,6 +275,20 @@ def test_bad_generate_arguments_exit_2_with_one_line(finished_run, args, message
     assert message in err and len(err.splitlines()) == 1 and "Traceback" not in err
 
 
+@pytest.mark.parametrize("command, model", [("generate", "moe"), ("experts", "moe"), ("export", "dense")])
+def test_a_damaged_run_tokenizer_exits_2_in_one_line_naming_it(finished_run, command, model, tmp_path, capsys):
+    run = str(tmp_path / "run")
+    shutil.copytree(finished_run, run)
+    tokenizer = os.path.join(run, "tokenizer.json")
+    with open(tokenizer, "r+b") as f:
+        f.truncate(100)
+    extra = ["--out", str(tmp_path / "export")] if command == "export" else []
+    assert run_main([command, "--run", run, "--model", model, *extra]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"{tokenizer} is not a tokenizer the run saved" in err and len(err.splitlines()) == 1, err
+    assert not os.path.exists(tmp_path / "export")
+
+
 def test_generate_without_a_run_directory_exits_2_with_one_line(tmp_path, capsys):
     assert run_main(["generate", "--run", tmp_path / "nowhere"]) == 2
     err = capsys.readouterr().err.strip()
