@@ -329,14 +329,14 @@ def test_a_job_is_refused_exactly_when_its_least_need_exceeds_what_the_machine_h
         llm.check_memory(jobs, 1, cpu)
 
 
-def test_the_presets_comparisons_and_ladders_need_less_than_a_gib_but_the_seed_ones_on_a_gpu():
+def test_the_presets_comparisons_and_ladders_need_under_a_tenth_of_a_gib_and_the_seed_ones_under_10():
     """The check refuses no run the README gives: on 2 cores, the smoke and cpu presets' comparisons and
-    ladders need under 0.1 GiB; the seed preset's (a GPU's) under 10 GiB."""
+    ladders need under 0.1 GiB; the seed preset's (a GPU's) under 10 GiB. A ladder's top rung is its largest."""
     for preset, vocab, most in (("smoke", 512, 0.1), ("cpu", 4096, 0.1), ("seed", 49152, 10)):
         cfg = llm.Config(**llm.PRESETS[preset], vocab_size=vocab).validate()
         spec, per_param = llm.LADDERS[preset]
         rungs, _ = llm.plan_ladder(cfg, llm.parse_ladder(spec, per_param, "shared"), [1], 10**9, 1)
-        for job in llm.plan_jobs(cfg, list(llm.MODELS), [1], []) + rungs:
+        for job in llm.plan_jobs(cfg, list(llm.MODELS), [1], []) + rungs[-2:]:
             assert 0 < least_need(job.config) < most * 2**30, (preset, job.id)
 
 
@@ -487,8 +487,7 @@ ROWS = [  # jobs[5] is dense-matched[d_model=64], of rung 2
     (damage_row("steps", 0), "jobs[5]: row: steps must be positive; got 0"),
     (damage_row("experts", [{"load": [1.0]}]),
      "jobs[5]: row: experts: expected a list of layers' statistics beside config_moe_layer_ids"),
-    (damage_row("config", {"d_model": 64}),
-     "jobs[5]: row: config: moe_layers, vocab_size, d_model, muon_lr, adamw_lr missing"),
+    (damage_row("config", {"d_model": 64}), "jobs[5]: row: config: moe_layers, vocab_size, muon_lr, adamw_lr missing"),
     (damage_row("config", {"d_model": "wide"}), "jobs[5]: row: config: d_model must be int; got 'wide'"),
     (damage_row("load_cv", "low"), "jobs[5]: row: load_cv must be a finite number; got 'low'"),
 ]
@@ -515,6 +514,7 @@ def test_a_damaged_row_of_a_ladder_exits_2_naming_it_and_touches_nothing(command
 # ----------------------------------------------------------------------------------------------
 # Launch: a rendezvous that times out
 
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="this torch build has no torch.distributed")
 def test_a_world_that_cannot_form_in_dist_timeout_says_so_in_one_line_per_rank_without_a_cpp_backtrace(
         corpus_dir, tmp_path):
     """Rank 1 finds no rank 0 at its port and rank 0 (at another) no rank 1, within --dist_timeout 0.001:
