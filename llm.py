@@ -1035,6 +1035,7 @@ def activation_bytes(cfg):
 ACTIVATION_MARGIN = 2
 MEMORY_BLIND = ("seed", "max_steps", "muon_lr", "adamw_lr", "muon_momentum", "weight_decay", "grad_clip",
                 "warmup_frac", "decay_frac", "min_lr_frac")  # fields that leave the memory of a job unchanged
+MEMORY_PLANS = {}  # (world, a config but its MEMORY_BLIND fields) -> its MemoryPlan, counted once per process
 
 def machine_memory(device):
     """(bytes free for training on device, what they are), or None where the machine does not say:
@@ -1059,12 +1060,11 @@ def check_memory(jobs, world, device):
     free, what = have
     local = os.environ.get("LOCAL_WORLD_SIZE", "1")
     procs = int(local) if device.type == "cpu" and local.isdigit() and int(local) > 0 else 1
-    planned = {}
     for job in jobs:  # a ladder's seeds and tuning points share a plan: counted once
-        key = json.dumps({k: v for k, v in dataclasses.asdict(job.config).items() if k not in MEMORY_BLIND})
-        if key in planned:
-            continue
-        plan = planned[key] = memory_plan(job.config, world)
+        key = json.dumps([world, {k: v for k, v in dataclasses.asdict(job.config).items() if k not in MEMORY_BLIND}])
+        if key not in MEMORY_PLANS:
+            MEMORY_PLANS[key] = memory_plan(job.config, world)
+        plan = MEMORY_PLANS[key]
         state = plan.total - plan.activations
         need = procs * (state + plan.activations // ACTIVATION_MARGIN)
         if need > free:
