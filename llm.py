@@ -922,11 +922,27 @@ class ModelSize:
 # bias correction and eps (3), the update (3) and weight decay (1).
 MUON_ELEMENTWISE_FLOPS, ADAMW_ELEMENTWISE_FLOPS = 12, 14
 
+def sizes_of(cfg):  # what makes a model large, as a refusal names it
+    return ", ".join(f"{k} {getattr(cfg, k)}" for k in ("d_model", "n_layers", "n_heads", "d_ff", "expert_d_ff",
+                                                          "num_experts", "vocab_size", "max_seq_len", "batch_size"))
+
+@contextlib.contextmanager
+def buildable(cfg):
+    """Around building cfg's model on the meta or fake device: sizes whose tensors cannot even be
+    described (more bytes than an int64 counts) are a UsageError naming them, not torch's traceback."""
+    try:
+        yield
+    except (RuntimeError, OverflowError, ValueError) as e:
+        raise UsageError(f"no model can be built at {sizes_of(cfg)} ({first_line(e)})") from None
+
+def meta_model(cfg):  # shapes only: no memory, no initialisation
+    with buildable(cfg), torch.device("meta"):
+        return Transformer(cfg)
+
 def model_size(cfg, vocab_size=None):
     """The ModelSize of a config (vocab_size: instead of cfg's, e.g. 1 to leave the embedding out)."""
     cfg = dataclasses.replace(cfg, vocab_size=vocab_size or cfg.vocab_size)
-    with torch.device("meta"):
-        model = Transformer(cfg)
+    model = meta_model(cfg)
     params = dict(model.named_parameters())
     total = sum(p.numel() for p in params.values())
     expert = sum(p.numel() for name, p in params.items() if name.endswith(("w_up", "w_down")))
@@ -967,8 +983,7 @@ def memory_plan(cfg, world=1):
     in bf16 unless fp32) and its gradient whole in fp32 before the reduce-scatter; under DDP on
     several processes its buckets, a copy of the gradients."""
     size, share = model_size(cfg), world if cfg.parallel == "fsdp" else 1
-    with torch.device("meta"):
-        model = Transformer(cfg)
+    model = meta_model(cfg)
     largest = max(sum(p.numel() for p in block.parameters()) for block in model.blocks)
     root = sum(p.numel() for name, p in model.named_parameters() if not name.startswith("blocks."))
     in_flight = 0
@@ -988,7 +1003,7 @@ def activation_bytes(cfg):
     bound, as the head's are freed before the blocks' recomputations."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.autograd.graph import saved_tensors_hooks
-    with FakeTensorMode():
+    with buildable(cfg), FakeTensorMode():
         model = Transformer(dataclasses.replace(cfg, activation_checkpointing=False))  # training mode: dropout too
         weights, seen, owner = {p.untyped_storage()._cdata for p in model.parameters()}, set(), [None]
         saved = {i: 0 for i in [None, *range(cfg.n_layers)]}  # block index (None: outside) -> bytes
@@ -1011,6 +1026,53 @@ def activation_bytes(cfg):
         return saved[None] + sum(blocks)
     inputs = cfg.n_layers * cfg.batch_size * cfg.max_seq_len * cfg.d_model * 4  # the fp32 residual stream
     return saved[None] + inputs + max(blocks)
+
+# A planned job is refused when the least it can need is more than the machine has free: its training
+# state and in-flight buffers (allocated whatever the precision), and its planned activations divided by
+# ACTIVATION_MARGIN, since activation_bytes counts eager bf16 and torch.compile keeps less (fp32 keeps
+# twice as much). So a refusal is sure of itself; a run the check passes can still run out (fp32
+# activations, the allocator's and the framework's own), as any run could before.
+ACTIVATION_MARGIN = 2
+MEMORY_BLIND = ("seed", "max_steps", "muon_lr", "adamw_lr", "muon_momentum", "weight_decay", "grad_clip",
+                "warmup_frac", "decay_frac", "min_lr_frac")  # fields that leave the memory of a job unchanged
+MEMORY_PLANS = {}  # (world, a config but its MEMORY_BLIND fields) -> its MemoryPlan, counted once per process
+
+def machine_memory(device):
+    """(bytes free for training on device, what they are), or None where the machine does not say:
+    on CUDA the device's free memory, else the host's available memory (MemAvailable)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0], f"free on {device} ({torch.cuda.get_device_name(device)})"
+    with contextlib.suppress(OSError, ValueError, IndexError), open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024, "of host memory available (MemAvailable)"
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"), "of host memory free"
+    return None
+
+def check_memory(jobs, world, device):
+    """Before anything trains: every job's least need (see ACTIVATION_MARGIN) against what device has,
+    a UsageError naming the first that does not fit. On the CPU, torchrun's processes on this host
+    (LOCAL_WORLD_SIZE) share its memory; on CUDA each has its own device, like this one."""
+    have = machine_memory(device)
+    if have is None:
+        return
+    free, what = have
+    local = os.environ.get("LOCAL_WORLD_SIZE", "1")
+    procs = int(local) if device.type == "cpu" and local.isdigit() and int(local) > 0 else 1
+    for job in jobs:  # a ladder's seeds and tuning points share a plan: counted once
+        key = json.dumps([world, {k: v for k, v in dataclasses.asdict(job.config).items() if k not in MEMORY_BLIND}])
+        if key not in MEMORY_PLANS:
+            MEMORY_PLANS[key] = memory_plan(job.config, world)
+        plan = MEMORY_PLANS[key]
+        state = plan.total - plan.activations
+        need = procs * (state + plan.activations // ACTIVATION_MARGIN)
+        if need > free:
+            each = f" for its {procs} processes on this host" if procs > 1 else ""
+            raise UsageError(f"{job.id}: training it needs at least {need / 2**30:,.1f} GiB{each} (its weights, "
+                             f"gradients, optimizer state and buffers: {state / 2**30:,.1f} GiB; half the activations "
+                             f"llm.py size plans: {plan.activations / ACTIVATION_MARGIN / 2**30:,.1f} GiB), more than "
+                             f"the {free / 2**30:,.1f} GiB {what}; make it smaller or its batch shorter")
 
 def dense_matched(cfg):
     """A dense config whose active non-embedding parameters equal the MoE config's within 1%."""
@@ -1878,9 +1940,10 @@ class Plan:
             return {"rungs": [dataclasses.asdict(b) for b in self.budget]}
         return dataclasses.asdict(self.budget)
 
-def plan_comparison(cfg, names, seeds, grid, data, world, upcycle_from=None, log=print, ladder=None):
-    """Every job, its budget and its upcycling, each checked against the data: a UsageError for
-    anything that cannot train on it. A ladder plans its rungs instead of names and grid."""
+def plan_comparison(cfg, names, seeds, grid, data, world, upcycle_from=None, log=print, ladder=None, device=None):
+    """Every job, its budget and its upcycling, each checked against the data (and with device, against
+    the memory it has: check_memory): a UsageError for anything that cannot train on it. A ladder plans
+    its rungs instead of names and grid."""
     resolved = dataclasses.replace(cfg, vocab_size=cfg.vocab_size or data.vocab_size,
                                    data=data.source if cfg.data == "auto" else cfg.data)
     if ladder:
@@ -1892,6 +1955,8 @@ def plan_comparison(cfg, names, seeds, grid, data, world, upcycle_from=None, log
             check_data_fits(part, job.config)
     if not ladder:
         jobs, budget = plan_budget(resolved, jobs, len(data.train), world)
+    if device is not None:
+        check_memory(jobs, world, device)
     plan = Plan(resolved, jobs, budget, inits={})
     if upcycle_from and any(job.config.moe_layer_ids() for job in jobs):
         make_init, plan.upcycled_from = upcycler(upcycle_from, data, log=log)
@@ -1903,7 +1968,8 @@ def prepare_and_plan(cfg, names, seeds, grid, upcycle_from, ladder, cache_dir, r
     out_dir), against the budget a resumed run started with) before new tokens are kept."""
     data = prepare_data(cfg, cache_dir, log=log, keep=False)
     try:
-        plan = plan_comparison(cfg, names, seeds, grid, data, runtime.world, upcycle_from, log, ladder)
+        plan = plan_comparison(cfg, names, seeds, grid, data, runtime.world, upcycle_from, log, ladder,
+                               device=runtime.device if runtime.master else None)  # rank 0's verdict holds for all
         if resumed:
             check_budget_kept(resumed[0], plan.budget_record(), resumed[1])
     except BaseException:
@@ -2451,13 +2517,13 @@ def plan_ladder(cfg, ladder, seeds, train_tokens, world):
     for value in ladder.values:
         rung = LADDER_FIELDS[ladder.field](cfg, value)
         try:
-            rung.validate()
+            active = model_size(rung.validate()).active  # sizes no model can have: refused here, named
         except UsageError as e:
             raise UsageError(f"--ladder {ladder.field}={value}: {e}") from None
         if not rung.moe_layer_ids():
             raise UsageError(f"--ladder {ladder.field}={value}: moe_layers {cfg.moe_layers} leaves its moe model "
                              f"without MoE layers")
-        wanted = max(1, math.ceil(ladder.tokens_per_param * model_size(rung).active / per_step))
+        wanted = max(1, math.ceil(ladder.tokens_per_param * active / per_step))
         steps = min(wanted, epoch_steps(rung, train_tokens, world))
         step_windows = per_step // cfg.max_seq_len
         budgets.append(Budget(wanted, cfg.max_epochs, steps, steps < wanted, steps * step_windows / windows, windows,
@@ -3234,6 +3300,10 @@ def load_trained(run_dir, model, device, log=print):
     path, _ = latest_checkpoint(RunDir(run_dir).ckpt(job.id), log=log)
     if path is None:
         raise UsageError(f"--model {model}: {run_dir} has no intact checkpoint of it")
+    # the file's shapes against the model's, from their descriptions, before the model takes any memory
+    wanted = {k: t.shape for k, t in meta_model(job.config).state_dict().items()}
+    check_shapes(os.path.join(path, "model.safetensors"), weight_shapes(os.path.join(path, "model.safetensors")),
+                 wanted, f"the model run.json describes ({job.id})")
     net = Transformer(job.config).to(device).eval()
     load_weights(path, net)
     return net, job.config, state, path
@@ -3241,7 +3311,8 @@ def load_trained(run_dir, model, device, log=print):
 def find_job(state, model, run_dir):  # a run's job by id (moe-s43) or name (its first seed)
     job = next((j for j in state.jobs if j.id == model), None) or next((j for j in state.jobs if j.name == model), None)
     if job is None:
-        raise UsageError(f"--model {model}: not in {run_dir}; it holds {', '.join(j.id for j in state.jobs)}")
+        raise UsageError(f"--model {model}: not in {run_dir}; it holds "
+                         f"{', '.join(j.id for j in state.jobs) or 'no model'}")
     return job
 
 def load_tokenizer(run_dir, state):
@@ -4229,34 +4300,77 @@ def read_progress(path):
     return progress, state.get("running", saved.get("running", [0.0, 0.0, 0.0]))
 
 def load_weights(path, model):
-    """A checkpoint's weights into model; into a sharded one (FSDP), each rank keeps its shards."""
+    """A checkpoint's weights into model; into a sharded one (FSDP), each rank keeps its shards. A file
+    that does not hold exactly the model's tensors, each of the model's shape (damaged, or of a run whose
+    run.json sizes were edited), is a UsageError naming the file and the tensor."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
-    targets = model.state_dict()
+    file, targets = os.path.join(path, "model.safetensors"), model.state_dict()
+    check_shapes(file, weight_shapes(file), {k: t.shape for k, t in targets.items()}, "the model run.json describes")
     sharded = any(is_sharded(t) for t in targets.values())
-    weights = load_file(os.path.join(path, "model.safetensors"), device="cpu" if sharded else str(local_device(model)))
+    try:
+        weights = load_file(file, device="cpu" if sharded else str(local_device(model)))
+    except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+        raise UsageError(f"{file}: not a readable safetensors file ({first_line(e)})") from None
     for name, target in targets.items():
         if is_sharded(target):
             weights[name] = shard_like(weights[name], target)
     model.load_state_dict(weights)
 
+def weight_shapes(file):
+    """name -> shape of every tensor in a safetensors file, from its header alone (nothing is loaded)."""
+    from safetensors import SafetensorError, safe_open
+    try:
+        with safe_open(file, framework="pt") as f:
+            names = f.keys()  # a safe_open holds no tensors until asked
+            return {name: f.get_slice(name).get_shape() for name in names}
+    except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+        raise UsageError(f"{file}: not a readable safetensors file ({first_line(e)})") from None
+
+def check_shapes(file, shapes, wanted, whose):
+    """shapes (name -> shape, as file holds them) are wanted's names and shapes, or a UsageError naming
+    file and the first tensor that is not."""
+    for name in sorted(wanted.keys() - shapes.keys()):
+        raise UsageError(f"{file}: it holds no {name}, which {whose} has")
+    for name in sorted(shapes.keys() - wanted.keys()):
+        raise UsageError(f"{file}: it holds {name}, which {whose} has not")
+    for name, shape in wanted.items():
+        if list(shapes[name]) != list(shape):
+            raise UsageError(f"{file}: {name} has shape {list(shapes[name])}; {whose} has {list(shape)}")
+
 def restore_checkpoint(path, model, optimizers, schedulers, scaler):
+    """A checkpoint's weights, optimizer and schedule states, grad scaler and random generators, each
+    checked against what it restores: anything that does not fit is a UsageError naming the file."""
     load_weights(path, model)
-    saved = torch.load(os.path.join(path, "optim.pt"), map_location="cpu", weights_only=True)
-    for o, sd in zip(optimizers, saved["optimizers"]):
-        params = [p for group in o.param_groups for p in group["params"]]  # the state dict's indices
-        for index, state in sd["state"].items():  # a sharded parameter's state: sharded alike, on the CPU
-            p = params[index]
-            for k, v in state.items():
-                if is_sharded(p) and torch.is_tensor(v) and v.shape == p.shape:
-                    state[k] = shard_like(v, p)
-        o.load_state_dict(sd)
-    for s, sd in zip(schedulers, saved["schedulers"]):
-        s.load_state_dict(sd)
-    scaler.load_state_dict(saved["scaler"])
-    torch.set_rng_state(saved["rng"])
+    from pickle import UnpicklingError  # what weights_only's loader raises for a damaged file; nothing else of it
+    file, names = os.path.join(path, "optim.pt"), {p: name for name, p in model.named_parameters()}
+    try:
+        saved = torch.load(file, map_location="cpu", weights_only=True)
+    except (UnpicklingError, RuntimeError, OSError, EOFError, ValueError) as e:
+        raise UsageError(f"{file}: not readable ({type(e).__name__}: {first_line(e)})") from None
+    try:
+        for o, sd in zip(optimizers, saved["optimizers"], strict=True):
+            params = [p for group in o.param_groups for p in group["params"]]  # the state dict's indices
+            for index, state in sd["state"].items():  # a sharded parameter's state: sharded alike, on the CPU
+                p = params[index]
+                moments = {k: v for k, v in state.items() if torch.is_tensor(v) and v.dim() > 0}
+                check_shapes(file, {f"{names[p]} {k}": v.shape for k, v in moments.items()},
+                             {f"{names[p]} {k}": p.shape for k in moments}, "the parameter")
+                for k, v in moments.items():
+                    if is_sharded(p):
+                        state[k] = shard_like(v, p)
+            o.load_state_dict(sd)
+        for s, sd in zip(schedulers, saved["schedulers"], strict=True):
+            s.load_state_dict(sd)
+        scaler.load_state_dict(saved["scaler"])
+        torch.set_rng_state(saved["rng"])
+        cuda_rng = list(saved["cuda_rng"])
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError, RuntimeError) as e:
+        raise UsageError(f"{file}: not the training state of this model ({type(e).__name__}: {first_line(e)})") \
+            from None
     device = local_device(model)
-    if saved["cuda_rng"] and device.type == "cuda":  # a list, this process's generator first
-        torch.cuda.set_rng_state(saved["cuda_rng"][0], device)
+    if cuda_rng and device.type == "cuda":  # a list, this process's generator first
+        torch.cuda.set_rng_state(cuda_rng[0], device)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -4341,52 +4455,98 @@ DATASET_KEYS = {"source": str, "tokenizer": str, "vocab_size": int, "cache": str
 
 def load_run(run_dir, flag="--run", ranges=True):
     """The RunState of a run directory, every field checked (config rules too, with ranges: for
-    --resume, which trains); anything wrong is a UsageError naming it."""
+    --resume, which trains), and every finished job's result row against what the table and the
+    verdicts read of it, before anything reads or writes on; anything wrong is a UsageError naming it."""
     try:
         with open(RunDir(run_dir).state) as f:
             saved = json.load(f)
     except (OSError, ValueError) as e:
         raise UsageError(f"{flag} {run_dir}: not a run directory ({first_line(e)})") from None
-    state = from_saved(RunState, saved, f"{flag} {run_dir}: run.json", ranges)
+    where = f"{flag} {run_dir}: run.json"
+    state = from_saved(RunState, saved, where, ranges)
     for key, kind in DATASET_KEYS.items() if state.dataset is not None else ():
         if not is_a(state.dataset.get(key), kind):
-            raise UsageError(f"{flag} {run_dir}: run.json: dataset: {key} must be {kind.__name__}; "
-                             f"got {state.dataset.get(key)!r:.60}")
+            raise UsageError(f"{where}: dataset: {key} must be {kind.__name__}; got {state.dataset.get(key)!r:.60}")
+    ladder = None if state.ladder is None else saved_ladder(state, where)
     for i, job in enumerate(state.jobs):
         if job.status not in ("pending", "done") or (job.status == "done" and not isinstance(job.row, dict)):
-            raise UsageError(f"{flag} {run_dir}: run.json: jobs[{i}]: status {job.status!r} without a result row")
+            raise UsageError(f"{where}: jobs[{i}]: status {job.status!r} without a result row")
         if job.status == "done":
-            check_row(job, f"{flag} {run_dir}: run.json: jobs[{i}]: row", state.ladder is not None)
-    if state.ladder is not None:  # checked field by field, then as --ladder is; its budget holds a Budget per rung
-        ladder = from_saved(Ladder, state.ladder, f"{flag} {run_dir}: run.json: ladder")
-        try:
-            parse_ladder(f"{ladder.field}={','.join(map(str, ladder.values))}", ladder.tokens_per_param, ladder.fit_E,
-                         ladder.tune, ladder.tune_rungs)
-        except UsageError as e:
-            raise UsageError(f"{flag} {run_dir}: run.json: ladder: {e}") from None
-        rungs = state.budget.get("rungs") if state.budget is not None else []
-        if state.budget is not None and (not isinstance(rungs, list) or len(rungs) != len(ladder.values)):
-            raise UsageError(f"{flag} {run_dir}: run.json: budget: expected rungs, a Budget per rung of the ladder")
-        for i, budget in enumerate(rungs):
-            from_saved(Budget, budget, f"{flag} {run_dir}: run.json: budget: rungs[{i}]")
+            check_row(job, f"{where}: jobs[{i}]: row", ladder)
     return state
 
-# What the verdicts read of a finished job's result row: every row, and a ladder's rows besides
-ROW_KEYS = {"val_loss": float}
-LADDER_ROW_KEYS = {"steps": int, "tokens": int, "flops_per_token": int, "active_params": int, "train_time_s": float,
-                   "config": dict}
+def saved_ladder(state, where):
+    """run.json's ladder, checked field by field, then as --ladder is; its budget holds a Budget per rung."""
+    ladder = from_saved(Ladder, state.ladder, f"{where}: ladder")
+    try:
+        parse_ladder(f"{ladder.field}={','.join(map(str, ladder.values))}", ladder.tokens_per_param, ladder.fit_E,
+                     ladder.tune, ladder.tune_rungs)
+    except UsageError as e:
+        raise UsageError(f"{where}: ladder: {e}") from None
+    rungs = state.budget.get("rungs") if state.budget is not None else []
+    if state.budget is not None and (not isinstance(rungs, list) or len(rungs) != len(ladder.values)):
+        raise UsageError(f"{where}: budget: expected rungs, a Budget per rung of the ladder")
+    for i, budget in enumerate(rungs):
+        from_saved(Budget, budget, f"{where}: budget: rungs[{i}]")
+    return ladder
 
-def check_row(job, where, ladder):
-    """A done job's row holds what the verdicts read, each of its kind (a number where a float is
-    wanted); a tuning job that diverged has no val_loss, and is read for nothing else."""
-    if job.tuning and job.row.get("diverged") and job.row.get("val_loss") is None:
+# What the table and the verdicts read of a finished job's result row (None allowed for the optional
+# ones), and a ladder's rows besides; a ladder fits its FINITE ones
+ROW_KEYS = {"id": str, "name": str, "seed": int, "val_loss": float, "val_perplexity": float, "val_accuracy": float,
+            "train_loss": float, "total_params": int, "active_params": int, "flops_per_token": int,
+            "tokens_per_s": float, "wall_time_s": float, "epochs": float, "steps": int, "skipped_steps": int,
+            "config": dict}
+OPTIONAL_ROW_KEYS = {"load_cv": float, "peak_memory_bytes": int, "gpu_utilization_pct": float, "point": dict,
+                     "rung": int, "optimizer_flops_per_step": int, "experts": list, "upcycled_from": str}
+LADDER_ROW_KEYS = {"tokens": int, "train_time_s": float, "rung": int}
+FINITE = ("val_loss", "train_time_s")
+
+def check_row(job, where, ladder=None):
+    """A done job's row holds what the table and the verdicts read, each of its kind (a number where a
+    float is wanted), and is this job's: its id, name, seed and rung (a ladder's: one it has, the one
+    its name says). A tuning job that diverged has no val_loss, and is read for nothing else."""
+    row = job.row
+    if job.tuning and row.get("diverged") and row.get("val_loss") is None:
         return
-    for key, kind in {**ROW_KEYS, **(LADDER_ROW_KEYS if ladder else {})}.items():
-        value = job.row.get(key)
+    wanted = {**ROW_KEYS, **(LADDER_ROW_KEYS if ladder else {})}
+    for key, kind in {**OPTIONAL_ROW_KEYS, **wanted}.items():
+        value = row.get(key)
+        if value is None and key not in wanted:
+            continue
         ok = is_a(value, kind) or kind is float and is_a(value, int)
-        if not ok or ladder and kind is float and not math.isfinite(value):  # a ladder fits them: finite
+        if not ok or ladder and key in FINITE and not math.isfinite(value):
             raise UsageError(f"{where}: {key} must be {'a finite number' if kind is float else kind.__name__}; "
                              f"got {value!r:.60}")
+    for key in ("id", "name", "seed", "rung"):  # what groups it in the table and places it on the ladder
+        if row.get(key) != getattr(job, key):
+            raise UsageError(f"{where}: {key} {row.get(key)!r:.60} is not its job's ({getattr(job, key)!r:.60})")
+    try:
+        config_from_saved(row["config"]).validate(ranges=False)
+    except UsageError as e:
+        raise UsageError(f"{where}: config: {e}") from None
+    shown = (list(parse_tune(ladder.tune)[0]) if ladder.tune else ["muon_lr", "adamw_lr"]) if ladder else []
+    read = ["moe_layers", *(["vocab_size", "d_model", *shown] if ladder else [])]  # as ladder_rungs reads them
+    if missing := [k for k in read if k not in row["config"]]:
+        raise UsageError(f"{where}: config: {', '.join(missing)} missing")
+    if row.get("experts") and not (is_a(row.get("config_moe_layer_ids"), list) and "batch_level_routing" in row and all(
+            isinstance(e, dict) and is_a(e.get("dead_experts"), list) for e in row["experts"])):
+        raise UsageError(f"{where}: experts: expected a list of layers' statistics beside config_moe_layer_ids")
+    if ladder:
+        check_ladder_job(job, where, ladder)
+
+def check_ladder_job(job, where, ladder):
+    """A ladder's finished job: a family's model on one of its rungs (a tuning job: on a tuned rung), as
+    its name says."""
+    rungs = ladder.tune_rungs if job.tuning else len(ladder.values)
+    if not is_a(job.rung, int) or not 0 <= job.rung < rungs:
+        raise UsageError(f"{where}: rung {job.rung!r} is not one of the ladder's {rungs} rungs")
+    if family(job.name) not in ("moe", "dense-matched") or not job.name.startswith(
+            f"{family(job.name)}[{ladder.field}={ladder.values[job.rung]}"):
+        raise UsageError(f"{where}: name {job.name!r:.60} is not a model of rung {job.rung} "
+                         f"({ladder.field} {ladder.values[job.rung]})")
+    for key in ("flops_per_token", "tokens", "steps"):  # its compute, which the fits divide by
+        if job.row[key] <= 0:
+            raise UsageError(f"{where}: {key} must be positive; got {job.row[key]}")
 
 def read_metrics_for_resume(path, rewrite=True):
     """The records of an interrupted run's metrics.jsonl. It is appended to line by line, so a kill
@@ -4584,7 +4744,8 @@ def make_runtime(cfg):
     backend, timeout = "nccl" if device.type == "cuda" else "gloo", datetime.timedelta(seconds=cfg.dist_timeout)
     if world > 1 and not dist.is_initialized():
         try:
-            dist.init_process_group(backend, timeout=timeout)
+            with native_stderr_dropped_on_error():
+                dist.init_process_group(backend, timeout=timeout)
         except (RuntimeError, ValueError) as e:  # a rendezvous timeout is a DistStoreError, a RuntimeError
             raise UsageError(f"launch: the {world} processes could not form a world (waiting at most "
                              f"{cfg.dist_timeout:g} s: {first_line(e)}); start every rank with the same MASTER_ADDR "
@@ -4597,6 +4758,28 @@ def make_runtime(cfg):
             else torch.float16  # FSDP here has no fp16 grad scaler
     compiled = cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda")
     return Runtime(device=device, dtype=dtype, compile=compiled, rank=rank, world=world, fsdp=cfg.parallel == "fsdp")
+
+@contextlib.contextmanager
+def native_stderr_dropped_on_error():
+    """What this process writes to its stderr (file descriptor 2) while the block runs, kept aside: written
+    out if the block ends well, dropped if it raises. torch's C++ logs a timed-out rendezvous (a short
+    --dist_timeout) with a backtrace of some 40 lines before the exception that says it in one; the log
+    level (TORCH_CPP_LOG_LEVEL) is read once, when torch is imported, too early to set here."""
+    sys.stderr.flush()
+    with tempfile.TemporaryFile() as kept:
+        saved = os.dup(2)
+        os.dup2(kept.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+        kept.seek(0)  # reached only when the block ended well
+        said = kept.read()
+    if said:
+        sys.stderr.write(said.decode(errors="replace"))
+        sys.stderr.flush()
 
 def make_dir(path, flag):
     """Create path (with its missing parents) and write a file in it, so that a path that cannot hold
@@ -4832,7 +5015,9 @@ def generate_main(argv):
     p = Parser(prog="llm.py generate", description="Sample text from a trained model of a run.")
     p.add_argument("--run", required=True, help="a run directory (out_dir of a comparison)")
     p.add_argument("--model", default="moe", help="run id or model name, e.g. moe, dense, moe-s43")
-    p.add_argument("--prompt", default="", help="text to continue (empty: start from the end-of-text token)")
+    given = p.add_mutually_exclusive_group()
+    given.add_argument("--prompt", default="", help="text to continue (empty: start from the end-of-text token)")
+    given.add_argument("--prompt_file", default=None, metavar="PATH", help="the prompt: a UTF-8 text file's text")
     p.add_argument("--max_new_tokens", type=int, default=100)
     p.add_argument("--temperature", type=float, default=0.8, help="0 is greedy")
     p.add_argument("--top_k", type=int, default=50, help="0 disables")
@@ -4844,10 +5029,11 @@ def generate_main(argv):
                   temperature=(lambda v: 0 <= v < math.inf, "must be a finite number >= 0 (0 is greedy)"),
                   top_k=(lambda v: v >= 0, "must not be negative"), top_p=(lambda v: 0 < v <= 1, "must lie in (0, 1]"),
                   seed=(lambda v: 0 <= v < 2**63, "must lie in [0, 2**63)"))
+    prompt = read_prompt(a)
     device = default_device()
     model, _, state, path = load_trained(a.run, a.model, device)
     tok = load_tokenizer(a.run, state)
-    idx = torch.tensor([tok(a.prompt, add_special_tokens=False)["input_ids"] or [eos_id(tok)]], device=device)
+    idx = torch.tensor([tok(prompt, add_special_tokens=False)["input_ids"] or [eos_id(tok)]], device=device)
     generator = torch.Generator(device=device).manual_seed(a.seed)
     t0 = time.perf_counter()
     out = generate(model, idx, a.max_new_tokens, a.temperature, a.top_k, a.top_p, generator, use_cache=not a.no_cache)
@@ -4858,6 +5044,32 @@ def generate_main(argv):
     print(f"\n{a.max_new_tokens} tokens in {dt:.2f}s ({a.max_new_tokens / dt:.1f} tokens/s, "
           f"{'KV cache' if not a.no_cache else 'no cache'}, {path})", file=sys.stderr)
     return 0
+
+PROMPT_FILE_MAX = 2**24  # bytes: every token is at least one byte, and no context here holds 16M tokens
+
+def read_prompt(args):
+    """generate's prompt: --prompt, or the text of --prompt_file; either must be valid UTF-8 (the
+    command line hands undecodable bytes over as lone surrogates, which no tokenizer takes)."""
+    if args.prompt_file is None:
+        try:
+            args.prompt.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise UsageError(f"--prompt: not valid UTF-8 (an undecodable byte at character {e.start}); give a "
+                             f"UTF-8 text, or a file with --prompt_file") from None
+        return args.prompt
+    try:
+        with open(args.prompt_file, "rb") as f:
+            data = f.read(PROMPT_FILE_MAX + 1)  # /dev/zero or a runaway pipe: read no further
+    except OSError as e:
+        raise UsageError(f"--prompt_file {args.prompt_file}: {e.strerror or e}") from None
+    if len(data) > PROMPT_FILE_MAX:
+        raise UsageError(f"--prompt_file {args.prompt_file}: more than {PROMPT_FILE_MAX // 2**20} MiB, far more than "
+                         f"any model's context holds")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UsageError(f"--prompt_file {args.prompt_file}: not valid UTF-8 (byte {data[e.start]:#04x} at "
+                         f"offset {e.start})") from None
 
 def experts_main(argv):
     p = Parser(prog="llm.py experts", description="Which tokens each expert prefers, on held-out text.")
@@ -5029,6 +5241,9 @@ def start_comparison(argv, scaling=False):
             raise UsageError("--resume RUN_DIR takes no other options but --parallel ddp|fsdp (and, for a ladder, "
                              "--fit_E shared|separate): the run keeps its own")
         state = load_run(argv[1], "--resume")
+        if scaling and state.ladder is None:  # resumed as it started; the command results.json records says so
+            raise UsageError(f"scaling --resume {argv[1]}: a comparison, not a ladder; continue it with "
+                             f"python llm.py --resume {argv[1]}")
         if "--parallel" in options:  # the same run, its processes holding the model whole (ddp) or sharded (fsdp)
             state.base_config = dataclasses.replace(state.base_config, parallel=options["--parallel"]).validate()
         if "--fit_E" in options:  # the same trained models, their verdict read with E shared or separate
@@ -5057,6 +5272,9 @@ def start_comparison(argv, scaling=False):
                        argv=["scaling", *argv] if scaling else argv, ladder=args.ladder if scaling else None)
     return 0
 
+def out_of_memory(error):  # the CUDA caching allocator's, the CPU allocator's and Python's
+    return isinstance(error, (MemoryError, torch.OutOfMemoryError)) or "can't allocate memory" in str(error)
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
@@ -5079,7 +5297,11 @@ def main(argv=None):
     except KeyboardInterrupt:  # a second Ctrl-C, or one before training started: nothing to save
         print("\nllm.py: interrupted", file=sys.stderr)
         return 130
-    except RuntimeError as e:  # torchrun: another rank stopped (its own message says why) or went silent
+    except (MemoryError, RuntimeError) as e:  # out of memory; or under torchrun, another rank stopped or went silent
+        if out_of_memory(e):  # past check_memory's least need: the plan fell short of what training took
+            print(f"llm.py: out of memory ({first_line(e)}); llm.py size plans a config's memory: train a smaller "
+                  f"model or batch", file=sys.stderr)
+            return 1
         if not lost_a_peer(e):
             raise
         print(f"llm.py: rank {dist.get_rank()}: another process of this run stopped or timed out; stopping too "
