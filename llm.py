@@ -4061,9 +4061,21 @@ class ShardWriter:
             self.file.close()
             self.sha256[self.shards[-1][0]], self.file = self.hash.hexdigest(), None
 
+@dataclass
+class Workers:
+    """Worker processes: a process pool and how many processes it has."""
+    executor: object  # concurrent.futures.ProcessPoolExecutor
+    count: int
+
+def start_process(initializer, args):  # in each worker: Ctrl-C is the parent's to handle, then its initializer
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if initializer is not None:
+        initializer(*args)
+
 @contextlib.contextmanager
 def worker_pool(workers, initializer=None, args=()):
-    """A pool of worker processes, or None for one worker: the work then runs in this process."""
+    """Workers, or None for one worker: the work then runs in this process. A process pool whose worker
+    dies (killed, out of memory) raises BrokenProcessPool where multiprocessing.Pool would wait forever."""
     if workers <= 1:
         if initializer is not None:
             initializer(*args)
@@ -4073,35 +4085,43 @@ def worker_pool(workers, initializer=None, args=()):
             WORKER.clear()
         return
     import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
     context = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
     before = os.environ.get("TOKENIZERS_PARALLELISM")
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per worker (the processes are the parallelism)
     try:
-        pool = context.Pool(workers, initializer, args)
+        executor = ProcessPoolExecutor(workers, mp_context=context, initializer=start_process,
+                                       initargs=(initializer, args))
+        executor.submit(int).result()  # the processes start here, under the variable above
     finally:
         if before is None:
             del os.environ["TOKENIZERS_PARALLELISM"]
         else:
             os.environ["TOKENIZERS_PARALLELISM"] = before
     try:
-        yield pool
+        yield Workers(executor, workers)
     finally:
-        pool.terminate()
-        pool.join()
+        executor.shutdown(wait=True, cancel_futures=True)
 
-def ordered_map(pool, fn, tasks, ahead=None):
+def ordered_map(workers, fn, tasks, ahead=None):
     """fn over tasks, results in order, at most `ahead` tasks in flight (Pool.imap would read every
-    task at once: a streamed corpus into memory). No pool: here, one at a time."""
-    if pool is None:
+    task at once: a streamed corpus into memory). No workers: here, one at a time. A worker that
+    dies is a TrainingError (exit 1) naming the way out."""
+    if workers is None:
         yield from map(fn, tasks)
         return
-    ahead, pending = ahead or 4 * pool._processes, collections.deque()
-    for task in tasks:
-        pending.append(pool.apply_async(fn, (task,)))
-        if len(pending) >= ahead:
-            yield pending.popleft().get()
-    while pending:
-        yield pending.popleft().get()
+    from concurrent.futures.process import BrokenProcessPool
+    ahead, pending = ahead or 4 * workers.count, collections.deque()
+    try:
+        for task in tasks:
+            pending.append(workers.executor.submit(fn, task))
+            if len(pending) >= ahead:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    except BrokenProcessPool:
+        raise TrainingError("data: a worker process stopped abruptly (killed, or out of memory?) while tokenizing; "
+                            "nothing was kept: run again, or with --tokenize_workers 1") from None
 
 class Staging:
     """A hidden directory beside the cache entries that new tokens are written into, locked (flock)

@@ -352,6 +352,19 @@ def test_tasks_in_flight_are_bounded_so_a_streamed_corpus_is_never_read_ahead_wh
             assert len(drawn) <= got + 1 + 3  # never more than `ahead` tasks beyond what was consumed
 
 
+def die(task):  # a worker killed mid-task (the OOM killer, say)
+    os._exit(9)
+
+
+def test_a_worker_that_dies_mid_tokenization_is_one_error_and_leaves_nothing_not_a_hang(corpus_dir, tmp_path,
+                                                                                      monkeypatch):
+    monkeypatch.setattr(llm, "encode_task", die)
+    root = tmp_path / "cache"
+    with pytest.raises(llm.TrainingError, match="a worker process stopped abruptly"):
+        llm.prepare_data(corpus_cfg(corpus_dir, tokenize_workers=2), cache_root=str(root), log=quiet)
+    assert os.listdir(root) == []
+
+
 def test_a_stopped_tokenization_leaves_a_staging_directory_the_next_one_removes(corpus_dir, tmp_path):
     import fcntl
     root = tmp_path / "cache"
