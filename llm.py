@@ -3560,9 +3560,9 @@ def write_export(model, cfg, cls, tok, out):
     with torch.device("meta"):  # no initialisation: every weight is ours
         hf = transformers.AutoModelForCausalLM.from_config(hf_config(cfg, cls, eos_id(tok)), dtype=torch.float32)
     hf.load_state_dict(hf_weights(cfg, cls, model.state_dict()), strict=True, assign=True)
-    # generate() given no length runs to the training context rather than transformers' 20 tokens;
-    # a length given (max_new_tokens; lm-eval's max_gen_toks) overrides it
-    hf.generation_config.max_length = cfg.max_seq_len
+    # the generation config sets no length: transformers' default (20 new tokens, cut at the context
+    # since 4.57) stays inside it, and a max_length here would make 5.x warn at every generate() given
+    # max_new_tokens; lm-eval passes its own length whatever this says (README)
     hf.save_pretrained(out)
     # transformers 5 writes the RoPE base only in rope_parameters; 4.x reads rope_theta, and without
     # it takes its class's default (Ernie-4.5's is 500000) silently. 5 loads either: they agree.
@@ -3578,16 +3578,18 @@ def write_export(model, cfg, cls, tok, out):
     return ExportCheck(gap, ours.abs().max().item(), shape, theirs.num_parameters())
 
 # transformers 5 saves a fast tokenizer's class as TokenizersBackend, a name 4.x does not know
-# ("Tokenizer class TokenizersBackend does not exist"); PreTrainedTokenizerFast, which 5 keeps as
-# its alias, loads the same tokenizer.json in every transformers requirements.txt allows (>= 4.46)
-PORTABLE_TOKENIZER_CLASS = {"TokenizersBackend": "PreTrainedTokenizerFast"}
+# ("Tokenizer class TokenizersBackend does not exist"). PreTrainedTokenizerFast, which 5 keeps as
+# its alias, loads the same tokenizer.json in 4.x too (4.46, the oldest requirements.txt allows);
+# given 5's inputs, as 4.x's would add token_type_ids, which generate(**tok(text)) refuses.
+PORTABLE_TOKENIZER = {"tokenizer_class": "PreTrainedTokenizerFast",
+                      "model_input_names": ["input_ids", "attention_mask"]}
 
 def portable_tokenizer_config(out):
     """The export's tokenizer_config.json naming a class every allowed transformers loads."""
     with open(os.path.join(out, "tokenizer_config.json")) as f:
         cls = json.load(f).get("tokenizer_class")
-    if cls in PORTABLE_TOKENIZER_CLASS:
-        rewrite_json(os.path.join(out, "tokenizer_config.json"), tokenizer_class=PORTABLE_TOKENIZER_CLASS[cls])
+    if cls == "TokenizersBackend":
+        rewrite_json(os.path.join(out, "tokenizer_config.json"), **PORTABLE_TOKENIZER)
 
 def rewrite_json(path, **fields):  # a JSON file of the export with these fields set
     with open(path) as f:

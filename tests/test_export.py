@@ -8,6 +8,7 @@ good, only trained (a routed expert's bias moves, norms leave 1).
 
 import errno
 import json
+import logging
 import os
 import shlex
 import shutil
@@ -163,11 +164,13 @@ def test_the_tokenizer_config_names_a_class_transformers_4_has_too_and_it_loads_
     PreTrainedTokenizerFast is a class of both (the README shows it loaded under 4.46.3 and 4.57.6)."""
     out = exports["gated", "dense"]
     with open(os.path.join(out, "tokenizer_config.json")) as f:
-        cls = json.load(f)["tokenizer_class"]
-    assert cls == "PreTrainedTokenizerFast"
+        config = json.load(f)
+    assert config["tokenizer_class"] == "PreTrainedTokenizerFast"
+    # 4.x's class would also return token_type_ids, which generate(**tok(text)) refuses
+    assert config["model_input_names"] == ["input_ids", "attention_mask"]
     text = "ab cd ef, gh ij!\nkl"
-    named = getattr(transformers, cls).from_pretrained(out)
-    assert named(text)["input_ids"] == transformers.AutoTokenizer.from_pretrained(out)(text)["input_ids"]
+    named = getattr(transformers, config["tokenizer_class"]).from_pretrained(out)
+    assert named(text) == transformers.AutoTokenizer.from_pretrained(out)(text)
 
 
 def test_the_config_carries_the_rope_base_where_transformers_4_reads_it(runs, exports):
@@ -180,15 +183,28 @@ def test_the_config_carries_the_rope_base_where_transformers_4_reads_it(runs, ex
         assert config["rope_theta"] == config["rope_parameters"]["rope_theta"] == cfg.rope_base
 
 
-def test_generate_given_no_length_stops_at_the_training_context(runs, exports):
-    """generation_config.json's max_length is max_seq_len, not transformers' 20 tokens."""
+def test_generate_stays_inside_the_training_context_unless_asked_and_says_nothing(runs, exports):
+    """generation_config.json sets no length: transformers' default cuts at the context, and a
+    max_length there would make every generate() given max_new_tokens warn that both are set."""
     out = exports["gated", "dense"]
     _, cfg, _ = ours(runs, "gated", "dense")
-    assert transformers.GenerationConfig.from_pretrained(out).max_length == cfg.max_seq_len
     hf = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
-    tok = transformers.AutoTokenizer.from_pretrained(out)
-    made = hf.generate(**tok("ab", return_tensors="pt"), do_sample=False)[0]
-    assert len(made) == cfg.max_seq_len or made[-1].item() == tok.eos_token_id
+    ids = torch.randint(1, cfg.vocab_size, (1, cfg.max_seq_len - 4), generator=torch.Generator().manual_seed(0))
+    prompt = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    with warnings.catch_warnings():  # with no length at all, transformers advises max_new_tokens (any model)
+        warnings.simplefilter("ignore")
+        assert hf.generate(**prompt, do_sample=False).shape[1] <= cfg.max_seq_len
+    said = []
+    handler = logging.Handler()
+    handler.emit = said.append
+    logging.getLogger("transformers").addHandler(handler)  # its own handler writes to stderr, unpropagated
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert hf.generate(**prompt, do_sample=False, max_new_tokens=2).shape[1] <= cfg.max_seq_len - 2
+    finally:
+        logging.getLogger("transformers").removeHandler(handler)
+    assert [r.getMessage() for r in said] + [str(w.message) for w in caught] == []
 
 
 def test_a_qwen2_moe_export_without_shared_experts_loads_without_a_warning(runs, exports):
