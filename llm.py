@@ -299,12 +299,16 @@ PRESETS = {
 class FFNKind:
     activation: Callable  # (..., up_factor * F) -> (..., F)
     up_factor: int = 1  # rows of the first matrix per hidden unit: 2 for a gated FFN (gate and up)
+    # what export writes as the stock class's hidden_act: transformers' name (ACT2FN) for this
+    # activation, a gated kind's being its gate's (act(first half) * second half); None: no stock
+    # class computes it, so export refuses the model
+    hf_act: str | None = None
 
 def swiglu(h):  # (..., 2F) -> (..., F): the first half, through SiLU, gates the second
     gate, up = h.chunk(2, dim=-1)
     return F.silu(gate) * up
 
-FFN_KINDS = {"silu": FFNKind(F.silu), "swiglu": FFNKind(swiglu, up_factor=2)}
+FFN_KINDS = {"silu": FFNKind(F.silu, hf_act="silu"), "swiglu": FFNKind(swiglu, up_factor=2, hf_act="silu")}
 
 # A router score turns the router's logits into each expert's score for each token: the top scores
 # choose, and the chosen scores weigh the experts' outputs. It also gives each token's shares: its
@@ -3439,7 +3443,10 @@ def plot_expert_load(layers, num_experts, path):
 # - We scale the embedding by sqrt(d_model) on the way in and tie the head to it: the export's input
 #   embedding is the scaled table, its head the plain one, untied.
 # - Qwen2-MoE multiplies its shared expert by sigmoid(a learned gate): a zero gate gives 1/2, and
-#   the shared expert's down weights doubled make it 1, exactly (both are powers of two).
+#   the shared expert's down weights doubled make it 1, exactly (both are powers of two). It always
+#   builds one: a model without gets one a unit wide, all zeros, which adds exactly 0 (an empty one,
+#   0 wide, would make torch warn at every load that initialising it does nothing).
+# - The activation is the FFN kind's (FFNKind.hf_act): a kind without a transformers name is refused.
 # - aux_free's selection bias: Ernie-4.5-MoE adds one to the softmax scores for selection only, as
 #   we do; Qwen2-MoE has none.
 
@@ -3458,6 +3465,16 @@ class HFClass:
 def rope_halves(w, heads):  # (heads * hd, D) -> the same rows, each head's evens then its odds
     return w.unflatten(0, (heads, -1, 2)).transpose(1, 2).flatten(0, 2)
 
+def ffn_refusals(cfg, gated, why):
+    """[] where a stock class whose FFNs are gated (or not, as gated says) holds cfg's FFN kind; else
+    [(why not, the option that would fit)], why naming the class's FFN."""
+    kind = FFN_KINDS[cfg.ffn]
+    fits = " or ".join(f"--ffn {k}" for k, v in FFN_KINDS.items() if v.hf_act and (v.up_factor == 2) == gated)
+    fits = fits or "an FFN kind with an hf_act"
+    if kind.hf_act is None:
+        return [(f"ffn {cfg.ffn}: its activation has no transformers name (FFN_KINDS gives it no hf_act)", fits)]
+    return [] if (kind.up_factor == 2) == gated else [(why, fits)]
+
 def ffn_weights(cfg, up, down, prefix):
     """A dense FFN's weights: gated (our up holds the gate's rows, then the up's) or not."""
     if cfg.up_factor == 2:
@@ -3465,11 +3482,14 @@ def ffn_weights(cfg, up, down, prefix):
         return {prefix + "gate_proj.weight": gate, prefix + "up_proj.weight": up, prefix + "down_proj.weight": down}
     return {prefix + "up_proj.weight": up, prefix + "down_proj.weight": down}
 
+def qwen2_shared_ff(cfg):  # Qwen2-MoE always has a shared expert: ours, or one unit of zeros
+    return cfg.n_shared_experts * cfg.expert_ff or 1
+
 def qwen2_moe_weights(cfg, ours, prefix):
-    F_shared = cfg.n_shared_experts * cfg.expert_ff
+    F_shared = qwen2_shared_ff(cfg)
     up, down = ours.get("shared.up.weight"), ours.get("shared.down.weight")
-    if up is None:  # Qwen2-MoE always has a shared expert: an empty one adds 0
-        up, down = torch.zeros(2 * F_shared, cfg.d_model), torch.zeros(cfg.d_model, F_shared)
+    if up is None:  # all zeros: act(0) * 0 = 0 through zero down weights, so it adds exactly 0
+        up, down = torch.zeros(cfg.up_factor * F_shared, cfg.d_model), torch.zeros(cfg.d_model, F_shared)
     return {prefix + "gate.weight": ours["router.weight"], prefix + "experts.gate_up_proj": ours["w_up"],
             prefix + "experts.down_proj": ours["w_down"],
             prefix + "shared_expert_gate.weight": torch.zeros(1, cfg.d_model),  # sigmoid(0) = 1/2 ...
@@ -3492,9 +3512,7 @@ def every_kth(ids):
     return None
 
 def moe_refusals(cfg):  # what no stock MoE class holds
-    out = []
-    if cfg.ffn != "swiglu":
-        out.append((f"experts of ffn {cfg.ffn}: every stock MoE class has gated experts", "--ffn swiglu"))
+    out = ffn_refusals(cfg, True, f"experts of ffn {cfg.ffn}: every stock MoE class has gated experts")
     if cfg.routing != "topk":
         out.append((f"routing {cfg.routing}: stock classes route top-k with no capacity", "--routing topk"))
     if cfg.router_score != "softmax":
@@ -3519,7 +3537,8 @@ def ernie_moe_refusals(cfg, expert_bias):
 
 def qwen2_moe_notes(cfg):
     shared = ("the shared expert's sigmoid gate has zero weights (1/2) and its output weights are doubled"
-              if cfg.n_shared_experts else "the class's shared expert is empty: it adds 0")
+              if cfg.n_shared_experts else "the class's shared expert, which it always has, is one unit wide and "
+              "all zeros: it adds exactly 0")
     bf16 = "loaded in bf16, the class routes in bf16 where llm.py routes in fp32: in fp32 it picks the same experts"
     return [shared, bf16]
 
@@ -3532,12 +3551,12 @@ def ernie_fields(cfg):
 
 HF_CLASSES = {
     "LlamaForCausalLM": HFClass(
-        "LlamaConfig", moe=False, refuse=lambda cfg, bias: [] if cfg.ffn == "swiglu" else
-        [(f"ffn {cfg.ffn}: Llama's MLP is gated", "--ffn swiglu")],
+        "LlamaConfig", moe=False,
+        refuse=lambda cfg, bias: ffn_refusals(cfg, True, f"ffn {cfg.ffn}: Llama's MLP is gated"),
         fields=lambda cfg: {"intermediate_size": cfg.d_ff, "attention_bias": False, "mlp_bias": False}),
     "ArceeForCausalLM": HFClass(  # Llama with an up -> act -> down MLP
-        "ArceeConfig", moe=False, refuse=lambda cfg, bias: [] if cfg.ffn == "silu" else
-        [(f"ffn {cfg.ffn}: Arcee's MLP is up -> SiLU -> down", "--ffn silu")],
+        "ArceeConfig", moe=False,
+        refuse=lambda cfg, bias: ffn_refusals(cfg, False, f"ffn {cfg.ffn}: Arcee's MLP is up -> act -> down"),
         fields=lambda cfg: {"intermediate_size": cfg.d_ff, "attention_bias": False, "mlp_bias": False}),
     "Qwen2MoeForCausalLM": HFClass(
         "Qwen2MoeConfig", moe=True, refuse=qwen2_moe_refusals, moe_weights=qwen2_moe_weights,
@@ -3545,7 +3564,7 @@ HF_CLASSES = {
         fields=lambda cfg: {
             "intermediate_size": cfg.d_ff, "moe_intermediate_size": cfg.expert_ff, "num_experts": cfg.num_experts,
             "num_experts_per_tok": cfg.expert_top_k, "norm_topk_prob": cfg.norm_topk_prob and cfg.expert_top_k > 1,
-            "shared_expert_intermediate_size": cfg.n_shared_experts * cfg.expert_ff, "decoder_sparse_step": 1,
+            "shared_expert_intermediate_size": qwen2_shared_ff(cfg), "decoder_sparse_step": 1,
             "mlp_only_layers": [i for i in range(cfg.n_layers) if i not in cfg.moe_layer_ids()],
             "qkv_bias": False, "use_sliding_window": False}),
     "Ernie4_5_MoeForCausalLM": HFClass(
@@ -3574,7 +3593,8 @@ def hf_config(cfg, cls, eos):
     import transformers
     common = {"vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model, "num_hidden_layers": cfg.n_layers,
               "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.kv_heads, "head_dim": cfg.head_dim,
-              "max_position_embeddings": cfg.max_seq_len, "hidden_act": "silu", "attention_dropout": 0.0,
+              "max_position_embeddings": cfg.max_seq_len, "hidden_act": FFN_KINDS[cfg.ffn].hf_act,
+              "attention_dropout": 0.0,
               "rms_norm_eps": torch.finfo(torch.float32).eps,  # nn.RMSNorm's default, in fp32
               "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_base},
               "tie_word_embeddings": False, "bos_token_id": eos, "eos_token_id": eos, "pad_token_id": eos}
@@ -3620,20 +3640,44 @@ def write_export(model, cfg, cls, tok, out):
     """The stock class's model (config, generation config, fp32 weights) and the tokenizer into out,
     then out loaded back and checked against ours (ExportCheck)."""
     import transformers
-    with warnings.catch_warnings():  # an empty shared expert (Qwen2-MoE's, when we have none) is meant
-        warnings.filterwarnings("ignore", "Initializing zero-element tensors")
-        with torch.device("meta"):  # no initialisation: every weight is ours
-            hf = transformers.AutoModelForCausalLM.from_config(hf_config(cfg, cls, eos_id(tok)), dtype=torch.float32)
-        hf.load_state_dict(hf_weights(cfg, cls, model.state_dict()), strict=True, assign=True)
-        hf.save_pretrained(out)
-        tok.save_pretrained(out)
-        theirs = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    with torch.device("meta"):  # no initialisation: every weight is ours
+        hf = transformers.AutoModelForCausalLM.from_config(hf_config(cfg, cls, eos_id(tok)), dtype=torch.float32)
+    hf.load_state_dict(hf_weights(cfg, cls, model.state_dict()), strict=True, assign=True)
+    # the generation config sets no length: transformers' default (20 new tokens, cut at the context
+    # since 4.57) stays inside it, and a max_length here would make 5.x warn at every generate() given
+    # max_new_tokens; lm-eval passes its own length whatever this says (README)
+    hf.save_pretrained(out)
+    # transformers 5 writes the RoPE base only in rope_parameters; 4.x reads rope_theta, and without
+    # it takes its class's default (Ernie-4.5's is 500000) silently. 5 loads either: they agree.
+    rewrite_json(os.path.join(out, "config.json"), rope_theta=cfg.rope_base)
+    tok.save_pretrained(out)
+    portable_tokenizer_config(out)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     shape = (EXPORT_CHECK[0], min(EXPORT_CHECK[1], cfg.max_seq_len))
     idx = torch.randint(cfg.vocab_size, shape, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ours = model(idx)[0]  # (B, T, V)
         gap = (theirs(idx).logits - ours).abs().max().item()
     return ExportCheck(gap, ours.abs().max().item(), shape, theirs.num_parameters())
+
+# transformers 5 saves a fast tokenizer's class as TokenizersBackend, a name 4.x does not know
+# ("Tokenizer class TokenizersBackend does not exist"). PreTrainedTokenizerFast, which 5 keeps as
+# its alias, loads the same tokenizer.json in 4.x too (4.46, the oldest requirements.txt allows);
+# given 5's inputs, as 4.x's would add token_type_ids, which generate(**tok(text)) refuses.
+PORTABLE_TOKENIZER = {"tokenizer_class": "PreTrainedTokenizerFast",
+                      "model_input_names": ["input_ids", "attention_mask"]}
+
+def portable_tokenizer_config(out):
+    """The export's tokenizer_config.json naming a class every allowed transformers loads."""
+    with open(os.path.join(out, "tokenizer_config.json")) as f:
+        cls = json.load(f).get("tokenizer_class")
+    if cls == "TokenizersBackend":
+        rewrite_json(os.path.join(out, "tokenizer_config.json"), **PORTABLE_TOKENIZER)
+
+def rewrite_json(path, **fields):  # a JSON file of the export with these fields set
+    with open(path) as f:
+        content = json.load(f)
+    write_file(path, (json.dumps(content | fields, indent=2, sort_keys=True) + "\n").encode())
 
 def export_tokenizer(tok, cfg, local):
     """The run's tokenizer as the export's: its end-of-text token also pads (and, for the BPE trained
@@ -3644,6 +3688,14 @@ def export_tokenizer(tok, cfg, local):
         tok.bos_token = eos  # the BPE adds no special token: this only names it
     tok.model_max_length = cfg.max_seq_len
     return tok
+
+def failed_write(error):
+    """Why writing files failed, or None where error is no failed write: an OSError, or the error of
+    a library written in Rust (safetensors, tokenizers), whose I/O errors end "(os error N)"."""
+    if isinstance(error, OSError):
+        return error.strerror or first_line(error)
+    code = re.search(r"\(os error (\d+)\)", str(error))
+    return os.strerror(int(code[1])) if code else None
 
 def model_card(run_dir, job, state, cls, path, check, out, vocab):
     """README.md of an export: what was trained, on what data, its val loss, and the commands."""
@@ -5201,13 +5253,19 @@ def export_main(argv):
     tok = export_tokenizer(load_tokenizer(a.run, state), cfg, local=os.path.exists(RunDir(a.run).tokenizer))
     import transformers
     transformers.utils.logging.disable_progress_bar()
-    with new_directory(out) as tmp:  # out holds a whole, checked export or nothing
-        check = write_export(model, cfg, cls, tok, tmp)
-        if not check.exact:
-            raise TrainingError(f"export: {cls}'s logits differ from ours by up to {check.gap:.3g} (largest logit "
-                                f"{check.scale:.3g}); nothing written")
-        card = model_card(a.run, job, state, cls, path, check, a.out, len(tok))
-        write_file(os.path.join(tmp, "README.md"), card.encode())
+    try:
+        with new_directory(out) as tmp:  # out holds a whole, checked export or nothing
+            check = write_export(model, cfg, cls, tok, tmp)
+            if not check.exact:
+                raise TrainingError(f"export: {cls}'s logits differ from ours by up to {check.gap:.3g} (largest "
+                                    f"logit {check.scale:.3g}); nothing written")
+            card = model_card(a.run, job, state, cls, path, check, a.out, len(tok))
+            write_file(os.path.join(tmp, "README.md"), card.encode())
+    except Exception as e:  # the hidden directory is gone: name the one the user gave
+        reason = failed_write(e)
+        if reason is None:
+            raise
+        raise UsageError(f"--out {a.out}: cannot write the export there ({reason}); nothing written") from None
     print(f"wrote {a.out}: {cls}, {job.id} of {a.run} ({path}); logits within {check.gap:.1e} of ours")
     return 0
 

@@ -6,20 +6,22 @@ Every run here is a smoke run on the `corpus_dir` fixture, a few steps long: the
 good, only trained (a routed expert's bias moves, norms leave 1).
 """
 
+import errno
 import json
+import logging
 import os
 import shlex
 import shutil
+import warnings
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 import transformers
+from transformers.activations import ACT2FN
 
 import llm
-
-# Qwen2-MoE's shared expert, empty where ours has none, warns as transformers builds it
-pytestmark = pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")
 
 SUPPORTED = {  # run -> its extra flags and models; each model's export class is checked below
     "gated": ["--ffn", "swiglu", "--n_layers", "4", "--moe_layers", "alternate", "--n_kv_heads", "2",
@@ -157,6 +159,108 @@ def test_the_tokenizer_goes_with_the_model_and_round_trips_text_to_the_same_ids(
     assert theirs(["ab", "ab cd ef"], padding=True)["input_ids"][0][-1] == theirs.eos_token_id
 
 
+def test_the_tokenizer_config_names_a_class_transformers_4_has_too_and_it_loads_the_same_ids(exports):
+    """transformers 5 saves TokenizersBackend, which 4.x (requirements.txt allows >= 4.46) cannot find;
+    PreTrainedTokenizerFast is a class of both (the README shows it loaded under 4.46.3 and 4.57.6)."""
+    out = exports["gated", "dense"]
+    with open(os.path.join(out, "tokenizer_config.json")) as f:
+        config = json.load(f)
+    assert config["tokenizer_class"] == "PreTrainedTokenizerFast"
+    # 4.x's class would also return token_type_ids, which generate(**tok(text)) refuses
+    assert config["model_input_names"] == ["input_ids", "attention_mask"]
+    text = "ab cd ef, gh ij!\nkl"
+    named = getattr(transformers, config["tokenizer_class"]).from_pretrained(out)
+    assert named(text) == transformers.AutoTokenizer.from_pretrained(out)(text)
+
+
+def test_the_config_carries_the_rope_base_where_transformers_4_reads_it(runs, exports):
+    """4.x reads rope_theta, not rope_parameters: without it a class's default base (Ernie-4.5's is
+    500000) would be used silently."""
+    for (run, model), out in exports.items():
+        with open(os.path.join(out, "config.json")) as f:
+            config = json.load(f)
+        _, cfg, _ = ours(runs, run, model)
+        assert config["rope_theta"] == config["rope_parameters"]["rope_theta"] == cfg.rope_base
+
+
+def test_generate_stays_inside_the_training_context_unless_asked_and_says_nothing(runs, exports):
+    """generation_config.json sets no length: transformers' default cuts at the context, and a
+    max_length there would make every generate() given max_new_tokens warn that both are set."""
+    out = exports["gated", "dense"]
+    _, cfg, _ = ours(runs, "gated", "dense")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    ids = torch.randint(1, cfg.vocab_size, (1, cfg.max_seq_len - 4), generator=torch.Generator().manual_seed(0))
+    prompt = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    with warnings.catch_warnings():  # with no length at all, transformers advises max_new_tokens (any model)
+        warnings.simplefilter("ignore")
+        assert hf.generate(**prompt, do_sample=False).shape[1] <= cfg.max_seq_len
+    said = []
+    handler = logging.Handler()
+    handler.emit = said.append
+    logging.getLogger("transformers").addHandler(handler)  # its own handler writes to stderr, unpropagated
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert hf.generate(**prompt, do_sample=False, max_new_tokens=2).shape[1] <= cfg.max_seq_len - 2
+    finally:
+        logging.getLogger("transformers").removeHandler(handler)
+    assert [r.getMessage() for r in said] + [str(w.message) for w in caught] == []
+
+
+def test_a_qwen2_moe_export_without_shared_experts_loads_without_a_warning(runs, exports):
+    """Qwen2-MoE always builds a shared expert: 0 wide, torch warned six times at every load that
+    initialising it does nothing. One unit of zeros adds 0, and the logit tests hold it exact."""
+    out = exports["gated", "moe"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    assert [str(w.message) for w in caught] == []
+    _, cfg, _ = ours(runs, "gated", "moe")
+    with open(os.path.join(out, "config.json")) as f:
+        assert cfg.n_shared_experts == 0 and json.load(f)["shared_expert_intermediate_size"] == 1
+
+
+def test_every_ffn_kind_says_what_it_exports_as_and_that_name_computes_it():
+    """hf_act is transformers' name of the kind's activation (a gated kind's gate's), or None."""
+    for name, kind in llm.FFN_KINDS.items():
+        if kind.hf_act is None:
+            continue
+        assert kind.hf_act in ACT2FN, name
+        h = torch.randn(3, 8 * kind.up_factor)
+        theirs = ACT2FN[kind.hf_act]
+        expected = theirs(h[:, :8]) * h[:, 8:] if kind.up_factor == 2 else theirs(h)
+        assert torch.allclose(kind.activation(h), expected, atol=1e-6), name
+    assert {k: v.hf_act for k, v in llm.FFN_KINDS.items()} == {"silu": "silu", "swiglu": "silu"}
+
+
+def geglu(h):  # a gated kind one registry entry away: GELU gates
+    gate, up = h.chunk(2, dim=-1)
+    return F.gelu(gate) * up
+
+
+def test_a_gated_ffn_of_another_activation_exports_with_the_registrys_name(runs, tmp_path, monkeypatch):
+    """The activation comes from FFN_KINDS: with swiglu's entry made GELU-gated, the MoE (dense MLPs
+    in alternate layers, gated experts) exports with hidden_act gelu and our logits; named silu,
+    its logits differ and nothing is written."""
+    monkeypatch.setitem(llm.FFN_KINDS, "swiglu", llm.FFNKind(geglu, up_factor=2, hf_act="gelu"))
+    out = tmp_path / "moe"
+    assert run_main(["export", "--run", runs["gated"], "--model", "moe", "--out", out]) == 0
+    assert json.loads((out / "config.json").read_text())["hidden_act"] == "gelu"
+    monkeypatch.setitem(llm.FFN_KINDS, "swiglu", llm.FFNKind(geglu, up_factor=2, hf_act="silu"))
+    assert run_main(["export", "--run", runs["gated"], "--model", "dense", "--out", tmp_path / "dense"]) == 1
+    assert sorted(os.listdir(tmp_path)) == ["moe"]
+
+
+def test_an_ffn_kind_without_a_transformers_activation_is_refused_in_one_line_naming_it(
+        runs, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(llm.FFN_KINDS, "silu", llm.FFNKind(F.silu))  # no hf_act
+    assert run_main(["export", "--run", runs["plain"], "--model", "dense", "--out", tmp_path / "export"]) == 2
+    lines = error_lines(capsys.readouterr().err)
+    assert len(lines) == 1 and "no stock transformers class holds dense" in lines[0]
+    assert "ffn silu: its activation has no transformers name" in lines[0]
+    assert os.listdir(tmp_path) == []
+
+
 def test_a_hub_tokenizer_is_saved_beside_the_model(smoke, corpus_dir, tmp_path):
     """A local stand-in for a Hub tokenizer: a fast tokenizer directory given as --tokenizer."""
     docs = [p.read_text() for p in sorted(corpus_dir.glob("*.txt"))]
@@ -169,6 +273,7 @@ def test_a_hub_tokenizer_is_saved_beside_the_model(smoke, corpus_dir, tmp_path):
     text = "xy zw, ab"
     theirs = transformers.AutoTokenizer.from_pretrained(out)
     assert theirs(text)["input_ids"] == hub(text)["input_ids"]
+    assert json.loads((out / "tokenizer_config.json").read_text())["tokenizer_class"] == "PreTrainedTokenizerFast"
 
 
 @pytest.mark.parametrize("run, model, message", [
@@ -213,6 +318,30 @@ def test_bad_export_arguments_exit_2_in_one_line(runs, tmp_path, args, message, 
     lines = error_lines(capsys.readouterr().err)
     assert len(lines) == 1 and message in lines[0]
     assert sorted(os.listdir(tmp_path)) == ["exists"]
+
+
+def no_space(*args, **kwargs):  # as tokenizers (Rust) reports a full disk
+    raise Exception("No space left on device (os error 28)")  # noqa: TRY002
+
+
+@pytest.mark.parametrize("where", ["/proc", "our writes", "the tokenizer"])
+def test_an_out_that_cannot_be_written_is_named_in_one_line_exit_2_and_nothing_is_left(
+        runs, tmp_path, monkeypatch, capsys, where):
+    """Not the hidden directory export fills: --out as given. /proc refuses a new directory even to
+    root; a full disk is an OSError (our writes) or an error from a library written in Rust."""
+    out = "/proc/llm-export" if where == "/proc" else str(tmp_path / "export")
+    if where == "our writes":
+        def full(path, data):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+        monkeypatch.setattr(llm, "write_file", full)
+    if where == "the tokenizer":
+        monkeypatch.setattr(transformers.PreTrainedTokenizerFast, "save_pretrained", no_space)
+    assert run_main(["export", "--run", runs["gated"], "--model", "dense", "--out", out]) == 2
+    lines = error_lines(capsys.readouterr().err)
+    assert len(lines) == 1 and lines[0].startswith(f"llm.py: error: --out {out}: ") and "/." not in lines[0], lines
+    assert os.listdir(tmp_path) == []
+    if where != "/proc":
+        assert lines[0].endswith("cannot write the export there (No space left on device); nothing written")
 
 
 def test_the_model_card_names_the_run_its_data_val_loss_and_commands(runs, exports):
