@@ -1486,6 +1486,10 @@ class Tokens:
         total = int(self.ends[-1]) if self.shards else 0
         self.start, self.stop = start, total if stop is None else stop
 
+    @classmethod
+    def of(cls, tokens):  # Tokens as they are; an array (tests, benchmarks) as one in-memory shard
+        return tokens if isinstance(tokens, Tokens) else cls([tokens])
+
     def __len__(self):
         return self.stop - self.start
 
@@ -1525,8 +1529,8 @@ class Data:
     cache_dir: str = ""
     staging: object = None  # tokenized just now into a Staging directory, which save_cache moves to cache_dir
 
-    def __post_init__(self):  # arrays (tests, benchmarks) are one in-memory shard
-        self.train, self.val = (t if isinstance(t, Tokens) else Tokens([t]) for t in (self.train, self.val))
+    def __post_init__(self):
+        self.train, self.val = Tokens.of(self.train), Tokens.of(self.val)
 
 def prepare_data(cfg, cache_root="data_cache", log=print, keep=True):
     """Resolve the source, then load its tokens from the cache, or read, split and tokenize them into
@@ -1691,7 +1695,7 @@ class Windows:
 
 def eval_windows(tokens, seq_len, limit=None, seed=None):
     """Non-overlapping windows of a token stream, optionally a seeded sample of `limit` of them."""
-    tokens = tokens if isinstance(tokens, Tokens) else Tokens([tokens])
+    tokens = Tokens.of(tokens)
     n = (len(tokens) - 1) // seq_len
     starts = np.arange(n) * seq_len
     if seed is not None:

@@ -149,12 +149,9 @@ SIZES = [  # sizes no model can have, and sizes no machine here can train: refus
     (["--data", "{corpus}", "--models", "moe", "--d_ff", "68719476736"], "moe: training it needs at least"),
 ]
 
-PREPARE = [  # llm.py prepare: the same line, and no cache entry or staging directory left
-    (["--data", "{binary}"], "could not read the text files: {binary}/b.txt is binary (NUL bytes)"),
-    (["--data", "{blank}"], "it holds no text"),
-    (["--data", "no/such/file.txt"], "--data no/such/file.txt: no such file"),
-    (["--data", "{corpus}", "--max_seq_len", "100000"], "too little text"),
-    (["--data", "{corpus}", "--tokenize_workers", "-2"], "tokenize_workers must not be negative"),
+# llm.py prepare: every data case a comparison refuses (prepare has no --sweep), the same line, and no
+# cache entry or staging directory left; then its own
+PREPARE = [case for case in DATA if "--sweep" not in case[0]] + [
     (["--data", "{corpus}", "--cache_dir", "{file}"], "--cache_dir {file} is a file, not a directory"),
     (["--data", "{corpus}", "--out_dir", "{out}"], "unrecognized arguments: --out_dir"),
 ]
