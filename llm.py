@@ -1991,11 +1991,12 @@ def run_comparison(cfg, names, out_dir, cache_dir="data_cache", seeds=None, swee
     """Train every planned model (resuming finished and interrupted ones), print the table, write
     results.json, metrics.jsonl, loss_curves.png (and sweep.json, sweep.png for a sweep; for a
     ladder, its rungs instead of names and sweep, and scaling.json, scaling.png)."""
-    runtime, run, grid, seeds = make_runtime(cfg), RunDir(out_dir), parse_sweep(sweep), seeds or [cfg.seed]
-    log = print if runtime.master else quiet
+    world, rank = check_launch(os.environ)
+    log = print if rank == 0 else quiet
     saved = load_run(out_dir, "--resume") if resume else None
-    if saved:  # perhaps on another number of processes
-        cfg = keep_step_windows(cfg, saved.budget, runtime.world, log)
+    if saved:  # perhaps on another number of processes; one that cannot split its steps is refused before it forms
+        cfg = keep_step_windows(cfg, saved.budget, world, log)
+    runtime, run, grid, seeds = make_runtime(cfg), RunDir(out_dir), parse_sweep(sweep), seeds or [cfg.seed]
     # the data, once: rank 0 tokenizes and keeps the tokens once the plan fits them, then the other
     # ranks read them from the cache; an error on rank 0 stops every rank, with its message
     request = (cfg, names, seeds, grid, upcycle_from, ladder, cache_dir, saved and (saved.budget, out_dir))
@@ -4672,10 +4673,11 @@ def quiet(*args, **kwargs):
 LAUNCH_VARIABLES = ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")  # what torchrun sets beside WORLD_SIZE
 
 def check_launch(env):
-    """Refuse an incomplete launcher environment in one line: WORLD_SIZE without the rest of what
-    torchrun sets, or values that cannot be."""
+    """The launch's (world size, this process's rank): (1, 0) without a launcher. An incomplete
+    launcher environment (WORLD_SIZE without the rest of what torchrun sets) or values that cannot
+    be are refused in one line."""
     if "WORLD_SIZE" not in env:
-        return
+        return 1, 0
     missing = [v for v in LAUNCH_VARIABLES if v not in env]
     try:
         world = int(env["WORLD_SIZE"])
@@ -4690,6 +4692,7 @@ def check_launch(env):
     if world < 1 or not 0 <= rank < world or local_rank < 0 or not (0 < port < 65536 or "MASTER_PORT" not in env):
         raise UsageError(f"launch: RANK {rank} of WORLD_SIZE {world} (LOCAL_RANK {local_rank}, MASTER_PORT {port}) "
                          f"cannot be")
+    return world, rank
 
 def share_outcome(runtime, failure):
     """Rank 0's outcome to every rank: None, or the error it raised there, then raised on every rank
@@ -4809,8 +4812,7 @@ def scatter_rows(done, locals_, shapes, owners):
 # Processes, directories and locks
 
 def make_runtime(cfg):
-    check_launch(os.environ)
-    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    world, rank = check_launch(os.environ)
     if torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
@@ -4959,6 +4961,15 @@ def parse_bool(s):
         return False
     raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
 
+@functools.cache
+def field_help():
+    """Config's field -> the comment beside it, its help text: one place to document a knob. Read from
+    the class's lines of this file, once: inspect.getsource(Config) parses the whole module (0.3 s)."""
+    lines = inspect.getsource(sys.modules[__name__]).splitlines()
+    start = lines.index("class Config:")
+    end = next(i for i in range(start + 1, len(lines)) if lines[i][:1] not in ("", " ", "#"))
+    return dict(re.findall(r"^    (\w+): \w+ = [^#\n]*#\s*(.*)$", "\n".join(lines[start:end]), re.MULTILINE))
+
 def build_parser(prog="llm.py", description=None, harness=True, scaling=False):
     presets = "; ".join(f"{k}: {', '.join(f'{n}={v}' for n, v in o.items()) or 'the dataclass defaults'}"
                         for k, o in PRESETS.items())
@@ -5003,9 +5014,7 @@ def build_parser(prog="llm.py", description=None, harness=True, scaling=False):
                        help="continue an interrupted comparison (no other options but --parallel; any number of "
                             "processes that splits its steps' windows evenly)")
     group = p.add_argument_group("config fields (defaults: the dataclass, before the preset)")
-    defaults = Config()
-    # the comment beside each field in Config is its help text: one place to document a knob
-    helps = dict(re.findall(r"^    (\w+): \w+ = [^#\n]*#\s*(.*)$", inspect.getsource(Config), re.MULTILINE))
+    defaults, helps = Config(), field_help()
     for f in fields(Config):
         kind = {int: int, float: float, bool: parse_bool, str: str}[type(getattr(defaults, f.name))]
         keys = f"one of {', '.join(f.metadata['registry']())}; " if "registry" in f.metadata else ""

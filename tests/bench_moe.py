@@ -3,6 +3,7 @@
 
     python tests/bench_moe.py                  # the seed shapes; cuda when available, else cpu
     python tests/bench_moe.py --quick          # small shapes, about a minute on 2 CPU cores
+    python tests/bench_moe.py --smoke          # the smallest shapes: that it runs, not how fast (its test)
     python tests/bench_moe.py --compile        # torch.compile every candidate (ours with fullgraph=True)
     python tests/bench_moe.py --device cpu --dtype bf16 --repeats 9 --iters 10
     python tests/bench_moe.py --compile --profile  # and where each candidate's time goes, kernel by kernel
@@ -496,7 +497,7 @@ def layer_section(args, device, dtype, amp, log):
     cfg = llm.Config(vocab_size=1).validate()  # the seed shapes
     D, Fw, E, k = cfg.d_model, cfg.d_ff, cfg.num_experts, cfg.expert_top_k
     I = 2 * Fw // 3  # SwiGLU of width I: 3 D I multiply-adds, as a SiLU MLP of width 1.5 I = d_ff
-    B, T = (4, 128) if args.quick else (cfg.batch_size, cfg.max_seq_len)
+    B, T = (2, 32) if args.smoke else (4, 128) if args.quick else (cfg.batch_size, cfg.max_seq_len)
     N = B * T
     fwd_flops = 2 * 2 * D * Fw * k * N  # the routed experts' matmuls, forward
     router_share = (2 * D * E) / (2 * 2 * D * Fw * k)
@@ -590,7 +591,7 @@ def layer_section(args, device, dtype, amp, log):
 def train_section(args, device, dtype, amp, log):
     if args.quick:
         base = llm.Config(**llm.PRESETS["cpu"], vocab_size=4096)
-        B, T = 8, 128
+        B, T = (2, 32) if args.smoke else (8, 128)
     else:
         base = llm.Config(vocab_size=49152)
         B, T = base.batch_size, base.max_seq_len
@@ -769,6 +770,9 @@ def finite(v):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="small shapes for a CPU (4 x 128 tokens; cpu preset model)")
+    p.add_argument("--smoke", action="store_true",
+                   help="--quick at 2 x 32 tokens: checks that every candidate runs (HF batched_mm copies every "
+                        "expert's weights per token, 20 s at --quick on a CPU); its times mean nothing")
     p.add_argument("--repeats", type=int, default=None,
                    help="timed repeats per candidate, median reported (default 7 on cuda, 5 on cpu)")
     p.add_argument("--iters", type=int, default=None, help="calls per repeat (default 20 on cuda, 5 on cpu)")
@@ -781,6 +785,7 @@ def main(argv=None):
     p.add_argument("--profile", action="store_true", help="after timing, torch.profiler over each candidate's calls: "
                    "its heaviest kernels (CUDA) or ops (CPU) per call")
     args = p.parse_args(argv)
+    args.quick = args.quick or args.smoke
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: CUDA is not available")
@@ -813,7 +818,7 @@ def main(argv=None):
     log(f"dtype: {args.dtype}{' autocast' if dtype != torch.float32 else ''}; "
         f"compile: {'on' if args.compile else 'off'}; warmup {args.warmup}, "
         f"{args.repeats} repeats x {args.iters} calls (median over repeats, candidates interleaved)"
-        + ("; --quick (small shapes)" if args.quick else ""))
+        + ("; --smoke (smallest shapes)" if args.smoke else "; --quick (small shapes)" if args.quick else ""))
 
     layer_info, layer, checks = layer_section(args, device, dtype, amp, log)
     train_info, train = train_section(args, device, dtype, amp, log)

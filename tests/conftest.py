@@ -21,3 +21,21 @@ def corpus_dir(tmp_path_factory):
         text = " ".join(rng.choice(words, size=1500))
         (d / f"doc{i:02d}.txt").write_text(text + "\n")
     return d
+
+
+@pytest.fixture(scope="session")
+def shakespeare_smoke(tmp_path_factory):
+    """`python llm.py --preset smoke --data shakespeare` (all three models), trained once for the
+    session: its out_dir, its token cache and what it printed. Read-only for the tests."""
+    import contextlib
+    import io
+    from types import SimpleNamespace
+
+    import llm
+    root = tmp_path_factory.mktemp("shakespeare-smoke")
+    run = SimpleNamespace(out=root / "run", cache=root / "cache", printed=io.StringIO())
+    with contextlib.redirect_stdout(run.printed):
+        assert llm.main(["--preset", "smoke", "--data", "shakespeare", "--cache_dir", str(run.cache),
+                         "--out_dir", str(run.out)]) == 0
+    run.printed = run.printed.getvalue()
+    return run

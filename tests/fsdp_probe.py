@@ -1,4 +1,4 @@
-"""Run under torchrun by tests/test_fsdp.py: one FSDP training step of a smoke MoE whose experts do
+"""Run under torchrun by tests/test_distributed.py: one FSDP training step of a smoke MoE whose experts do
 not divide by the world (3 experts), measured on each rank, and the same step on one unsharded copy.
 
 Writes <out>/rank<R>.json: the bytes of this rank's shards (parameters, gradients, optimizer state)

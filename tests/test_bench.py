@@ -10,7 +10,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_the_moe_bench_runs_on_cpu_checks_ours_times_and_profiles_every_candidate():
-    p = subprocess.run([sys.executable, "tests/bench_moe.py", "--quick", "--repeats", "1", "--iters", "1", "--warmup",
+    p = subprocess.run([sys.executable, "tests/bench_moe.py", "--smoke", "--repeats", "1", "--iters", "1", "--warmup",
                         "1", "--profile"], cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
     assert p.returncode == 0, p.stderr[-2000:]
     record = json.loads(p.stdout.strip().splitlines()[-1])  # the last line is the JSON record

@@ -77,12 +77,8 @@ def test_every_config_field_is_a_typed_flag():
     assert cfg.muon_lr == 0.5 and cfg.norm_topk_prob is False and cfg.moe_layers == "1,3" and cfg.max_tokens == 1000
 
 
-def test_smoke_run_writes_results_metrics_and_plot_and_its_loss_falls(tmp_path, capsys):
-    out = tmp_path / "run"
-    code = run_main(["--preset", "smoke", "--data", "shakespeare", "--out_dir", str(out),
-                     "--cache_dir", str(tmp_path / "cache")])
-    printed = capsys.readouterr().out
-    assert code == 0
+def test_smoke_run_writes_results_metrics_and_plot_and_its_loss_falls(shakespeare_smoke):
+    out, printed = shakespeare_smoke.out, shakespeare_smoke.printed
     results = json.loads((out / "results.json").read_text())
     assert results["dataset"]["source"] == "shakespeare"
     assert set(results) >= {"dataset", "config", "models", "environment"}

@@ -50,22 +50,26 @@ PINNED = {
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("pinned-cache")
+def cache(shakespeare_smoke):
+    return shakespeare_smoke.cache
 
 
 @pytest.fixture(scope="module")
-def runs(cache, tmp_path_factory):
-    """Every variant trained once; variant -> its results.json models by name."""
+def runs(shakespeare_smoke, tmp_path_factory):
+    """Every variant trained once; variant -> its results.json models by name. topk is the session's
+    smoke run (its three models are the default --models)."""
     root = tmp_path_factory.mktemp("pinned")
     trained = {}
     for variant, (flags, models) in PINNED.items():
+        out = shakespeare_smoke.out if variant == "topk" else root / variant
         if flags is None:
-            flags = ["--upcycle_from", str(root / "topk")]
-        out = root / variant
-        argv = ["--preset", "smoke", "--data", "shakespeare", "--cache_dir", str(cache), "--out_dir", str(out),
-                "--models", ",".join(models), *flags]
-        assert llm.main(argv) == 0, variant
+            flags = ["--upcycle_from", str(shakespeare_smoke.out)]
+        if variant == "topk":
+            assert list(models) == list(llm.MODELS)
+        else:
+            argv = ["--preset", "smoke", "--data", "shakespeare", "--cache_dir", str(shakespeare_smoke.cache),
+                    "--out_dir", str(out), "--models", ",".join(models), *flags]
+            assert llm.main(argv) == 0, variant
         with open(out / "results.json") as f:
             trained[variant] = {m["name"]: m for m in json.load(f)["models"]}
     return trained

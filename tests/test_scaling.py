@@ -406,7 +406,8 @@ def test_a_width_rung_keeps_the_head_size_the_ffn_ratio_and_the_depth():
         llm.widen(base, 96)
 
 
-SMOKE_LADDER = ["--preset", "smoke", "--eval_every", "20", "--ckpt_every", "10"]  # its default ladder
+# the smoke preset's default ladder (d_model=32,48,64) at half its 0.5 tokens per parameter: 10 to 34 steps a rung
+SMOKE_LADDER = ["--preset", "smoke", "--tokens_per_param", "0.25", "--eval_every", "20", "--ckpt_every", "10"]
 TUNED = ["--tune", "muon_lr=0.01,0.03", "--tune_rungs", "1"]  # each family tuned on the smallest rung
 
 
@@ -431,7 +432,7 @@ def test_a_ladder_trains_each_rung_s_moe_and_dense_matched_on_tokens_per_paramet
     assert list(rows) == [f"{f}[d_model={v}]" for v in (32, 48, 64) for f in ("moe", "dense-matched")]
     for v in (32, 48, 64):
         moe, dense = rows[f"moe[d_model={v}]"], rows[f"dense-matched[d_model={v}]"]
-        assert moe["steps"] == dense["steps"] == math.ceil(0.5 * moe["active_params"] / (8 * 64))
+        assert moe["steps"] == dense["steps"] == math.ceil(0.25 * moe["active_params"] / (8 * 64))
         assert dense["active_params"] == pytest.approx(moe["active_params"], rel=0.01)
     assert [c["baseline"] for c in results["comparisons"]] == [f"dense-matched[d_model={v}]" for v in (32, 48, 64)]
     assert len(scaling["multipliers"]["compute"]) == len(scaling["multipliers"]["model_compute"]) == 3
@@ -442,7 +443,7 @@ def test_a_ladder_trains_each_rung_s_moe_and_dense_matched_on_tokens_per_paramet
     assert any("optimizer's step" in n for n in scaling["notes"]) and any("output head" in n for n in scaling["notes"])
     assert (ladder_run / "scaling.png").read_bytes().startswith(b"\x89PNG")
     assert read_json(ladder_run / "run.json")["ladder"] == {"field": "d_model", "values": [32, 48, 64],
-                                                            "tokens_per_param": 0.5, "fit_E": "shared",
+                                                            "tokens_per_param": 0.25, "fit_E": "shared",
                                                             "tune": "muon_lr=0.01,0.03", "tune_rungs": 1}
     assert [r["rows"][0]["name"] for r in scaling["rungs"]] == [f"moe[d_model={v}]" for v in (32, 48, 64)]
 

@@ -17,8 +17,6 @@ import os
 import pathlib
 import shutil
 import signal
-import subprocess
-import sys
 
 import helpers
 import numpy as np
@@ -29,7 +27,6 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import llm
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
@@ -101,7 +98,7 @@ def finished_run(smoke, tmp_path_factory):
 # 1-3. Checkpoints: exact resume after SIGKILL, Ctrl-C, damaged files
 
 
-def test_resume_after_sigkill_equals_an_uninterrupted_run(smoke, tmp_path):
+def test_resume_after_sigkill_equals_an_uninterrupted_run(smoke, tmp_path, capsys):
     args = smoke + ["--models", "dense,moe", "--max_steps", 100, "--ckpt_every", 10, "--eval_every", 50]
     a, b = str(tmp_path / "A"), str(tmp_path / "B")
     proc = smoke_process(args, a, str(tmp_path), "killed")
@@ -114,13 +111,12 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(smoke, tmp_path):
     with open(os.path.join(a, "metrics.jsonl"), "a") as f:  # as if killed halfway through a line
         f.write('{"model": "moe", "kind": "tr')
 
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    resumed = subprocess.run([sys.executable, "llm.py", "--resume", a], cwd=ROOT, capture_output=True, text=True,
-                             env=env, timeout=PROCESS_TIMEOUT, check=False)
-    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    assert "=== dense === finished earlier" in resumed.stdout
-    assert "dense step" not in resumed.stdout  # the finished model was neither trained nor evaluated again
-    assert "moe: resumed from " in resumed.stdout and "(step 0)" not in resumed.stdout
+    capsys.readouterr()
+    assert run_main(["--resume", a]) == 0  # in this process: what was killed was the other one
+    resumed = capsys.readouterr().out
+    assert "=== dense === finished earlier" in resumed
+    assert "dense step" not in resumed  # the finished model was neither trained nor evaluated again
+    assert "moe: resumed from " in resumed and "(step 0)" not in resumed
 
     assert run_main(args + ["--out_dir", b]) == 0  # the same comparison, uninterrupted
     ra, rb = read_json(os.path.join(a, "results.json")), read_json(os.path.join(b, "results.json"))
@@ -714,17 +710,15 @@ def test_a_run_holding_an_out_dir_keeps_a_second_fresh_run_and_a_resume_out_nami
         os.close(holder)
 
 
-def test_two_real_processes_on_one_run_the_second_resume_exits_2_and_a_killed_ones_lock_frees_it(smoke, tmp_path):
+def test_a_resume_while_another_process_trains_the_run_exits_2_and_a_killed_ones_lock_frees_it(smoke, tmp_path,
+                                                                                                  capsys):
     out = str(tmp_path / "run")
     args = smoke + ["--models", "dense", "--max_steps", 400, "--ckpt_every", 10, "--eval_every", 100]
     first = smoke_process(args, out, str(tmp_path), "first")
     wait_for_files(os.path.join(out, "ckpt", "dense", "step-*"), first)
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    second = subprocess.run([sys.executable, "llm.py", "--resume", out], cwd=ROOT, capture_output=True, text=True,
-                            env=env, timeout=PROCESS_TIMEOUT, check=False)
-    assert second.returncode == 2, second.stderr
-    assert second.stderr.strip() == (f"llm.py: error: --out_dir {out}: another llm.py (pid {first.pid}) is running "
-                                     f"this run")
+    assert run_main(["--resume", out]) == 2  # the second llm.py: this process
+    assert capsys.readouterr().err.strip() == (f"llm.py: error: --out_dir {out}: another llm.py (pid {first.pid}) is "
+                                               f"running this run")
     first.send_signal(signal.SIGKILL)
     first.wait(timeout=60)
     assert pathlib.Path(out, "run.lock").read_text() == str(first.pid)  # the dead holder's file stays, unlocked
