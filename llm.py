@@ -901,8 +901,8 @@ def lr_factor(step, cfg):
 
 
 # ----------------------------------------------------------------------------------------------
-# Sizes: parameters, FLOPs and training memory, counted on the model itself, built on the meta
-# device (shapes only: no memory, no initialisation)
+# Sizes: parameters and FLOPs, counted on the model itself, built on the meta device (shapes only:
+# no memory, no initialisation)
 
 @dataclass
 class ModelSize:
@@ -937,7 +937,8 @@ def buildable(cfg):
     try:
         yield
     except (RuntimeError, OverflowError, ValueError) as e:
-        raise UsageError(f"no model can be built at {sizes_of(cfg)} ({first_line(e)})") from None
+        said = (str(e).splitlines() or [type(e).__name__])[0]  # torch's message, its first line
+        raise UsageError(f"no model can be built at {sizes_of(cfg)} ({said})") from None
 
 def meta_model(cfg):  # shapes only: no memory, no initialisation
     with buildable(cfg), torch.device("meta"):
@@ -965,118 +966,6 @@ def model_size(cfg, vocab_size=None):
                      + MUON_ELEMENTWISE_FLOPS * muon_params + ADAMW_ELEMENTWISE_FLOPS * (total - muon_params),
                      weight_bytes=4 * total, grad_bytes=4 * total,
                      optimizer_bytes=4 * muon_params + 8 * (total - muon_params))
-
-@dataclass
-class MemoryPlan:
-    """Bytes one process holds while training (size --world N): the training state, sharded under FSDP."""
-    weights: int  # fp32
-    grads: int
-    optimizer: int
-    activations: int  # what a micro-batch's forward keeps for backward (activation_bytes)
-    in_flight: int  # FSDP: what it gathers whole (see memory_plan); DDP on several processes: its gradient buckets
-
-    @property
-    def total(self):
-        return self.weights + self.grads + self.optimizer + self.activations + self.in_flight
-
-def memory_plan(cfg, world=1):
-    """Per process: fp32 weights, gradients and optimizer state, each 1/world of the whole under
-    FSDP (every rank whole under DDP), the activations of one micro-batch, and in flight: under
-    FSDP the root's weights (the embedding and the last norm, gathered in fp32 and kept so from
-    forward to backward), the largest block's weights twice (its own and the next one's, prefetched;
-    in bf16 unless fp32) and its gradient whole in fp32 before the reduce-scatter; under DDP on
-    several processes its buckets, a copy of the gradients."""
-    size, share = model_size(cfg), world if cfg.parallel == "fsdp" else 1
-    model = meta_model(cfg)
-    largest = max(sum(p.numel() for p in block.parameters()) for block in model.blocks)
-    root = sum(p.numel() for name, p in model.named_parameters() if not name.startswith("blocks."))
-    in_flight = 0
-    if cfg.parallel == "fsdp":
-        in_flight = 4 * root + 2 * (4 if cfg.dtype == "fp32" else 2) * largest + 4 * largest
-    elif world > 1:
-        in_flight = size.grad_bytes
-    return MemoryPlan(math.ceil(size.weight_bytes / share), math.ceil(size.grad_bytes / share),
-                      math.ceil(size.optimizer_bytes / share), activation_bytes(cfg), in_flight)
-
-def activation_bytes(cfg):
-    """Bytes the forward of one micro-batch keeps for its backward, counted on a fake model (shapes
-    only, no memory) under bf16 autocast and eager, as on CUDA without torch.compile (which fuses,
-    and keeps less): every tensor autograd saves, each storage once, weights excluded. With
-    activation_checkpointing: each block's input, plus the largest block's own while it is
-    recomputed, plus what lies outside the blocks (the embedding, the head, the loss), an upper
-    bound, as the head's are freed before the blocks' recomputations."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.autograd.graph import saved_tensors_hooks
-    with buildable(cfg), FakeTensorMode():
-        model = Transformer(dataclasses.replace(cfg, activation_checkpointing=False))  # training mode: dropout too
-        weights, seen, owner = {p.untyped_storage()._cdata for p in model.parameters()}, set(), [None]
-        saved = {i: 0 for i in [None, *range(cfg.n_layers)]}  # block index (None: outside) -> bytes
-
-        def pack(t):
-            storage = t.untyped_storage()
-            if storage._cdata not in weights and storage._cdata not in seen:
-                seen.add(storage._cdata)
-                saved[owner[0]] += storage.nbytes()
-            return t
-
-        for i, block in enumerate(model.blocks):
-            block.register_forward_pre_hook(lambda module, args, i=i: owner.__setitem__(0, i))
-            block.register_forward_hook(lambda module, args, out: owner.__setitem__(0, None))
-        idx = torch.zeros(cfg.batch_size, cfg.max_seq_len, dtype=torch.long)
-        with saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", dtype=torch.bfloat16):
-            model(idx, targets=idx)
-    blocks = [saved[i] for i in range(cfg.n_layers)]
-    if not cfg.activation_checkpointing:
-        return saved[None] + sum(blocks)
-    inputs = cfg.n_layers * cfg.batch_size * cfg.max_seq_len * cfg.d_model * 4  # the fp32 residual stream
-    return saved[None] + inputs + max(blocks)
-
-# A planned job is refused when the least it can need is more than the machine has free: its training
-# state and in-flight buffers (allocated whatever the precision), and its planned activations divided by
-# ACTIVATION_MARGIN, since activation_bytes counts eager bf16 and torch.compile keeps less (fp32 keeps
-# twice as much). So a refusal is sure of itself; a run the check passes can still run out (fp32
-# activations, the allocator's and the framework's own), as any run could before.
-ACTIVATION_MARGIN = 2
-MEMORY_BLIND = ("seed", "max_steps", "muon_lr", "adamw_lr", "muon_momentum", "weight_decay", "grad_clip",
-                "warmup_frac", "decay_frac", "min_lr_frac")  # fields that leave the memory of a job unchanged
-MEMORY_PLANS = {}  # (world, a config but its MEMORY_BLIND fields) -> its MemoryPlan, counted once per process
-
-def machine_memory(device):
-    """(bytes free for training on device, what they are), or None where the machine does not say:
-    on CUDA the device's free memory, else the host's available memory (MemAvailable)."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0], f"free on {device} ({torch.cuda.get_device_name(device)})"
-    with contextlib.suppress(OSError, ValueError, IndexError), open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024, "of host memory available (MemAvailable)"
-    with contextlib.suppress(OSError, ValueError, AttributeError):
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"), "of host memory free"
-    return None
-
-def check_memory(jobs, world, device):
-    """Before anything trains: every job's least need (see ACTIVATION_MARGIN) against what device has,
-    a UsageError naming the first that does not fit. On the CPU, torchrun's processes on this host
-    (LOCAL_WORLD_SIZE) share its memory; on CUDA each has its own device, like this one."""
-    have = machine_memory(device)
-    if have is None:
-        return
-    free, what = have
-    local = os.environ.get("LOCAL_WORLD_SIZE", "1")
-    procs = int(local) if device.type == "cpu" and local.isdigit() and int(local) > 0 else 1
-    for job in jobs:  # a ladder's seeds and tuning points share a plan: counted once
-        key = json.dumps([world, {k: v for k, v in dataclasses.asdict(job.config).items() if k not in MEMORY_BLIND}])
-        if key not in MEMORY_PLANS:
-            MEMORY_PLANS[key] = memory_plan(job.config, world)
-        plan = MEMORY_PLANS[key]
-        state = plan.total - plan.activations
-        need = procs * (state + plan.activations // ACTIVATION_MARGIN)
-        if need > free:
-            each = f" for its {procs} processes on this host" if procs > 1 else ""
-            raise UsageError(f"{job.id}: training it needs at least {need / 2**30:,.1f} GiB{each} (its weights, "
-                             f"gradients, optimizer state and buffers: {state / 2**30:,.1f} GiB; half the activations "
-                             f"llm.py size plans: {plan.activations / ACTIVATION_MARGIN / 2**30:,.1f} GiB), more than "
-                             f"the {free / 2**30:,.1f} GiB {what}; make it smaller or its batch shorter")
 
 def dense_matched(cfg):
     """A dense config whose active non-embedding parameters equal the MoE config's within 1%."""
@@ -4934,6 +4823,122 @@ def claimed(out_dir, cache_dir, resume):
     finally:
         if lock is not None:
             os.close(lock)
+
+
+# ----------------------------------------------------------------------------------------------
+# Memory: what a job holds while it trains (llm.py size prints it), against what the machine has
+
+@dataclass
+class MemoryPlan:
+    """Bytes one process holds while training (size --world N): the training state, sharded under FSDP."""
+    weights: int  # fp32
+    grads: int
+    optimizer: int
+    activations: int  # what a micro-batch's forward keeps for backward (activation_bytes)
+    in_flight: int  # FSDP: what it gathers whole (see memory_plan); DDP on several processes: its gradient buckets
+
+    @property
+    def total(self):
+        return self.weights + self.grads + self.optimizer + self.activations + self.in_flight
+
+def memory_plan(cfg, world=1):
+    """Per process: fp32 weights, gradients and optimizer state, each 1/world of the whole under
+    FSDP (every rank whole under DDP), the activations of one micro-batch, and in flight: under
+    FSDP the root's weights (the embedding and the last norm, gathered in fp32 and kept so from
+    forward to backward), the largest block's weights twice (its own and the next one's, prefetched;
+    in bf16 unless fp32) and its gradient whole in fp32 before the reduce-scatter; under DDP on
+    several processes its buckets, a copy of the gradients."""
+    size, share = model_size(cfg), world if cfg.parallel == "fsdp" else 1
+    model = meta_model(cfg)
+    largest = max(sum(p.numel() for p in block.parameters()) for block in model.blocks)
+    root = sum(p.numel() for name, p in model.named_parameters() if not name.startswith("blocks."))
+    in_flight = 0
+    if cfg.parallel == "fsdp":
+        in_flight = 4 * root + 2 * (4 if cfg.dtype == "fp32" else 2) * largest + 4 * largest
+    elif world > 1:
+        in_flight = size.grad_bytes
+    return MemoryPlan(math.ceil(size.weight_bytes / share), math.ceil(size.grad_bytes / share),
+                      math.ceil(size.optimizer_bytes / share), activation_bytes(cfg), in_flight)
+
+def activation_bytes(cfg):
+    """Bytes the forward of one micro-batch keeps for its backward, counted on a fake model (shapes
+    only, no memory) under bf16 autocast and eager, as on CUDA without torch.compile (which fuses,
+    and keeps less): every tensor autograd saves, each storage once, weights excluded. With
+    activation_checkpointing: each block's input, plus the largest block's own while it is
+    recomputed, plus what lies outside the blocks (the embedding, the head, the loss), an upper
+    bound, as the head's are freed before the blocks' recomputations."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.autograd.graph import saved_tensors_hooks
+    with buildable(cfg), FakeTensorMode():
+        model = Transformer(dataclasses.replace(cfg, activation_checkpointing=False))  # training mode: dropout too
+        weights, seen, owner = {p.untyped_storage()._cdata for p in model.parameters()}, set(), [None]
+        saved = {i: 0 for i in [None, *range(cfg.n_layers)]}  # block index (None: outside) -> bytes
+
+        def pack(t):
+            storage = t.untyped_storage()
+            if storage._cdata not in weights and storage._cdata not in seen:
+                seen.add(storage._cdata)
+                saved[owner[0]] += storage.nbytes()
+            return t
+
+        for i, block in enumerate(model.blocks):
+            block.register_forward_pre_hook(lambda module, args, i=i: owner.__setitem__(0, i))
+            block.register_forward_hook(lambda module, args, out: owner.__setitem__(0, None))
+        idx = torch.zeros(cfg.batch_size, cfg.max_seq_len, dtype=torch.long)
+        with saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", dtype=torch.bfloat16):
+            model(idx, targets=idx)
+    blocks = [saved[i] for i in range(cfg.n_layers)]
+    if not cfg.activation_checkpointing:
+        return saved[None] + sum(blocks)
+    inputs = cfg.n_layers * cfg.batch_size * cfg.max_seq_len * cfg.d_model * 4  # the fp32 residual stream
+    return saved[None] + inputs + max(blocks)
+
+# A planned job is refused when the least it can need is more than the machine has free: its training
+# state and in-flight buffers (allocated whatever the precision), and its planned activations divided by
+# ACTIVATION_MARGIN, since activation_bytes counts eager bf16 and torch.compile keeps less (fp32 keeps
+# twice as much). So a refusal is sure of itself; a run the check passes can still run out (fp32
+# activations, the allocator's and the framework's own), as any run could before.
+ACTIVATION_MARGIN = 2
+MEMORY_BLIND = ("seed", "max_steps", "muon_lr", "adamw_lr", "muon_momentum", "weight_decay", "grad_clip",
+                "warmup_frac", "decay_frac", "min_lr_frac")  # fields that leave the memory of a job unchanged
+MEMORY_PLANS = {}  # (world, a config but its MEMORY_BLIND fields) -> its MemoryPlan, counted once per process
+
+def machine_memory(device):
+    """(bytes free for training on device, what they are), or None where the machine does not say:
+    on CUDA the device's free memory, else the host's available memory (MemAvailable)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0], f"free on {device} ({torch.cuda.get_device_name(device)})"
+    with contextlib.suppress(OSError, ValueError, IndexError), open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024, "of host memory available (MemAvailable)"
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"), "of host memory free"
+    return None
+
+def check_memory(jobs, world, device):
+    """Before anything trains: every job's least need (see ACTIVATION_MARGIN) against what device has,
+    a UsageError naming the first that does not fit. On the CPU, torchrun's processes on this host
+    (LOCAL_WORLD_SIZE) share its memory; on CUDA each has its own device, like this one."""
+    have = machine_memory(device)
+    if have is None:
+        return
+    free, what = have
+    local = os.environ.get("LOCAL_WORLD_SIZE", "1")
+    procs = int(local) if device.type == "cpu" and local.isdigit() and int(local) > 0 else 1
+    for job in jobs:  # a ladder's seeds and tuning points share a plan: counted once
+        key = json.dumps([world, {k: v for k, v in dataclasses.asdict(job.config).items() if k not in MEMORY_BLIND}])
+        if key not in MEMORY_PLANS:
+            MEMORY_PLANS[key] = memory_plan(job.config, world)
+        plan = MEMORY_PLANS[key]
+        state = plan.total - plan.activations
+        need = procs * (state + plan.activations // ACTIVATION_MARGIN)
+        if need > free:
+            each = f" for its {procs} processes on this host" if procs > 1 else ""
+            raise UsageError(f"{job.id}: training it needs at least {need / 2**30:,.1f} GiB{each} (its weights, "
+                             f"gradients, optimizer state and buffers: {state / 2**30:,.1f} GiB; half the activations "
+                             f"llm.py size plans: {plan.activations / ACTIVATION_MARGIN / 2**30:,.1f} GiB), more than "
+                             f"the {free / 2**30:,.1f} GiB {what}; make it smaller or its batch shorter")
 
 
 # ----------------------------------------------------------------------------------------------
