@@ -736,14 +736,28 @@ def newton_schulz_flops(shape, steps):
     r, c = sorted(shape[-2:])
     return math.prod(shape[:-2]) * steps * (4 * r * r * c + 2 * r**3)
 
+class MuonOptions(NamedTuple):
+    """A Muon param group's options, as its step reads them (lr may be a device tensor: see Muon)."""
+    lr: float | torch.Tensor
+    momentum: float
+    nesterov: bool
+    ns_steps: int
+    weight_decay: float
+
+class MuonBucket(NamedTuple):
+    """Same-shape matrices of one param group, stepped as one stack."""
+    params: list
+    grads: list
+    bufs: list  # their momentum buffers
+    options: MuonOptions
+
 @torch.no_grad()
 def muon_update(buckets, ok):
-    """One Muon step over buckets of same-shape matrices: (params, grads, momentum buffers, lr,
-    momentum, nesterov, ns_steps, weight_decay) each. A plain function so that torch.compile can
-    take the whole step at once: its elementwise passes (stacking, momentum, the bf16 cast, the
-    norm, the update) fuse around the Newton-Schulz matmuls. For an MoE they are passes over every
-    expert, so eagerly they cost it several times what they cost the dense model."""
-    for ps, grads, bufs, lr, momentum, nesterov, ns_steps, weight_decay in buckets:
+    """One Muon step over MuonBuckets. A plain function so that torch.compile can take the whole
+    step at once: its elementwise passes (stacking, momentum, the bf16 cast, the norm, the update)
+    fuse around the Newton-Schulz matmuls. For an MoE they are passes over every expert, so eagerly
+    they cost it several times what they cost the dense model."""
+    for ps, grads, bufs, (lr, momentum, nesterov, ns_steps, weight_decay) in buckets:
         shape = ps[0].shape[-2:]
         sizes = [p.numel() // shape.numel() for p in ps]  # matrices in each parameter
         grad = torch.cat([g.reshape(-1, *shape) for g in grads])  # (M, out, in): every matrix of the bucket
@@ -761,6 +775,10 @@ def muon_update(buckets, ok):
             torch._foreach_mul_(ps, 1 - lr * weight_decay)
         torch._foreach_sub_(ps, [u.view_as(p) for u, p in zip(update.split(sizes), ps)])
 
+def is_sharded(t):  # a DTensor: a parameter (or its gradient, or state) FSDP split over the ranks
+    from torch.distributed.tensor import DTensor
+    return isinstance(t, DTensor)
+
 class Muon(torch.optim.Optimizer):
     """MomentUm Orthogonalized by Newton-Schulz, for hidden weight matrices and stacks of them.
 
@@ -771,28 +789,39 @@ class Muon(torch.optim.Optimizer):
 
     compile: run the step as one torch.compile'd graph (muon_update). The schedule changes the
     learning rate every step, so the graph reads it from a device tensor, set by a fill (no host
-    sync): a Python float would be a constant to dynamo, and the step would recompile."""
+    sync): a Python float would be a constant to dynamo, and the step would recompile.
+    sharded: for parameters FSDP shards (DTensors), what steps them (Sharding.muon_update): called
+    with those parameters and ns_steps, it returns a function of [(param, grad, momentum buffer,
+    MuonOptions)] and ok."""
 
-    def __init__(self, params, lr=0.02, momentum=0.95, nesterov=True, ns_steps=5, weight_decay=0.0, compile=False):
+    def __init__(self, params, lr=0.02, momentum=0.95, nesterov=True, ns_steps=5, weight_decay=0.0, compile=False,
+                 sharded=None):
         super().__init__(params, {"lr": lr, "momentum": momentum, "nesterov": nesterov, "ns_steps": ns_steps,
                                   "weight_decay": weight_decay})
         self.compiled = compile
         self.update = torch.compile(muon_update, fullgraph=True) if compile else muon_update
         self.lr_tensors = {}  # compiled: param group index -> its learning rate on the device
+        shards = [p for group in self.param_groups for p in group["params"] if is_sharded(p)]
+        if shards and sharded is None:
+            raise ValueError("Muon: parameters sharded by FSDP need sharded= (Sharding.muon_update)")
+        self.sharded_update = sharded(shards, ns_steps) if shards else None
+
+    @staticmethod
+    def options(group, lr=None):
+        return MuonOptions(group["lr"] if lr is None else lr, group["momentum"], group["nesterov"], group["ns_steps"],
+                           group["weight_decay"])
 
     @torch.no_grad()
     def step(self, closure=None, ok=None):
         """ok: optional 0-dim bool tensor; False leaves parameters and momentum untouched, decided
-        on the device so that skipping a non-finite step needs no host sync. Parameters sharded by
-        FSDP (DTensors) take sharded_muon_update."""
+        on the device so that skipping a non-finite step needs no host sync."""
         buckets, sharded = [], []
         for i, group in enumerate(self.param_groups):
             same_shape = {}
             for p in group["params"]:
                 if p.grad is not None and is_sharded(p):
-                    sharded.append((p, p.grad, self.state[p].setdefault("momentum_buffer", torch.zeros_like(p)),
-                                    group["lr"], group["momentum"], group["nesterov"], group["ns_steps"],
-                                    group["weight_decay"]))
+                    buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
+                    sharded.append((p, p.grad, buf, self.options(group)))
                 elif p.grad is not None:
                     same_shape.setdefault((p.shape[-2:], p.dtype, p.device), []).append(p)
             lr = group["lr"]
@@ -800,54 +829,11 @@ class Muon(torch.optim.Optimizer):
                 lr = self.lr_tensors.setdefault(i, torch.zeros((), device=group["params"][0].device)).fill_(lr)
             for ps in same_shape.values():
                 bufs = [self.state[p].setdefault("momentum_buffer", torch.zeros_like(p)) for p in ps]
-                buckets.append((ps, [p.grad for p in ps], bufs, lr, group["momentum"], group["nesterov"],
-                                group["ns_steps"], group["weight_decay"]))
+                buckets.append(MuonBucket(ps, [p.grad for p in ps], bufs, self.options(group, lr)))
         if buckets:
             self.update(buckets, ok)
         if sharded:
-            if not hasattr(self, "owners"):  # the same on every rank: the same shapes in the same order
-                params = [p for group in self.param_groups for p in group["params"] if is_sharded(p)]
-                self.owners = balance_owners(params, dist.get_world_size(), sharded[0][6])
-            sharded_muon_update(sharded, ok, self.owners)
-
-@torch.no_grad()
-def sharded_muon_update(entries, ok, owners):
-    """Muon over parameters FSDP shards on their first dimension, equal to muon_update's result:
-    the momentum, weight decay and update on each rank's shard, Newton-Schulz once per matrix. An
-    expert stack (E, out, in) is orthogonalised where its experts live, with no communication (an
-    uneven split leaves some ranks one more expert, never part of one). A 2-D matrix's rows are
-    gathered to its owner rank (owners: balance_owners), orthogonalised there and sent back; every
-    owner works at once, between one round of gathers and one of scatters. entries: (param, grad,
-    momentum buffer, lr, momentum, nesterov, ns_steps, weight_decay) each."""
-    updates, lrs = [], []
-    for p, grad, buf, lr, momentum, nesterov, ns_steps, weight_decay in entries:
-        g, b, beta = grad.to_local(), buf.to_local(), 1 - momentum
-        if ok is not None:
-            g = torch.where(ok, g, 0.0)  # a NaN must not reach the momentum, even times 0
-            lr, beta = ok * lr, ok * beta
-        b.lerp_(g, beta)
-        updates.append(g.lerp(b, momentum) if nesterov else b)
-        lrs.append(lr)
-    matrices = {i: updates[i] for i, (p, *_) in enumerate(entries) if p.dim() == 2}
-    shapes, owner = {i: entries[i][0].shape for i in matrices}, {i: owners[entries[i][0]] for i in matrices}
-    owned = gather_rows(matrices, shapes, owner)
-    done = {i: newton_schulz(full, entries[i][6]) for i, full in owned.items()}
-    shards = scatter_rows(done, matrices, shapes, owner)
-    for i, ((p, _, _, _, _, _, ns_steps, weight_decay), u, lr) in enumerate(zip(entries, updates, lrs)):
-        local, (rows, cols) = p.to_local(), p.shape[-2:]
-        orthogonal = shards[i] if i in shards else newton_schulz(u, ns_steps)
-        if weight_decay:
-            local.mul_(1 - lr * weight_decay)
-        local.sub_(orthogonal * (lr * max(1.0, rows / cols) ** 0.5))
-
-def balance_owners(params, world, ns_steps):
-    """Which rank orthogonalises each 2-D matrix (param -> rank): the largest first, each to the rank
-    with the fewest Newton-Schulz FLOPs so far."""
-    load, owners = [0] * world, {}
-    for p in sorted((p for p in params if p.dim() == 2), key=lambda p: -newton_schulz_flops(p.shape, ns_steps)):
-        owners[p] = min(range(world), key=lambda r: load[r])
-        load[owners[p]] += newton_schulz_flops(p.shape, ns_steps)
-    return owners
+            self.sharded_update(sharded, ok)
 
 def optimizer_split(model):
     """Which optimizer trains what: Muon the hidden matrices (expert stacks included); AdamW the
@@ -862,14 +848,16 @@ def optimizer_split(model):
             no_decay.append(p)
     return muon, decay, no_decay
 
-def make_optimizers(model, cfg, compile=False):
+def make_optimizers(model, cfg, compile=False, sharded=None):
     """[Muon, AdamW] over optimizer_split(model). compile: Muon's step as one compiled graph (on when
-    the model is compiled). An aux_free MoE layer moves its selection bias just before Muon steps."""
+    the model is compiled); sharded: Muon's step for FSDP's shards (see Muon). An aux_free MoE layer
+    moves its selection bias just before Muon steps."""
     muon_params, decay, no_decay = optimizer_split(model)
     # fused: one kernel, and it can skip a step on the device (found_inf) without a host sync
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     adamw = torch.optim.AdamW(groups, lr=cfg.adamw_lr, betas=(0.9, 0.95), fused=True)
-    muon = Muon(muon_params, lr=cfg.muon_lr, momentum=cfg.muon_momentum, weight_decay=cfg.weight_decay, compile=compile)
+    muon = Muon(muon_params, lr=cfg.muon_lr, momentum=cfg.muon_momentum, weight_decay=cfg.weight_decay, compile=compile,
+                sharded=sharded)
     for layer in model.modules():
         if isinstance(layer, MoE) and layer.aux_free:
             muon.register_step_pre_hook(lambda optimizer, args, kwargs, layer=layer: layer.update_bias())
@@ -983,6 +971,12 @@ def dense_matched(cfg):
 # ----------------------------------------------------------------------------------------------
 # Training
 
+class Sharding(NamedTuple):
+    """What FSDP2 needs from the distributed machinery below: shard(model, runtime) splits every
+    parameter of the model over the ranks in place; muon_update is Muon's sharded= (see Muon)."""
+    shard: Callable
+    muon_update: Callable
+
 @dataclass
 class Runtime:
     """Where and how to run: device, precision, and the distributed world."""
@@ -991,7 +985,7 @@ class Runtime:
     compile: bool
     rank: int = 0
     world: int = 1
-    fsdp: bool = False  # the model's weights, gradients and optimizer state sharded over the world (FSDP2)
+    fsdp: Sharding | None = None  # the model's weights, gradients and optimizer state sharded over the world
 
     @property
     def master(self):
@@ -1037,7 +1031,7 @@ class Trainer:
         self.graphs = uses_cuda_graphs(cfg, runtime)
         self.wrapped = self.model  # what the training step calls: compiled, and under DDP wrapped
         if runtime.fsdp:  # in place: each parameter becomes a DTensor, each rank holding a shard
-            shard_model(self.model, runtime)
+            runtime.fsdp.shard(self.model, runtime)
         if runtime.compile:
             # a fresh start per model: dynamo recompiles a function at most 8 times, then silently runs
             # it eagerly (a sweep's later models would train uncompiled, their speed not comparable),
@@ -1048,7 +1042,8 @@ class Trainer:
             # no buffer broadcast: each rank counts its own expert load until update_bias all-reduces it
             ids = [runtime.device.index] if runtime.device.type == "cuda" else None
             self.wrapped = nn.parallel.DistributedDataParallel(self.wrapped, device_ids=ids, broadcast_buffers=False)
-        self.optimizers = make_optimizers(self.model, cfg, compile=runtime.compile)
+        self.optimizers = make_optimizers(self.model, cfg, compile=runtime.compile,
+                                          sharded=runtime.fsdp and runtime.fsdp.muon_update)
         self.schedulers = [torch.optim.lr_scheduler.LambdaLR(o, lambda s: lr_factor(s, cfg)) for o in self.optimizers]
         self.scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.dtype == torch.float16)
         self.stream = TrainWindows(data.train, cfg.max_seq_len, cfg.seed, runtime.device)
@@ -4613,10 +4608,6 @@ def lost_a_peer(error):  # a collective's error on a rank whose peer stopped (or
 # ----------------------------------------------------------------------------------------------
 # FSDP: sharding the model, and the collectives its optimizer step and checkpoints need
 
-def is_sharded(t):  # a DTensor: a parameter (or its gradient, or state) FSDP split over the ranks
-    from torch.distributed.tensor import DTensor
-    return isinstance(t, DTensor)
-
 def shard_model(model, runtime):
     """FSDP2 in place: every block, then the root, fully_shard'ed over the world; each parameter is
     split on its first dimension (an expert stack: whole experts per rank). In bf16 the blocks'
@@ -4696,6 +4687,50 @@ def scatter_rows(done, locals_, shapes, owners):
         shards[i] = out[: sizes[rank]]
     return shards
 
+@torch.no_grad()
+def sharded_muon_update(entries, ok, owners):
+    """Muon over parameters FSDP shards on their first dimension, equal to muon_update's result:
+    the momentum, weight decay and update on each rank's shard, Newton-Schulz once per matrix. An
+    expert stack (E, out, in) is orthogonalised where its experts live, with no communication (an
+    uneven split leaves some ranks one more expert, never part of one). A 2-D matrix's rows are
+    gathered to its owner rank (owners: balance_owners), orthogonalised there and sent back; every
+    owner works at once, between one round of gathers and one of scatters. entries: (param, grad,
+    momentum buffer, MuonOptions) each."""
+    updates, lrs = [], []
+    for p, grad, buf, (lr, momentum, nesterov, _, _) in entries:
+        g, b, beta = grad.to_local(), buf.to_local(), 1 - momentum
+        if ok is not None:
+            g = torch.where(ok, g, 0.0)  # a NaN must not reach the momentum, even times 0
+            lr, beta = ok * lr, ok * beta
+        b.lerp_(g, beta)
+        updates.append(g.lerp(b, momentum) if nesterov else b)
+        lrs.append(lr)
+    matrices = {i: updates[i] for i, (p, *_) in enumerate(entries) if p.dim() == 2}
+    shapes, owner = {i: entries[i][0].shape for i in matrices}, {i: owners[entries[i][0]] for i in matrices}
+    owned = gather_rows(matrices, shapes, owner)
+    done = {i: newton_schulz(full, entries[i][3].ns_steps) for i, full in owned.items()}
+    shards = scatter_rows(done, matrices, shapes, owner)
+    for i, ((p, _, _, options), u, lr) in enumerate(zip(entries, updates, lrs)):
+        local, (rows, cols) = p.to_local(), p.shape[-2:]
+        orthogonal = shards[i] if i in shards else newton_schulz(u, options.ns_steps)
+        if options.weight_decay:
+            local.mul_(1 - lr * options.weight_decay)
+        local.sub_(orthogonal * (lr * max(1.0, rows / cols) ** 0.5))
+
+def balance_owners(params, world, ns_steps):
+    """Which rank orthogonalises each 2-D matrix (param -> rank): the largest first, each to the rank
+    with the fewest Newton-Schulz FLOPs so far."""
+    load, owners = [0] * world, {}
+    for p in sorted((p for p in params if p.dim() == 2), key=lambda p: -newton_schulz_flops(p.shape, ns_steps)):
+        owners[p] = min(range(world), key=lambda r: load[r])
+        load[owners[p]] += newton_schulz_flops(p.shape, ns_steps)
+    return owners
+
+def sharded_muon(params, ns_steps):
+    """Sharding.muon_update: Muon's step for the parameters FSDP shards (sharded_muon_update), each
+    2-D matrix owned by a rank; the same owners on every rank (the same shapes in the same order)."""
+    return functools.partial(sharded_muon_update, owners=balance_owners(params, dist.get_world_size(), ns_steps))
+
 
 # ----------------------------------------------------------------------------------------------
 # Processes, directories and locks
@@ -4724,7 +4759,8 @@ def make_runtime(cfg):
         dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32 if cfg.parallel == "fsdp" \
             else torch.float16  # FSDP here has no fp16 grad scaler
     compiled = cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda")
-    return Runtime(device=device, dtype=dtype, compile=compiled, rank=rank, world=world, fsdp=cfg.parallel == "fsdp")
+    return Runtime(device=device, dtype=dtype, compile=compiled, rank=rank, world=world,
+                   fsdp=Sharding(shard_model, sharded_muon) if cfg.parallel == "fsdp" else None)
 
 @contextlib.contextmanager
 def native_stderr_dropped_on_error():

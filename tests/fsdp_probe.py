@@ -22,7 +22,7 @@ def local_bytes(tensors):
 
 
 def step(model, cfg, x, y):
-    optimizers = llm.make_optimizers(model, cfg)
+    optimizers = llm.make_optimizers(model, cfg, sharded=llm.sharded_muon)
     torch.manual_seed(2)  # the same router noise for both steps
     ce, lb, z = model(x, targets=y)
     (ce + cfg.balance_loss_weight * lb + cfg.z_loss_weight * z).backward()
@@ -37,7 +37,7 @@ def step(model, cfg, x, y):
 def skipped_step(model, cfg, x, y, rank):
     """A step whose gradient on rank 1 holds a NaN: the global norm is NaN on every rank, and every
     rank leaves its parameters as they were. -> the largest change of this rank's parameters."""
-    optimizers = llm.make_optimizers(model, cfg)
+    optimizers = llm.make_optimizers(model, cfg, sharded=llm.sharded_muon)
     before = [p.to_local().clone() for p in model.parameters()]
     ce, lb, z = model(x, targets=y)
     (ce + cfg.balance_loss_weight * lb + cfg.z_loss_weight * z).backward()
