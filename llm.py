@@ -1003,31 +1003,20 @@ def uses_cuda_graphs(cfg, runtime):
     return (runtime.compile and cfg.cuda_graphs and runtime.device.type == "cuda" and runtime.world == 1
             and not runtime.fsdp and cfg.gradient_accumulation_steps == 1)
 
-@dataclass
-class Progress:
-    """Where a model's training stands, as its checkpoints' state.json carries it (the running loss
-    sums go beside it), so that a resumed model goes on exactly."""
-    step: int = 0  # optimizer steps done
-    skipped_steps: int = 0  # non-finite steps skipped so far
-    best_val: float | None = None  # patience: the best periodic val loss, and evaluations since it
-    evals_since_best: int = 0
-    stopped_early: bool = False
-    wall_s: float = 0.0  # wall seconds of the segments before a resume, and those spent evaluating and
-    eval_s: float = 0.0  # checkpointing
-    train_s: float = 0.0  # and their training seconds (see Trainer.segment_seconds)
-    row: dict | None = None  # the result row, once the model has finished (its final checkpoint)
-
 class Trainer:
-    """One model's training: the model and everything its steps share. train_step is one optimizer
-    step; train_model below runs the loop and decides when to log, evaluate, checkpoint and stop."""
+    """One model and what its optimizer steps share: the model (sharded for FSDP, compiled, wrapped
+    for DDP), its optimizers and schedules, its training stream and evaluation windows, and on-device
+    tallies of its losses and non-finite steps. train_step is one optimizer step and measure one
+    evaluation; train_model (in the harness) decides when to log, evaluate, checkpoint and stop."""
 
-    def __init__(self, name, cfg, data, runtime, log_metrics, ckpt_dir, init, resume_from):
-        self.name, self.cfg, self.runtime, self.log_metrics, self.ckpt_dir = name, cfg, runtime, log_metrics, ckpt_dir
+    def __init__(self, name, cfg, data, runtime, init=None):
+        """init: a function that sets the fresh model's weights (upcycling)."""
+        self.name, self.cfg, self.runtime = name, cfg, runtime
         torch.manual_seed(cfg.seed)
         self.model = Transformer(cfg).to(runtime.device)
         if init is not None:
             init(self.model)
-        self.size, self.n_moe = model_size(cfg), len(cfg.moe_layer_ids())
+        self.n_moe = len(cfg.moe_layer_ids())
         self.graphs = uses_cuda_graphs(cfg, runtime)
         self.wrapped = self.model  # what the training step calls: compiled, and under DDP wrapped
         if runtime.fsdp:  # in place: each parameter becomes a DTensor, each rank holding a shard
@@ -1054,21 +1043,12 @@ class Trainer:
         self.val_sample, self.train_sample = self.val.head(n), self.train_windows.head(n)
         self.global_batch = cfg.batch_size * runtime.world
         self.tokens_per_step = self.global_batch * cfg.gradient_accumulation_steps * cfg.max_seq_len
-        self.progress, running = Progress(), [0.0, 0.0, 0.0]
-        if resume_from is not None:
-            restore_checkpoint(resume_from, self.model, self.optimizers, self.schedulers, self.scaler)
-            self.progress, running = read_progress(resume_from)
         # on-device tallies between log steps, where reading them syncs the host
         device = runtime.device
-        self.running = torch.tensor(running, device=device)  # ce, lb, z summed since the last log
+        self.running = torch.zeros(3, device=device)  # ce, lb, z summed since the last log
         self.skipped = torch.zeros((), dtype=torch.long, device=device)  # non-finite steps since the last log
         self.streak = torch.zeros((), dtype=torch.long, device=device)  # the current run of them
         self.worst = torch.zeros((), dtype=torch.long, device=device)  # the longest run since the last check
-        self.first_step = self.progress.step  # of this segment: a resumed run starts part-way
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        # t_aside: seconds evaluating and checkpointing, which are not training
-        self.t_start, self.t_first, self.t_aside = time.perf_counter(), None, 0.0
 
     def train_step(self, step):
         """Optimizer step `step` (0-based): its micro-batches forward and backward, the gradient
@@ -1105,10 +1085,6 @@ class Trainer:
         for o, s in zip(self.optimizers, self.schedulers):
             o.zero_grad(set_to_none=True)
             s.step()
-        if self.t_first is None:  # throughput counts from the end of the first step: compilation excluded
-            if runtime.device.type == "cuda":
-                torch.cuda.synchronize()
-            self.t_first = time.perf_counter()
 
     def gradient_sync(self, last):
         """DDP reduces gradients after the last micro-batch of a step only. FSDP reduce-scatters
@@ -1118,31 +1094,19 @@ class Trainer:
             return self.wrapped.no_sync()
         return contextlib.nullcontext()
 
-    def log_losses(self, done, bar):
-        """The host sync of a log interval: mean losses, throughput, skipped steps."""
-        cfg, progress, per_layer = self.cfg, self.progress, max(1, self.n_moe)
-        n = cfg.log_every if done % cfg.log_every == 0 else done % cfg.log_every
-        ce, lb, z = (self.running / n).tolist()
-        progress.skipped_steps += int(self.skipped)
+    def read_losses(self, steps):
+        """The host sync of a log interval of `steps` steps: the mean ce, balance and z losses, and how
+        many steps were skipped as non-finite; the tallies start again."""
+        ce, lb, z = (self.running / steps).tolist()
+        skipped = int(self.skipped)
         self.running.zero_(), self.skipped.zero_()
-        # the lr the last step used: the group's lr has already moved on to the next step's
-        lr = self.optimizers[0].param_groups[0]["initial_lr"] * lr_factor(done - 1, cfg)
-        tps = self.tokens_per_second(done)
-        self.log_metrics({"model": self.name, "kind": "train", "step": done, "tokens": done * self.tokens_per_step,
-                          "loss": ce, "lb_loss": lb / per_layer, "z_loss": z / per_layer, "lr": lr,
-                          "tokens_per_s": tps, "skipped_steps": progress.skipped_steps})
-        bar.set_postfix_str(f"loss {ce:.3f} aux {lb / per_layer:.3f} lr {lr:.2e} tok/s {tps:,.0f}"
-                            + (f" skipped {progress.skipped_steps}" if progress.skipped_steps else ""))
+        return ce, lb, z, skipped
 
-    def check_bad_steps(self, done):
-        """Stop the run once max_bad_steps steps in a row were non-finite (reading the tally syncs)."""
+    def longest_bad_run(self):
+        """The longest run of non-finite steps since the last call (reading the tallies syncs)."""
         worst = max(int(self.worst), int(self.streak))
         self.worst.zero_()
-        if worst >= self.cfg.max_bad_steps:
-            last = latest_checkpoint(self.ckpt_dir, log=lambda *a: None)[0] if self.ckpt_dir else None
-            raise TrainingError(f"{self.name}: {worst} optimizer steps in a row had a non-finite loss or gradient "
-                                f"(max_bad_steps {self.cfg.max_bad_steps}), stopped at step {done}; "
-                                f"last good checkpoint: {last or 'none'}; try a lower learning rate")
+        return worst
 
     def healthy(self):
         """No run of non-finite steps under way, and finite weights: a state worth a checkpoint."""
@@ -1152,157 +1116,20 @@ class Trainer:
             dist.all_reduce(finite, op=dist.ReduceOp.MIN)
         return int(self.streak) == 0 and bool(finite)
 
-    def segment_seconds(self):
-        """Training seconds of this segment: from the end of its first step (so compilation and CUDA
-        graph capture are not in them, as they are not in a longer run's cost), evaluation and
-        checkpoints excluded."""
-        return time.perf_counter() - self.t_first - self.t_aside if self.t_first is not None else 0.0
-
-    def tokens_per_second(self, done):
-        steps = done - 1 - self.first_step
-        elapsed = self.segment_seconds() if steps > 0 else 0
-        return steps * self.tokens_per_step / elapsed if elapsed > 0 else float("nan")
-
-    def evaluate(self, step, final):
-        """Val loss on every held-out window (final) or a fixed sample of them, train loss on as many
-        training windows; logged, printed, and timed apart from training."""
-        if self.runtime.device.type == "cuda":  # the training steps queued so far are training time
-            torch.cuda.synchronize(self.runtime.device)
-        t0, cfg, seconds = time.perf_counter(), self.cfg, self.progress.train_s + self.segment_seconds()
-        val = evaluate(self.model, self.val if final else self.val_sample, self.runtime, cfg.batch_size)
-        train = evaluate(self.model, self.train_windows if final else self.train_sample, self.runtime, cfg.batch_size)
-        # curves compare evaluations with each other: on the same fixed samples at every one, the final too
+    def measure(self, final):
+        """Val loss, accuracy, perplexity and expert statistics on every held-out window (final) or a
+        fixed sample of them, train loss on as many training windows; and both losses on the fixed
+        samples, the final evaluation's too (curves compare evaluations with each other)."""
+        cfg, runtime = self.cfg, self.runtime
+        val = evaluate(self.model, self.val if final else self.val_sample, runtime, cfg.batch_size)
+        train = evaluate(self.model, self.train_windows if final else self.train_sample, runtime, cfg.batch_size)
         sample_val, sample_train = (val["loss"], train["loss"]) if not final else (
-            evaluate(self.model, windows, self.runtime, cfg.batch_size)["loss"]
+            evaluate(self.model, windows, runtime, cfg.batch_size)["loss"]
             for windows in (self.val_sample, self.train_sample))
-        batch_level = self.n_moe > 0 and cfg.batch_level_routing
-        record = {"model": self.name, "kind": "eval", "step": step, "tokens": step * self.tokens_per_step,
-                  "train_seconds": seconds, "final": final, "val_loss": val["loss"], "val_accuracy": val["accuracy"],
-                  "val_perplexity": val["perplexity"], "train_loss": train["loss"], "experts": val["experts"],
-                  "batch_level_routing": batch_level, "sample_val_loss": sample_val, "sample_train_loss": sample_train}
-        self.log_metrics(record)
-        routing = ""
-        if self.n_moe:
-            cv = sum(e["load_cv"] for e in val["experts"]) / self.n_moe
-            dropped = sum(e["dropped_fraction"] for e in val["experts"]) / self.n_moe
-            routing = (f" | load CV {cv:.3f}" + (f" dropped {dropped:.3f}" if cfg.drops_tokens else "")
-                       + (" (batch-level routing)" if batch_level else ""))
-        if self.runtime.master:
-            tqdm.write(f"{self.name} step {step}: val loss {val['loss']:.4f} ppl {val['perplexity']:.2f} "
-                       f"acc {val['accuracy']:.4f} | train loss {train['loss']:.4f}{routing}")
-        self.t_aside += time.perf_counter() - t0
-        return record
-
-    def count_patience(self, record):
-        """Evaluations since the best val loss; patience of them stop the model."""
-        progress = self.progress
-        if progress.best_val is None or record["val_loss"] < progress.best_val:
-            progress.best_val, progress.evals_since_best = record["val_loss"], 0
-        else:
-            progress.evals_since_best += 1
-        if self.cfg.patience and progress.evals_since_best >= self.cfg.patience:
-            progress.stopped_early = True
-            if self.runtime.master:
-                tqdm.write(f"{self.name}: no val loss improvement in {self.cfg.patience} evaluations; "
-                           f"stopping at step {record['step']}")
-
-    def stop_requested(self, stop, done):
-        """Ctrl-C. Under DDP every rank must stop at the same step: they agree at log steps (a sync)."""
-        if self.runtime.world == 1:
-            return stop.requested
-        if done % self.cfg.log_every:
-            return False
-        flag = torch.tensor(float(stop.requested), device=self.runtime.device)
-        dist.all_reduce(flag)
-        return bool(flag.item())
-
-    def checkpoint(self, step):
-        if self.ckpt_dir is None:
-            return None
-        self.progress.step, running = step, self.running.tolist()  # a sync; the queued steps count as training time
-        t0 = time.perf_counter()
-        saved = dataclasses.replace(self.progress, wall_s=self.progress.wall_s + time.perf_counter() - self.t_start,
-                                    eval_s=self.progress.eval_s + self.t_aside,
-                                    train_s=self.progress.train_s + self.segment_seconds())
-        # whole tensors on rank 0's CPU (under FSDP gathered one at a time, by every rank), which writes them
-        keep = self.runtime.master
-        weights, optimizer_states = (full_state(self.model.state_dict(), keep),
-                                     full_state([o.state_dict() for o in self.optimizers], keep))
-        failure = None
-        if self.runtime.master:
-            training = training_state(optimizer_states, self.schedulers, self.scaler, self.runtime.device)
-            try:
-                save_checkpoint(self.ckpt_dir, weights, training,
-                                {"name": self.name, "step": step, "progress": dataclasses.asdict(saved),
-                                 "running": running, "config": dataclasses.asdict(self.cfg)})
-            except OSError as e:  # a full disk: every rank stops, not only rank 0
-                failure = e
-        share_outcome(self.runtime, failure)
-        self.t_aside += time.perf_counter() - t0
-        return checkpoint_path(self.ckpt_dir, step)
-
-    def result_row(self, final, done):
-        """The model's row of results.json (and of the table), from its final evaluation."""
-        cfg, size, experts, runtime = self.cfg, self.size, final["experts"], self.runtime
-        wall = self.progress.wall_s + time.perf_counter() - self.t_start  # every segment of a resumed run
-        return {"name": self.name, "total_params": size.total, "active_params": size.active,
-                "non_embedding_params": size.non_embedding, "flops_per_token": size.flops_per_token,
-                "optimizer_flops_per_step": size.optimizer_flops_per_step, "val_tokens": self.val_tokens,
-                "val_loss": final["val_loss"], "val_accuracy": final["val_accuracy"],
-                "val_perplexity": final["val_perplexity"], "train_loss": final["train_loss"], "experts": experts,
-                "batch_level_routing": final["batch_level_routing"],
-                "load_cv": sum(e["load_cv"] for e in experts) / len(experts) if experts else None,
-                "steps": done, "stopped_early": self.progress.stopped_early,
-                "skipped_steps": self.progress.skipped_steps,
-                "epochs": done * cfg.gradient_accumulation_steps * self.global_batch / self.stream.n,
-                "tokens": done * self.tokens_per_step, "tokens_per_s": self.tokens_per_second(done),
-                "train_time_s": wall - self.progress.eval_s - self.t_aside, "wall_time_s": wall,
-                "peak_memory_bytes": torch.cuda.max_memory_allocated(runtime.device) if runtime.device.type == "cuda"
-                else None, "config": dataclasses.asdict(cfg), "config_moe_layer_ids": cfg.moe_layer_ids()}
-
-def train_model(name, cfg, data, runtime, log_metrics=lambda record: None, ckpt_dir=None, resume_from=None,
-                init=None, stop=None):
-    """Train one model; returns its result row (also evaluated on held-out and training text).
-
-    ckpt_dir: where checkpoints go (every ckpt_every steps and at the end); resume_from: a checkpoint
-    to continue from exactly; init: a function that sets the fresh model's weights (upcycling).
-    """
-    stop = stop or StopFlag()
-    trainer = Trainer(name, cfg, data, runtime, log_metrics, ckpt_dir, init, resume_from)
-    done = trainer.progress.step
-    if trainer.progress.row:  # a final checkpoint: the model had finished, only run.json missed it
-        return trainer.progress.row
-    if resume_from is not None and runtime.master:
-        print(f"{name}: resumed from {resume_from} (step {done})")
-    bar = tqdm(range(done, cfg.max_steps), desc=name, disable=not runtime.master, dynamic_ncols=True, leave=True,
-               initial=done, total=cfg.max_steps)
-    for step in bar:
-        trainer.train_step(step)
-        done = step + 1
-        # losses to the host (a sync), and the end of a run whose steps keep failing, checked at least
-        # every max_bad_steps steps
-        if done % cfg.log_every == 0 or done == cfg.max_steps:
-            trainer.log_losses(done, bar)
-        if done % min(cfg.log_every, cfg.max_bad_steps) == 0 or done == cfg.max_steps:
-            trainer.check_bad_steps(done)
-        # a periodic evaluation on samples of val and train windows, and patience's count
-        if done % cfg.eval_every == 0 and done < cfg.max_steps:
-            trainer.count_patience(trainer.evaluate(done, final=False))
-        # Ctrl-C: a checkpoint at this step boundary, then out
-        if trainer.stop_requested(stop, done):
-            bar.close()
-            raise Interrupted(trainer.checkpoint(done))
-        if trainer.progress.stopped_early:
-            break
-        # a checkpoint, unless non-finite steps are under way: any checkpoint is one to go back to
-        if ckpt_dir and cfg.ckpt_every and done % cfg.ckpt_every == 0 and done < cfg.max_steps and trainer.healthy():
-            trainer.checkpoint(done)
-    bar.close()
-    # the final evaluation covers every held-out window; the final checkpoint carries the result, so
-    # that a resume never evaluates twice
-    trainer.progress.row = trainer.result_row(trainer.evaluate(done, final=True), done)
-    trainer.checkpoint(done)
-    return trainer.progress.row
+        return {"val_loss": val["loss"], "val_accuracy": val["accuracy"], "val_perplexity": val["perplexity"],
+                "train_loss": train["loss"], "experts": val["experts"],
+                "batch_level_routing": self.n_moe > 0 and cfg.batch_level_routing,
+                "sample_val_loss": sample_val, "sample_train_loss": sample_train}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1662,6 +1489,222 @@ def hub_reachable(timeout):
         return True
     except Exception:  # noqa: BLE001  (any failure means: work offline)
         return False
+
+
+# ----------------------------------------------------------------------------------------------
+# Running one model: around its Trainer, the run's progress, checkpoints and resume, stop requests,
+# non-finite steps, timers, patience and its result row
+
+@dataclass
+class Progress:
+    """Where a model's training stands, as its checkpoints' state.json carries it (the running loss
+    sums go beside it), so that a resumed model goes on exactly."""
+    step: int = 0  # optimizer steps done
+    skipped_steps: int = 0  # non-finite steps skipped so far
+    best_val: float | None = None  # patience: the best periodic val loss, and evaluations since it
+    evals_since_best: int = 0
+    stopped_early: bool = False
+    wall_s: float = 0.0  # wall seconds of the segments before a resume, and those spent evaluating and
+    eval_s: float = 0.0  # checkpointing
+    train_s: float = 0.0  # and their training seconds (see ModelRun.segment_seconds)
+    row: dict | None = None  # the result row, once the model has finished (its final checkpoint)
+
+class ModelRun:
+    """One model's training run around its Trainer: where it stands (Progress), its checkpoints and
+    its resume, its timers, and its log records. train_model below is its loop."""
+
+    def __init__(self, trainer, log_metrics, ckpt_dir, resume_from):
+        self.trainer, self.log_metrics, self.ckpt_dir = trainer, log_metrics, ckpt_dir
+        self.name, self.cfg, self.runtime = trainer.name, trainer.cfg, trainer.runtime
+        self.size = model_size(self.cfg)
+        self.progress = Progress()
+        if resume_from is not None:
+            restore_checkpoint(resume_from, trainer.model, trainer.optimizers, trainer.schedulers, trainer.scaler)
+            self.progress, running = read_progress(resume_from)
+            trainer.running.copy_(torch.tensor(running))
+        self.first_step = self.progress.step  # of this segment: a resumed run starts part-way
+        if self.runtime.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.runtime.device)
+        # t_aside: seconds evaluating and checkpointing, which are not training
+        self.t_start, self.t_first, self.t_aside = time.perf_counter(), None, 0.0
+
+    def started(self):
+        """After each step: throughput counts from the end of the first one, compilation excluded."""
+        if self.t_first is None:
+            if self.runtime.device.type == "cuda":
+                torch.cuda.synchronize()
+            self.t_first = time.perf_counter()
+
+    def log_losses(self, done, bar):
+        """The host sync of a log interval: mean losses, throughput, skipped steps."""
+        cfg, progress, per_layer = self.cfg, self.progress, max(1, self.trainer.n_moe)
+        ce, lb, z, skipped = self.trainer.read_losses(cfg.log_every if done % cfg.log_every == 0
+                                                      else done % cfg.log_every)
+        progress.skipped_steps += skipped
+        # the lr the last step used: the group's lr has already moved on to the next step's
+        lr = self.trainer.optimizers[0].param_groups[0]["initial_lr"] * lr_factor(done - 1, cfg)
+        tps = self.tokens_per_second(done)
+        self.log_metrics({"model": self.name, "kind": "train", "step": done,
+                          "tokens": done * self.trainer.tokens_per_step, "loss": ce, "lb_loss": lb / per_layer,
+                          "z_loss": z / per_layer, "lr": lr, "tokens_per_s": tps,
+                          "skipped_steps": progress.skipped_steps})
+        bar.set_postfix_str(f"loss {ce:.3f} aux {lb / per_layer:.3f} lr {lr:.2e} tok/s {tps:,.0f}"
+                            + (f" skipped {progress.skipped_steps}" if progress.skipped_steps else ""))
+
+    def check_bad_steps(self, done):
+        """Stop the run once max_bad_steps steps in a row were non-finite (reading the tally syncs)."""
+        worst = self.trainer.longest_bad_run()
+        if worst >= self.cfg.max_bad_steps:
+            last = latest_checkpoint(self.ckpt_dir, log=lambda *a: None)[0] if self.ckpt_dir else None
+            raise TrainingError(f"{self.name}: {worst} optimizer steps in a row had a non-finite loss or gradient "
+                                f"(max_bad_steps {self.cfg.max_bad_steps}), stopped at step {done}; "
+                                f"last good checkpoint: {last or 'none'}; try a lower learning rate")
+
+    def segment_seconds(self):
+        """Training seconds of this segment: from the end of its first step (so compilation and CUDA
+        graph capture are not in them, as they are not in a longer run's cost), evaluation and
+        checkpoints excluded."""
+        return time.perf_counter() - self.t_first - self.t_aside if self.t_first is not None else 0.0
+
+    def tokens_per_second(self, done):
+        steps = done - 1 - self.first_step
+        elapsed = self.segment_seconds() if steps > 0 else 0
+        return steps * self.trainer.tokens_per_step / elapsed if elapsed > 0 else float("nan")
+
+    def evaluation(self, step, final):
+        """The trainer's measures at this step, logged, printed, and timed apart from training."""
+        if self.runtime.device.type == "cuda":  # the training steps queued so far are training time
+            torch.cuda.synchronize(self.runtime.device)
+        t0, seconds = time.perf_counter(), self.progress.train_s + self.segment_seconds()
+        record = {"model": self.name, "kind": "eval", "step": step, "tokens": step * self.trainer.tokens_per_step,
+                  "train_seconds": seconds, "final": final, **self.trainer.measure(final)}
+        self.log_metrics(record)
+        routing, n_moe = "", self.trainer.n_moe
+        if n_moe:
+            cv = sum(e["load_cv"] for e in record["experts"]) / n_moe
+            dropped = sum(e["dropped_fraction"] for e in record["experts"]) / n_moe
+            routing = (f" | load CV {cv:.3f}" + (f" dropped {dropped:.3f}" if self.cfg.drops_tokens else "")
+                       + (" (batch-level routing)" if record["batch_level_routing"] else ""))
+        if self.runtime.master:
+            tqdm.write(f"{self.name} step {step}: val loss {record['val_loss']:.4f} ppl {record['val_perplexity']:.2f} "
+                       f"acc {record['val_accuracy']:.4f} | train loss {record['train_loss']:.4f}{routing}")
+        self.t_aside += time.perf_counter() - t0
+        return record
+
+    def count_patience(self, record):
+        """Evaluations since the best val loss; patience of them stop the model."""
+        progress = self.progress
+        if progress.best_val is None or record["val_loss"] < progress.best_val:
+            progress.best_val, progress.evals_since_best = record["val_loss"], 0
+        else:
+            progress.evals_since_best += 1
+        if self.cfg.patience and progress.evals_since_best >= self.cfg.patience:
+            progress.stopped_early = True
+            if self.runtime.master:
+                tqdm.write(f"{self.name}: no val loss improvement in {self.cfg.patience} evaluations; "
+                           f"stopping at step {record['step']}")
+
+    def stop_requested(self, stop, done):
+        """Ctrl-C. Under DDP every rank must stop at the same step: they agree at log steps (a sync)."""
+        if self.runtime.world == 1:
+            return stop.requested
+        if done % self.cfg.log_every:
+            return False
+        flag = torch.tensor(float(stop.requested), device=self.runtime.device)
+        dist.all_reduce(flag)
+        return bool(flag.item())
+
+    def checkpoint(self, step):
+        if self.ckpt_dir is None:
+            return None
+        # a sync; the queued steps count as training time
+        self.progress.step, running = step, self.trainer.running.tolist()
+        t0 = time.perf_counter()
+        saved = dataclasses.replace(self.progress, wall_s=self.progress.wall_s + time.perf_counter() - self.t_start,
+                                    eval_s=self.progress.eval_s + self.t_aside,
+                                    train_s=self.progress.train_s + self.segment_seconds())
+        # whole tensors on rank 0's CPU (under FSDP gathered one at a time, by every rank), which writes them
+        keep = self.runtime.master
+        weights, optimizer_states = (full_state(self.trainer.model.state_dict(), keep),
+                                     full_state([o.state_dict() for o in self.trainer.optimizers], keep))
+        failure = None
+        if self.runtime.master:
+            trainer = self.trainer
+            training = training_state(optimizer_states, trainer.schedulers, trainer.scaler, self.runtime.device)
+            try:
+                save_checkpoint(self.ckpt_dir, weights, training,
+                                {"name": self.name, "step": step, "progress": dataclasses.asdict(saved),
+                                 "running": running, "config": dataclasses.asdict(self.cfg)})
+            except OSError as e:  # a full disk: every rank stops, not only rank 0
+                failure = e
+        share_outcome(self.runtime, failure)
+        self.t_aside += time.perf_counter() - t0
+        return checkpoint_path(self.ckpt_dir, step)
+
+    def result_row(self, final, done):
+        """The model's row of results.json (and of the table), from its final evaluation."""
+        cfg, size, experts, runtime = self.cfg, self.size, final["experts"], self.runtime
+        wall = self.progress.wall_s + time.perf_counter() - self.t_start  # every segment of a resumed run
+        return {"name": self.name, "total_params": size.total, "active_params": size.active,
+                "non_embedding_params": size.non_embedding, "flops_per_token": size.flops_per_token,
+                "optimizer_flops_per_step": size.optimizer_flops_per_step, "val_tokens": self.trainer.val_tokens,
+                "val_loss": final["val_loss"], "val_accuracy": final["val_accuracy"],
+                "val_perplexity": final["val_perplexity"], "train_loss": final["train_loss"], "experts": experts,
+                "batch_level_routing": final["batch_level_routing"],
+                "load_cv": sum(e["load_cv"] for e in experts) / len(experts) if experts else None,
+                "steps": done, "stopped_early": self.progress.stopped_early,
+                "skipped_steps": self.progress.skipped_steps,
+                "epochs": done * cfg.gradient_accumulation_steps * self.trainer.global_batch / self.trainer.stream.n,
+                "tokens": done * self.trainer.tokens_per_step, "tokens_per_s": self.tokens_per_second(done),
+                "train_time_s": wall - self.progress.eval_s - self.t_aside, "wall_time_s": wall,
+                "peak_memory_bytes": torch.cuda.max_memory_allocated(runtime.device) if runtime.device.type == "cuda"
+                else None, "config": dataclasses.asdict(cfg), "config_moe_layer_ids": cfg.moe_layer_ids()}
+
+def train_model(name, cfg, data, runtime, log_metrics=lambda record: None, ckpt_dir=None, resume_from=None,
+                init=None, stop=None):
+    """Train one model; returns its result row (also evaluated on held-out and training text).
+
+    ckpt_dir: where checkpoints go (every ckpt_every steps and at the end); resume_from: a checkpoint
+    to continue from exactly; init: a function that sets the fresh model's weights (upcycling).
+    """
+    stop = stop or StopFlag()
+    trainer = Trainer(name, cfg, data, runtime, init)
+    run = ModelRun(trainer, log_metrics, ckpt_dir, resume_from)
+    done = run.progress.step
+    if run.progress.row:  # a final checkpoint: the model had finished, only run.json missed it
+        return run.progress.row
+    if resume_from is not None and runtime.master:
+        print(f"{name}: resumed from {resume_from} (step {done})")
+    bar = tqdm(range(done, cfg.max_steps), desc=name, disable=not runtime.master, dynamic_ncols=True, leave=True,
+               initial=done, total=cfg.max_steps)
+    for step in bar:
+        trainer.train_step(step)
+        run.started()
+        done = step + 1
+        # losses to the host (a sync), and the end of a run whose steps keep failing, checked at least
+        # every max_bad_steps steps
+        if done % cfg.log_every == 0 or done == cfg.max_steps:
+            run.log_losses(done, bar)
+        if done % min(cfg.log_every, cfg.max_bad_steps) == 0 or done == cfg.max_steps:
+            run.check_bad_steps(done)
+        # a periodic evaluation on samples of val and train windows, and patience's count
+        if done % cfg.eval_every == 0 and done < cfg.max_steps:
+            run.count_patience(run.evaluation(done, final=False))
+        # Ctrl-C: a checkpoint at this step boundary, then out
+        if run.stop_requested(stop, done):
+            bar.close()
+            raise Interrupted(run.checkpoint(done))
+        if run.progress.stopped_early:
+            break
+        # a checkpoint, unless non-finite steps are under way: any checkpoint is one to go back to
+        if ckpt_dir and cfg.ckpt_every and done % cfg.ckpt_every == 0 and done < cfg.max_steps and trainer.healthy():
+            run.checkpoint(done)
+    bar.close()
+    # the final evaluation covers every held-out window; the final checkpoint carries the result, so
+    # that a resume never evaluates twice
+    run.progress.row = run.result_row(run.evaluation(done, final=True), done)
+    run.checkpoint(done)
+    return run.progress.row
 
 
 # ----------------------------------------------------------------------------------------------

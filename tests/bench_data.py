@@ -160,7 +160,7 @@ def step_throughput(cache_root, steps, repeats):
     assert data is not None, why
     cfg = llm.dense_matched(llm.Config(**llm.PRESETS["cpu"], vocab_size=data.vocab_size)).validate()
     runtime = llm.Runtime(device=torch.device("cpu"), dtype=torch.float32, compile=False)
-    trainer = llm.Trainer("m", cfg, data, runtime, lambda r: None, None, None, None)
+    trainer = llm.Trainer("m", cfg, data, runtime)
     loaders = {"per-batch (memory-mapped shards)": trainer.stream,
                "old (int64 copy on the device)": OldTrainWindows(data.train, cfg.max_seq_len, cfg.seed, runtime.device)}
     x_new, x_old = (loader.batch(123, 4)[0] for loader in loaders.values())

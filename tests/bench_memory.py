@@ -25,7 +25,7 @@ data = llm.Data(train=rng.integers(0, cfg.vocab_size, 400_000).astype(np.uint16)
                 val=rng.integers(0, cfg.vocab_size, 20_000).astype(np.uint16), vocab_size=cfg.vocab_size,
                 source="random", tokenizer="none")
 runtime = llm.Runtime(device=torch.device("cpu"), dtype=torch.float32, compile=False)
-trainer = llm.Trainer("m", cfg, data, runtime, lambda r: None, None, None, None)
+trainer = llm.Trainer("m", cfg, data, runtime)
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 for step in range(cfg.max_steps):
     trainer.train_step(step)
