@@ -1395,6 +1395,10 @@ class Progress:
     train_s: float = 0.0  # and their training seconds (see ModelRun.segment_seconds)
     row: dict | None = None  # the result row, once the model has finished (its final checkpoint)
 
+    @classmethod
+    def of(cls, saved):  # from a checkpoint's state.json; a field a later llm.py dropped is ignored
+        return cls(**{k: v for k, v in saved.items() if k in {f.name for f in fields(cls)}})
+
 class ModelRun:
     """One model's training run around its Trainer: where it stands (Progress), its checkpoints and
     its resume, its timers, and its log records. train_model below is its loop."""
@@ -1406,7 +1410,8 @@ class ModelRun:
         self.progress = Progress()
         if resume_from is not None:
             restore_checkpoint(resume_from, trainer.model, trainer.optimizers, trainer.schedulers, trainer.scaler)
-            self.progress, running = read_progress(resume_from)
+            saved, running = read_progress(resume_from)
+            self.progress = Progress.of(saved)
             trainer.running.copy_(torch.tensor(running))
         self.first_step = self.progress.step  # of this segment: a resumed run starts part-way
         if self.runtime.device.type == "cuda":
@@ -3113,6 +3118,126 @@ def plot_scaling(result, path):
 
 
 # ----------------------------------------------------------------------------------------------
+# run.json read back: a run's RunState, each field and each finished job's result row checked
+
+@dataclass
+class RunState:
+    """run.json: how a comparison was started and which of its jobs have finished."""
+    argv: list[str]
+    base_config: Config  # before each job's seed and sweep point; its seed fixed the data split
+    models: list[str]
+    seeds: list[int]
+    sweep: list[str]
+    upcycle_from: str | None
+    cache_dir: str
+    llm_py_sha256: str  # of the llm.py that started the run
+    jobs: list[Job]
+    dataset: dict | None = None
+    budget: dict | None = None  # a Budget (a ladder's: {"rungs": [a Budget per rung]}), made again on --resume
+    ladder: dict | None = None  # a Ladder: the run is `llm.py scaling`
+
+    def save(self, run):
+        atomic_write(run.state, json.dumps(dataclasses.asdict(self), indent=1).encode())
+
+DATASET_KEYS = {"source": str, "tokenizer": str, "vocab_size": int, "cache": str}  # what run.json's dataset must hold
+
+def load_run(run_dir, flag="--run", ranges=True):
+    """The RunState of a run directory, every field checked (config rules too, with ranges: for
+    --resume, which trains), and every finished job's result row against what the table and the
+    verdicts read of it, before anything reads or writes on; anything wrong is a UsageError naming it."""
+    try:
+        with open(RunDir(run_dir).state) as f:
+            saved = json.load(f)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"{flag} {run_dir}: not a run directory ({first_line(e)})") from None
+    where = f"{flag} {run_dir}: run.json"
+    state = from_saved(RunState, saved, where, ranges)
+    for key, kind in DATASET_KEYS.items() if state.dataset is not None else ():
+        if not is_a(state.dataset.get(key), kind):
+            raise UsageError(f"{where}: dataset: {key} must be {kind.__name__}; got {state.dataset.get(key)!r:.60}")
+    ladder = None if state.ladder is None else saved_ladder(state, where)
+    for i, job in enumerate(state.jobs):
+        if job.status not in ("pending", "done") or (job.status == "done" and not isinstance(job.row, dict)):
+            raise UsageError(f"{where}: jobs[{i}]: status {job.status!r} without a result row")
+        if job.status == "done":
+            check_row(job, f"{where}: jobs[{i}]: row", ladder)
+    return state
+
+def saved_ladder(state, where):
+    """run.json's ladder, checked field by field, then as --ladder is; its budget holds a Budget per rung."""
+    ladder = from_saved(Ladder, state.ladder, f"{where}: ladder")
+    try:
+        parse_ladder(f"{ladder.field}={','.join(map(str, ladder.values))}", ladder.tokens_per_param, ladder.fit_E,
+                     ladder.tune, ladder.tune_rungs)
+    except UsageError as e:
+        raise UsageError(f"{where}: ladder: {e}") from None
+    rungs = state.budget.get("rungs") if state.budget is not None else []
+    if state.budget is not None and (not isinstance(rungs, list) or len(rungs) != len(ladder.values)):
+        raise UsageError(f"{where}: budget: expected rungs, a Budget per rung of the ladder")
+    for i, budget in enumerate(rungs):
+        from_saved(Budget, budget, f"{where}: budget: rungs[{i}]")
+    return ladder
+
+# What the table and the verdicts read of a finished job's result row (None allowed for the optional
+# ones), and a ladder's rows besides; a ladder fits its FINITE ones
+ROW_KEYS = {"id": str, "name": str, "seed": int, "val_loss": float, "val_perplexity": float, "val_accuracy": float,
+            "train_loss": float, "total_params": int, "active_params": int, "flops_per_token": int,
+            "tokens_per_s": float, "wall_time_s": float, "epochs": float, "steps": int, "skipped_steps": int,
+            "config": dict}
+OPTIONAL_ROW_KEYS = {"load_cv": float, "peak_memory_bytes": int, "gpu_utilization_pct": float, "point": dict,
+                     "rung": int, "optimizer_flops_per_step": int, "experts": list, "upcycled_from": str}
+LADDER_ROW_KEYS = {"tokens": int, "train_time_s": float, "rung": int}
+FINITE = ("val_loss", "train_time_s")
+
+def check_row(job, where, ladder=None):
+    """A done job's row holds what the table and the verdicts read, each of its kind (a number where a
+    float is wanted), and is this job's: its id, name, seed and rung (a ladder's: one it has, the one
+    its name says). A tuning job that diverged has no val_loss, and is read for nothing else."""
+    row = job.row
+    if job.tuning and row.get("diverged") and row.get("val_loss") is None:
+        return
+    wanted = {**ROW_KEYS, **(LADDER_ROW_KEYS if ladder else {})}
+    for key, kind in {**OPTIONAL_ROW_KEYS, **wanted}.items():
+        value = row.get(key)
+        if value is None and key not in wanted:
+            continue
+        ok = is_a(value, kind) or kind is float and is_a(value, int)
+        if not ok or ladder and key in FINITE and not math.isfinite(value):
+            raise UsageError(f"{where}: {key} must be {'a finite number' if kind is float else kind.__name__}; "
+                             f"got {value!r:.60}")
+    for key in ("id", "name", "seed", "rung"):  # what groups it in the table and places it on the ladder
+        if row.get(key) != getattr(job, key):
+            raise UsageError(f"{where}: {key} {row.get(key)!r:.60} is not its job's ({getattr(job, key)!r:.60})")
+    try:
+        config_from_saved(row["config"]).validate(ranges=False)
+    except UsageError as e:
+        raise UsageError(f"{where}: config: {e}") from None
+    shown = (list(parse_tune(ladder.tune)[0]) if ladder.tune else ["muon_lr", "adamw_lr"]) if ladder else []
+    read = ["moe_layers", *(["vocab_size", "d_model", *shown] if ladder else [])]  # as ladder_rungs reads them
+    if missing := [k for k in read if k not in row["config"]]:
+        raise UsageError(f"{where}: config: {', '.join(missing)} missing")
+    if row.get("experts") and not (is_a(row.get("config_moe_layer_ids"), list) and "batch_level_routing" in row and all(
+            isinstance(e, dict) and is_a(e.get("dead_experts"), list) for e in row["experts"])):
+        raise UsageError(f"{where}: experts: expected a list of layers' statistics beside config_moe_layer_ids")
+    if ladder:
+        check_ladder_job(job, where, ladder)
+
+def check_ladder_job(job, where, ladder):
+    """A ladder's finished job: a family's model on one of its rungs (a tuning job: on a tuned rung), as
+    its name says."""
+    rungs = ladder.tune_rungs if job.tuning else len(ladder.values)
+    if not is_a(job.rung, int) or not 0 <= job.rung < rungs:
+        raise UsageError(f"{where}: rung {job.rung!r} is not one of the ladder's {rungs} rungs")
+    if family(job.name) not in ("moe", "dense-matched") or not job.name.startswith(
+            f"{family(job.name)}[{ladder.field}={ladder.values[job.rung]}"):
+        raise UsageError(f"{where}: name {job.name!r:.60} is not a model of rung {job.rung} "
+                         f"({ladder.field} {ladder.values[job.rung]})")
+    for key in ("flops_per_token", "tokens", "steps"):  # its compute, which the fits divide by
+        if job.row[key] <= 0:
+            raise UsageError(f"{where}: {key} must be positive; got {job.row[key]}")
+
+
+# ----------------------------------------------------------------------------------------------
 # Using trained models: generation, expert analysis
 
 def load_trained(run_dir, model, device, log=print):
@@ -3518,7 +3643,7 @@ def failed_write(error):
 def model_card(run_dir, job, state, cls, path, check, out, vocab):
     """README.md of an export: what was trained, on what data, its val loss, and the commands."""
     cfg, size, data = job.config, model_size(job.config), state.dataset or {}
-    progress, _ = read_progress(path)
+    progress = Progress.of(read_progress(path)[0])
     loss = (f"{progress.row['val_loss']:.4f} nats per token on the whole held-out set, for these weights (step "
             f"{progress.step:,})" if progress.row else f"not measured for these weights (step {progress.step:,}; "
             f"the run's metrics.jsonl holds its periodic evaluations)")
@@ -4297,12 +4422,12 @@ def latest_checkpoint(ckpt_dir, log=print):
     return None, None
 
 def read_progress(path):
-    """A checkpoint's Progress and its running loss sums (older checkpoints keep them in progress.running)."""
+    """A checkpoint's progress (the dict its Progress was saved as) and its running loss sums (older
+    checkpoints keep them in progress.running)."""
     with open(os.path.join(path, "state.json")) as f:
         state = json.load(f)
     saved = state["progress"]
-    progress = Progress(**{k: v for k, v in saved.items() if k in {f.name for f in fields(Progress)}})
-    return progress, state.get("running", saved.get("running", [0.0, 0.0, 0.0]))
+    return saved, state.get("running", saved.get("running", [0.0, 0.0, 0.0]))
 
 def load_weights(path, model):
     """A checkpoint's weights into model; into a sharded one (FSDP), each rank keeps its shards. A file
@@ -4401,25 +4526,6 @@ class RunDir:
     def ckpt(self, job_id):
         return os.path.join(self.path, "ckpt", safe_name(job_id))
 
-@dataclass
-class RunState:
-    """run.json: how a comparison was started and which of its jobs have finished."""
-    argv: list[str]
-    base_config: Config  # before each job's seed and sweep point; its seed fixed the data split
-    models: list[str]
-    seeds: list[int]
-    sweep: list[str]
-    upcycle_from: str | None
-    cache_dir: str
-    llm_py_sha256: str  # of the llm.py that started the run
-    jobs: list[Job]
-    dataset: dict | None = None
-    budget: dict | None = None  # a Budget (a ladder's: {"rungs": [a Budget per rung]}), made again on --resume
-    ladder: dict | None = None  # a Ladder: the run is `llm.py scaling`
-
-    def save(self, run):
-        atomic_write(run.state, json.dumps(dataclasses.asdict(self), indent=1).encode())
-
 def is_a(value, kind):  # isinstance, except that True is not an int here
     return isinstance(value, kind) and isinstance(value, bool) == (kind is bool)
 
@@ -4455,103 +4561,6 @@ def config_from_saved(saved):
     known = {f.name for f in fields(Config)}
     before_the_cap = {"max_epochs": 0.0}  # a run saved without max_epochs had no cap: its resume keeps none
     return Config(**{**before_the_cap, **{k: v for k, v in saved.items() if k in known}})
-
-DATASET_KEYS = {"source": str, "tokenizer": str, "vocab_size": int, "cache": str}  # what run.json's dataset must hold
-
-def load_run(run_dir, flag="--run", ranges=True):
-    """The RunState of a run directory, every field checked (config rules too, with ranges: for
-    --resume, which trains), and every finished job's result row against what the table and the
-    verdicts read of it, before anything reads or writes on; anything wrong is a UsageError naming it."""
-    try:
-        with open(RunDir(run_dir).state) as f:
-            saved = json.load(f)
-    except (OSError, ValueError) as e:
-        raise UsageError(f"{flag} {run_dir}: not a run directory ({first_line(e)})") from None
-    where = f"{flag} {run_dir}: run.json"
-    state = from_saved(RunState, saved, where, ranges)
-    for key, kind in DATASET_KEYS.items() if state.dataset is not None else ():
-        if not is_a(state.dataset.get(key), kind):
-            raise UsageError(f"{where}: dataset: {key} must be {kind.__name__}; got {state.dataset.get(key)!r:.60}")
-    ladder = None if state.ladder is None else saved_ladder(state, where)
-    for i, job in enumerate(state.jobs):
-        if job.status not in ("pending", "done") or (job.status == "done" and not isinstance(job.row, dict)):
-            raise UsageError(f"{where}: jobs[{i}]: status {job.status!r} without a result row")
-        if job.status == "done":
-            check_row(job, f"{where}: jobs[{i}]: row", ladder)
-    return state
-
-def saved_ladder(state, where):
-    """run.json's ladder, checked field by field, then as --ladder is; its budget holds a Budget per rung."""
-    ladder = from_saved(Ladder, state.ladder, f"{where}: ladder")
-    try:
-        parse_ladder(f"{ladder.field}={','.join(map(str, ladder.values))}", ladder.tokens_per_param, ladder.fit_E,
-                     ladder.tune, ladder.tune_rungs)
-    except UsageError as e:
-        raise UsageError(f"{where}: ladder: {e}") from None
-    rungs = state.budget.get("rungs") if state.budget is not None else []
-    if state.budget is not None and (not isinstance(rungs, list) or len(rungs) != len(ladder.values)):
-        raise UsageError(f"{where}: budget: expected rungs, a Budget per rung of the ladder")
-    for i, budget in enumerate(rungs):
-        from_saved(Budget, budget, f"{where}: budget: rungs[{i}]")
-    return ladder
-
-# What the table and the verdicts read of a finished job's result row (None allowed for the optional
-# ones), and a ladder's rows besides; a ladder fits its FINITE ones
-ROW_KEYS = {"id": str, "name": str, "seed": int, "val_loss": float, "val_perplexity": float, "val_accuracy": float,
-            "train_loss": float, "total_params": int, "active_params": int, "flops_per_token": int,
-            "tokens_per_s": float, "wall_time_s": float, "epochs": float, "steps": int, "skipped_steps": int,
-            "config": dict}
-OPTIONAL_ROW_KEYS = {"load_cv": float, "peak_memory_bytes": int, "gpu_utilization_pct": float, "point": dict,
-                     "rung": int, "optimizer_flops_per_step": int, "experts": list, "upcycled_from": str}
-LADDER_ROW_KEYS = {"tokens": int, "train_time_s": float, "rung": int}
-FINITE = ("val_loss", "train_time_s")
-
-def check_row(job, where, ladder=None):
-    """A done job's row holds what the table and the verdicts read, each of its kind (a number where a
-    float is wanted), and is this job's: its id, name, seed and rung (a ladder's: one it has, the one
-    its name says). A tuning job that diverged has no val_loss, and is read for nothing else."""
-    row = job.row
-    if job.tuning and row.get("diverged") and row.get("val_loss") is None:
-        return
-    wanted = {**ROW_KEYS, **(LADDER_ROW_KEYS if ladder else {})}
-    for key, kind in {**OPTIONAL_ROW_KEYS, **wanted}.items():
-        value = row.get(key)
-        if value is None and key not in wanted:
-            continue
-        ok = is_a(value, kind) or kind is float and is_a(value, int)
-        if not ok or ladder and key in FINITE and not math.isfinite(value):
-            raise UsageError(f"{where}: {key} must be {'a finite number' if kind is float else kind.__name__}; "
-                             f"got {value!r:.60}")
-    for key in ("id", "name", "seed", "rung"):  # what groups it in the table and places it on the ladder
-        if row.get(key) != getattr(job, key):
-            raise UsageError(f"{where}: {key} {row.get(key)!r:.60} is not its job's ({getattr(job, key)!r:.60})")
-    try:
-        config_from_saved(row["config"]).validate(ranges=False)
-    except UsageError as e:
-        raise UsageError(f"{where}: config: {e}") from None
-    shown = (list(parse_tune(ladder.tune)[0]) if ladder.tune else ["muon_lr", "adamw_lr"]) if ladder else []
-    read = ["moe_layers", *(["vocab_size", "d_model", *shown] if ladder else [])]  # as ladder_rungs reads them
-    if missing := [k for k in read if k not in row["config"]]:
-        raise UsageError(f"{where}: config: {', '.join(missing)} missing")
-    if row.get("experts") and not (is_a(row.get("config_moe_layer_ids"), list) and "batch_level_routing" in row and all(
-            isinstance(e, dict) and is_a(e.get("dead_experts"), list) for e in row["experts"])):
-        raise UsageError(f"{where}: experts: expected a list of layers' statistics beside config_moe_layer_ids")
-    if ladder:
-        check_ladder_job(job, where, ladder)
-
-def check_ladder_job(job, where, ladder):
-    """A ladder's finished job: a family's model on one of its rungs (a tuning job: on a tuned rung), as
-    its name says."""
-    rungs = ladder.tune_rungs if job.tuning else len(ladder.values)
-    if not is_a(job.rung, int) or not 0 <= job.rung < rungs:
-        raise UsageError(f"{where}: rung {job.rung!r} is not one of the ladder's {rungs} rungs")
-    if family(job.name) not in ("moe", "dense-matched") or not job.name.startswith(
-            f"{family(job.name)}[{ladder.field}={ladder.values[job.rung]}"):
-        raise UsageError(f"{where}: name {job.name!r:.60} is not a model of rung {job.rung} "
-                         f"({ladder.field} {ladder.values[job.rung]})")
-    for key in ("flops_per_token", "tokens", "steps"):  # its compute, which the fits divide by
-        if job.row[key] <= 0:
-            raise UsageError(f"{where}: {key} must be positive; got {job.row[key]}")
 
 def read_metrics_for_resume(path, rewrite=True):
     """The records of an interrupted run's metrics.jsonl. It is appended to line by line, so a kill

@@ -1,6 +1,7 @@
 """How llm.py is laid out, as a reader who changes it relies on: the research core (Config to
 Evaluation) needs nothing defined below the MACHINERY banner but its error classes, so a new
-router, FFN or schedule is read and written above it."""
+router, FFN or schedule is read and written above it; and the machinery knows nothing of the
+harness (jobs, budgets, ladders, a run's progress): what it stores, it takes as plain data."""
 
 import ast
 import pathlib
@@ -28,17 +29,37 @@ def defined_at(tree):
     return names
 
 
-def test_the_research_core_uses_nothing_below_the_machinery_banner_but_its_error_classes():
-    text = SOURCE.read_text()
-    lines, tree = text.splitlines(), ast.parse(text)
-    core = range(banner(lines, "# Config"), banner(lines, "# Data:"))  # Config, Model, ..., Training, Evaluation
-    machinery = banner(lines, "# MACHINERY")
-    below = {name for name, line in defined_at(tree).items() if line > machinery}
+def uses(tree, users, names):
+    """Which of names the top-level definitions starting within the range `users` use: name -> users."""
     used = {}
     for node in tree.body:
-        if node.lineno in core:
+        if node.lineno in users:
             for sub in ast.walk(node):
-                if isinstance(sub, ast.Name) and sub.id in below - ERRORS:
+                if isinstance(sub, ast.Name) and sub.id in names:
                     used.setdefault(sub.id, set()).add(getattr(node, "name", node.lineno))
+    return used
+
+
+def layout():
+    text = SOURCE.read_text()
+    lines = text.splitlines()
+    return lines, ast.parse(text), defined_at(ast.parse(text))
+
+
+def test_the_research_core_uses_nothing_below_the_machinery_banner_but_its_error_classes():
+    lines, tree, defined = layout()
+    core = range(banner(lines, "# Config"), banner(lines, "# Data:"))  # Config, Model, ..., Training, Evaluation
+    below = {name for name, line in defined.items() if line > banner(lines, "# MACHINERY")}
+    used = uses(tree, core, below - ERRORS)
     assert not used, f"the core reaches below the banner: {used}"
     assert len(core) < 1200  # about 1,100 lines: what a reader takes in first
+
+
+def test_the_machinery_uses_no_name_of_the_harness():
+    """Between the banner and the command line (which drives the harness), nothing defined from
+    `Running one model` to the banner is used: the arrows run one way."""
+    lines, tree, defined = layout()
+    harness = range(banner(lines, "# Running one model"), banner(lines, "# MACHINERY"))
+    machinery = range(banner(lines, "# MACHINERY"), banner(lines, "# Command line"))
+    used = uses(tree, machinery, {name for name, line in defined.items() if line in harness})
+    assert not used, f"the machinery reaches up into the harness: {used}"
