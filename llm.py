@@ -293,7 +293,7 @@ PRESETS = {
 
 # Variants. Each registry maps a Config value to what implements it, and the Config field accepts
 # exactly its keys: a new FFN kind or router score is a function and its entry here; a new routing
-# mode, three MoE methods and an entry in ROUTING_MODES; a new schedule, SCHEDULES.
+# mode, three MoE methods and their entry in ROUTING_MODES (after the MoE class); a new schedule, SCHEDULES.
 
 @dataclass(frozen=True)
 class FFNKind:
@@ -329,32 +329,20 @@ ROUTER_SCORES = {"softmax": softmax_scores, "sigmoid": sigmoid_scores}
 
 @dataclass(frozen=True)
 class RoutingMode:
-    """How an MoE layer routes: the names of its three steps (MoE methods, below) and what sizes and
-    reports need to know of it."""
-    choose: str  # (scores, ranked) -> picks, gates, counts, dropped
-    dispatch: str  # (x, routing) -> the experts' rows, offsets or None, the way back
-    combine: str  # (the experts' rows, routing, the way back) -> (N, D)
+    """How an MoE layer routes: its three steps (MoE methods, each called with the layer first) and
+    what sizes and reports need to know of it. ROUTING_MODES follows the MoE class."""
+    choose: Callable  # (moe, scores, ranked) -> picks, gates, counts, dropped
+    dispatch: Callable  # (moe, x, routing) -> the experts' rows, offsets or None, the way back
+    combine: Callable  # (moe, the experts' rows, routing, the way back) -> (N, D)
     k: Callable  # cfg -> experts a token picks (token choice), or the top_k that sizes capacity
     experts_per_token: Callable  # cfg -> routed experts a token uses on average: what sizes and FLOPs count
     label: Callable  # cfg -> how describe() names it
     drops_tokens: bool = False  # fixed slots per expert: a token can be left to the residual stream alone
     causal: bool = True  # False: a token's routing depends on the whole batch, later tokens included
     picks_tokens: bool = False  # picks are each expert's tokens (E, C), not each token's experts (N, k)
-
-ROUTING_MODES = {
-    "topk": RoutingMode(
-        "token_choice", "sort_by_expert", "unsort", k=lambda cfg: cfg.expert_top_k,
-        experts_per_token=lambda cfg: cfg.expert_top_k, label=lambda cfg: f"top-{cfg.expert_top_k}"),
-    "switch": RoutingMode(
-        "switch_choice", "fill_slots", "empty_slots", k=lambda cfg: 1, experts_per_token=lambda cfg: 1,
-        label=lambda cfg: f"switch top-1, capacity {cfg.capacity_factor}", drops_tokens=True),
-    # E * C slots over N tokens: capacity_factor * top_k experts per token on average
-    "expert_choice": RoutingMode(
-        "expert_choice", "gather_picks", "add_picks", k=lambda cfg: cfg.expert_top_k,
-        experts_per_token=lambda cfg: cfg.capacity_factor * cfg.expert_top_k,
-        label=lambda cfg: f"expert choice, {cfg.expert_top_k} x {cfg.capacity_factor} per token",
-        drops_tokens=True, causal=False, picks_tokens=True),
-}
+    # its own evaluation statistics: name -> (routing -> its sum over the routing's tokens), each reported
+    # per token in every evaluation's "experts", under its name
+    stats: dict = field(default_factory=dict)
 
 class Attention(nn.Module):
     def __init__(self, cfg):
@@ -474,11 +462,36 @@ class Routing(NamedTuple):
         shrinking gates that are not renormalised (DeepSeek-V3 trains its sigmoid router without it)."""
         return torch.logsumexp(self.logits, dim=-1).square().mean()
 
-    def sums(self):  # (E + 4,): counts, tokens, entropy of the shares, squared log-sum-exp, dropped; summed by evaluate
+    def sums(self, own=None):  # -> RouterSums of these tokens; own: the routing mode's stats (RoutingMode.stats)
         entropy = -(self.shares * self.shares.clamp_min(1e-12).log()).sum()
         z_sum = torch.logsumexp(self.logits, dim=-1).square().sum()
         tokens = self.counts.new_tensor(self.shares.shape[0])
-        return torch.cat([self.counts, torch.stack([tokens, entropy, z_sum, self.dropped.float()])])
+        return RouterSums(self.counts, tokens, entropy, z_sum, self.dropped.float(),
+                          {name: stat(self).float() for name, stat in (own or {}).items()})
+
+class RouterSums(NamedTuple):
+    """What evaluation adds up of an MoE layer's routing, batch by batch and over the ranks: the one
+    place its layout lives. expert_stats turns the totals into the statistics STATS_HELP lists; a
+    routing mode's own (RoutingMode.stats) are reported per token, under their names."""
+    counts: torch.Tensor  # (E,) token copies sent to each expert (switch: before the capacity cut)
+    tokens: torch.Tensor  # () tokens routed
+    entropy: torch.Tensor  # () the entropies of the tokens' shares, summed
+    z: torch.Tensor  # () the tokens' squared log-sum-exps of the logits, summed
+    dropped: torch.Tensor  # () tokens no expert processed
+    own: dict  # the routing mode's own statistics: name -> summed over the tokens
+
+    @staticmethod
+    def width(E, own=()):  # of vector()
+        return E + 4 + len(own)
+
+    def vector(self):  # one flat vector, what evaluate adds up and all-reduces: (width,)
+        return torch.cat([self.counts, torch.stack([self.tokens, self.entropy, self.z, self.dropped,
+                                                    *self.own.values()])])
+
+    @classmethod
+    def of(cls, vector, E, own=()):  # the fields of a vector() (own: the names of the mode's statistics)
+        rest = vector[E:]
+        return cls(vector[:E], *rest[:4], dict(zip(own, rest[4:])))
 
 class Router(nn.Linear):
     """Logits in fp32 whatever the dtype of x and of the weights. A module of its own: FSDP shards it
@@ -490,7 +503,7 @@ class Router(nn.Linear):
 
 class MoE(nn.Module):
     """A mixture-of-experts FFN: a router, stacked expert weights, optional shared experts; forward is
-    router -> dispatch -> experts -> combine, the routing mode (ROUTING_MODES, above) choosing the
+    router -> dispatch -> experts -> combine, the routing mode (ROUTING_MODES, after the class) choosing the
     router's choice, dispatch and combine.
 
     topk (token choice, dropless): the token copies are sorted by expert, so one grouped matmul per
@@ -517,17 +530,14 @@ class MoE(nn.Module):
         # aux_free: added to the scores for selection only, never to the gate weights
         self.register_buffer("expert_bias", torch.zeros(cfg.num_experts))
         self.register_buffer("load", torch.zeros(cfg.num_experts), persistent=False)  # copies since the last update
-        # the mode's three steps, looked up by name (a subclass may override one)
-        self.choose, self.dispatch, self.combine = (getattr(self, step) for step in
-                                                    (self.mode.choose, self.mode.dispatch, self.mode.combine))
 
     def forward(self, x):  # (B, T, D) -> (B, T, D), Routing
         B, T, D = x.shape
         x = x.reshape(-1, D)  # (N, D)
         routing = self.route(x)
-        xs, offs, way_back = self.dispatch(x, routing)  # token copies, each expert's together: (M, D) or (E, C, D)
+        xs, offs, way_back = self.mode.dispatch(self, x, routing)  # each expert's rows together: (M, D) or (E, C, D)
         ys = self.experts(xs, offs)  # every expert on its own rows, one matmul per projection
-        y = self.combine(ys, routing, way_back)  # (N, D): gate-weighted, back in token order
+        y = self.mode.combine(self, ys, routing, way_back)  # (N, D): gate-weighted, back in token order
         if self.shared is not None:
             y = y + self.shared(x)
         return y.view(B, T, D), routing
@@ -546,7 +556,7 @@ class MoE(nn.Module):
         ranked = scores  # what the choice ranks: noise explores, the bias balances; gates stay clean
         if self.training and self.noise_std > 0:
             ranked = self.score(logits + torch.randn_like(logits) * self.noise_std)[0]
-        return Routing(logits, scores, shares, *self.choose(scores, ranked + self.expert_bias))
+        return Routing(logits, scores, shares, *self.mode.choose(self, scores, ranked + self.expert_bias))
 
     def capacity(self, n_tokens):  # slots per expert: switch ceil(cf * N / E); expert choice ceil(cf * N * k / E)
         return max(1, min(n_tokens, math.ceil(self.capacity_factor * n_tokens * self.k / self.E)))
@@ -644,6 +654,21 @@ class MoE(nn.Module):
             dist.all_reduce(self.load)
         self.expert_bias += self.bias_update_rate * torch.sign(self.load.mean() - self.load)
         self.load.zero_()
+
+ROUTING_MODES = {
+    "topk": RoutingMode(
+        MoE.token_choice, MoE.sort_by_expert, MoE.unsort, k=lambda cfg: cfg.expert_top_k,
+        experts_per_token=lambda cfg: cfg.expert_top_k, label=lambda cfg: f"top-{cfg.expert_top_k}"),
+    "switch": RoutingMode(
+        MoE.switch_choice, MoE.fill_slots, MoE.empty_slots, k=lambda cfg: 1, experts_per_token=lambda cfg: 1,
+        label=lambda cfg: f"switch top-1, capacity {cfg.capacity_factor}", drops_tokens=True),
+    # E * C slots over N tokens: capacity_factor * top_k experts per token on average
+    "expert_choice": RoutingMode(
+        MoE.expert_choice, MoE.gather_picks, MoE.add_picks, k=lambda cfg: cfg.expert_top_k,
+        experts_per_token=lambda cfg: cfg.capacity_factor * cfg.expert_top_k,
+        label=lambda cfg: f"expert choice, {cfg.expert_top_k} x {cfg.capacity_factor} per token",
+        drops_tokens=True, causal=False, picks_tokens=True),
+}
 
 class Block(nn.Module):
     def __init__(self, cfg, moe):
@@ -1144,7 +1169,7 @@ def evaluate(model, windows, runtime, batch_size):
     shard = range(runtime.rank, len(windows), runtime.world)
     sums = torch.zeros(3, device=runtime.device, dtype=torch.float64)  # loss sum, correct, tokens
     moes = [m for m in model.modules() if isinstance(m, MoE)]
-    routing_sums = [torch.zeros(m.E + 4, device=runtime.device) for m in moes]  # Routing.sums, added up
+    routing_sums = [torch.zeros(RouterSums.width(m.E, m.mode.stats), device=runtime.device) for m in moes]
     batches = math.ceil(len(shard) / batch_size)
     if runtime.fsdp:  # each forward all-gathers weights: every rank runs as many, counting only its own windows
         batches = math.ceil(math.ceil(len(windows) / runtime.world) / batch_size)
@@ -1153,8 +1178,8 @@ def evaluate(model, windows, runtime, batch_size):
         x, y = (to_device(w, runtime.device) for w in windows.batch(ids or [0]))
         with runtime.autocast():
             logits, routings = model.logits_and_routings(x)
-            for total, routing in zip(routing_sums, routings) if ids else ():
-                total += routing.sums()
+            for total, routing, m in zip(routing_sums, routings, moes) if ids else ():
+                total += routing.sums(m.mode.stats).vector()
         if not ids:  # a rank out of windows ran window 0 for the others' sake
             continue
         logits = logits.float().flatten(0, 1)
@@ -1167,17 +1192,21 @@ def evaluate(model, windows, runtime, batch_size):
     model.train(was_training)
     loss, acc = (sums[0] / sums[2]).item(), (sums[1] / sums[2]).item()
     return {"loss": loss, "accuracy": acc, "perplexity": math.exp(min(loss, 50)),
-            "experts": [expert_stats(total, m.E) for total, m in zip(routing_sums, moes)]}
+            "experts": [expert_stats(RouterSums.of(total, m.E, m.mode.stats), m.E)
+                        for total, m in zip(routing_sums, moes)]}
 
 def expert_stats(sums, E):
-    """Summary of one MoE layer's routing from its Routing.sums, added up over an evaluation."""
-    counts, (tokens, entropy, z_sum, dropped) = sums[:E], sums[E:].tolist()
+    """Summary of one MoE layer's routing from its RouterSums, added up over an evaluation."""
+    counts = sums.counts
+    tokens, entropy, z_sum, dropped, *own = torch.stack([sums.tokens, sums.entropy, sums.z, sums.dropped,
+                                                         *sums.own.values()]).tolist()
     f = counts / counts.sum()
     return {"load": [round(v, 5) for v in f.tolist()], "load_cv": (f.std(unbiased=False) / f.mean()).item(),
             "max_load": (f.max() * E).item(), "min_load": (f.min() * E).item(),
             "router_entropy": entropy / tokens / math.log(E) if E > 1 else 0.0,  # one expert: no choice, 0
             "dropped_fraction": dropped / tokens,
-            "router_z": z_sum / tokens, "dead_experts": [i for i, v in enumerate(f.tolist()) if v * E < 0.1]}
+            "router_z": z_sum / tokens, "dead_experts": [i for i, v in enumerate(f.tolist()) if v * E < 0.1],
+            **{name: total / tokens for name, total in zip(sums.own, own)}}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -5042,7 +5071,8 @@ STATS_HELP = """expert statistics, per MoE layer at each evaluation (metrics.jso
                     1 = undecided (uniform), 0 = certain
   dropped_fraction  tokens no expert processed (switch: over capacity; expert choice: unpicked)
   router_z          mean squared log-sum-exp of the router logits (what z_loss_weight penalises)
-  dead expert       one with under 1/10 of its fair share; the table names them per layer"""
+  dead expert       one with under 1/10 of its fair share; the table names them per layer
+  a routing mode's own statistics (RoutingMode.stats) follow, per token, under their names"""
 
 class Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, exit 2, no usage dump

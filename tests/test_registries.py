@@ -56,36 +56,47 @@ def readme_examples():
     return re.findall(r"```python\n(.*?)```", section, re.DOTALL)
 
 
-def test_the_readme_shows_a_new_activation_schedule_and_router_score_as_one_entry_each():
+def test_the_readme_shows_a_new_activation_schedule_router_score_and_routing_mode_as_one_entry_each():
     blocks = readme_examples()
-    assert len(blocks) == 3
-    for block, registry in zip(blocks, ("FFN_KINDS", "SCHEDULES", "ROUTER_SCORES")):
+    assert len(blocks) == 4
+    for block, registry in zip(blocks, ("FFN_KINDS", "SCHEDULES", "ROUTER_SCORES", "ROUTING_MODES")):
         assert re.findall(r"^(\w+) = ", block, re.MULTILINE) == [registry]  # the registry is all it rebinds
         assert len(re.findall(r"^def ", block, re.MULTILINE)) == 1  # and one function
 
 
-def test_the_readmes_three_examples_train_with_no_other_edit(corpus_dir, tmp_path, monkeypatch, capsys):
+def test_the_readmes_four_examples_train_with_no_other_edit(corpus_dir, tmp_path, monkeypatch, capsys):
     namespace = dict(vars(llm))
     for block in readme_examples():
         exec(block, namespace)  # noqa: S102  (the README's own code, as if pasted into llm.py)
-    for registry in ("FFN_KINDS", "SCHEDULES", "ROUTER_SCORES"):
+    for registry in ("FFN_KINDS", "SCHEDULES", "ROUTER_SCORES", "ROUTING_MODES"):
         assert namespace[registry] is not getattr(llm, registry)
         monkeypatch.setattr(llm, registry, namespace[registry])
     out = tmp_path / "run"
-    flags = ["--ffn", "relu2", "--schedule", "linear", "--router_score", "softplus"]
+    flags = ["--ffn", "relu2", "--schedule", "linear", "--router_score", "softplus", "--routing", "confident"]
     assert llm.main(["--preset", "smoke", "--models", "dense,dense-matched,moe", "--data", str(corpus_dir / "*.txt"),
                      "--max_steps", "8", "--eval_every", "4", "--out_dir", str(out),
                      "--cache_dir", str(tmp_path / "cache"), *flags]) == 0
     printed = capsys.readouterr().out
     assert "relu2 FFN" in printed and "softplus router" in printed  # describe names them
+    assert "confident top-2" in printed
     results = json.loads((out / "results.json").read_text())
     for row in results["models"]:
         assert row["config"]["ffn"] == "relu2" and row["val_loss"] < 10
+    # the mode's own statistic, in every evaluation of every MoE layer: the experts a token used, of its top 2
+    used = [layer["experts_used"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+            if r["model"] == "moe" and r["kind"] == "eval" for layer in r["experts"]]
+    assert len(used) == 2 * 2 and all(0 < u <= 2 for u in used)  # 2 evaluations, 2 MoE layers
     cfg = llm.config_from_saved(results["models"][-1]["config"])
     assert llm.lr_factor(cfg.max_steps - 1, cfg) == pytest.approx(cfg.min_lr_frac)  # linear ends at the floor
     moe = llm.MoE(cfg)
     scores, shares = moe.score(torch.randn(5, cfg.num_experts))
     assert (scores > 0).all() and torch.allclose(shares.sum(-1), torch.ones(5))
+    with torch.no_grad():  # a sharp router: many a second pick holds under a fair share, and is not used
+        moe.router.weight.normal_(std=3.0)
+    routing = moe.eval().route(torch.randn(64, cfg.d_model))
+    stats = llm.expert_stats(routing.sums(moe.mode.stats), moe.E)
+    assert stats["experts_used"] == pytest.approx((routing.gates > 0).sum().item() / 64)
+    assert 1 <= stats["experts_used"] < 2
     size = llm.model_size(cfg)  # a non-gated FFN: one matrix up, as silu
     assert size.total == llm.model_size(dataclasses.replace(cfg, ffn="silu")).total
 

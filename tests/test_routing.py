@@ -341,7 +341,7 @@ def test_expert_statistics_match_hand_computed_values():
     counts = torch.tensor([6.0, 2.0, 0.0, 0.0])  # 4 tokens, top-2: 8 copies
     probs_entropy_sum, z_sum = 4 * 0.5 * math.log(4), 4 * 2.0
     stats = torch.cat([counts, torch.tensor([4.0, probs_entropy_sum, z_sum, 1.0])])
-    s = llm.expert_stats(stats, E)
+    s = llm.expert_stats(llm.RouterSums.of(stats, E), E)
     f = [0.75, 0.25, 0.0, 0.0]
     mean = 0.25
     std = math.sqrt(sum((v - mean) ** 2 for v in f) / 4)
@@ -359,8 +359,8 @@ def test_statistics_accumulated_in_evaluation_count_the_routing_decisions():
     _, routing = layer(x)
     sums = routing.sums()
     experts = layer.route(x.reshape(-1, 32)).picks
-    torch.testing.assert_close(sums[:4], torch.bincount(experts.flatten(), minlength=4).float())
-    assert sums[4] == 16
+    torch.testing.assert_close(sums.counts, torch.bincount(experts.flatten(), minlength=4).float())
+    assert sums.tokens == 16
 
 
 @pytest.mark.parametrize("kw", [{"routing": "switch"}, {"routing": "expert_choice", "capacity_factor": 1.0},
@@ -488,15 +488,15 @@ def test_evaluation_and_expert_analysis_read_routing_from_the_model_and_leave_it
         assert a[:3] == b[:3], "an MoE layer gained state during evaluation"
         assert all(torch.equal(a[3][k], b[3][k]) for k in b[3])  # no load counted, no bias moved
 
-    sums = [torch.zeros(m.E + 4) for m in moes]  # the same batches, routed by the model itself
+    sums = [torch.zeros(llm.RouterSums.width(m.E)) for m in moes]  # the same batches, routed by the model itself
     copies = [torch.zeros(m.E) for m in moes]
     with torch.no_grad():
         for i in range(0, len(windows), 4):
             _, routings = model.logits_and_routings(windows.batch(range(i, min(i + 4, len(windows))))[0])
             for s, n, m, r in zip(sums, copies, moes, routings):
-                s += r.sums()
+                s += r.sums().vector()
                 n += m.assignment(r).sum(0)
-    expected = [llm.expert_stats(s, m.E) for s, m in zip(sums, moes)]
+    expected = [llm.expert_stats(llm.RouterSums.of(s, m.E), m.E) for s, m in zip(sums, moes)]
     assert len(result["experts"]) == len(expected) == 2
     for got, want in zip(result["experts"], expected):
         assert got.keys() == want.keys()
