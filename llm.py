@@ -69,8 +69,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
 # torchtune pulls in torchao, whose optional CUDA kernels log a warning per missing library on
@@ -720,7 +720,7 @@ class Transformer(nn.Module):
         routings = []
         for i, block in enumerate(self.blocks):
             if self.training and self.cfg.activation_checkpointing:  # only x kept; recomputed in backward,
-                x, routing = checkpoint(block, x, use_reentrant=False)  # router noise and dropout alike
+                x, routing = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)  # noise, dropout too
             else:
                 x, routing = block(x, None if caches is None else caches[i], pos)
             if routing is not None:
@@ -1534,7 +1534,7 @@ class ModelRun:
         dist.all_reduce(flag)
         return bool(flag.item())
 
-    def checkpoint(self, step):
+    def save(self, step):
         if self.ckpt_dir is None:
             return None
         # a sync; the queued steps count as training time
@@ -1613,17 +1613,17 @@ def train_model(name, cfg, data, runtime, log_metrics=lambda record: None, ckpt_
         # Ctrl-C: a checkpoint at this step boundary, then out
         if run.stop_requested(stop, done):
             bar.close()
-            raise Interrupted(run.checkpoint(done))
+            raise Interrupted(run.save(done))
         if run.progress.stopped_early:
             break
         # a checkpoint, unless non-finite steps are under way: any checkpoint is one to go back to
         if ckpt_dir and cfg.ckpt_every and done % cfg.ckpt_every == 0 and done < cfg.max_steps and trainer.healthy():
-            run.checkpoint(done)
+            run.save(done)
     bar.close()
     # the final evaluation covers every held-out window; the final checkpoint carries the result, so
     # that a resume never evaluates twice
     run.progress.row = run.result_row(run.evaluation(done, final=True), done)
-    run.checkpoint(done)
+    run.save(done)
     return run.progress.row
 
 
@@ -1705,6 +1705,11 @@ class Budget:
     windows: int  # training windows per pass
     step_windows: int | None = None  # windows per optimizer step: batch_size x processes x accumulation
 
+def budget_rungs(record):
+    """A budget record's Budgets, as dicts: a comparison's record is one, a ladder's holds one per rung
+    ({"rungs": [...]}, as run.json and results.json keep it)."""
+    return record.get("rungs", [record])
+
 def plan_budget(cfg, jobs, train_tokens, world):
     """Cap every job at the same number of steps: the fewest that any job's max_epochs passes take (a
     sweep of max_seq_len or batch_size changes a pass's steps). Returns the capped jobs and the Budget."""
@@ -1720,7 +1725,7 @@ def keep_step_windows(cfg, before, world, log):
     """A run resumed on another number of processes: the per-process batch that keeps the windows
     of each optimizer step (what its data order, schedule and budget count), or a UsageError when
     the processes cannot split them evenly. before: the run's budget record."""
-    step_windows = (before or {}).get("rungs", [before or {}])[0].get("step_windows")
+    step_windows = budget_rungs(before or {})[0].get("step_windows")
     per_process = cfg.batch_size * world * cfg.gradient_accumulation_steps
     if not step_windows or step_windows == per_process:
         return cfg
@@ -1737,8 +1742,8 @@ def check_budget_kept(before, now, out_dir):
     check). before, now: budget records (Plan.budget_record), a ladder's with one per rung."""
     if not before:
         return
-    was = [(b.get("steps"), b.get("windows")) for b in before.get("rungs", [before])]
-    is_now = [(b["steps"], b["windows"]) for b in now.get("rungs", [now])]
+    was = [(b.get("steps"), b.get("windows")) for b in budget_rungs(before)]
+    is_now = [(b["steps"], b["windows"]) for b in budget_rungs(now)]
     if was != is_now:
         raise UsageError(f"--resume {out_dir}: the run's budget was {', '.join(f'{s} steps over {w}' for s, w in was)} "
                          f"training windows, now {', '.join(f'{s} over {w}' for s, w in is_now)}: "
@@ -3457,22 +3462,22 @@ def ffn_weights(cfg, up, down, prefix):
 def qwen2_shared_ff(cfg):  # Qwen2-MoE always has a shared expert: ours, or one unit of zeros
     return cfg.n_shared_experts * cfg.expert_ff or 1
 
-def qwen2_moe_weights(cfg, ours, prefix):
+def qwen2_moe_weights(cfg, moe, prefix):
     F_shared = qwen2_shared_ff(cfg)
-    up, down = ours.get("shared.up.weight"), ours.get("shared.down.weight")
+    up, down = moe.get("shared.up.weight"), moe.get("shared.down.weight")
     if up is None:  # all zeros: act(0) * 0 = 0 through zero down weights, so it adds exactly 0
         up, down = torch.zeros(cfg.up_factor * F_shared, cfg.d_model), torch.zeros(cfg.d_model, F_shared)
-    return {prefix + "gate.weight": ours["router.weight"], prefix + "experts.gate_up_proj": ours["w_up"],
-            prefix + "experts.down_proj": ours["w_down"],
+    return {prefix + "gate.weight": moe["router.weight"], prefix + "experts.gate_up_proj": moe["w_up"],
+            prefix + "experts.down_proj": moe["w_down"],
             prefix + "shared_expert_gate.weight": torch.zeros(1, cfg.d_model),  # sigmoid(0) = 1/2 ...
             **ffn_weights(cfg, up, 2 * down, prefix + "shared_expert.")}  # ... times 2 = 1
 
-def ernie_moe_weights(cfg, ours, prefix):
-    out = {prefix + "gate.weight": ours["router.weight"], prefix + "gate.moe_statics.e_score_correction_bias":
-           ours["expert_bias"][None], prefix + "experts.gate_up_proj": ours["w_up"],
-           prefix + "experts.down_proj": ours["w_down"]}
+def ernie_moe_weights(cfg, moe, prefix):
+    out = {prefix + "gate.weight": moe["router.weight"], prefix + "gate.moe_statics.e_score_correction_bias":
+           moe["expert_bias"][None], prefix + "experts.gate_up_proj": moe["w_up"],
+           prefix + "experts.down_proj": moe["w_down"]}
     if cfg.n_shared_experts:
-        out |= ffn_weights(cfg, ours["shared.up.weight"], ours["shared.down.weight"], prefix + "shared_experts.")
+        out |= ffn_weights(cfg, moe["shared.up.weight"], moe["shared.down.weight"], prefix + "shared_experts.")
     return out
 
 def every_kth(ids):
@@ -3579,18 +3584,18 @@ def hf_weights(cfg, cls, state):
     out = {"model.embed_tokens.weight": state["embed.weight"] * math.sqrt(cfg.d_model),
            "lm_head.weight": state["embed.weight"], "model.norm.weight": state["norm.weight"]}
     for i in range(cfg.n_layers):
-        ours, theirs = f"blocks.{i}.", f"model.layers.{i}."
-        q, k, v = state[ours + "attn.qkv.weight"].split([cfg.n_heads * hd, cfg.kv_heads * hd, cfg.kv_heads * hd])
-        out |= {theirs + "self_attn.q_proj.weight": rope(q, cfg.n_heads),
-                theirs + "self_attn.k_proj.weight": rope(k, cfg.kv_heads), theirs + "self_attn.v_proj.weight": v,
-                theirs + "self_attn.o_proj.weight": state[ours + "attn.proj.weight"],
-                theirs + "input_layernorm.weight": state[ours + "norm1.weight"],
-                theirs + "post_attention_layernorm.weight": state[ours + "norm2.weight"]}
+        src, dst = f"blocks.{i}.", f"model.layers.{i}."
+        q, k, v = state[src + "attn.qkv.weight"].split([cfg.n_heads * hd, cfg.kv_heads * hd, cfg.kv_heads * hd])
+        out |= {dst + "self_attn.q_proj.weight": rope(q, cfg.n_heads),
+                dst + "self_attn.k_proj.weight": rope(k, cfg.kv_heads), dst + "self_attn.v_proj.weight": v,
+                dst + "self_attn.o_proj.weight": state[src + "attn.proj.weight"],
+                dst + "input_layernorm.weight": state[src + "norm1.weight"],
+                dst + "post_attention_layernorm.weight": state[src + "norm2.weight"]}
         if i in moe_ids:
-            layer = {k.removeprefix(ours + "ffn."): v for k, v in state.items() if k.startswith(ours + "ffn.")}
-            out |= hf.moe_weights(cfg, layer, theirs + "mlp.")
+            layer = {k.removeprefix(src + "ffn."): v for k, v in state.items() if k.startswith(src + "ffn.")}
+            out |= hf.moe_weights(cfg, layer, dst + "mlp.")
         else:
-            out |= ffn_weights(cfg, state[ours + "ffn.up.weight"], state[ours + "ffn.down.weight"], theirs + "mlp.")
+            out |= ffn_weights(cfg, state[src + "ffn.up.weight"], state[src + "ffn.down.weight"], dst + "mlp.")
     return {k: v.contiguous() for k, v in out.items()}
 
 EXPORT_TOLERANCE = 1e-4  # the export's logits may differ from ours by this much, relative to the largest one

@@ -83,7 +83,7 @@ def exports(runs, tmp_path_factory):
     return out
 
 
-def ours(runs, run, model):
+def trained(runs, run, model):
     net, cfg, state, _ = llm.load_trained(runs[run], model, torch.device("cpu"), log=lambda *a: None)
     return net, cfg, state
 
@@ -102,7 +102,7 @@ def test_the_export_loads_offline_as_its_stock_class_and_gives_our_fp32_logits_o
         assert json.load(f)["architectures"] == [cls]
     hf = transformers.AutoModelForCausalLM.from_pretrained(exports[run, model], dtype=torch.float32).eval()
     assert type(hf).__name__ == cls
-    net, cfg, state = ours(runs, run, model)
+    net, cfg, state = trained(runs, run, model)
     idx = held_out_windows(state, cfg)
     with torch.no_grad():
         gap = (hf(idx).logits - net(idx)[0]).abs().max().item()
@@ -112,7 +112,7 @@ def test_the_export_loads_offline_as_its_stock_class_and_gives_our_fp32_logits_o
 def test_the_aux_free_bias_reaches_the_export_and_changes_what_it_routes(runs, exports):
     """torchtitan #3557: an export that drops the bias routes differently. Here it is carried, and
     dropping it again moves the logits: the test above would catch its loss."""
-    net, cfg, state = ours(runs, "aux_free", "moe")
+    net, cfg, state = trained(runs, "aux_free", "moe")
     assert all(b.ffn.expert_bias.any() for b in net.blocks if b.is_moe)
     hf = transformers.AutoModelForCausalLM.from_pretrained(exports["aux_free", "moe"], dtype=torch.float32).eval()
     idx = held_out_windows(state, cfg)
@@ -133,7 +133,7 @@ def test_hf_greedy_generation_gives_the_tokens_of_llm_py_generate_top_k_1(runs, 
     hf = transformers.AutoModelForCausalLM.from_pretrained(exports[run, model], dtype=torch.float32).eval()
     ids = tok(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
     theirs = hf.generate(ids, do_sample=False, max_new_tokens=n)[0]
-    net, *_ = ours(runs, run, model)
+    net, *_ = trained(runs, run, model)
     mine = llm.generate(net, ids, n, temperature=0)[0]
     # transformers stops at the end-of-text token; llm.py generates on past it
     assert theirs.tolist() == mine[: len(theirs)].tolist()
@@ -179,7 +179,7 @@ def test_the_config_carries_the_rope_base_where_transformers_4_reads_it(runs, ex
     for (run, model), out in exports.items():
         with open(os.path.join(out, "config.json")) as f:
             config = json.load(f)
-        _, cfg, _ = ours(runs, run, model)
+        _, cfg, _ = trained(runs, run, model)
         assert config["rope_theta"] == config["rope_parameters"]["rope_theta"] == cfg.rope_base
 
 
@@ -187,7 +187,7 @@ def test_generate_stays_inside_the_training_context_unless_asked_and_says_nothin
     """generation_config.json sets no length: transformers' default cuts at the context, and a
     max_length there would make every generate() given max_new_tokens warn that both are set."""
     out = exports["gated", "dense"]
-    _, cfg, _ = ours(runs, "gated", "dense")
+    _, cfg, _ = trained(runs, "gated", "dense")
     hf = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     ids = torch.randint(1, cfg.vocab_size, (1, cfg.max_seq_len - 4), generator=torch.Generator().manual_seed(0))
     prompt = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
@@ -215,7 +215,7 @@ def test_a_qwen2_moe_export_without_shared_experts_loads_without_a_warning(runs,
         warnings.simplefilter("always")
         transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     assert [str(w.message) for w in caught] == []
-    _, cfg, _ = ours(runs, "gated", "moe")
+    _, cfg, _ = trained(runs, "gated", "moe")
     with open(os.path.join(out, "config.json")) as f:
         assert cfg.n_shared_experts == 0 and json.load(f)["shared_expert_intermediate_size"] == 1
 
@@ -397,7 +397,7 @@ def test_rope_halves_makes_a_rotation_of_halves_apply_torchtune_s_rotation_of_ad
     from torchtune.modules import RotaryPositionalEmbeddings
     heads, hd, T = 2, 8, 5
     x = torch.randn(1, T, heads, hd)
-    ours = RotaryPositionalEmbeddings(hd, T)(x)  # (1, T, heads, hd)
+    rotated = RotaryPositionalEmbeddings(hd, T)(x)  # (1, T, heads, hd): ours
     w = torch.eye(heads * hd)
     perm = llm.rope_halves(w, heads)  # the rows of the identity: the permutation itself
     xp = (x.flatten(2) @ perm.T).view(1, T, heads, hd)
@@ -406,4 +406,4 @@ def test_rope_halves_makes_a_rotation_of_halves_apply_torchtune_s_rotation_of_ad
     cos, sin = torch.cat([angles.cos()] * 2, -1)[None, :, None], torch.cat([angles.sin()] * 2, -1)[None, :, None]
     half = torch.cat([-xp[..., hd // 2:], xp[..., : hd // 2]], -1)
     theirs = xp * cos + half * sin
-    assert torch.allclose(theirs, (ours.flatten(2) @ perm.T).view(1, T, heads, hd), atol=1e-6)
+    assert torch.allclose(theirs, (rotated.flatten(2) @ perm.T).view(1, T, heads, hd), atol=1e-6)
