@@ -1586,7 +1586,10 @@ def train_model(name, cfg, data, runtime, log_metrics=lambda record: None, ckpt_
 
     ckpt_dir: where checkpoints go (every ckpt_every steps and at the end); resume_from: a checkpoint
     to continue from exactly; init: a function that sets the fresh model's weights (upcycling).
+    max_steps is capped at max_epochs passes over data.train here too (plan_budget caps a
+    comparison's jobs alike before they get here), so no call trains past it.
     """
+    cfg = dataclasses.replace(cfg, max_steps=min(cfg.max_steps, epoch_steps(cfg, len(data.train), runtime.world)))
     stop = stop or StopFlag()
     trainer = Trainer(name, cfg, data, runtime, init)
     run = ModelRun(trainer, log_metrics, ckpt_dir, resume_from)

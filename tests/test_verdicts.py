@@ -120,6 +120,19 @@ def test_max_epochs_0_trains_the_requested_steps_on_short_data(short, tmp_path, 
     assert results["budget"]["capped"] is False and results["models"][0]["steps"] == 30
 
 
+def test_train_model_called_directly_trains_no_more_than_max_epochs_passes_as_a_planned_run():
+    """plan_budget caps a comparison's jobs; train_model holds the same cap itself, so a call that
+    skips the plan (a notebook, a test, a new harness) cannot train past max_epochs either."""
+    data = synthetic_data(n_train=2000)  # 124 windows of 16 tokens: 4 passes are 124 steps of 4 windows
+    cfg = llm.Config(d_model=32, n_heads=4, n_layers=1, d_ff=64, max_seq_len=16, vocab_size=64, batch_size=4,
+                     max_steps=500, eval_every=1000, moe_layers="none").validate()
+    runtime = llm.Runtime(llm.torch.device("cpu"), llm.torch.float32, False)
+    row = llm.train_model("m", cfg, data, runtime)
+    assert row["steps"] == llm.epoch_steps(cfg, len(data.train), 1) == 124 and row["epochs"] == pytest.approx(4.0)
+    uncapped = llm.train_model("m", dataclasses.replace(cfg, max_steps=130, max_epochs=0.0), data, runtime)
+    assert uncapped["steps"] == 130  # max_epochs 0: no cap
+
+
 def test_a_run_saved_before_the_cap_resumes_without_one(short, tmp_path, capsys):
     out = tmp_path / "run"
     assert run_main(short + ["--models", "dense", "--max_epochs", 0, "--out_dir", out]) == 0
