@@ -1794,7 +1794,7 @@ class Plan:
     """What a comparison trains, checked against the data before any new token is kept."""
     config: Config  # the base config, its vocabulary and data source resolved from the data
     jobs: list[Job]  # every model in training order, each capped at the budget
-    budget: Budget | list  # a ladder's: one Budget per rung
+    budget: Budget | list[Budget]  # a ladder's: one per rung (its record: {"rungs": [...]}; see budget_rungs)
     inits: dict  # job id -> the function that upcycles its fresh model (--upcycle_from)
     upcycled_from: str | None = None  # the dense checkpoint they copy
 
