@@ -1252,10 +1252,19 @@ class Tokens:
             a = min(b, int(self.ends[s]))
         return pieces[0] if len(pieces) == 1 else np.concatenate(pieces) if pieces else np.zeros(0, np.int64)
 
-    def windows(self, starts, length):  # (n,) starts in this view -> (n, length) int64, one read each
+    def windows(self, starts, length):  # (n,) starts in this view -> (n, length) int64
+        """One gather per shard (all windows of a batch lie in one but for the rare boundary case): the
+        rows a shard holds whole are fancy-indexed out of it at once, a row across a boundary pieced."""
+        starts = np.asarray(starts, dtype=np.int64) + self.start
         out = np.empty((len(starts), length), dtype=np.int64)
-        for row, a in zip(out, np.asarray(starts, dtype=np.int64) + self.start):
-            row[:] = self.read(int(a), int(a) + length)
+        shard = np.searchsorted(self.ends, starts, side="right")  # (n,) the shard each window starts in
+        whole = starts + length <= self.ends[np.minimum(shard, len(self.ends) - 1)]
+        for s in np.unique(shard[whole]):
+            rows = np.flatnonzero(whole & (shard == s))
+            first = self.ends[s] - len(self.shards[s])
+            out[rows] = self.shards[s][(starts[rows] - first)[:, None] + np.arange(length)]
+        for row in np.flatnonzero(~whole):
+            out[row] = self.read(int(starts[row]), int(starts[row]) + length)
         return out
 
 @dataclass
