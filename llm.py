@@ -943,6 +943,9 @@ def sizes_of(cfg):  # what makes a model large, as a refusal names it
     return ", ".join(f"{k} {getattr(cfg, k)}" for k in ("d_model", "n_layers", "n_heads", "d_ff", "expert_d_ff",
                                                           "num_experts", "vocab_size", "max_seq_len", "batch_size"))
 
+def first_line(error):  # what an error message says, in one line (the machinery's refusals use it too)
+    return str(error).splitlines()[0] if str(error) else type(error).__name__
+
 @contextlib.contextmanager
 def buildable(cfg):
     """Around building cfg's model on the meta or fake device: sizes whose tensors cannot even be
@@ -950,8 +953,7 @@ def buildable(cfg):
     try:
         yield
     except (RuntimeError, OverflowError, ValueError) as e:
-        said = (str(e).splitlines() or [type(e).__name__])[0]  # torch's message, its first line
-        raise UsageError(f"no model can be built at {sizes_of(cfg)} ({said})") from None
+        raise UsageError(f"no model can be built at {sizes_of(cfg)} ({first_line(e)})") from None
 
 def meta_model(cfg):  # shapes only: no memory, no initialisation
     with buildable(cfg), torch.device("meta"):
@@ -3766,9 +3768,6 @@ class StopFlag:
     """Set by the first Ctrl-C; the training loop checks it between optimizer steps."""
     requested = False
 
-def first_line(error):  # what an error message says, in one line
-    return str(error).splitlines()[0] if str(error) else type(error).__name__
-
 @contextlib.contextmanager
 def ctrl_c_stops(stop, log):
     """While training: the first Ctrl-C asks for a checkpoint at the next step boundary, a second
@@ -3863,7 +3862,7 @@ def file_sha256(path):
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
-def ours(names):  # a directory this program writes: a run's out_dir, or a token cache entry (train.npy: before 3)
+def written_by_llm_py(names):  # a directory with names: a run's out_dir, or a token cache (train.npy: version 2)
     shards = any(n.startswith("train-") and n.endswith(".bin") or n == "train.npy" for n in names)
     return "run.lock" in names or {"run.json", "metrics.jsonl"} <= set(names) or "meta.json" in names and shards
 
@@ -3920,7 +3919,7 @@ def local_files(spec):
     else:
         paths = []
         for root, dirs, names in os.walk(path):
-            if ours(names):
+            if written_by_llm_py(names):
                 dirs[:] = []
                 continue
             dirs[:] = [d for d in dirs if not d.startswith(".")]

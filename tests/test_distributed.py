@@ -319,3 +319,18 @@ def test_fsdp_on_one_process_trains_as_a_plain_run_within_fp32_rounding(smoke, t
     plain, fsdp, keys = rows(tmp_path / "plain"), rows(tmp_path / "fsdp"), ("val_loss", "train_loss")
     for name in ("dense", "moe"):
         assert [fsdp[name][k] for k in keys] == pytest.approx([plain[name][k] for k in keys], rel=1e-6, abs=0)
+
+
+def test_muon_refuses_parameters_fsdp_sharded_unless_given_their_sharded_step():
+    """A DTensor is no matrix Muon can orthogonalise alone: without Sharding.muon_update it is refused,
+    not stepped as a local shard (which would orthogonalise a slice of each matrix)."""
+    cfg = tiny(parallel="fsdp")
+    runtime = llm.make_runtime(cfg)  # one process: a world of 1, which FSDP still shards over
+    try:
+        model = llm.shard_model(llm.Transformer(cfg), runtime)
+        with pytest.raises(ValueError, match="parameters sharded by FSDP need sharded="):
+            llm.make_optimizers(model, cfg)
+        muon, _ = llm.make_optimizers(model, cfg, sharded=runtime.fsdp.muon_update)
+        assert muon.sharded_update is not None
+    finally:
+        llm.dist.destroy_process_group()
