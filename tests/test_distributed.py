@@ -12,13 +12,12 @@ import re
 import resource
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 
 import pytest
-from helpers import ROOT, cpu_runtime, synthetic_data, tiny
+from helpers import ROOT, cpu_runtime, free_port, read_json, read_metrics, synthetic_data, tiny
 
 import llm
 
@@ -28,12 +27,6 @@ TIMEOUT = 300
 # bias a buffer, whole on every rank); top-k alone trains under FSDP in the bf16 and one-process tests below
 MODELS = ["--models", "dense,moe", "--n_shared_experts", "1", "--sweep", "balance=aux_loss,aux_free"]
 JOB = "moe[balance=aux_free]"  # the one the resume tests resume
-
-
-def free_port():
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launch(args, nproc=2, env=None, check=True, preexec=None):
@@ -49,8 +42,7 @@ def launch(args, nproc=2, env=None, check=True, preexec=None):
 
 
 def results(out_dir):
-    with open(os.path.join(out_dir, "results.json")) as f:
-        return json.load(f)
+    return read_json(os.path.join(out_dir, "results.json"))
 
 
 def rows(out_dir):
@@ -87,8 +79,7 @@ def runs(corpus_dir, tmp_path_factory):
 
 
 def evals(out_dir):
-    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
-        return [r for r in map(json.loads, f) if r["kind"] == "eval"]
+    return [r for r in read_metrics(out_dir) if r["kind"] == "eval"]
 
 
 def test_ddp_on_two_processes_trains_as_one_process_does_on_the_same_global_batch(runs):

@@ -14,7 +14,7 @@ import signal
 import helpers
 import numpy as np
 import pytest
-from helpers import smoke_process, wait_for_files
+from helpers import read_json, smoke_process, wait_for_files
 
 import llm
 
@@ -419,11 +419,6 @@ def ladder_run(corpus_dir, tmp_path_factory):
     assert llm.main(["scaling", *SMOKE_LADDER, *TUNED, "--data", str(corpus_dir / "*.txt"), "--cache_dir",
                      str(root / "cache"), "--out_dir", str(out)]) == 0
     return out
-
-
-def read_json(path):
-    with open(path) as f:
-        return json.load(f)
 
 
 def test_a_ladder_trains_each_rung_s_moe_and_dense_matched_on_tokens_per_parameter_and_writes_its_verdict(ladder_run):

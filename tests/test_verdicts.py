@@ -9,11 +9,10 @@ training windows of 64 tokens, so that 30 steps of 8 windows would be 5.6 passes
 import dataclasses
 import json
 import math
-import os
 import shlex
 
 import pytest
-from helpers import synthetic_data
+from helpers import read_json, read_metrics, synthetic_data
 
 import llm
 
@@ -22,16 +21,6 @@ SHORT = ["--preset", "smoke", "--max_tokens", "3000", "--eval_every", "5", "--ck
 
 def run_main(argv):
     return llm.main([str(a) for a in argv])
-
-
-def read_json(path):
-    with open(path) as f:
-        return json.load(f)
-
-
-def read_metrics(run_dir):
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,16 @@ import helpers
 import numpy as np
 import pytest
 import torch
-from helpers import PROCESS_TIMEOUT, cpu_runtime, logs_of, smoke_process, synthetic_data, wait_for_files
+from helpers import (
+    PROCESS_TIMEOUT,
+    cpu_runtime,
+    logs_of,
+    read_json,
+    read_metrics,
+    smoke_process,
+    synthetic_data,
+    wait_for_files,
+)
 from torch.utils.flop_counter import FlopCounterMode
 
 import llm
@@ -39,16 +48,6 @@ def run_main(argv):
 
 def quiet(*args, **kwargs):
     pass
-
-
-def read_json(path):
-    with open(path) as f:
-        return json.load(f)
-
-
-def read_metrics(run_dir):
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 def error_lines(err):
@@ -835,7 +834,8 @@ def test_data_dir_reads_its_regular_files_recursively_in_order_skipping_hidden_o
     assert llm.local_files(str(d)) == [str(d / "a/z.md"), str(d / "b.txt"), str(d / "c")]
     cfg = llm.Config(data=str(d), val_fraction=0.34)
     docs = llm.LocalDocuments(cfg, llm.source_spec(cfg), pool=None)
-    texts = [text for _, text in docs.items()] if not docs.paths else [llm.read_text(p) for _, p in docs.items()]
+    assert docs.paths  # three files: each read by path when tokenized
+    texts = [llm.read_text(p) for _, p in docs.items()]
     assert sorted(texts) == ["the document a/z.md\n", "the document b.txt\n", "the document c\n"]
     assert docs.documents == 3 and docs.val_documents == 1
 
